@@ -1,0 +1,271 @@
+"""What the heads learned: attention patterns, heatmaps and head scores.
+
+Score definitions follow DESIGN.md ("Head scores"), after Elhage et al. 2021
+and Olsson et al. 2022. Patterns come from the model's explicit-softmax path
+(`run_with_patterns`), so analysis never needs a second model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generate import generate
+from .tokenizers import TextTokenizer
+from .transformer import Transformer
+
+SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying")
+# Tune metric name -> head score it summarises (the max over heads).
+SUMMARY_METRICS = {
+    "induction_score_max": "induction",
+    "prev_token_score_max": "previous_token",
+    "first_token_score_max": "first_token",
+    "copying_score_max": "copying",
+}
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How heads are probed and labelled."""
+
+    prompt: str = "This movie is"
+    """Prompt continued by top-k sampling and drawn as heatmaps (--prompt)."""
+    sample_tokens: int = 7
+    """Tokens sampled after the prompt."""
+    top_k: int = 10
+    """k of top-k sampling."""
+    seed: int = 0
+    """Seeds sampling and the random-token probes."""
+    probe_sequences: int = 32
+    """Sequences averaged over for every pattern score."""
+    induction_threshold: float = 0.4
+    previous_token_threshold: float = 0.4
+    first_token_threshold: float = 0.8
+    copying_threshold: float = 0.7
+
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "induction": self.induction_threshold,
+            "previous_token": self.previous_token_threshold,
+            "first_token": self.first_token_threshold,
+            "copying": self.copying_threshold,
+        }
+
+
+def repeat_prompt(vocab_size: int, length: int = 8) -> str:
+    """A prompt for the synthetic task: a run of tokens and the start of its repeat."""
+    tokens = [f"t{(7 * i + 3) % vocab_size}" for i in range(length)]
+    return " ".join(tokens + tokens[: length // 2])
+
+
+# ---------------------------------------------------------------- pattern scores
+
+
+def pattern_scores(patterns: torch.Tensor, query_is_real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """previous/current/first-token scores per head from patterns [batch, heads, q, k]."""
+    batch, heads, length, _ = patterns.shape
+    if query_is_real is None:
+        query_is_real = torch.ones(batch, length, dtype=torch.bool, device=patterns.device)
+    weight = query_is_real[:, None, :].float().expand(batch, heads, length)  # (B, nh, T)
+    positions = torch.arange(length, device=patterns.device)
+    previous = patterns[:, :, positions[1:], positions[:-1]]  # (B, nh, T-1)
+    current = patterns.diagonal(dim1=-2, dim2=-1)  # (B, nh, T)
+    first = patterns[:, :, 1:, 0]  # (B, nh, T-1)
+
+    def mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (values * w).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1)
+
+    return {
+        "previous_token": mean(previous, weight[:, :, 1:]),
+        "current_token": mean(current, weight),
+        "first_token": mean(first, weight[:, :, 1:]),
+    }
+
+
+def repeated_token_scores(patterns: torch.Tensor, period: int) -> dict[str, torch.Tensor]:
+    """duplicate-token and induction scores per head on x = r + r, |r| = period."""
+    positions = torch.arange(period, 2 * period, device=patterns.device)
+    duplicate = patterns[:, :, positions, positions - period]  # (B, nh, n)
+    induction = patterns[:, :, positions, positions - period + 1]  # (B, nh, n)
+    return {"duplicate_token": duplicate.mean(dim=(0, 2)), "induction": induction.mean(dim=(0, 2))}
+
+
+# ---------------------------------------------------------------- weight scores
+
+
+def copying_scores(model: Transformer) -> torch.Tensor:
+    """[layers, heads]: Re(sum l) / sum |l| over eigenvalues l of the full OV circuit.
+
+    The nonzero eigenvalues of W_E W_V W_O W_U equal those of W_V W_O W_U W_E,
+    a d_head x d_head matrix, so the vocab x vocab product is never formed.
+    """
+    W_E = model.embed.weight.double()  # (vocab, C)
+    W_U = model.unembed.weight.double().T  # (C, vocab)
+    unembed_embed = W_U @ W_E  # (C, C)
+    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)
+    for layer, block in enumerate(model.blocks):
+        W_V, W_O = block.attn.W_V.double(), block.attn.W_O.double()  # (nh, C, hs), (nh, hs, C)
+        circuit = W_O @ unembed_embed @ W_V  # (nh, hs, hs): cyclic permutation of W_V W_O W_U W_E
+        eigenvalues = torch.linalg.eigvals(circuit)  # (nh, hs)
+        scores[layer] = eigenvalues.real.sum(-1) / eigenvalues.abs().sum(-1).clamp_min(1e-12)
+    return scores.float()
+
+
+def composition_scores(model: Transformer) -> dict[str, list]:
+    """Q-, K- and V-composition of every earlier-layer head into every later-layer head.
+
+    Nested [layer1][head1][layer2][head2]; pairs where layer2 <= layer1 are null.
+    """
+    layers, heads = model.cfg.n_layers, model.cfg.n_heads
+    W_QK = []  # per layer: (nh, C, C)
+    W_OV = []
+    for block in model.blocks:
+        attn = block.attn
+        W_QK.append((attn.W_Q @ attn.W_K.transpose(1, 2)).double())
+        W_OV.append((attn.W_V @ attn.W_O).double())
+    results = {kind: [[[[None] * heads for _ in range(layers)] for _ in range(heads)] for _ in range(layers)] for kind in "qkv"}
+    for layer1 in range(layers):
+        for layer2 in range(layer1 + 1, layers):
+            ov1 = W_OV[layer1][:, None]  # (nh1, 1, C, C)
+            norm_ov1 = ov1.flatten(-2).norm(dim=-1)  # (nh1, 1)
+            for kind, second in (("q", W_QK[layer2]), ("k", W_QK[layer2].transpose(1, 2)), ("v", W_OV[layer2])):
+                product_norm = (ov1 @ second[None]).flatten(-2).norm(dim=-1)  # (nh1, nh2)
+                score = product_norm / (norm_ov1 * second.flatten(-2).norm(dim=-1)[None]).clamp_min(1e-12)
+                for head1 in range(heads):
+                    for head2 in range(heads):
+                        results[kind][layer1][head1][layer2][head2] = float(score[head1, head2])
+    return results
+
+
+# ---------------------------------------------------------------- all scores of a model
+
+
+@torch.no_grad()
+def head_scores(model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig()) -> dict[str, Any]:
+    """The heads.json document: every head's scores and labels, plus composition.
+
+    `held_out` is [N, T] token windows of the test split (PAD_ID marks padding).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = held_out[: cfg.probe_sequences, : model.cfg.seq_len].to(device).long()
+    _, patterns = model.run_with_patterns(tokens)
+    per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
+
+    period = model.cfg.seq_len // 2
+    generator = torch.Generator().manual_seed(cfg.seed)
+    random_tokens = torch.randint(0, model.cfg.vocab_size, (cfg.probe_sequences, period), generator=generator)
+    repeated = torch.cat([random_tokens, random_tokens], dim=1).to(device)  # (B, 2n)
+    _, repeat_patterns = model.run_with_patterns(repeated)
+    for scores, pattern in zip(per_layer, repeat_patterns):
+        scores.update(repeated_token_scores(pattern.float(), period))
+    copying = copying_scores(model)
+    model.train(was_training)
+
+    thresholds = cfg.thresholds()
+    heads = []
+    for layer, scores in enumerate(per_layer):
+        for head in range(model.cfg.n_heads):
+            values = {name: float(scores[name][head]) for name in SCORE_NAMES if name != "copying"}
+            values["copying"] = float(copying[layer, head])
+            values = {name: values[name] for name in SCORE_NAMES}
+            labels = [name for name, limit in thresholds.items() if values[name] > limit]
+            heads.append({"layer": layer, "head": head, "scores": values, "labels": labels})
+    return {"heads": heads, "composition": composition_scores(model)}
+
+
+def score_summaries(heads_document: dict[str, Any]) -> dict[str, float]:
+    """The per-iteration Tune metrics: each summarised score's max over heads."""
+    return {
+        metric: max(h["scores"][score] for h in heads_document["heads"]) for metric, score in SUMMARY_METRICS.items()
+    }
+
+
+# ---------------------------------------------------------------- heatmaps
+
+
+@torch.no_grad()
+def sample_and_patterns(
+    model: Transformer, tokenizer: TextTokenizer, cfg: AnalysisConfig
+) -> tuple[list[int], list[np.ndarray]]:
+    """Continue the prompt by top-k sampling; patterns of the whole sequence, one [heads, q, k] per layer."""
+    prompt_ids = tokenizer.encode(cfg.prompt)[: model.cfg.seq_len - 1]
+    if not prompt_ids:
+        raise ValueError("--prompt is empty after tokenization; give some text")
+    ids = generate(model, prompt_ids, cfg.sample_tokens, cfg.top_k, cfg.seed)[-model.cfg.seq_len :]
+    device = next(model.parameters()).device
+    _, patterns = model.run_with_patterns(torch.tensor([ids], device=device))
+    return ids, [p[0].float().cpu().numpy() for p in patterns]
+
+
+def write_analysis(
+    model: Transformer,
+    tokenizer: TextTokenizer,
+    directory: Path,
+    heads_document: dict[str, Any],
+    cfg: AnalysisConfig = AnalysisConfig(),
+) -> None:
+    """heads.json, sample.txt and heatmaps/ (PNGs + patterns.json) inside a checkpoint folder."""
+    directory = Path(directory)
+    (directory / "heads.json").write_text(json.dumps(heads_document, indent=1))
+    ids, patterns = sample_and_patterns(model, tokenizer, cfg)
+    (directory / "sample.txt").write_text(tokenizer.decode(ids) + "\n")
+    write_heatmaps(directory / "heatmaps", ids, tokenizer.token_strings(ids), patterns)
+
+
+def write_heatmaps(directory: Path, ids: list[int], labels: list[str], patterns: list[np.ndarray]) -> list[Path]:
+    """One PNG per layer and head, one grid PNG per layer, and patterns.json for re-plotting."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "patterns.json").write_text(
+        json.dumps(
+            {
+                "token_ids": ids,
+                "tokens": labels,
+                "patterns": [np.round(p, 5).tolist() for p in patterns],  # [layer][head][q][k]
+            }
+        )
+    )
+    shown = [repr(label)[1:-1] for label in labels]  # newlines and tabs stay visible
+    written = []
+    for layer, layer_patterns in enumerate(patterns):
+        heads = layer_patterns.shape[0]
+        for head in range(heads):
+            figure = Figure(figsize=(4.2, 3.6), dpi=80)
+            axes = figure.add_subplot()
+            _draw_pattern(figure, axes, layer_patterns[head], shown, f"layer {layer} head {head}", colorbar=True)
+            figure.tight_layout()
+            path = directory / f"layer{layer}_head{head}.png"
+            FigureCanvasAgg(figure).print_png(str(path))
+            written.append(path)
+        columns = min(heads, 4)
+        rows = -(-heads // columns)
+        figure = Figure(figsize=(3.2 * columns, 3.0 * rows), dpi=70)
+        for head in range(heads):
+            axes = figure.add_subplot(rows, columns, head + 1)
+            _draw_pattern(figure, axes, layer_patterns[head], shown, f"L{layer} H{head}", colorbar=False)
+        figure.tight_layout()
+        path = directory / f"layer{layer}.png"
+        FigureCanvasAgg(figure).print_png(str(path))
+        written.append(path)
+    return written
+
+
+def _draw_pattern(figure, axes, pattern: np.ndarray, labels: list[str], title: str, colorbar: bool) -> None:
+    image = axes.imshow(pattern, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ticks = range(len(labels))
+    axes.set_xticks(ticks, labels, rotation=90, fontsize=7)
+    axes.set_yticks(ticks, labels, fontsize=7)
+    axes.set_xlabel("key", fontsize=8)
+    axes.set_ylabel("query", fontsize=8)
+    axes.set_title(title, fontsize=9)
+    if colorbar:
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)

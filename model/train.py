@@ -1,0 +1,393 @@
+"""Training loop, evaluation, metrics and checkpoint I/O.
+
+A run is a sequence of iterations of `eval_every_tokens` training tokens;
+after each comes an evaluation on a fixed held-out sample and, when the
+caller asks, a checkpoint. The same `Trainer` serves `sweep train` and the
+Ray Tune trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .analysis import AnalysisConfig, head_scores, repeat_prompt, score_summaries, write_analysis
+from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from .tokenizers import TextTokenizer
+from .transformer import PAD_ID, Transformer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+EVAL_SAMPLE_SEED = 1234  # the held-out sample is the same for every run of a dataset
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the message starts with `nan_loss` so sweeps can tell it apart."""
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a readable checkpoint."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("--device %s requested but CUDA is not available; training on CPU", requested)
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run natively and faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if requested == "float32":
+        return None
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule and data order of one run."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        train_windows: np.ndarray,
+        test_windows: np.ndarray,
+        tokenizer: TextTokenizer,
+        data_cfg: DataConfig | None = None,
+        analysis_cfg: AnalysisConfig = AnalysisConfig(),
+    ) -> None:
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        if train_windows.shape[1] != model_cfg.seq_len + 1 or test_windows.shape[1] != model_cfg.seq_len + 1:
+            raise ConfigError(f"data windows do not match --seq-len {model_cfg.seq_len}")
+        self.model_cfg, self.train_cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
+        if data_cfg is not None and data_cfg.dataset == "repeat" and analysis_cfg.prompt == AnalysisConfig.prompt:
+            # Prose means nothing to the synthetic vocabulary: probe it with a repeated run instead.
+            analysis_cfg = dataclasses.replace(analysis_cfg, prompt=repeat_prompt(data_cfg.repeat_vocab))
+        self.analysis_cfg = analysis_cfg
+        self.tokenizer = tokenizer
+        self.device = resolve_device(train_cfg.device)
+        self.autocast_dtype = resolve_autocast_dtype(train_cfg.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        torch.manual_seed(train_cfg.seed)
+        self.model = Transformer(model_cfg).to(self.device)
+        self.forward = torch.compile(self.model) if train_cfg.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
+        self.total_steps = max(1, -(-train_cfg.max_tokens // self.tokens_per_step))
+        self.steps_per_iteration = max(1, -(-train_cfg.eval_every_tokens // self.tokens_per_step))
+        warmup = int(train_cfg.warmup_fraction * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, self.total_steps, train_cfg.schedule)
+        )
+        # Windows live on the training device: batches are gathered there with no copy.
+        self.train_windows = torch.as_tensor(np.array(train_windows, dtype=np.int32), device=self.device)
+        self.eval_windows = torch.as_tensor(
+            held_out_sample(test_windows, train_cfg.eval_tokens, model_cfg.seq_len), device=self.device
+        )
+        self.step = 0
+        self.iteration = 0
+        self._permutation_epoch = -1
+        self._permutation: torch.Tensor | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self.heads_document: dict[str, Any] | None = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.train_cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel updates every parameter in one pass (CPU and CUDA in torch >= 2.4).
+        return torch.optim.AdamW(groups, lr=self.train_cfg.lr, betas=(0.9, 0.95), fused=True)
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.tokens_per_step
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def _batch_indices(self, step: int) -> torch.Tensor:
+        """Rows of batch `step`: a fresh seeded permutation per epoch, so resuming needs only the step."""
+        count = self.train_windows.shape[0]
+        sample = np.arange(step * self.train_cfg.batch_size, (step + 1) * self.train_cfg.batch_size)
+        epochs, offsets = np.divmod(sample, count)
+        rows = np.empty_like(sample)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            rows[chosen] = self._epoch_permutation(int(epoch))[offsets[chosen]]
+        return torch.from_numpy(rows).to(self.device)
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._permutation_epoch:
+            rng = np.random.default_rng([self.train_cfg.seed, epoch])
+            self._permutation = rng.permutation(self.train_windows.shape[0])
+            self._permutation_epoch = epoch
+        return self._permutation
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
+
+    def train_iteration(self) -> dict[str, Any]:
+        """Train one iteration, evaluate, and return the metrics of the contract."""
+        self.model.train()
+        last_step = min(self.step + self.steps_per_iteration, self.total_steps)
+        loss_sum = torch.zeros((), device=self.device)
+        steps = last_step - self.step
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        while self.step < last_step:
+            windows = self.train_windows[self._batch_indices(self.step)].long()
+            with self._autocast():
+                _, loss = self.forward(windows[:, :-1], windows[:, 1:])
+            # A non-finite loss poisons the weights: stop at once, with the reason.
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(
+                    f"nan_loss: training loss became {loss.item()} at step {self.step} "
+                    f"(tokens_seen {self.tokens_seen}); lower --lr"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.detach()
+            self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        self.iteration += 1
+        metrics = {
+            "train_loss": float(loss_sum) / max(steps, 1),
+            **self.evaluate(),
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_second": steps * self.tokens_per_step / max(elapsed, 1e-9),
+            "epoch": self.step * self.train_cfg.batch_size / self.train_windows.shape[0],
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        self.heads_document = head_scores(self.model, self.eval_windows[:, :-1], self.analysis_cfg)
+        metrics.update(score_summaries(self.heads_document))
+        self.last_metrics = metrics
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, top-1 next-token accuracy and perplexity on the fixed held-out sample."""
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in self.eval_windows.split(max(self.train_cfg.batch_size, 64)):
+            batch = batch.long()
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with self._autocast():
+                logits = self.forward(inputs)
+            real = targets != PAD_ID
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none"
+            )
+            loss_sum += float(losses[real].sum())
+            correct += int((logits.argmax(-1) == targets)[real].sum())
+            count += int(real.sum())
+        self.model.train()
+        test_loss = loss_sum / max(count, 1)
+        return {
+            "test_loss": test_loss,
+            "test_accuracy": correct / max(count, 1),
+            "test_perplexity": math.exp(min(test_loss, 50.0)),
+        }
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Write model, configs, tokenizer, trainer state and the head analysis into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, directory / "model.safetensors")
+        config = {"model": asdict(self.model_cfg), "train": asdict(self.train_cfg)}
+        if self.data_cfg is not None:
+            config["data"] = asdict(self.data_cfg)
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        self.tokenizer.save(directory / "tokenizer.json")
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "step": self.step,
+            "iteration": self.iteration,
+            "tokens_seen": self.tokens_seen,
+            "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(state, directory / "trainer_state.pt")
+        if self.heads_document is None:
+            self.heads_document = head_scores(self.model, self.eval_windows[:, :-1], self.analysis_cfg)
+        write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg)
+        return directory
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Restore weights, optimiser, schedule, RNG and position: training continues exactly."""
+        directory = Path(directory)
+        saved = read_config(directory)
+        if ModelConfig(**saved["model"]) != self.model_cfg:
+            raise CheckpointError(f"{directory} was trained with another model config; it cannot resume this run")
+        self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
+        state = read_trainer_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
+        self.last_metrics = dict(state.get("metrics", {}))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup, then constant or cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def held_out_sample(test_windows: np.ndarray, eval_tokens: int, seq_len: int) -> np.ndarray:
+    """A fixed, seeded sample of test windows worth about `eval_tokens` tokens."""
+    count = min(len(test_windows), max(1, -(-eval_tokens // seq_len)))
+    rows = np.random.default_rng(EVAL_SAMPLE_SEED).permutation(len(test_windows))[:count]
+    return np.array(test_windows[np.sort(rows)], dtype=np.int32)
+
+
+# ---------------------------------------------------------------- reading checkpoints
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    directory = Path(directory)
+    return all((directory / name).is_file() for name in ("model.safetensors", "config.json"))
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    if not is_checkpoint(directory):
+        raise CheckpointError(f"{directory} is not a checkpoint: model.safetensors and config.json are missing")
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{directory}/config.json is not valid JSON ({error})") from None
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """trainer_state.pt through the weights-only unpickler: no code in a checkpoint ever runs."""
+    try:
+        return torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no trainer_state.pt; it cannot resume training") from None
+    except Exception as error:  # UnpicklingError, RuntimeError: refuse anything but tensors
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{directory}/trainer_state.pt was refused by the weights-only loader ({first_line[:160]})"
+        ) from None
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str = "cpu") -> Transformer:
+    """The trained model of a checkpoint folder, in eval mode."""
+    config = read_config(directory)
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"])
+    except (KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(f"{directory}/config.json holds no valid model config ({error})") from None
+    model = Transformer(model_cfg)
+    try:
+        model.load_state_dict(load_file(Path(directory) / "model.safetensors", device=device))
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{directory}/model.safetensors does not match its config ({error})") from None
+    return model.to(device).eval()
+
+
+def write_checkpoint_atomically(trainer: Trainer, target: Path) -> Path:
+    """Write a checkpoint next to `target` and swap it in, so `target` is always complete."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_checkpoint(partial)
+    previous = target.with_name(target.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(partial, target)
+    shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
+def run_training(
+    data_cfg: DataConfig,
+    model_values: dict[str, Any],
+    train_cfg: TrainConfig,
+    out: Path,
+    analysis_cfg: AnalysisConfig = AnalysisConfig(),
+    on_iteration=lambda metrics, trainer: None,
+    log=lambda message: None,
+) -> dict[str, Any]:
+    """One complete run into `out`: metrics.jsonl (a line per iteration) and checkpoint/."""
+    from .data import check_dataset, prepare_data
+    from .tokenizers import check_tokenizer_spec
+
+    ModelConfig(**model_values)  # fail on bad shapes before any data is read
+    check_dataset(data_cfg)
+    if data_cfg.dataset != "repeat":
+        check_tokenizer_spec(data_cfg.tokenizer)
+    out = Path(out)
+    if (out / "metrics.jsonl").exists() or (out / "checkpoint").exists():
+        raise ConfigError(f"--out {out} already holds a run; choose another --out or delete it")
+    data = prepare_data(data_cfg, model_values.get("seq_len", ModelConfig.seq_len), log)
+    model_cfg = ModelConfig(**(model_values | {"vocab_size": data.tokenizer.vocab_size}))
+    trainer = Trainer(model_cfg, train_cfg, data.train, data.test, data.tokenizer, data_cfg, analysis_cfg)
+    log(f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}), {trainer.total_steps} steps")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {}
+    with (out / "metrics.jsonl").open("w") as lines:
+        while not trainer.finished:
+            metrics = trainer.train_iteration()
+            write_checkpoint_atomically(trainer, out / "checkpoint")
+            lines.write(json.dumps({"iteration": trainer.iteration, **metrics}) + "\n")
+            lines.flush()
+            on_iteration(metrics, trainer)
+    return metrics

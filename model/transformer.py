@@ -1,0 +1,197 @@
+"""A small decoder-only transformer: attention-only by default, optional MLPs.
+
+One attention implementation with two paths: the fused
+`scaled_dot_product_attention` for training (it never materialises the
+[query, key] matrix) and an explicit softmax that returns the attention
+pattern for analysis. `tests/test_transformer.py` checks they agree.
+
+Padding: windows mark pad positions with a negative token id. Pads are masked
+as keys, but every query may always attend to itself, so a row whose real keys
+are all masked still has one finite logit and never produces NaN (the study's
+NaN came from fully masked rows of `key_padding_mask`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+PAD_ID = -1  # marks padding inside token windows; never a real token id
+
+
+def attention_mask(tokens: torch.Tensor) -> torch.Tensor | None:
+    """Boolean [batch, 1, query, key] mask (True = may attend), or None when nothing is padded."""
+    key_is_real = tokens >= 0
+    if bool(key_is_real.all()):
+        return None  # plain causal attention: the fused kernel's fastest path
+    seq_len = tokens.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=tokens.device).tril()
+    diagonal = torch.eye(seq_len, dtype=torch.bool, device=tokens.device)
+    allowed = causal & (key_is_real[:, None, :] | diagonal)  # (B, T, T)
+    return allowed[:, None, :, :]  # (B, 1, T, T)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention without biases (cleaner circuits)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.d_head = cfg.d_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, return_pattern: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, d_model = x.shape
+        q, k, v = self.qkv(x).split(d_model, dim=2)  # 3 x (B, T, C)
+        q = q.view(batch, seq_len, self.n_heads, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(batch, seq_len, self.n_heads, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(batch, seq_len, self.n_heads, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        pattern = None
+        if return_pattern:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, nh, T, T)
+            if mask is None:
+                mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = scores.float().softmax(dim=-1)  # (B, nh, T, T), rows sum to 1
+            z = pattern.to(v.dtype) @ v  # (B, nh, T, hs)
+        elif mask is None:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        z = z.transpose(1, 2).reshape(batch, seq_len, d_model)  # (B, T, nh * hs)
+        return self.out(z), pattern
+
+    # Per-head views of the weights, TransformerLens layout, for analysis.
+    @property
+    def W_Q(self) -> torch.Tensor:
+        """[n_heads, d_model, d_head]"""
+        return self._input_weight(0)
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        """[n_heads, d_model, d_head]"""
+        return self._input_weight(1)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        """[n_heads, d_model, d_head]"""
+        return self._input_weight(2)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """[n_heads, d_head, d_model]"""
+        d_model = self.out.weight.shape[0]
+        # out(z) = z @ out.weight.T, with z's columns grouped by head
+        return self.out.weight.T.reshape(self.n_heads, self.d_head, d_model)
+
+    def _input_weight(self, index: int) -> torch.Tensor:
+        d_model = self.out.weight.shape[0]
+        weight = self.qkv.weight[index * d_model : (index + 1) * d_model]  # (C_out, C_in)
+        # x @ weight.T gives (..., nh * hs); split the output columns by head
+        return weight.T.reshape(d_model, self.n_heads, self.d_head).permute(1, 0, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_width)
+        self.down = nn.Linear(cfg.mlp_width, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "ln" else nn.Identity()
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x)) when enabled."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_attn = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln_mlp = _norm(cfg) if cfg.mlp else None
+        self.mlp = MLP(cfg) if cfg.mlp else None
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, return_pattern: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, pattern = self.attn(self.ln_attn(x), mask, return_pattern)
+        x = x + attn_out
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_mlp(x))
+        return x, pattern
+
+
+class Transformer(nn.Module):
+    """Token + learned positional embedding, blocks, final norm, unembedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = _norm(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: scale residual writes down with depth
+        for name, param in self.named_parameters():
+            if name.endswith("attn.out.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _run(
+        self, tokens: torch.Tensor, return_patterns: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch, seq_len = tokens.shape
+        if seq_len > self.cfg.seq_len:
+            raise ValueError(
+                f"sequence of {seq_len} tokens is longer than the model's context ({self.cfg.seq_len})"
+            )
+        mask = attention_mask(tokens)
+        positions = torch.arange(seq_len, device=tokens.device)
+        x = self.embed(tokens.clamp_min(0)) + self.pos_embed(positions)  # (B, T, C)
+        patterns = []
+        for block in self.blocks:
+            x, pattern = block(x, mask, return_patterns)
+            if pattern is not None:
+                patterns.append(pattern)
+        return self.unembed(self.ln_final(x)), patterns  # (B, T, vocab)
+
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [batch, pos, vocab]; with targets, (logits, mean loss over non-pad targets)."""
+        logits, _ = self._run(tokens, return_patterns=False)
+        if targets is None:
+            return logits
+        return logits, next_token_loss(logits, targets)
+
+    @torch.no_grad()
+    def run_with_patterns(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and one attention pattern [batch, heads, query, key] per layer."""
+        return self._run(tokens, return_patterns=True)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over positions whose target is not padding."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(), ignore_index=PAD_ID
+    )

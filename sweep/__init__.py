@@ -1,0 +1,1 @@
+"""circuit-sweep's service layer: Ray Tune orchestration, storage, results and the CLI."""
