@@ -98,6 +98,7 @@ def repeated_token_scores(patterns: torch.Tensor, period: int) -> dict[str, torc
 # ---------------------------------------------------------------- weight scores
 
 
+@torch.no_grad()
 def copying_scores(model: Transformer) -> torch.Tensor:
     """[layers, heads]: Re(sum l) / sum |l| over eigenvalues l of the full OV circuit.
 
@@ -116,6 +117,7 @@ def copying_scores(model: Transformer) -> torch.Tensor:
     return scores.float()
 
 
+@torch.no_grad()
 def composition_scores(model: Transformer) -> dict[str, list]:
     """Q-, K- and V-composition of every earlier-layer head into every later-layer head.
 

@@ -1,0 +1,132 @@
+"""Head scores on hand-built inputs, and heads.json for a real model."""
+
+import json
+
+import pytest
+import torch
+
+from model.analysis import (
+    AnalysisConfig, composition_scores, copying_scores, head_scores, pattern_scores, repeated_token_scores, write_analysis,
+)
+from model.config import ModelConfig
+from model.tokenizers import TextTokenizer, byte_tokenizer
+from model.transformer import Transformer
+
+T = 10
+
+
+def one_hot_pattern(key_of_query) -> torch.Tensor:
+    """[1, 1, T, T] pattern where query i attends only to key key_of_query(i)."""
+    pattern = torch.zeros(1, 1, T, T)
+    for i in range(T):
+        pattern[0, 0, i, key_of_query(i)] = 1.0
+    return pattern
+
+
+def test_previous_token_pattern():
+    scores = pattern_scores(one_hot_pattern(lambda i: max(i - 1, 0)))
+    assert scores["previous_token"].item() == pytest.approx(1.0)
+    assert scores["first_token"].item() == pytest.approx(1 / (T - 1))  # only query 1, whose previous is 0
+    assert scores["current_token"].item() == pytest.approx(1 / T)  # only query 0 attends to itself
+
+
+def test_current_and_first_token_patterns():
+    assert pattern_scores(one_hot_pattern(lambda i: i))["current_token"].item() == pytest.approx(1.0)
+    first = pattern_scores(one_hot_pattern(lambda i: 0))
+    assert first["first_token"].item() == pytest.approx(1.0)
+    assert first["previous_token"].item() == pytest.approx(1 / (T - 1))
+
+
+def test_induction_and_duplicate_patterns():
+    period = T // 2
+    induction = one_hot_pattern(lambda i: i - period + 1 if i >= period else 0)
+    scores = repeated_token_scores(induction, period)
+    assert scores["induction"].item() == pytest.approx(1.0)
+    assert scores["duplicate_token"].item() == pytest.approx(0.0)
+    duplicate = one_hot_pattern(lambda i: i - period if i >= period else 0)
+    scores = repeated_token_scores(duplicate, period)
+    assert scores["duplicate_token"].item() == pytest.approx(1.0)
+    assert scores["induction"].item() == pytest.approx(0.0)
+
+
+def model_with_ov(sign: float) -> Transformer:
+    """One head whose full OV circuit is sign * identity on a square vocabulary."""
+    cfg = ModelConfig(vocab_size=8, d_model=8, n_heads=1, n_layers=1, seq_len=4, norm="none")
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.eye(8))
+        model.unembed.weight.copy_(torch.eye(8))
+        model.blocks[0].attn.qkv.weight[16:].copy_(torch.eye(8))  # W_V
+        model.blocks[0].attn.out.weight.copy_(sign * torch.eye(8))  # W_O
+    return model
+
+
+def test_copying_score_of_identity_and_its_negative():
+    assert copying_scores(model_with_ov(1.0)).item() == pytest.approx(1.0)
+    assert copying_scores(model_with_ov(-1.0)).item() == pytest.approx(-1.0)
+
+
+def test_copying_score_matches_dense_eigenvalues():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, d_model=16, n_heads=2, n_layers=1, seq_len=4))
+    attn = model.blocks[0].attn
+    for head in range(2):
+        full = model.embed.weight @ attn.W_V[head] @ attn.W_O[head] @ model.unembed.weight.T  # (vocab, vocab)
+        eigenvalues = torch.linalg.eigvals(full.double())
+        expected = eigenvalues.real.sum() / eigenvalues.abs().sum()
+        assert copying_scores(model)[0, head].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_composition_scores_detect_a_wired_path():
+    cfg = ModelConfig(vocab_size=8, d_model=8, n_heads=2, n_layers=2, seq_len=4, norm="none")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        first, second = model.blocks[0].attn, model.blocks[1].attn
+        first.qkv.weight.zero_()
+        first.out.weight.zero_()
+        # head 0 of layer 0 writes dims 0-3 into dims 4-7
+        first.qkv.weight[16:20, 0:4] = torch.eye(4)
+        first.out.weight[4:8, 0:4] = torch.eye(4)
+        second.qkv.weight.zero_()
+        # head 1 of layer 1 reads keys from dims 4-7, queries from dims 0-3
+        second.qkv.weight[4:8, 0:4] = torch.eye(4)  # W_Q head 1
+        second.qkv.weight[12:16, 4:8] = torch.eye(4)  # W_K head 1
+        second.qkv.weight[0:4, 0:4] = torch.eye(4)  # W_Q head 0 (no key): stays 0
+    scores = composition_scores(model)
+    assert scores["k"][0][0][1][1] == pytest.approx(0.5)
+    assert scores["q"][0][0][1][1] == pytest.approx(0.0)
+    assert scores["k"][0][1][1][1] == 0.0  # a head that writes nothing composes with nothing
+    assert scores["k"][1][0][0][0] is None  # later -> earlier is not a composition
+
+
+def test_heads_document_and_files(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = TextTokenizer(byte_tokenizer(), "bytes")
+    model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_heads=4, n_layers=2, seq_len=24))
+    held_out = torch.randint(0, 256, (8, 24))
+    document = head_scores(model, held_out)
+    assert len(document["heads"]) == 8
+    head = document["heads"][5]
+    assert (head["layer"], head["head"]) == (1, 1)
+    assert set(head["scores"]) == {"previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying"}
+    assert all(-1.0 <= v <= 1.0 for h in document["heads"] for v in h["scores"].values())
+    assert len(document["composition"]["q"]) == 2 and len(document["composition"]["q"][0][0][1]) == 4
+    write_analysis(model, tokenizer, tmp_path, document, AnalysisConfig(prompt="This movie is"))
+    saved = json.loads((tmp_path / "heads.json").read_text())
+    assert saved == json.loads(json.dumps(document))
+    patterns = json.loads((tmp_path / "heatmaps" / "patterns.json").read_text())
+    assert len(patterns["tokens"]) == len("This movie is") + 7
+    assert len(patterns["patterns"]) == 2 and len(patterns["patterns"][0]) == 4
+    pngs = sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))
+    assert len(pngs) == 2 * 4 + 2
+    assert (tmp_path / "sample.txt").read_text().startswith("This movie is")
+
+
+def test_labels_follow_thresholds():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, seq_len=8))
+    low = head_scores(model, torch.randint(0, 50, (4, 8)), AnalysisConfig(previous_token_threshold=-1.0))
+    assert all("previous_token" in h["labels"] for h in low["heads"])
+    high = head_scores(model, torch.randint(0, 50, (4, 8)), AnalysisConfig(previous_token_threshold=2.0))
+    assert not any("previous_token" in h["labels"] for h in high["heads"])

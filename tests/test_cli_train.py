@@ -1,0 +1,72 @@
+"""`sweep train` and `sweep generate` end to end, and their one-line errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sweep.cli import main
+
+SMALL = ["--tokenizer", "bytes", "--layers", "1", "--heads", "2", "--d-model", "16", "--seq-len", "16",
+         "--batch-size", "8", "--max-tokens", "1024", "--eval-every-tokens", "512", "--lr", "3e-3"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_train_writes_metrics_and_a_complete_checkpoint(reviews_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", reviews_file, *SMALL, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    final = json.loads(result.stdout[result.stdout.index("{"):])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [1, 2]
+    assert final["tokens_seen"] == lines[-1]["tokens_seen"] == 1024
+    checkpoint = out / "checkpoint"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt",
+                 "heatmaps/patterns.json", "heatmaps/layer0_head0.png", "heatmaps/layer0.png"):
+        assert (checkpoint / name).is_file(), name
+    assert not list(tmp_path.glob("run/*.partial"))
+
+    generated = invoke("generate", checkpoint, "--prompt", "the movie", "--tokens", "5")
+    assert generated.exit_code == 0
+    assert generated.stdout.startswith("the movie") and len(generated.stdout.strip()) > len("the movie")
+
+
+def test_train_refuses_to_overwrite_a_run(reviews_file, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    result = CliRunner().invoke(main, ["train", str(reviews_file), *SMALL, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "already holds a run" in result.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
+        (["train", "repeat", "--heads", "3", "--d-model", "64"], "--heads 3 does not divide --d-model 64"),
+        (["train", "repeat", "--seq-len", "100000"], "--seq-len must be between 2 and"),
+        (["train", "repeat", "--lr", "0"], "--lr must be positive"),
+        (["train", "repeat", "--batch-size", "0"], "--batch-size must be positive"),
+        (["train", "imdb", "--tokenizer", "gpt2", "--max-tokens", "100"], "gpt2 needs the Hugging Face Hub"),
+        (["train", "imdb", "--tokenizer", "nonsense"], "--tokenizer 'nonsense'"),
+        (["generate", "."], "is not a checkpoint"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(args, message, tmp_path, monkeypatch, data_mirror):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_diverging_run_stops_with_a_clear_error(reviews_file, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(reviews_file), *SMALL[:-2], "--lr", "1e5", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: nan_loss")

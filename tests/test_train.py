@@ -1,0 +1,105 @@
+"""Training: metrics, exact resume, checkpoints, divergence, safe loading."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model import CheckpointError, ModelConfig, NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
+from model.config import DataConfig
+from model.data import prepare_data
+from model.train import read_trainer_state
+
+METRICS = {
+    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
+    "induction_score_max", "prev_token_score_max", "first_token_score_max", "copying_score_max",
+}
+
+
+@pytest.fixture
+def small_data(reviews_file):
+    return prepare_data(DataConfig(dataset=str(reviews_file), tokenizer="bytes"), seq_len=16)
+
+
+def make_trainer(data, **train_values) -> Trainer:
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2, seq_len=16)
+    values = dict(lr=3e-3, batch_size=8, max_tokens=2048, eval_every_tokens=512, eval_tokens=512, dtype="float32") | train_values
+    return Trainer(model_cfg, TrainConfig(**values), data.train, data.test, data.tokenizer)
+
+
+def test_iterations_report_the_contract_metrics_and_loss_falls(small_data):
+    trainer = make_trainer(small_data)
+    history = []
+    while not trainer.finished:
+        history.append(trainer.train_iteration())
+    assert len(history) == 4 == trainer.train_cfg.iterations
+    assert all(set(m) == METRICS for m in history)
+    assert history[-1]["tokens_seen"] == 2048
+    assert history[-1]["test_loss"] < history[0]["test_loss"] - 0.5
+    assert all(np.isfinite(list(m.values())).all() for m in history)
+
+
+def test_resume_continues_exactly(small_data, tmp_path):
+    straight = make_trainer(small_data)
+    while not straight.finished:
+        straight_metrics = straight.train_iteration()
+
+    first = make_trainer(small_data)
+    first.train_iteration()
+    first.train_iteration()
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = make_trainer(small_data)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.tokens_seen == first.tokens_seen
+    while not resumed.finished:
+        resumed_metrics = resumed.train_iteration()
+    assert resumed_metrics["train_loss"] == pytest.approx(straight_metrics["train_loss"], abs=1e-5)
+    assert resumed_metrics["test_loss"] == pytest.approx(straight_metrics["test_loss"], abs=1e-5)
+
+
+def test_checkpoint_round_trip_gives_the_same_loss(small_data, tmp_path):
+    trainer = make_trainer(small_data)
+    trainer.train_iteration()
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "heatmaps", "sample.txt"} <= names
+    net = load_checkpoint(tmp_path / "ckpt")
+    batch = torch.as_tensor(small_data.test[:8]).long()
+    _, loss = net(batch[:, :-1], batch[:, 1:])
+    trainer.model.eval()
+    _, expected = trainer.model(batch[:, :-1], batch[:, 1:])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model"]["d_model"] == 32 and config["train"]["lr"] == 3e-3
+
+
+def test_diverging_loss_stops_with_nan_loss(small_data):
+    trainer = make_trainer(small_data, lr=1e4, grad_clip=0.0, warmup_fraction=0.0)
+    with pytest.raises(NonFiniteLossError, match="^nan_loss"):
+        while not trainer.finished:
+            trainer.train_iteration()
+
+
+class Bomb:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_bomb_in_checkpoint_is_refused(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = make_trainer(small_data)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / "trainer_state.pt", "wb") as handle:
+        pickle.dump({"step": Bomb()}, handle)
+    with pytest.raises(CheckpointError, match="refused by the weights-only loader"):
+        read_trainer_state(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError):
+        make_trainer(small_data).load_checkpoint(tmp_path / "ckpt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        load_checkpoint(tmp_path)
