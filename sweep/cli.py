@@ -9,12 +9,15 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from model.config import ConfigError, DataConfig, TrainConfig
 from model.train import CheckpointError, NonFiniteLossError
 
 console = Console(stderr=True, soft_wrap=True)
+# Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
+output = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 # Mistakes a user can make: printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
 
@@ -137,6 +140,181 @@ def generate(checkpoint, prompt, tokens, top_k, seed):
     if not prompt_ids:
         raise UserError("--prompt is empty after tokenization; give some text")
     click.echo(tokenizer.decode(sample(net, prompt_ids, tokens, top_k, seed)))
+
+
+def storage_option(command):
+    return click.option(
+        "--storage", envvar="SWEEP_STORAGE", default=None,
+        help="Local path or s3://bucket/prefix [env SWEEP_STORAGE; default ~/sweep-results].",
+    )(command)
+
+
+@main.command()
+@click.argument("dataset", required=False, default="")
+@click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="Override or add an axis (repeatable).")
+@click.option("--name", default=None, help="Experiment name [default: DATASET-PRESET-TIME].")
+@storage_option
+@click.option("--address", default=None, help="Join a cluster: auto or ray://host:10001 [default: local Ray].")
+@click.option("--cpus-per-trial", default=1.0, show_default=True, type=float)
+@click.option("--gpus-per-trial", default=0.0, show_default=True, type=float, help="Fractions share a GPU.")
+@click.option("--max-concurrent", default=0, show_default=True, help="0: as many as resources allow.")
+@click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
+@click.option("--metric", default="test_loss", show_default=True)
+@click.option("--mode", default="min", show_default=True, type=click.Choice(["min", "max"]))
+@click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
+@click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
+@click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
+@click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
+@click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases.")
+@data_options
+@click.pass_context
+def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, **data_values):
+    """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
+
+    \b
+    SWEEP_DATA_DIR=../shared/data sweep launch imdb --preset smoke
+    sweep launch imdb --preset paper --storage s3://bucket/prefix --address auto
+    sweep launch --preset induction
+    """
+    from .progress import ProgressCallback
+    from .runner import LaunchConfig, launch_sweep, plan_sweep
+
+    explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    config = LaunchConfig(
+        dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
+        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+        num_samples=num_samples, metric=metric, mode=mode, grace_period=grace_period,
+        reduction_factor=reduction_factor, max_iterations=max_iterations, max_failures=max_failures,
+        wandb=wandb, data=explicit,
+    )
+    plan = plan_sweep(config)
+    progress = ProgressCallback(metric, mode, plan.iterations)
+    plan = launch_sweep(config, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
+    _print_best(plan.name, plan.storage.uri, metric, mode, top=3)
+
+
+def _open(storage_uri):
+    from .storage import open_storage
+
+    return open_storage(storage_uri)
+
+
+def _print_best(name, storage_uri, metric, mode, top):
+    from .results import best_document, load_experiment
+
+    document = best_document(load_experiment(_open(storage_uri), name), metric, mode, top)
+    table = Table(title=f"{document['experiment']}: best by {metric} ({mode})")
+    extra = [m for m in ("test_loss", "induction_score_max") if m != metric]
+    for column in ("trial", "status", "iters", metric, *extra, "config"):
+        table.add_column(column)
+    for trial in document["trials"]:
+        varying = " ".join(f"{k}={trial['config'][k]}" for k in ("seq_len", "lr", "heads", "d_model", "layers", "mlp") if k in trial["config"])
+        table.add_row(
+            trial["trial_id"], trial["status"], str(trial["iterations"]), f"{trial['metrics'][metric]:.4f}",
+            *(f"{trial['metrics'].get(m, float('nan')):.4f}" for m in extra), varying,
+        )
+    output.print(table)
+    if document["trials"] and document["trials"][0]["checkpoint"]:
+        output.print(f"best checkpoint: {document['trials'][0]['checkpoint']}", highlight=False)
+    return document
+
+
+@main.command(name="list")
+@storage_option
+def list_command(storage):
+    """List the experiments in the storage, oldest first."""
+    from .results import list_experiments
+
+    table = Table(title=f"experiments in {_open(storage).uri}")
+    for column in ("name", "created", "trials", "metric"):
+        table.add_column(column)
+    for experiment in list_experiments(_open(storage)):
+        table.add_row(experiment["name"], experiment["created"], str(experiment["trials"]), str(experiment["metric"]))
+    output.print(table)
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+def status(name, storage):
+    """Trials by state, iterations done and the best so far of experiment NAME (default: newest)."""
+    from .results import best_trials, load_experiment, status_counts
+
+    experiment = load_experiment(_open(storage), name)
+    metric, mode = experiment.record["metric"], experiment.record["mode"]
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(status_counts(experiment).items()))
+    iterations = sum(t.iterations for t in experiment.trials)
+    click.echo(f"{experiment.name}: {len(experiment.trials)} of {experiment.record['trials']} trials started ({counts or 'none yet'}); {iterations} iterations done")
+    best = best_trials(experiment, metric, mode, 1) if any(metric in t.metrics for t in experiment.trials) else []
+    if best:
+        click.echo(f"best {metric}: {best[0].metrics[metric]:.4f} ({best[0].trial_id})")
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+@click.option("--metric", default="test_loss", show_default=True)
+@click.option("--mode", default="min", show_default=True, type=click.Choice(["min", "max"]))
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print the DESIGN.md JSON document.")
+def best(name, storage, metric, mode, top, as_json):
+    """The best trials of experiment NAME (default: the newest) by --metric."""
+    if as_json:
+        from .results import best_document, load_experiment
+
+        click.echo(json.dumps(best_document(load_experiment(_open(storage), name), metric, mode, top), indent=2))
+    else:
+        _print_best(name, storage, metric, mode, top)
+
+
+@main.command()
+@click.argument("name")
+@storage_option
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write every trial's last metrics as CSV.")
+def results(name, storage, csv_path):
+    """Every trial of NAME with its config and last metrics."""
+    import csv
+
+    from .results import load_experiment
+
+    experiment = load_experiment(_open(storage), name)
+    config_keys = sorted({k for t in experiment.trials for k in t.config})
+    metric_keys = sorted({k for t in experiment.trials for k in t.metrics})
+    if csv_path:
+        # config columns keep their names; metric columns that clash (lr) get a metric/ prefix
+        rows = [{"trial_id": t.trial_id, "status": t.status, "iterations": t.iterations, "error": t.error or "", **t.config,
+                 **{(f"metric/{k}" if k in config_keys else k): v for k, v in t.metrics.items()}} for t in experiment.trials]
+        metric_keys = [f"metric/{k}" if k in config_keys else k for k in metric_keys]
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["trial_id", "status", "iterations", "error", *config_keys, *metric_keys])
+            writer.writeheader()
+            writer.writerows(rows)
+        console.print(f"wrote {len(rows)} trials to {csv_path}")
+        return
+    table = Table(title=experiment.name)
+    for column in ("trial", "status", "iters", "test_loss", "lr", "heads", "d_model", "layers", "seq_len", "mlp", "error"):
+        table.add_column(column)
+    for trial in experiment.trials:
+        loss = trial.metrics.get("test_loss")
+        table.add_row(trial.trial_id, trial.status, str(trial.iterations), f"{loss:.4f}" if isinstance(loss, float) else "-", *(str(trial.config.get(k, "")) for k in ("lr", "heads", "d_model", "layers", "seq_len", "mlp")), trial.error or "")
+    output.print(table)
+
+
+@main.command()
+@click.argument("name")
+@storage_option
+@click.option("--address", default=None, help="Ray cluster to resume on [default: local Ray].")
+@click.pass_context
+def resume(ctx, name, storage, address):
+    """Finish an interrupted sweep: unfinished and errored trials continue from their checkpoints."""
+    from .progress import ProgressCallback
+    from .runner import load_plan, resume_sweep
+
+    plan = load_plan(name, storage)
+    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.iterations)
+    resume_sweep(name, storage, address, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
+    _print_best(name, storage, plan.launch.metric, plan.launch.mode, top=3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Live view of a running sweep: a rich panel on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ray import tune
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+class ProgressCallback(tune.Callback):
+    """Counts trials by state and tracks the best metric so far."""
+
+    def __init__(self, metric: str, mode: str, max_iterations: int) -> None:
+        self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
+        self._console: Console | None = None
+        self._live: Live | None = None
+
+    def __getstate__(self):
+        # Tune pickles callbacks into the experiment state; consoles stay behind.
+        return {"metric": self.metric, "mode": self.mode, "max_iterations": self.max_iterations}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def setup(self, **info) -> None:
+        self._console = Console(stderr=True, soft_wrap=True)
+        self.started = time.time()
+        self.best: tuple[float, str] | None = None
+        self.counts = {"running": 0, "stopped early": 0, "done": 0, "errored": 0, "pending": 0}
+        if self._console.is_terminal:
+            self._live = Live(self._render(), console=self._console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("nan_loss"):
+            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+            if better:
+                self.best = (value, trial.trial_id)
+        if self._live is None:
+            self._log(
+                f"{trial.trial_id} iter {result.get('training_iteration')} {self.metric} {value:.4f}"
+                if isinstance(value, float) else f"{trial.trial_id} iter {result.get('training_iteration')}"
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self._live is None:
+            done = trial.last_result.get("training_iteration", 0)
+            state = "done" if done >= self.max_iterations else f"stopped early after {done} iterations"
+            self._log(f"{trial.trial_id} {state}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        if self._live is None:
+            self._log(f"{trial.trial_id} errored")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self.counts = {"running": 0, "stopped early": 0, "done": 0, "errored": 0, "pending": 0}
+        for trial in trials:
+            if trial.status == "RUNNING":
+                self.counts["running"] += 1
+            elif trial.status == "ERROR":
+                self.counts["errored"] += 1
+            elif trial.status == "TERMINATED":
+                finished = trial.last_result.get("training_iteration", 0) >= self.max_iterations
+                self.counts["done" if finished else "stopped early"] += 1
+            else:
+                self.counts["pending"] += 1
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.on_step_end(0, trials)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        self._log(self._summary())
+
+    def _summary(self) -> str:
+        counts = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
+        best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"
+        return f"[{time.time() - self.started:6.0f}s] {counts or 'starting'}; {best}"
+
+    def _render(self) -> Table:
+        table = Table(title="sweep", show_header=True)
+        for state in self.counts:
+            table.add_column(state, justify="right")
+        table.add_column(f"best {self.metric}")
+        table.add_column("elapsed", justify="right")
+        best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
+        table.add_row(*(str(n) for n in self.counts.values()), best, f"{time.time() - self.started:.0f}s")
+        return table
+
+    def _log(self, line: str) -> None:
+        if self._console is not None:
+            self._console.print(line, highlight=False)

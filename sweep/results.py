@@ -1,0 +1,228 @@
+"""Read experiments back from storage alone: no trainable, no running Ray, local or S3.
+
+One recursive listing of the experiment gives every trial folder and
+checkpoint; trial states come from Tune's newest experiment_state file, and
+metrics from each trial's last result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from model.config import ConfigError
+
+from .runner import SWEEP_FILE
+from .storage import Storage, check_name, exists, read_text
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+# A checkpoint counts only when all of these landed: a half-uploaded one is never "latest".
+REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
+INTERNAL_KEYS = {"config", "done", "should_checkpoint", "checkpoint_dir_name", "trial_id", "date", "hostname", "node_ip", "pid", "experiment_tag", "timestamp"}
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    iterations: int
+    path: str
+    checkpoints: list[str] = field(default_factory=list)
+    """Complete checkpoint folders, oldest first."""
+    files: dict[str, list[str]] = field(default_factory=dict)
+    """Files of each complete checkpoint, relative to it."""
+    error: str | None = None
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+
+@dataclass
+class Experiment:
+    name: str
+    storage: Storage
+    record: dict[str, Any]
+    trials: list[TrialRecord]
+
+    @property
+    def path(self) -> str:
+        return self.storage.path(self.name)
+
+
+def list_experiments(storage: Storage) -> list[dict[str, Any]]:
+    """Experiments in the storage, oldest first: name, created, trials."""
+    try:
+        entries = storage.filesystem.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True))
+    except OSError as error:
+        from .storage import describe_storage_error
+
+        raise ConfigError(describe_storage_error(storage, error)) from None
+    found = []
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory:
+            continue
+        record_path = f"{entry.path}/{SWEEP_FILE}"
+        if exists(storage, record_path):
+            record = json.loads(read_text(storage, record_path))
+            found.append({"name": entry.base_name, "created": record.get("created", ""), "trials": record.get("trials"), "metric": record.get("metric")})
+    return sorted(found, key=lambda e: (e["created"], e["name"]))
+
+
+def newest_experiment(storage: Storage) -> str:
+    experiments = list_experiments(storage)
+    if not experiments:
+        raise ConfigError(f"no experiments in {storage.uri}; run `sweep launch` or pass --storage")
+    return experiments[-1]["name"]
+
+
+def load_experiment(storage: Storage, name: str | None) -> Experiment:
+    """Every trial of an experiment with its state, last metrics and complete checkpoints."""
+    name = check_name(name) if name else newest_experiment(storage)
+    root = storage.path(name)
+    if not exists(storage, f"{root}/{SWEEP_FILE}"):
+        raise ConfigError(f"no experiment {name!r} in {storage.uri}; `sweep list` shows the experiments there")
+    record = json.loads(read_text(storage, f"{root}/{SWEEP_FILE}"))
+    listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = {info.path[len(root) + 1 :] for info in listing if info.type == pafs.FileType.File}
+    states = _trial_states(storage, root, files)
+    trial_dirs = sorted({path.split("/")[0] for path in files if path.startswith("trial_") and "/" in path})
+    trials = []
+    for directory in trial_dirs:
+        trial_files = {p[len(directory) + 1 :] for p in files if p.startswith(directory + "/")}
+        state = states.get(directory, {})
+        last = state.get("last_result") or _last_result(storage, f"{root}/{directory}", trial_files)
+        checkpoints, checkpoint_files = _complete_checkpoints(trial_files)
+        status = state.get("status") or ("TERMINATED" if last.get("done") else "UNKNOWN")
+        error = _error_reason(storage, f"{root}/{directory}", trial_files) if status == "ERROR" else None
+        trials.append(
+            TrialRecord(
+                trial_id=last.get("trial_id") or state.get("trial_id") or directory.removeprefix("trial_"),
+                status=status,
+                config=_public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files)),
+                metrics={k: v for k, v in last.items() if k not in INTERNAL_KEYS},
+                iterations=int(last.get("training_iteration", 0)),
+                path=f"{root}/{directory}",
+                checkpoints=[f"{root}/{directory}/{c}" for c in checkpoints],
+                files=checkpoint_files,
+                error=error,
+            )
+        )
+    return Experiment(name, storage, record, trials)
+
+
+def _public_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("sweep_metric", "sweep_mode", "cpus_per_trial")}
+
+
+def _trial_states(storage: Storage, root: str, files: set[str]) -> dict[str, dict[str, Any]]:
+    """Trial folder -> {status, trial_id, last_result} from the newest experiment_state file."""
+    snapshots = sorted(f for f in files if re.match(r"^experiment_state-.*\.json$", f))
+    if not snapshots:
+        return {}
+    document = json.loads(read_text(storage, f"{root}/{snapshots[-1]}"))
+    states = {}
+    for trial_json, metadata_json in document.get("trial_data", []):
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        directory = trial.get("relative_logdir") or trial.get("custom_dirname")
+        states[directory] = {"status": trial.get("status"), "trial_id": trial.get("trial_id"), "last_result": metadata.get("last_result") or {}}
+    return states
+
+
+def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
+    if "result.json" not in trial_files:
+        return {}
+    lines = [line for line in read_text(storage, f"{trial_path}/result.json").splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _params(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
+    return json.loads(read_text(storage, f"{trial_path}/params.json")) if "params.json" in trial_files else {}
+
+
+def _complete_checkpoints(trial_files: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+    names = sorted({p.split("/")[0] for p in trial_files if CHECKPOINT_PATTERN.match(p.split("/")[0]) and "/" in p})
+    complete, contents = [], {}
+    for name in names:
+        inside = sorted(p[len(name) + 1 :] for p in trial_files if p.startswith(name + "/"))
+        if all(required in inside for required in REQUIRED_FILES):
+            complete.append(name)
+            contents[name] = inside
+    return complete, contents
+
+
+def _error_reason(storage: Storage, trial_path: str, trial_files: set[str]) -> str:
+    if "error.txt" not in trial_files:
+        return "error"
+    text = read_text(storage, f"{trial_path}/error.txt")
+    for marker in ("nan_loss", "out_of_memory"):
+        if marker in text:
+            return marker
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "error"
+
+
+def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
+    """Every reported result of a trial, in order."""
+    path = f"{trial.path}/result.json"
+    if not exists(storage, path):
+        return []
+    return [json.loads(line) for line in read_text(storage, path).splitlines() if line.strip()]
+
+
+def reported_metrics(experiment: Experiment) -> list[str]:
+    names = set()
+    for trial in experiment.trials:
+        names.update(k for k, v in trial.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return sorted(names)
+
+
+def best_trials(experiment: Experiment, metric: str, mode: str = "min", top: int = 1) -> list[TrialRecord]:
+    """Trials ranked by their last reported `metric`; diverged and unreported trials are left out."""
+    if mode not in ("min", "max"):
+        raise ConfigError(f"--mode must be min or max, got {mode!r}")
+    if metric not in reported_metrics(experiment):
+        known = ", ".join(reported_metrics(experiment)) or "none yet"
+        raise ConfigError(f"--metric {metric!r} was never reported in {experiment.name}; reported: {known}")
+    ranked = [
+        t for t in experiment.trials
+        if isinstance(t.metrics.get(metric), (int, float)) and math.isfinite(t.metrics[metric]) and not t.metrics.get("nan_loss")
+    ]
+    ranked.sort(key=lambda t: t.metrics[metric], reverse=mode == "max")
+    return ranked[:top]
+
+
+def best_document(experiment: Experiment, metric: str, mode: str = "min", top: int = 1) -> dict[str, Any]:
+    """The `sweep best --json` document of DESIGN.md."""
+    storage = experiment.storage
+    trials = []
+    for trial in best_trials(experiment, metric, mode, top):
+        checkpoint = trial.checkpoint
+        heatmaps = []
+        if checkpoint:
+            inside = trial.files[checkpoint.rsplit("/", 1)[1]]
+            heatmaps = [storage.uri_of(f"{checkpoint}/{p}") for p in inside if p.startswith("heatmaps/") and p.endswith(".png")]
+        trials.append({
+            "trial_id": trial.trial_id,
+            "status": trial.status,
+            "config": trial.config,
+            "metrics": trial.metrics,
+            "iterations": trial.iterations,
+            "checkpoint": storage.uri_of(checkpoint) if checkpoint else None,
+            "heatmaps": heatmaps,
+        })
+    return {"experiment": experiment.name, "storage": storage.uri, "metric": metric, "mode": mode, "trials": trials}
+
+
+def status_counts(experiment: Experiment) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in experiment.trials:
+        counts[trial.status] = counts.get(trial.status, 0) + 1
+    return counts
