@@ -115,7 +115,10 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
             check_tokenizer_spec(tokenizer)
     name = check_name(launch.name or default_name(dataset, launch.preset))
     storage = open_storage(launch.storage)
-    return Plan(launch, name, storage, axes, fixed, trials)
+    plan = Plan(launch, name, storage, axes, fixed, trials)
+    if launch.grace_period > plan.iterations:
+        raise ConfigError(f"--grace-period {launch.grace_period} is more than the {plan.iterations} iterations a trial makes; lower it")
+    return plan
 
 
 def preflight(plan: Plan) -> None:
@@ -150,8 +153,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    # Our ProgressCallback is the sweep's view: keep Tune's own tables and sync warnings quiet.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
 
 

@@ -64,3 +64,75 @@ def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def ray_process_ids() -> set[int]:
+    """PIDs of Ray's processes (raylet, GCS, workers) on this machine, read from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if any(name in command for name in (b"raylet", b"gcs_server", b"ray::", b"default_worker.py", b"ray/dashboard", b"log_monitor.py")):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def no_stray_ray():
+    """Kill any Ray process a test started (a SIGKILLed driver leaves its cluster behind)."""
+    import signal
+    import time
+
+    before = ray_process_ids()
+    yield
+    deadline = time.time() + 30
+    while (left := ray_process_ids() - before) and time.time() < deadline:
+        time.sleep(1)
+    for pid in ray_process_ids() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with a bucket named `bucket`; env points the AWS chain at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSWEEPTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="bucket")
+    yield client
+    server.stop()
+
+
+S3_SECRET = "sweep-test-secret-4f1c9e"
+
+
+def s3_objects(client, bucket: str = "bucket") -> dict[str, bytes]:
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return objects

@@ -1,0 +1,181 @@
+"""Sweeps end to end on local Ray: S3 storage, ASHA, fault tolerance, resume, W&B, results."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import S3_SECRET, run_env, s3_objects, write_reviews
+
+# Tiny trials on a small local file: seconds each.
+TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
+        "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048"]
+
+
+def sweep(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """Run the `sweep` CLI in a fresh process, as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True, env=env or run_env(), timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def reviews(tmp_path) -> Path:
+    path = tmp_path / "reviews.jsonl"
+    write_reviews(path, count=600)
+    return path
+
+
+def trial_results(storage: Path, name: str) -> dict[str, list[dict]]:
+    return {
+        d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        for d in sorted((storage / name).glob("trial_*"))
+    }
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_smoke_sweep_on_s3_then_best_from_a_fresh_process(s3_server, data_mirror):
+    sweep("launch", "imdb", "--preset", "smoke", "--storage", "s3://bucket/exp", "--name", "imdb-smoke")
+    best = json.loads(sweep("best", "--storage", "s3://bucket/exp", "--metric", "test_loss", "--json").stdout)
+    assert best["experiment"] == "imdb-smoke" and best["storage"] == "s3://bucket/exp"
+    top = best["trials"][0]
+    assert top["status"] == "TERMINATED" and top["iterations"] == 4
+    assert top["config"]["lr"] == 3e-3  # the smoke grid's good learning rate wins
+    objects = s3_objects(s3_server)
+    prefix = top["checkpoint"].removeprefix("s3://bucket/")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json"):
+        assert f"{prefix}/{name}" in objects, name
+    assert top["heatmaps"] and all(h.startswith("s3://bucket/exp/imdb-smoke/") for h in top["heatmaps"])
+    assert all(h.removeprefix("s3://bucket/") in objects for h in top["heatmaps"])
+    # every trial's latest checkpoint holds the analysis files
+    checkpoints = {re.match(r"^(.*/checkpoint_\d+)/", key).group(1) for key in objects if "/checkpoint_" in key}
+    assert len(checkpoints) >= 4
+    for checkpoint in checkpoints:
+        assert f"{checkpoint}/heads.json" in objects and f"{checkpoint}/sample.txt" in objects
+    # credentials come from the environment only: never written into storage
+    assert not [key for key, body in objects.items() if S3_SECRET.encode() in body]
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_asha_stops_a_clearly_bad_learning_rate_early(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-6", "--grid", "heads=2", "--max-concurrent", "1",
+          "--storage", tmp_path / "results", "--name", "asha", "--grace-period", "1", "--reduction-factor", "2")
+    results = trial_results(tmp_path / "results", "asha")
+    iterations = sorted(len(lines) for lines in results.values())
+    assert iterations == [1, 4]  # the 1e-6 trial stopped at the first rung
+    table = sweep("results", "asha", "--storage", tmp_path / "results").stdout
+    assert "TERMINATED" in table
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_nan_trial_errors_once_and_the_others_finish(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=1e-3,1e4", "--grid", "heads=2", "--storage", tmp_path / "results",
+          "--name", "nan", "--grace-period", "4", "--max-failures", "3")
+    status = sweep("status", "nan", "--storage", tmp_path / "results").stdout
+    assert "1 error" in status and "1 terminated" in status
+    rows = {row["lr"]: row for row in _csv_rows(tmp_path, "nan")}
+    assert rows["10000.0"]["error"] == "nan_loss"
+    assert rows["0.001"]["status"] == "TERMINATED" and rows["0.001"]["iterations"] == "4"
+    error_file = next((tmp_path / "results" / "nan").glob("trial_*/error.txt"))
+    assert error_file.read_text().count("Failure #") == 1  # not retried
+
+
+def _csv_rows(tmp_path, name):
+    import csv
+
+    sweep("results", name, "--storage", tmp_path / "results", "--csv", tmp_path / f"{name}.csv")
+    with open(tmp_path / f"{name}.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
+    storage = tmp_path / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=40960",
+         "--grid", "lr=3e-3", "--grid", "heads=2", "--storage", str(storage), "--name", "kill", "--grace-period", "20"],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_for(lambda: list(storage.glob("kill/trial_*/checkpoint_000002/heads.json")), process, 180)
+        killed = _kill_trial_workers()
+        assert killed, "no trial worker found to kill"
+        output, _ = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    (lines,) = trial_results(storage, "kill").values()
+    assert lines[-1]["tokens_seen"] == 40960 and lines[-1]["training_iteration"] == 20
+    restored = [line for line in lines if line["iterations_since_restore"] < line["training_iteration"]]
+    assert restored, "the trial never restarted"
+    # the restarted worker continued from the checkpoint: no gap, nothing trained twice
+    assert all(line["tokens_seen"] == 2048 * line["training_iteration"] for line in lines)
+
+
+def _wait_for(condition, process, timeout):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _kill_trial_workers() -> list[int]:
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if command.startswith(b"ray::ImplicitFunc") or b"ray::ImplicitFunc.train" in command:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
+    storage = tmp_path / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=20480",
+         "--grid", "lr=1e-3,3e-3", "--grid", "heads=2,4", "--storage", str(storage), "--name", "driver",
+         "--grace-period", "10", "--max-concurrent", "2"],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: list(storage.glob("driver/trial_*/checkpoint_000003/heads.json")), process, 180)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    before = trial_results(storage, "driver")
+    finished_before = {name for name, lines in before.items() if lines and lines[-1].get("done")}
+    sweep("resume", "driver", "--storage", storage, timeout=400)
+    rows = _csv_rows(tmp_path, "driver")
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert all(r["status"] == "TERMINATED" and r["iterations"] == "10" for r in rows)
+    after = trial_results(storage, "driver")
+    for name in finished_before:  # finished trials were not re-run
+        assert after[name] == before[name]
+    again = sweep("resume", "driver", "--storage", storage, check=False)
+    assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_wandb_offline_run_files(reviews, tmp_path):
+    env = run_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_SILENT="true")
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3", "--grid", "heads=2", "--storage", tmp_path / "results",
+          "--name", "wb", "--wandb", env=env)
+    runs = list((tmp_path / "wandb-dir").rglob("offline-run-*"))
+    assert runs, "no offline W&B run was written"
+    assert any(path.suffix == ".wandb" for run in runs for path in run.iterdir())
