@@ -317,5 +317,73 @@ def resume(ctx, name, storage, address):
     _print_best(name, storage, plan.launch.metric, plan.launch.mode, top=3)
 
 
+def source_options(command):
+    command = click.option("--trial", default="best", show_default=True, help="best (by the sweep's metric) or a trial id.")(command)
+    return storage_option(command)
+
+
+@main.command()
+@click.argument("source")
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="Print heads.json.")
+def heads(source, trial, storage, as_json):
+    """The head atlas: every head's scores and labels.
+
+    SOURCE is a checkpoint folder or an experiment name (with --storage).
+    """
+    import tempfile
+
+    from .results import local_checkpoint
+
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = local_checkpoint(source, trial, _open(storage), workdir)
+        if not (checkpoint / "heads.json").is_file():
+            raise UserError(f"{checkpoint} has no heads.json; it was written by an older version")
+        document = json.loads((checkpoint / "heads.json").read_text())
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    names = list(document["heads"][0]["scores"]) if document["heads"] else []
+    table = Table(title=f"heads of {source}")
+    for column in ("layer", "head", *names, "labels"):
+        table.add_column(column, justify="right" if column not in ("labels",) else "left")
+    for head in document["heads"]:
+        table.add_row(str(head["layer"]), str(head["head"]), *(f"{head['scores'][n]:.2f}" for n in names), ", ".join(head["labels"]) or "-")
+    output.print(table)
+
+
+@main.command()
+@click.argument("source")
+@source_options
+@click.option("--prompt", default=None, help="Render new heatmaps for this prompt instead of copying the stored ones.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("heatmaps"), show_default=True)
+def heatmaps(source, trial, storage, prompt, out):
+    """Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt."""
+    import shutil
+    import tempfile
+
+    from model.analysis import AnalysisConfig, sample_and_patterns, write_heatmaps
+    from model.tokenizers import TextTokenizer, tokenizer_from_path
+    from model.train import load_checkpoint
+
+    from .results import local_checkpoint
+
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = local_checkpoint(source, trial, _open(storage), workdir)
+        if prompt is None:
+            if not (checkpoint / "heatmaps").is_dir():
+                raise UserError(f"{checkpoint} has no heatmaps/; pass --prompt to render them")
+            shutil.copytree(checkpoint / "heatmaps", out, dirs_exist_ok=True)
+        else:
+            net = load_checkpoint(checkpoint)
+            tokenizer = TextTokenizer(tokenizer_from_path(checkpoint / "tokenizer.json"), "checkpoint")
+            try:
+                ids, patterns = sample_and_patterns(net, tokenizer, AnalysisConfig(prompt=prompt))
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            write_heatmaps(out, ids, tokenizer.token_strings(ids), patterns)
+    console.print(f"heatmaps in {out}/: {len(list(out.glob('*.png')))} images")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -226,3 +227,35 @@ def status_counts(experiment: Experiment) -> dict[str, int]:
     for trial in experiment.trials:
         counts[trial.status] = counts.get(trial.status, 0) + 1
     return counts
+
+
+def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
+    """`best` (by the sweep's own metric) or a trial id."""
+    if trial == "best":
+        ranked = best_trials(experiment, experiment.record["metric"], experiment.record["mode"], 1)
+        if not ranked:
+            raise ConfigError(f"{experiment.name} has no trial with a finite {experiment.record['metric']} yet")
+        return ranked[0]
+    for record in experiment.trials:
+        if trial in (record.trial_id, record.path.rsplit("/", 1)[1]):
+            return record
+    raise ConfigError(f"no trial {trial!r} in {experiment.name}; trials: {', '.join(t.trial_id for t in experiment.trials)}")
+
+
+def local_checkpoint(source: str, trial: str, storage: Storage, workdir: str) -> Path:
+    """A local folder holding the checkpoint SOURCE names: a folder as is, else fetched from an experiment."""
+    from model.train import is_checkpoint
+
+    if Path(source).is_dir():
+        if not is_checkpoint(source):
+            raise ConfigError(f"{source} is not a checkpoint: model.safetensors and config.json are missing")
+        return Path(source)
+    experiment = load_experiment(storage, source)
+    record = choose_trial(experiment, trial)
+    if record.checkpoint is None:
+        raise ConfigError(f"trial {record.trial_id} of {experiment.name} has no complete checkpoint yet")
+    if not storage.is_s3:
+        return Path(record.checkpoint)
+    target = Path(workdir) / "checkpoint"
+    pafs.copy_files(record.checkpoint, str(target), source_filesystem=storage.filesystem, destination_filesystem=pafs.LocalFileSystem())
+    return target
