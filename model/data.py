@@ -230,7 +230,7 @@ def repeat_windows(count: int, seq_len: int, vocab_size: int, seed: int) -> np.n
     width = seq_len + 1
     windows = rng.integers(0, vocab_size, size=(count, width), dtype=np.int32)
     longest = max(1, width // 2)
-    length = rng.integers(min(2, longest), longest + 1, size=count)
+    length = rng.integers(max(2, width // 4), longest + 1, size=count)
     first = (rng.random(count) * (width - 2 * length + 1)).astype(np.int64)
     second = first + length + (rng.random(count) * (width - 2 * length - first + 1)).astype(np.int64)
     position = np.arange(width)[None, :]
