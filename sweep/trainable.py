@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -37,7 +38,7 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
     train_windows, test_windows, tokenizer_json = ray.get(datasets[data_key(config)])
     tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), data_cfg.tokenizer)
-    model_cfg = type(model_cfg)(**(vars(model_cfg) | {"vocab_size": tokenizer.vocab_size}))
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if train_cfg.device != "cpu" and not torch.cuda.is_available() and ray.get_gpu_ids():
         log.warning("trial was given a GPU by Ray but CUDA is not available; training on CPU")
     trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)

@@ -90,7 +90,7 @@ def no_stray_ray():
     before = ray_process_ids()
     yield
     deadline = time.time() + 30
-    while (left := ray_process_ids() - before) and time.time() < deadline:
+    while ray_process_ids() - before and time.time() < deadline:
         time.sleep(1)
     for pid in ray_process_ids() - before:
         try:
