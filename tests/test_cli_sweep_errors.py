@@ -1,0 +1,85 @@
+"""Mistakes on the sweep commands: exit 2, one line naming the fix, nothing written, no Ray started."""
+
+import pytest
+from click.testing import CliRunner
+
+from sweep.cli import main
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return tmp_path / "results"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["launch", "imdb", "--preset", "giant"], "unknown preset 'giant'; presets: paper, smoke, induction"),
+        (["launch", "imdb", "--grid", "dropout=0.1"], "--grid key 'dropout' is unknown"),
+        (["launch", "imdb", "--grid", "lr=fast"], "--grid lr=fast: expected a number"),
+        (["launch", "imdb", "--grid", "heads=2.5"], "--grid heads=2.5: expected an integer"),
+        (["launch", "imdb", "--grid", "mlp=maybe"], "--grid mlp=maybe: use on/off"),
+        (["launch", "imdb", "--grid", "lr"], "must look like key=v1,v2"),
+        (["launch", "imdb", "--grid", "heads=3", "--grid", "d_model=64"], "--heads 3 does not divide --d-model 64"),
+        (["launch", "imdb", "--grid", "seq_len=99999"], "--seq-len must be between 2 and"),
+        (["launch", "imdb", "--grid", "lr=-1"], "--lr must be positive"),
+        (["launch", "imdb", "--grid", "batch_size=0"], "--batch-size must be positive"),
+        (["launch", "no-such-data"], "unknown dataset 'no-such-data'"),
+        (["launch"], "DATASET is missing"),
+        (["launch", "imdb", "--tokenizer", "bpe:x"], "N in bpe:N must be an integer"),
+        (["launch", "imdb", "--metric", "accuracy"], "--metric 'accuracy' is never reported"),
+        (["launch", "imdb", "--name", "../escape"], "is not allowed"),
+        (["launch", "imdb", "--name", "/abs"], "is not allowed"),
+        (["launch", "imdb", "--grace-period", "9"], "--grace-period 9 is more than the 4 iterations"),
+        (["launch", "imdb", "--storage", "ftp://host/x"], "only local paths and s3://bucket/prefix"),
+        (["launch", "imdb", "--storage", "s3://Bad_Bucket/x"], "not a valid s3://bucket/prefix"),
+        (["best", "--metric", "test_loss"], "no experiments in"),
+        (["best", "ghost"], "no experiment 'ghost'"),
+        (["status", "ghost"], "no experiment 'ghost'"),
+        (["resume", "ghost"], "no experiment 'ghost'"),
+        (["heads", "ghost"], "no experiment 'ghost'"),
+    ],
+)
+def test_sweep_mistakes(args, message, storage, data_mirror):
+    result = CliRunner().invoke(main, [*args, "--storage", str(storage)] if args[0] != "launch" or "--storage" not in args else args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_missing_bucket_and_unreachable_endpoint(s3_server, monkeypatch, tmp_path, data_mirror):
+    result = CliRunner().invoke(main, ["launch", "imdb", "--storage", "s3://no-such-bucket/x"])
+    assert result.exit_code == 2 and "bucket 'no-such-bucket' does not exist" in result.stderr
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    result = CliRunner().invoke(main, ["launch", "imdb", "--storage", "s3://bucket/x"])
+    assert result.exit_code == 2 and "cannot reach the S3 endpoint http://127.0.0.1:9" in result.stderr
+
+
+def test_read_only_storage(tmp_path, data_mirror):
+    storage = tmp_path / "readonly"
+    storage.mkdir()
+    storage.chmod(0o500)
+    try:
+        import os
+
+        if os.access(storage, os.W_OK):  # root ignores permission bits: use a file in the way instead
+            storage.chmod(0o700)
+            storage = tmp_path / "file-in-the-way"
+            storage.write_text("")
+        result = CliRunner().invoke(main, ["launch", "imdb", "--storage", str(storage / "sub")])
+        assert result.exit_code == 2 and "is not writable" in result.stderr
+    finally:
+        (tmp_path / "readonly").chmod(0o700)
+
+
+def test_metric_never_reported_lists_the_reported_ones(tmp_path):
+    import json
+
+    experiment = tmp_path / "results" / "exp"
+    (experiment / "trial_a").mkdir(parents=True)
+    (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 1, "created": "x"}))
+    (experiment / "trial_a" / "result.json").write_text(json.dumps({"test_loss": 3.0, "training_iteration": 1, "done": True}) + "\n")
+    result = CliRunner().invoke(main, ["best", "exp", "--metric", "bleu", "--storage", str(tmp_path / "results")])
+    assert result.exit_code == 2
+    assert "--metric 'bleu' was never reported in exp; reported: test_loss, training_iteration" in result.stderr
