@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -11,11 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from model.config import ConfigError, DataConfig
+from model.config import ConfigError
 from model.data import check_dataset, prepare_data
 from model.tokenizers import check_tokenizer_spec
 
-from .space import build_grid, data_key, expand, parse_grid, validate_trials
+from .space import build_grid, data_config, data_key, expand, parse_grid, validate_trials
 from .storage import Storage, check_name, check_writable, exists, open_storage, read_text, write_text
 
 log = logging.getLogger(__name__)
@@ -108,8 +107,7 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     axes, fixed = build_grid(launch.preset, parse_grid(launch.grid), base)
     trials = expand(axes, fixed)
     validate_trials(trials)
-    DataConfig(**{k: v for k, v in fixed.items() if k in {f.name for f in dataclasses.fields(DataConfig)}})
-    check_dataset(DataConfig(dataset=dataset))
+    check_dataset(data_config(fixed))
     if dataset != "repeat":
         for tokenizer in {t["tokenizer"] for t in trials}:
             check_tokenizer_spec(tokenizer)
@@ -140,7 +138,7 @@ def prepare_datasets(trials: list[dict[str, Any]], log_line: Callable[[str], Non
         key = data_key(trial)
         if key in refs:
             continue
-        data_cfg = DataConfig(**{k: trial[k] for k in ("dataset", "tokenizer", "text_column", "train_split", "test_split", "clean", "pack") if k in trial})
+        data_cfg = data_config(trial)
         started = time.perf_counter()
         data = prepare_data(data_cfg, trial["seq_len"], log_line)
         log_line(f"data {key}: {data.train.shape[0]:,} train / {data.test.shape[0]:,} test windows in {time.perf_counter() - started:.1f}s")

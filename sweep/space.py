@@ -6,6 +6,7 @@ options); `trial_configs` turns it into the model's dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,9 +118,15 @@ def expand(axes: dict[str, list[Any]], fixed: dict[str, Any]) -> list[dict[str, 
     return [fixed | dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+def data_config(config: dict[str, Any]) -> DataConfig:
+    """The DataConfig of a trial config dict (its data keys only)."""
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in config.items() if k in names})
+
+
 def trial_configs(config: dict[str, Any], vocab_size: int = 2) -> tuple[DataConfig, ModelConfig, TrainConfig]:
     """The dataclasses of one trial config dict; raises ConfigError naming the flag."""
-    data = DataConfig(**{k: config[k] for k in ("dataset", "tokenizer", "text_column", "train_split", "test_split", "clean", "pack") if k in config})
+    data = data_config(config)
     model = ModelConfig(
         vocab_size=vocab_size, d_model=config["d_model"], n_heads=config["heads"], n_layers=config["layers"],
         mlp=config["mlp"], seq_len=config["seq_len"],
