@@ -4,7 +4,7 @@ Runs with PyTorch and Hugging Face libraries alone; never imports ray.
 """
 
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from .train import CheckpointError, NonFiniteLossError, Trainer, load_checkpoint
+from .train import CheckpointError, NonFiniteLossError, Trainer, load_checkpoint, load_checkpoint_tokenizer
 from .transformer import Transformer
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "Trainer",
     "Transformer",
     "load_checkpoint",
+    "load_checkpoint_tokenizer",
 ]

@@ -328,6 +328,14 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
         ) from None
 
 
+def load_checkpoint_tokenizer(directory: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer saved beside a checkpoint's weights."""
+    from .tokenizers import tokenizer_from_path
+
+    read_config(directory)  # a clear error when the folder is not a checkpoint
+    return TextTokenizer(tokenizer_from_path(Path(directory) / "tokenizer.json"), "checkpoint")
+
+
 def load_checkpoint(directory: str | os.PathLike, device: str = "cpu") -> Transformer:
     """The trained model of a checkpoint folder, in eval mode."""
     config = read_config(directory)

@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from model.config import ConfigError, DataConfig, TrainConfig
+from model.config import ConfigError, TrainConfig
 from model.train import CheckpointError, NonFiniteLossError
+
+from .space import data_config
 
 console = Console(stderr=True, soft_wrap=True)
 # Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
@@ -66,10 +68,6 @@ def data_options(command):
     return command
 
 
-def data_config(dataset: str, **values) -> DataConfig:
-    return DataConfig(dataset=dataset, **{k: values[k] for k in ("tokenizer", "text_column", "train_split", "test_split", "clean", "pack")})
-
-
 @main.command()
 @click.argument("dataset")
 @data_options
@@ -108,7 +106,7 @@ def train(dataset, layers, heads, d_model, seq_len, mlp, lr, batch_size, max_tok
             progress.update(task, completed=metrics["tokens_seen"], status=f"test_loss {metrics['test_loss']:.3f}")
             console.print(_metrics_line(trainer.iteration, metrics), highlight=False)
 
-        metrics = run_training(data_config(dataset, **data_values), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=seed), on_iteration, log=console.print)
+        metrics = run_training(data_config({"dataset": dataset, **data_values}), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=seed), on_iteration, log=console.print)
     console.print(f"checkpoint: {out / 'checkpoint'}")
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
@@ -131,11 +129,10 @@ def _metrics_line(iteration: int, metrics: dict) -> str:
 def generate(checkpoint, prompt, tokens, top_k, seed):
     """Continue PROMPT with top-k sampling from a checkpoint folder."""
     from model.generate import generate as sample
-    from model.tokenizers import TextTokenizer, tokenizer_from_path
-    from model.train import load_checkpoint
+    from model.train import load_checkpoint, load_checkpoint_tokenizer
 
     net = load_checkpoint(checkpoint)
-    tokenizer = TextTokenizer(tokenizer_from_path(checkpoint / "tokenizer.json"), "checkpoint")
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt is empty after tokenization; give some text")
@@ -363,8 +360,7 @@ def heatmaps(source, trial, storage, prompt, out):
     import tempfile
 
     from model.analysis import AnalysisConfig, sample_and_patterns, write_heatmaps
-    from model.tokenizers import TextTokenizer, tokenizer_from_path
-    from model.train import load_checkpoint
+    from model.train import load_checkpoint, load_checkpoint_tokenizer
 
     from .results import local_checkpoint
 
@@ -376,7 +372,7 @@ def heatmaps(source, trial, storage, prompt, out):
             shutil.copytree(checkpoint / "heatmaps", out, dirs_exist_ok=True)
         else:
             net = load_checkpoint(checkpoint)
-            tokenizer = TextTokenizer(tokenizer_from_path(checkpoint / "tokenizer.json"), "checkpoint")
+            tokenizer = load_checkpoint_tokenizer(checkpoint)
             try:
                 ids, patterns = sample_and_patterns(net, tokenizer, AnalysisConfig(prompt=prompt))
             except ValueError as error:

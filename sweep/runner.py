@@ -14,7 +14,7 @@ from model.config import ConfigError
 from model.data import check_dataset, prepare_data
 from model.tokenizers import check_tokenizer_spec
 
-from .space import build_grid, data_config, data_key, expand, parse_grid, validate_trials
+from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, validate_trials
 from .storage import Storage, check_name, check_writable, exists, open_storage, read_text, write_text
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,8 @@ def default_name(dataset: str, preset: str) -> str:
 
 def plan_sweep(launch: LaunchConfig) -> Plan:
     """Validate everything that can be checked without Ray; nothing is written yet."""
-    preset_dataset = None
-    from .space import PRESETS
-
-    if launch.preset in PRESETS:
-        preset_dataset = PRESETS[launch.preset].dataset
-    dataset = launch.dataset or preset_dataset
+    preset = PRESETS.get(launch.preset)
+    dataset = launch.dataset or (preset.dataset if preset else None)
     if not dataset:
         raise ConfigError(f"DATASET is missing: preset {launch.preset!r} needs one (imdb, wikitext-2, repeat or a path)")
     base = {"dataset": dataset, **launch.data, "sweep_metric": launch.metric, "sweep_mode": launch.mode,

@@ -41,7 +41,9 @@ def storage(tmp_path):
     ],
 )
 def test_sweep_mistakes(args, message, storage, data_mirror):
-    result = CliRunner().invoke(main, [*args, "--storage", str(storage)] if args[0] != "launch" or "--storage" not in args else args)
+    if "--storage" not in args:
+        args = [*args, "--storage", str(storage)]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
