@@ -381,5 +381,28 @@ def heatmaps(source, trial, storage, prompt, out):
     console.print(f"heatmaps in {out}/: {len(list(out.glob('*.png')))} images")
 
 
+@main.command()
+@click.argument("source")
+@source_options
+@click.option("--format", "export_format", type=click.Choice(["transformer-lens"]), default="transformer-lens", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+def export(source, trial, storage, export_format, out):
+    """Export a checkpoint for TransformerLens' HookedTransformer (transformer-lens 3.x).
+
+    SOURCE is a checkpoint folder or an experiment name (with --storage).
+    """
+    import tempfile
+
+    from model.export import export_transformer_lens
+    from model.train import load_checkpoint
+
+    from .results import local_checkpoint
+
+    with tempfile.TemporaryDirectory() as workdir:
+        net = load_checkpoint(local_checkpoint(source, trial, _open(storage), workdir))
+    written = export_transformer_lens(net, out)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
 if __name__ == "__main__":
     sys.exit(main())
