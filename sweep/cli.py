@@ -404,5 +404,22 @@ def export(source, trial, storage, export_format, out):
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1), help="Trials shown in full.")
+def report(name, storage, out, top):
+    """One self-contained HTML report of experiment NAME (default: newest), viewable offline."""
+    from .report import build_report
+    from .results import load_experiment
+
+    document = build_report(load_experiment(_open(storage), name), top)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(document)
+    partial.replace(out)  # never a half-written report
+    console.print(f"report: {out} ({len(document) / 1e6:.1f} MB)")
+
+
 if __name__ == "__main__":
     sys.exit(main())
