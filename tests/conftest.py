@@ -130,9 +130,16 @@ def s3_server(monkeypatch):
 S3_SECRET = "sweep-test-secret-4f1c9e"
 
 
+def s3_keys(client, bucket: str = "bucket") -> list[str]:
+    return [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for item in page.get("Contents", [])]
+
+
 def s3_objects(client, bucket: str = "bucket") -> dict[str, bytes]:
+    """Every object's bytes; keys deleted between listing and reading (old checkpoints) are skipped."""
     objects = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for item in page.get("Contents", []):
-            objects[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    for key in s3_keys(client, bucket):
+        try:
+            objects[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            continue
     return objects
