@@ -1,7 +1,18 @@
 """Mistakes on the sweep commands: exit 2, one line naming the fix, nothing written, no Ray started."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
 import pytest
 from click.testing import CliRunner
+
+from conftest import free_port
 
 from sweep.cli import main
 
@@ -63,8 +74,6 @@ def test_read_only_storage(tmp_path, data_mirror):
     storage.mkdir()
     storage.chmod(0o500)
     try:
-        import os
-
         if os.access(storage, os.W_OK):  # root ignores permission bits: use a file in the way instead
             storage.chmod(0o700)
             storage = tmp_path / "file-in-the-way"
@@ -76,8 +85,6 @@ def test_read_only_storage(tmp_path, data_mirror):
 
 
 def test_metric_never_reported_lists_the_reported_ones(tmp_path):
-    import json
-
     experiment = tmp_path / "results" / "exp"
     (experiment / "trial_a").mkdir(parents=True)
     (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 1, "created": "x"}))
@@ -85,3 +92,33 @@ def test_metric_never_reported_lists_the_reported_ones(tmp_path):
     result = CliRunner().invoke(main, ["best", "exp", "--metric", "bleu", "--storage", str(tmp_path / "results")])
     assert result.exit_code == 2
     assert "--metric 'bleu' was never reported in exp; reported: test_loss, training_iteration" in result.stderr
+
+
+def test_wrong_credentials(tmp_path, monkeypatch, data_mirror):
+    """A moto server that checks credentials: the bucket exists, but these keys are refused."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="1")  # only the bucket creation is unauthenticated
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except OSError:
+                assert time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                     aws_access_key_id="x", aws_secret_access_key="y").create_bucket(Bucket="bucket")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDWRONG")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        result = CliRunner().invoke(main, ["launch", "imdb", "--storage", "s3://bucket/exp"])
+        assert result.exit_code == 2, result.output
+        assert "S3 refused the credentials for s3://bucket/exp" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
