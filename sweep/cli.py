@@ -155,6 +155,7 @@ def storage_option(command):
 @click.option("--address", default=None, help="Join a cluster: auto or ray://host:10001 [default: local Ray].")
 @click.option("--cpus-per-trial", default=1.0, show_default=True, type=float)
 @click.option("--gpus-per-trial", default=0.0, show_default=True, type=float, help="Fractions share a GPU.")
+@click.option("--memory-per-trial", default=0.0, show_default=True, type=float, help="MB a trial reserves and may use (0: no limit).")
 @click.option("--max-concurrent", default=0, show_default=True, help="0: as many as resources allow.")
 @click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
 @click.option("--metric", default="test_loss", show_default=True)
@@ -166,7 +167,7 @@ def storage_option(command):
 @click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases.")
 @data_options
 @click.pass_context
-def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, **data_values):
+def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, **data_values):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
     \b
@@ -180,7 +181,7 @@ def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, g
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
-        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
         num_samples=num_samples, metric=metric, mode=mode, grace_period=grace_period,
         reduction_factor=reduction_factor, max_iterations=max_iterations, max_failures=max_failures,
         wandb=wandb, data=explicit,

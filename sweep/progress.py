@@ -37,7 +37,7 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("nan_loss"):
+        if isinstance(value, (int, float)) and math.isfinite(value):
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
             if better:
                 self.best = (value, trial.trial_id)

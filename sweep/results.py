@@ -120,7 +120,7 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
 
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("sweep_metric", "sweep_mode", "cpus_per_trial")}
+    return {k: v for k, v in config.items() if k not in ("sweep_metric", "sweep_mode", "cpus_per_trial", "memory_per_trial_mb")}
 
 
 def _trial_states(storage: Storage, root: str, files: set[str]) -> dict[str, dict[str, Any]]:
@@ -194,7 +194,7 @@ def best_trials(experiment: Experiment, metric: str, mode: str = "min", top: int
         raise ConfigError(f"--metric {metric!r} was never reported in {experiment.name}; reported: {known}")
     ranked = [
         t for t in experiment.trials
-        if isinstance(t.metrics.get(metric), (int, float)) and math.isfinite(t.metrics[metric]) and not t.metrics.get("nan_loss")
+        if isinstance(t.metrics.get(metric), (int, float)) and math.isfinite(t.metrics[metric])
     ]
     ranked.sort(key=lambda t: t.metrics[metric], reverse=mode == "max")
     return ranked[:top]

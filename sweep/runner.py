@@ -33,6 +33,8 @@ class LaunchConfig:
     address: str | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    memory_per_trial_mb: float = 0.0
+    """Memory a trial reserves (Ray scheduling) and may use (enforced on Linux); 0: no limit."""
     max_concurrent: int = 0
     num_samples: int = 1
     metric: str = "test_loss"
@@ -52,8 +54,8 @@ class LaunchConfig:
             raise ConfigError(f"--metric {self.metric!r} is never reported; choose one of: {', '.join(REPORTED_METRICS)}")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"--mode must be min or max, got {self.mode!r}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ConfigError("--cpus-per-trial must be positive and --gpus-per-trial non-negative")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.memory_per_trial_mb < 0:
+            raise ConfigError("--cpus-per-trial must be positive, --gpus-per-trial and --memory-per-trial non-negative")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("--grace-period must be >= 1 and --reduction-factor >= 2")
         if self.num_samples < 1 or self.max_concurrent < 0 or self.max_failures < 0:
@@ -97,7 +99,7 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     if not dataset:
         raise ConfigError(f"DATASET is missing: preset {launch.preset!r} needs one (imdb, wikitext-2, repeat or a path)")
     base = {"dataset": dataset, **launch.data, "sweep_metric": launch.metric, "sweep_mode": launch.mode,
-            "cpus_per_trial": launch.cpus_per_trial}
+            "cpus_per_trial": launch.cpus_per_trial, "memory_per_trial_mb": launch.memory_per_trial_mb}
     if launch.gpus_per_trial == 0:
         base["device"] = "cpu"
     axes, fixed = build_grid(launch.preset, parse_grid(launch.grid), base)
@@ -169,14 +171,14 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], callbacks: list, restore: 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .trainable import NanLossCallback, train_trial
+    from .trainable import FinalFailureCallback, train_trial
 
     launch = plan.launch
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, datasets=datasets),
-        {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial},
+        {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial, "memory": int(launch.memory_per_trial_mb * 2**20)},
     )
-    callbacks = [NanLossCallback(), *callbacks]
+    callbacks = [FinalFailureCallback(), *callbacks]
     if launch.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 

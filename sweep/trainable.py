@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
+import resource
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,6 +29,12 @@ REPORTED_METRICS = (
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
     *SUMMARY_METRICS,
 )
+# Failures that would only repeat if retried: reported under these names, then the trial errors once.
+FINAL_FAILURES = ("nan_loss", "out_of_memory")
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The trial needs more memory than it was given."""
 
 
 def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
@@ -36,35 +45,71 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
     """
     data_cfg, model_cfg, train_cfg = trial_configs(config)
     torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
+    limit_memory(config.get("memory_per_trial_mb", 0))
     train_windows, test_windows, tokenizer_json = ray.get(datasets[data_key(config)])
     tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), data_cfg.tokenizer)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     if train_cfg.device != "cpu" and not torch.cuda.is_available() and ray.get_gpu_ids():
         log.warning("trial was given a GPU by Ray but CUDA is not available; training on CPU")
-    trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            trainer.load_checkpoint(directory)
-        log.info("resumed at tokens_seen=%d", trainer.tokens_seen)
-
-    while not trainer.finished:
-        try:
+    trainer = None
+    try:
+        trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                trainer.load_checkpoint(directory)
+            log.info("resumed at tokens_seen=%d", trainer.tokens_seen)
+        while not trainer.finished:
             metrics = trainer.train_iteration()
-        except NonFiniteLossError:
-            # Tell the driver first (NanLossCallback turns retries off), then fail the trial.
-            metric, mode = config["sweep_metric"], config["sweep_mode"]
-            tune.report({"nan_loss": 1.0, metric: math.inf if mode == "min" else -math.inf, "tokens_seen": trainer.tokens_seen})
+            with tempfile.TemporaryDirectory(prefix="sweep-checkpoint-") as directory:
+                trainer.save_checkpoint(directory)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    except NonFiniteLossError:
+        _report_final_failure(config, "nan_loss", trainer.tokens_seen)
+        raise
+    except (MemoryError, RuntimeError) as error:
+        if not _is_out_of_memory(error):
             raise
-        with tempfile.TemporaryDirectory(prefix="sweep-checkpoint-") as directory:
-            trainer.save_checkpoint(directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        tokens_seen = trainer.tokens_seen if trainer else 0
+        trainer = None  # free what can be freed before reporting
+        _report_final_failure(config, "out_of_memory", tokens_seen)
+        raise TrialOutOfMemory(
+            f"out_of_memory: this configuration needs more memory than the trial has "
+            f"(--memory-per-trial {config.get('memory_per_trial_mb') or 'unset'} MB); "
+            f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
+        ) from None
 
 
-class NanLossCallback(tune.Callback):
-    """A diverged trial errors once with reason nan_loss: retrying it would diverge again."""
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def _report_final_failure(config: dict[str, Any], reason: str, tokens_seen: int) -> None:
+    """Tell the driver first (FinalFailureCallback turns retries off), then the trial raises."""
+    metric, mode = config["sweep_metric"], config["sweep_mode"]
+    tune.report({reason: 1.0, metric: math.inf if mode == "min" else -math.inf, "tokens_seen": tokens_seen})
+
+
+def limit_memory(megabytes: float) -> None:
+    """Cap this worker's private memory at its current use plus `megabytes` (Linux RLIMIT_DATA).
+
+    A trial that outgrows its share then fails alone with out_of_memory instead
+    of driving the whole node into the kernel's OOM killer.
+    """
+    if not megabytes:
+        return
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        log.warning("cannot read /proc/self/status; --memory-per-trial is used for scheduling only")
+        return
+    in_use = int(re.search(r"VmData:\s+(\d+) kB", status).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (in_use + int(megabytes * 2**20), resource.RLIM_INFINITY))
+
+
+class FinalFailureCallback(tune.Callback):
+    """A diverged or out-of-memory trial errors once: a retry would fail the same way."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("nan_loss"):
+        if any(result.get(reason) for reason in FINAL_FAILURES):
             trial.max_failures = 0

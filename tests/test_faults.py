@@ -58,3 +58,28 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
         checkpoints = {re.match(rf"exp/outage/{trial}/(checkpoint_\d+)/", k).group(1) for k in objects if f"{trial}/checkpoint_" in k}
         for checkpoint in checkpoints:  # no half-written checkpoint left behind
             assert all(f"exp/outage/{trial}/{checkpoint}/{name}" in objects for name in REQUIRED), checkpoint
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_out_of_memory_ends_one_trial_not_the_sweep(tmp_path):
+    reviews = tmp_path / "reviews.jsonl"
+    write_reviews(reviews, count=600)
+    storage = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16,4096",
+         "--grid", "heads=2", "--grid", "seq_len=16", "--grid", "batch_size=16", "--grid", "max_tokens=4096",
+         "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3", "--memory-per-trial", "400", "--max-failures", "3",
+         "--storage", str(storage), "--name", "oom"],
+        env=run_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = subprocess.run([sys.executable, "-m", "sweep.cli", "results", "oom", "--storage", str(storage), "--csv", str(tmp_path / "oom.csv")],
+                           env=run_env(), capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    import csv
+
+    rows = {row["d_model"]: row for row in csv.DictReader(open(tmp_path / "oom.csv"))}
+    assert rows["4096"]["status"] == "ERROR" and rows["4096"]["error"] == "out_of_memory"
+    assert rows["16"]["status"] == "TERMINATED" and rows["16"]["iterations"] == "2"
+    error_file = next((storage / "oom").glob("trial_*/error.txt"))
+    assert error_file.read_text().count("Failure #") == 1  # not retried
