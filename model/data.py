@@ -221,18 +221,20 @@ def pad_windows(documents: list[list[int]], seq_len: int) -> np.ndarray:
 
 
 def repeat_windows(count: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
-    """Random tokens with one random sub-sequence repeated later in each window.
+    """Random tokens in which a random run r is followed at once by its repeat: ... r r ...
 
-    The copy's length, its offset and the period between the copies are random
-    per window, so only an induction mechanism (not a fixed offset) predicts it.
+    The run's offset and length (the period, from 4 to half the window) are
+    random per window, so no fixed look-back distance predicts the repeat:
+    only an induction mechanism does. (A narrow period distribution lets a
+    2-layer model shortcut with a head that looks back a fixed distance.)
     """
     rng = np.random.default_rng(seed)
     width = seq_len + 1
     windows = rng.integers(0, vocab_size, size=(count, width), dtype=np.int32)
     longest = max(1, width // 2)
-    length = rng.integers(max(2, width // 4), longest + 1, size=count)
+    length = rng.integers(min(4, longest), longest + 1, size=count)
     first = (rng.random(count) * (width - 2 * length + 1)).astype(np.int64)
-    second = first + length + (rng.random(count) * (width - 2 * length - first + 1)).astype(np.int64)
+    second = first + length
     position = np.arange(width)[None, :]
     in_copy = (position >= second[:, None]) & (position < (second + length)[:, None])
     source = np.where(in_copy, position - second[:, None] + first[:, None], position)
