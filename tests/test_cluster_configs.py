@@ -34,3 +34,30 @@ def test_ray_cluster_yaml_is_locked_down():
     assert "--dashboard-host=0.0.0.0" not in starts and "--dashboard-host=127.0.0.1" in starts
     assert "security_group" not in text.lower() or "0.0.0.0/0" not in text
     assert not any(re.search(pattern, text) for pattern in SECRET_PATTERNS)
+
+
+def _kuberay_spec(document):
+    return document["spec"]["rayClusterSpec"] if document["kind"] == "RayJob" else document["spec"]
+
+
+def test_kuberay_manifests():
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        text = (REPO / "cluster" / "kuberay" / name).read_text()
+        document = yaml.safe_load(text)
+        assert document["apiVersion"] == "ray.io/v1"
+        spec = _kuberay_spec(document)
+        assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+        (gpu,) = spec["workerGroupSpecs"]
+        assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 4
+        (container,) = gpu["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert "AWS_ENDPOINT_URL" in env
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "secretKeyRef" in env[key]["valueFrom"] and "value" not in env[key]  # from a Secret only
+        assert not any(re.search(pattern, text) for pattern in SECRET_PATTERNS[:1])
+    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    assert job["spec"]["entrypoint"].startswith("sweep launch imdb --preset paper --address auto --storage s3://")
