@@ -221,24 +221,25 @@ def pad_windows(documents: list[list[int]], seq_len: int) -> np.ndarray:
 
 
 def repeat_windows(count: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
-    """Random tokens in which a random run r is followed at once by its repeat: ... r r ...
+    """Random tokens in which random runs repeat at once: ... r1 r1 ... r2 r2 ...
 
-    The run's offset and length (the period, from 4 to half the window) are
-    random per window, so no fixed look-back distance predicts the repeat:
-    only an induction mechanism does. (A narrow period distribution lets a
-    2-layer model shortcut with a head that looks back a fixed distance.)
+    Run lengths (the periods, 2 to seq_len / 4) and the random filler between
+    pairs (so the offsets) are drawn per pair, so no single look-back distance
+    predicts a repeat, and about half of all tokens are predictable from
+    context.
     """
     rng = np.random.default_rng(seed)
     width = seq_len + 1
     windows = rng.integers(0, vocab_size, size=(count, width), dtype=np.int32)
-    longest = max(1, width // 2)
-    length = rng.integers(min(4, longest), longest + 1, size=count)
-    first = (rng.random(count) * (width - 2 * length + 1)).astype(np.int64)
-    second = first + length
-    position = np.arange(width)[None, :]
-    in_copy = (position >= second[:, None]) & (position < (second + length)[:, None])
-    source = np.where(in_copy, position - second[:, None] + first[:, None], position)
-    return np.take_along_axis(windows, source, axis=1)
+    longest = max(2, seq_len // 4)
+    for row in windows:
+        position = int(rng.integers(0, 4))
+        while position + 4 <= width:
+            length = int(rng.integers(2, longest + 1))
+            length = min(length, (width - position) // 2)
+            row[position + length : position + 2 * length] = row[position : position + length]
+            position += 2 * length + int(rng.integers(0, 4))  # filler before the next pair
+    return windows
 
 
 @dataclass
