@@ -155,14 +155,16 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
 
 
-def check_cluster_storage(storage: Storage) -> None:
+def check_cluster_storage(storage: Storage, cpus_per_trial: float) -> None:
     """Trials on other nodes cannot write to this machine's disk."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and not storage.is_s3:
+    # A head too small for a trial means trials go to workers the autoscaler adds later.
+    elsewhere = len(nodes) > 1 or all(n["Resources"].get("CPU", 0) < cpus_per_trial for n in nodes)
+    if elsewhere and not storage.is_s3:
         raise ConfigError(
-            f"this cluster has {len(nodes)} nodes but --storage {storage.uri} is a local path; "
+            f"trials of this cluster run on other nodes but --storage {storage.uri} is a local path; "
             "pass --storage s3://bucket/prefix (or a path on a mount shared by every node)"
         )
 
@@ -222,7 +224,7 @@ def launch_sweep(launch: LaunchConfig, callbacks: list = (), log_line: Callable[
     plan = plan_sweep(launch)
     preflight(plan)
     init_ray(launch.address, verbose)
-    check_cluster_storage(plan.storage)
+    check_cluster_storage(plan.storage, launch.cpus_per_trial)
     log_line(f"experiment {plan.name}: {len(plan.trials) * launch.num_samples} trials, up to {plan.iterations} iterations each, storage {plan.storage.uri}")
     datasets = prepare_datasets(plan.trials, log_line)
     tuner = build_tuner(plan, datasets, list(callbacks))
@@ -255,7 +257,7 @@ def resume_sweep(name: str, storage_uri: str | None, address: str | None = None,
     if experiment.trials and not unfinished and len(experiment.trials) >= len(plan.trials):
         raise ConfigError(f"experiment {name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
     init_ray(address, verbose)
-    check_cluster_storage(plan.storage)
+    check_cluster_storage(plan.storage, plan.launch.cpus_per_trial)
     log_line(f"resuming {name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
     datasets = prepare_datasets(plan.trials, log_line)
     build_tuner(plan, datasets, list(callbacks), restore=True).fit()

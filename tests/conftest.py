@@ -76,7 +76,7 @@ def ray_process_ids() -> set[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if any(name in command for name in (b"raylet", b"gcs_server", b"ray::", b"default_worker.py", b"ray/dashboard", b"log_monitor.py")):
+        if any(name in command for name in (b"raylet", b"gcs_server", b"ray::", b"default_worker.py", b"ray/dashboard", b"log_monitor.py", b"ray/autoscaler")):
             found.add(int(entry.name))
     return found
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_env, s3_objects, write_reviews
+from conftest import REPO, free_port, run_env, s3_objects, write_reviews
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
@@ -27,12 +27,13 @@ def test_fake_multinode_cluster_autoscales_gpu_workers_for_a_sweep(tmp_path, s3_
     try:
         reviews = tmp_path / "reviews.jsonl"
         write_reviews(reviews, count=600)
-        launch = subprocess.run(
-            [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16",
-             "--grid", "seq_len=16", "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
-             "--grid", "heads=2,4", "--gpus-per-trial", "0.5", "--address", "auto", "--storage", "s3://bucket/fake", "--name", "fake"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
+        args = [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16",
+                "--grid", "seq_len=16", "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
+                "--grid", "heads=2,4", "--gpus-per-trial", "0.5", "--address", "auto", "--name", "fake"]
+        local = subprocess.run([*args, "--storage", str(tmp_path / "local")], env=env, capture_output=True, text=True, timeout=200)
+        assert local.returncode == 2 and "is a local path; pass --storage s3://" in local.stderr, local.stderr
+        assert not (tmp_path / "local" / "fake").exists()
+        launch = subprocess.run([*args, "--storage", "s3://bucket/fake"], env=env, capture_output=True, text=True, timeout=400)
         assert launch.returncode == 0, launch.stdout + launch.stderr
         probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
         assert probe.returncode == 0, probe.stderr
@@ -59,3 +60,98 @@ actors = state.actors().values()
 trial_nodes = sorted({a["Address"]["NodeID"] for a in actors if a.get("ActorClassName", "").endswith("ImplicitFunc")})
 print(json.dumps([nodes, trial_nodes]))
 """
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """An sshd of our own on 127.0.0.1 (free port, own host key, one authorized key), stopped after."""
+    import getpass
+    import socket
+    import time
+
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        f"StrictModes no\nPidFile {folder / 'sshd.pid'}\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "sshd did not start"
+            time.sleep(0.2)
+    yield {"port": port, "key": folder / "client_key", "user": getpass.getuser()}
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("no_stray_ray")
+def test_ray_up_over_ssh_runs_a_sweep_then_ray_down(tmp_path, sshd):
+    import time
+
+    import yaml
+
+    from conftest import ray_process_ids
+
+    before = ray_process_ids()
+    venv_bin = str(Path(sys.executable).parent)
+    config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
+    config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    config["auth"] = {"ssh_user": sshd["user"], "ssh_private_key": str(sshd["key"]),
+                      "ssh_proxy_command": f"{sys.executable} {REPO / 'tests' / 'ssh_proxy.py'} {sshd['port']}"}
+    config["file_mounts"] = {str(tmp_path / "synced"): str(REPO)}
+    config["setup_commands"] = []  # this machine already has the environment the template would build
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        config[key] = [c.replace("~/circuit-sweep-venv/bin/", venv_bin + "/") for c in config[key]]
+    cluster_yaml = tmp_path / "local.yaml"
+    cluster_yaml.write_text(yaml.safe_dump(config))
+    env = run_env(RAY_AUTH_MODE="token")
+    # `ray down` runs a bare `ray stop` over SSH: this "node" needs `ray` on the login PATH, as the template's
+    # setup_commands arrange on real machines.
+    node_ray = Path("/usr/local/bin/ray")
+    linked = not node_ray.exists()
+    if linked:
+        node_ray.symlink_to(Path(venv_bin) / "ray")
+    try:
+        run_sweep_on_ssh_cluster(tmp_path, cluster_yaml, env)
+    finally:
+        if linked:
+            node_ray.unlink()
+    best = json.loads(subprocess.run([sys.executable, "-m", "sweep.cli", "best", "--storage", str(tmp_path / "results"), "--json"],
+                                     env=run_env(), capture_output=True, text=True, timeout=120).stdout)
+    assert best["experiment"] == "on-ssh" and best["trials"][0]["config"]["lr"] == 3e-3
+    deadline = time.time() + 30
+    while ray_process_ids() - before and time.time() < deadline:
+        time.sleep(1)
+    assert not ray_process_ids() - before, "ray down left Ray processes behind"
+
+
+def run_sweep_on_ssh_cluster(tmp_path, cluster_yaml, env):
+    """ray up, a sweep through --address, ray down."""
+    up = ray_cli("up", "-y", "--no-config-cache", str(cluster_yaml), env=env, timeout=300)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    try:
+        assert (tmp_path / "synced" / "sweep" / "cli.py").is_file()  # the working tree was synced
+        reviews = tmp_path / "reviews.jsonl"
+        write_reviews(reviews, count=600)
+        launch = subprocess.run(
+            [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16",
+             "--grid", "seq_len=16", "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3,1e-3",
+             "--grid", "heads=2", "--address", "127.0.0.1:6379", "--storage", str(tmp_path / "results"), "--name", "on-ssh"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert launch.returncode == 0, launch.stdout + launch.stderr
+    finally:
+        down = ray_cli("down", "-y", str(cluster_yaml), env=env, timeout=180)
+    assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
