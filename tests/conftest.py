@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,8 @@ def s3_server(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in this process across servers: start every test from an empty S3
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSWEEPTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)

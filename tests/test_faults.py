@@ -25,18 +25,18 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="bucket")
+    client.create_bucket(Bucket="outage")  # moto state outlives servers in this process: a bucket of its own
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=600)
     process = subprocess.Popen(
         [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16",
          "--grid", "batch_size=16", "--grid", "max_tokens=40960", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
-         "--grid", "heads=2,4", "--grace-period", "20", "--storage", "s3://bucket/exp", "--name", "outage"],
+         "--grid", "heads=2,4", "--grace-period", "20", "--storage", "s3://outage/exp", "--name", "outage"],
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         deadline = time.time() + 180
-        while not any(key.endswith("checkpoint_000002/heads.json") for key in s3_keys(client)):
+        while not any(key.startswith("exp/outage/") and key.endswith("checkpoint_000002/heads.json") for key in s3_keys(client, "outage")):
             assert process.poll() is None, process.stdout.read()
             assert time.time() < deadline, "no checkpoint reached storage"
             time.sleep(0.5)
@@ -46,7 +46,7 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
         server.start()  # ...and back, with its data (moto keeps state in this process)
         output, _ = process.communicate(timeout=400)
         assert process.returncode == 0, output
-        objects = s3_objects(client)
+        objects = s3_objects(client, "outage")
     finally:
         process.kill()
         server.stop()
