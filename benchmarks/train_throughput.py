@@ -67,14 +67,14 @@ def study_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: torch
     return steps * BATCH * seq_len / (time.perf_counter() - started)
 
 
-def our_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: np.ndarray) -> float:
+def our_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: np.ndarray, compile: bool) -> float:
     model_cfg = ModelConfig(vocab_size=vocab, d_model=D_MODEL, n_heads=HEADS, n_layers=1, seq_len=seq_len)
     tokens = BATCH * seq_len
-    train_cfg = TrainConfig(lr=1e-4, batch_size=BATCH, max_tokens=tokens * (steps + 1) * 2, eval_every_tokens=tokens * steps, eval_tokens=tokens)
+    train_cfg = TrainConfig(lr=1e-4, batch_size=BATCH, max_tokens=tokens * (steps + 1) * 2, eval_every_tokens=tokens * steps, eval_tokens=tokens, compile=compile)
     tokenizer = TextTokenizer(byte_tokenizer(), "bytes")  # only its vocab size matters here
     trainer = Trainer(model_cfg, train_cfg, windows, windows[:64], tokenizer)
-    trainer.steps_per_iteration = 1
-    trainer.train_iteration()  # warm-up
+    trainer.steps_per_iteration = 3
+    trainer.train_iteration()  # warm-up (and compilation)
     trainer.steps_per_iteration = steps
     return trainer.train_iteration()["tokens_per_second"]
 
@@ -90,8 +90,10 @@ def main() -> None:
         rng = np.random.default_rng(0)
         windows = rng.integers(1, shape["vocab"], size=(4096, shape["seq_len"] + 1), dtype=np.int32)
         study = study_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
-        ours = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows)
-        print(f"{name:30s} study step {study:10,.0f} tok/s   sweep trial loop {ours:10,.0f} tok/s   ratio {ours / study:5.2f}x")
+        eager = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=False)
+        compiled = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=True)
+        print(f"{name:30s} study step {study:8,.0f} tok/s | trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x) "
+              f"| compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x)")
 
 
 if __name__ == "__main__":

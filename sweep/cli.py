@@ -165,9 +165,10 @@ def storage_option(command):
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
 @click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases.")
+@click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
 @data_options
 @click.pass_context
-def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, **data_values):
+def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
     \b
@@ -179,6 +180,8 @@ def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, g
     from .runner import LaunchConfig, launch_sweep, plan_sweep
 
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if compile_model is not None:
+        explicit["compile"] = compile_model
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,

@@ -45,7 +45,7 @@ class LaunchConfig:
     max_failures: int = 3
     wandb: bool = False
     data: dict[str, Any] = field(default_factory=dict)
-    """DataConfig fields other than dataset (tokenizer, text_column, splits, clean, pack)."""
+    """Values held fixed for every trial: DataConfig fields other than dataset, and `compile`."""
 
     def __post_init__(self) -> None:
         from .trainable import REPORTED_METRICS

@@ -30,7 +30,7 @@ GRID_KEYS = {
 # Keys every trial config carries, with defaults when neither preset nor grid sets them.
 TRIAL_DEFAULTS: dict[str, Any] = {
     "seq_len": 20, "lr": 1e-4, "heads": 8, "d_model": 256, "layers": 1, "mlp": False, "tokenizer": "gpt2",
-    "batch_size": 50, "max_tokens": 2_000_000, "eval_every_tokens": 200_000, "seed": 0,
+    "batch_size": 50, "max_tokens": 2_000_000, "eval_every_tokens": 200_000, "seed": 0, "compile": False,
 }
 
 
@@ -50,7 +50,8 @@ PRESETS = {
     "paper": Preset(
         "the study's 96-trial grid (gpt2 tokens, batch 50, AdamW)",
         axes={"seq_len": [20, 50, 80], "lr": [1e-4, 1e-3], "heads": [4, 8], "d_model": [128, 256], "layers": [1, 2], "mlp": [False, True]},
-        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000},
+        # torch.compile: ~15 s of warm-up buys ~1.4x on every step of these long trials
+        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000, "compile": True},
     ),
     "smoke": Preset(
         "4 tiny trials that finish in minutes on a laptop CPU",
