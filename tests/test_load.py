@@ -1,0 +1,60 @@
+"""Load: a 200-trial sweep on local Ray completes, the driver's memory stays bounded, results stay quick to read."""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray import tune
+
+from conftest import write_reviews
+from sweep.results import best_document, load_experiment
+from sweep.runner import LaunchConfig, launch_sweep
+from sweep.storage import open_storage
+
+TRIALS = 200
+
+
+def driver_rss_mb() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+class RssAtTrials(tune.Callback):
+    """The driver's resident memory when the 20th and the last trial complete."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.rss: dict[int, float] = {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed += 1
+        if self.completed in (20, TRIALS):
+            self.rss[self.completed] = driver_rss_mb()
+
+
+@pytest.mark.slow
+def test_200_trial_sweep(tmp_path):
+    reviews = tmp_path / "reviews.jsonl"
+    write_reviews(reviews, count=300)
+    launch = LaunchConfig(
+        dataset=str(reviews), preset="smoke", name="load", storage=str(tmp_path / "results"), num_samples=TRIALS,
+        grid=("lr=3e-3", "heads=1", "d_model=8", "seq_len=8", "batch_size=4", "max_tokens=64", "eval_every_tokens=64"),
+        data={"tokenizer": "bytes"},
+    )
+    rss = RssAtTrials()
+    try:
+        launch_sweep(launch, [rss], log_line=lambda line: None)
+    finally:
+        ray.shutdown()
+    storage = open_storage(str(tmp_path / "results"))
+    started = time.perf_counter()
+    experiment = load_experiment(storage, "load")
+    document = best_document(experiment, "test_loss", "min", 5)
+    seconds = time.perf_counter() - started
+    print(f"\ndriver RSS at trial 20: {rss.rss.get(20):.0f} MB, at trial {TRIALS}: {rss.rss.get(TRIALS):.0f} MB; "
+          f"reading {len(experiment.trials)} trials for `sweep best` took {seconds:.1f} s")
+    assert len(experiment.trials) == TRIALS and all(t.status == "TERMINATED" for t in experiment.trials)
+    assert len(document["trials"]) == 5
+    # bounded: 180 more trials may not cost the driver more than 1 GB
+    assert rss.rss[TRIALS] - rss.rss[20] < 1024
