@@ -144,8 +144,26 @@ def prepare_datasets(trials: list[dict[str, Any]], log_line: Callable[[str], Non
     return refs
 
 
+CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Tune copying the driver's AWS keys into every trial's runtime_env.
+
+    Ray writes runtime_envs in plain text to its logs (runtime_env_agent.log)
+    and keeps them in the GCS. Trials get credentials from their own node's
+    AWS chain instead: the environment a local Ray inherits from the driver,
+    an instance profile, or a Kubernetes Secret.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARIABLES
+
+
 def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
+
+    keep_credentials_out_of_trials()
 
     if ray.is_initialized():
         return
