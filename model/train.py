@@ -103,6 +103,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
         self.forward = torch.compile(self.model) if train_cfg.compile else self.model
+        # Training needs only the loss: the fused unembedding + cross entropy never forms the logits.
+        self.training_loss = torch.compile(self.model.training_loss) if train_cfg.compile else self.model.training_loss
         self.optimizer = self._make_optimizer()
         self.tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
         self.total_steps = max(1, -(-train_cfg.max_tokens // self.tokens_per_step))
@@ -176,7 +178,7 @@ class Trainer:
         while self.step < last_step:
             windows = self.train_windows[self._batch_indices(self.step)].long()
             with self._autocast():
-                _, loss = self.forward(windows[:, :-1], windows[:, 1:])
+                loss = self.training_loss(windows[:, :-1], windows[:, 1:])
             # A non-finite loss poisons the weights: stop at once, with the reason.
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(

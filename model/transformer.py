@@ -157,9 +157,10 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(
+    def _residual(
         self, tokens: torch.Tensor, return_patterns: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The normalised final residual stream [batch, pos, d_model] and the patterns."""
         batch, seq_len = tokens.shape
         if seq_len > self.cfg.seq_len:
             raise ValueError(
@@ -173,7 +174,13 @@ class Transformer(nn.Module):
             x, pattern = block(x, mask, return_patterns)
             if pattern is not None:
                 patterns.append(pattern)
-        return self.unembed(self.ln_final(x)), patterns  # (B, T, vocab)
+        return self.ln_final(x), patterns
+
+    def _run(
+        self, tokens: torch.Tensor, return_patterns: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        residual, patterns = self._residual(tokens, return_patterns)
+        return self.unembed(residual), patterns  # (B, T, vocab)
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None
@@ -183,6 +190,16 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return logits, next_token_loss(logits, targets)
+
+    def training_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of `forward`, without ever forming the [tokens, vocab] logits.
+
+        The unembedding and cross entropy run fused, chunk by chunk (see
+        `UnembedCrossEntropy`): at the study's vocabulary of 50257 the
+        logits, their fp32 copy and the log-softmax were most of a step.
+        """
+        residual, _ = self._residual(tokens, return_patterns=False)
+        return unembed_cross_entropy(residual.reshape(-1, residual.shape[-1]), self.unembed.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def run_with_patterns(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -195,3 +212,57 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(), ignore_index=PAD_ID
     )
+
+
+class UnembedCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of `hidden @ weight.T` against `targets`, fused and chunked.
+
+    The loss is the last node of the graph, so its gradients can be computed
+    in the forward pass (as in Liger-Kernel's fused linear cross entropy):
+    per chunk of tokens the logits are formed in the matmul dtype, the
+    softmax in fp32, and softmax - one_hot goes straight into the two
+    gradient matmuls. Backward only scales the stored gradients. Nothing of
+    size [tokens, vocab] outlives a chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            real = targets != PAD_ID
+            count = real.sum().clamp_min(1)
+            safe_targets = targets.clamp_min(0)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(h)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, h.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = (h[rows] @ w.T).float()  # (n, vocab)
+                log_norm = logits.logsumexp(dim=-1, keepdim=True)
+                chunk_targets = safe_targets[rows, None]
+                chunk_real = real[rows, None]
+                loss += ((log_norm - logits.gather(1, chunk_targets)) * chunk_real).sum()
+                # d(sum of losses)/d(logits) = softmax - one_hot, zero on padded targets
+                grad_logits = logits.sub_(log_norm).exp_()
+                grad_logits.scatter_add_(1, chunk_targets, torch.full_like(log_norm, -1.0))
+                grad_logits = (grad_logits * chunk_real).to(compute_dtype)
+                grad_hidden[rows] = grad_logits @ w
+                grad_weight += (grad_logits.T @ h[rows]).float()
+            ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+            ctx.save_for_backward(grad_hidden / count, grad_weight / count)
+            return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.hidden_dtype, ctx.weight_dtype
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
+
+
+def unembed_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy)."""
+    return UnembedCrossEntropy.apply(hidden, weight, targets, chunk_size)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import ConfigError, ModelConfig
-from model.transformer import PAD_ID, Transformer
+from model.transformer import PAD_ID, Transformer, unembed_cross_entropy
 
 
 def tiny(**overrides) -> Transformer:
@@ -66,6 +66,35 @@ def test_loss_ignores_padded_targets():
     expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 50), targets[:, :8].reshape(-1))
     assert torch.allclose(partial, expected, atol=1e-5)
     assert not torch.allclose(full, partial)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 4096])
+def test_fused_training_loss_matches_logits_loss_and_gradients(chunk_size):
+    """The fused unembedding + cross entropy is the same loss, with the same gradients, as the logits path."""
+    tokens = torch.randint(0, 50, (3, 12))
+    targets = torch.randint(0, 50, (3, 12))
+    targets[1, 7:] = PAD_ID
+    reference, fused = tiny().train(), tiny().train()
+    _, expected = reference(tokens, targets)
+    (2 * expected).backward()
+    residual, _ = fused._residual(tokens, return_patterns=False)
+    loss = unembed_cross_entropy(residual.reshape(-1, 32), fused.unembed.weight, targets.reshape(-1), chunk_size)
+    (2 * loss).backward()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_fused_training_loss_under_bf16_autocast_is_close():
+    model = tiny().train()
+    tokens, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    _, expected = model(tokens, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_loss(tokens, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 0.02
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 def test_per_head_weights_reconstruct_attention_output():
