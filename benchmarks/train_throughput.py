@@ -4,7 +4,10 @@ The study's step is rebuilt faithfully: one nn.MultiheadAttention layer called
 with need_weights=True and average_attn_weights=False, a key padding mask on id
 0 plus a causal mask, a token embedding with max_norm=1, learned positions, a
 full-vocabulary nn.Linear unembedding, and nn.CrossEntropyLoss against one-hot
-float targets; AdamW lr 1e-4, batch 50.
+float targets; AdamW lr 1e-4, batch 50. TransformerLens runs its
+HookedTransformer (attn_only=True, same shape) through the same loop.
+Peak RSS after each measurement is printed too (it only grows within a
+process, so read it as "at most").
 
     python benchmarks/train_throughput.py            # both shapes
     python benchmarks/train_throughput.py --smoke-test
@@ -13,6 +16,7 @@ float targets; AdamW lr 1e-4, batch 50.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -67,6 +71,35 @@ def study_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: torch
     return steps * BATCH * seq_len / (time.perf_counter() - started)
 
 
+def transformer_lens_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: torch.Tensor) -> float:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=D_MODEL, n_heads=HEADS, d_head=D_MODEL // HEADS, n_ctx=seq_len, d_vocab=vocab,
+        attn_only=True, normalization_type="LN", positional_embedding_type="standard", device="cpu", seed=0,
+    )
+    model = HookedTransformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i):
+        batch = windows[(i * BATCH) % (len(windows) - BATCH):][:BATCH]
+        loss = model(batch, return_type="loss")  # next-token loss over the window
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step(0)
+    started = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    return steps * BATCH * seq_len / (time.perf_counter() - started)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def our_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: np.ndarray, compile: bool) -> float:
     model_cfg = ModelConfig(vocab_size=vocab, d_model=D_MODEL, n_heads=HEADS, n_layers=1, seq_len=seq_len)
     tokens = BATCH * seq_len
@@ -90,10 +123,14 @@ def main() -> None:
         rng = np.random.default_rng(0)
         windows = rng.integers(1, shape["vocab"], size=(4096, shape["seq_len"] + 1), dtype=np.int32)
         study = study_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
+        print(f"{name}: study step {study:8,.0f} tok/s (peak RSS {peak_rss_mb():,.0f} MB)", flush=True)
+        lens = transformer_lens_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
+        print(f"{name}: TransformerLens {lens:8,.0f} tok/s ({lens / study:4.2f}x)", flush=True)
         eager = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=False)
+        print(f"{name}: trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x study, {eager / lens:4.2f}x TransformerLens)", flush=True)
         compiled = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=True)
-        print(f"{name:30s} study step {study:8,.0f} tok/s | trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x) "
-              f"| compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x)")
+        print(f"{name}: trial loop compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x study, {compiled / lens:4.2f}x TransformerLens)"
+              f" (peak RSS {peak_rss_mb():,.0f} MB)", flush=True)
 
 
 if __name__ == "__main__":

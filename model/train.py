@@ -31,6 +31,9 @@ from .transformer import PAD_ID, Transformer
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+# Written last into every checkpoint: the size of each other file. A checkpoint whose files
+# do not match it (a copy cut short by a full disk or a dropped connection) is incomplete.
+MANIFEST_FILE = "manifest.json"
 EVAL_SAMPLE_SEED = 1234  # the held-out sample is the same for every run of a dataset
 
 
@@ -262,6 +265,7 @@ class Trainer:
         if self.heads_document is None:
             self.heads_document = head_scores(self.model, self.eval_windows[:, :-1], self.analysis_cfg)
         write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg)
+        write_manifest(directory)
         return directory
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
@@ -307,10 +311,48 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return all((directory / name).is_file() for name in ("model.safetensors", "config.json"))
 
 
+def write_manifest(directory: Path) -> None:
+    sizes = {
+        path.relative_to(directory).as_posix(): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": sizes}, indent=1))
+
+
+def manifest_problem(manifest_text: str | None, sizes: dict[str, int]) -> str | None:
+    """Why a checkpoint with these file sizes does not match its manifest, or None when it does.
+
+    Checkpoints written before manifests existed (manifest_text None) are taken as they are.
+    """
+    if manifest_text is None:
+        return None
+    try:
+        expected = json.loads(manifest_text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} is cut short"
+    for name, size in expected.items():
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != size:
+            return f"{name} holds {sizes[name]} of its {size} bytes"
+    return None
+
+
+def check_complete(directory: Path) -> None:
+    """CheckpointError when a local checkpoint folder does not match its manifest."""
+    manifest = directory / MANIFEST_FILE
+    sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    problem = manifest_problem(manifest.read_text() if manifest.exists() else None, sizes)
+    if problem:
+        raise CheckpointError(f"{directory} is an incomplete checkpoint ({problem}); use an earlier one")
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise CheckpointError(f"{directory} is not a checkpoint: model.safetensors and config.json are missing")
+    check_complete(directory)
     try:
         return json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as error:

@@ -8,6 +8,7 @@ metrics from each trial's last result.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,12 +18,16 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from model.config import ConfigError
+from model.train import MANIFEST_FILE, manifest_problem
 
 from .runner import SWEEP_FILE
 from .storage import Storage, check_name, exists, read_text
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
-# A checkpoint counts only when all of these landed: a half-uploaded one is never "latest".
+# A checkpoint counts only when all of these landed, each at the size its manifest records:
+# a half-uploaded one is never "latest".
 REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
 INTERNAL_KEYS = {"config", "done", "should_checkpoint", "checkpoint_dir_name", "trial_id", "date", "hostname", "node_ip", "pid", "experiment_tag", "timestamp"}
 
@@ -52,6 +57,8 @@ class Experiment:
     storage: Storage
     record: dict[str, Any]
     trials: list[TrialRecord]
+    state_readable: bool = True
+    """False when Tune's newest state file was cut short: the experiment cannot be resumed."""
 
     @property
     def path(self) -> str:
@@ -92,17 +99,18 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
         raise ConfigError(f"no experiment {name!r} in {storage.uri}; `sweep list` shows the experiments there")
     record = json.loads(read_text(storage, f"{root}/{SWEEP_FILE}"))
     listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = {info.path[len(root) + 1 :] for info in listing if info.type == pafs.FileType.File}
-    states = _trial_states(storage, root, files)
+    sizes = {info.path[len(root) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
+    files = set(sizes)
+    states, state_readable = _trial_states(storage, root, files)
     trial_dirs = sorted({path.split("/")[0] for path in files if path.startswith("trial_") and "/" in path})
     trials = []
     for directory in trial_dirs:
         trial_files = {p[len(directory) + 1 :] for p in files if p.startswith(directory + "/")}
         state = states.get(directory, {})
         last = state.get("last_result") or _last_result(storage, f"{root}/{directory}", trial_files)
-        checkpoints, checkpoint_files = _complete_checkpoints(trial_files)
-        status = state.get("status") or ("TERMINATED" if last.get("done") else "UNKNOWN")
-        error = _error_reason(storage, f"{root}/{directory}", trial_files) if status == "ERROR" else None
+        checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
+        status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
+        error = _error_reason(storage, f"{root}/{directory}", trial_files, last) if status == "ERROR" else None
         trials.append(
             TrialRecord(
                 trial_id=last.get("trial_id") or state.get("trial_id") or directory.removeprefix("trial_"),
@@ -116,55 +124,76 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
                 error=error,
             )
         )
-    return Experiment(name, storage, record, trials)
+    return Experiment(name, storage, record, trials, state_readable)
 
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("sweep_metric", "sweep_mode", "cpus_per_trial", "memory_per_trial_mb")}
 
 
-def _trial_states(storage: Storage, root: str, files: set[str]) -> dict[str, dict[str, Any]]:
-    """Trial folder -> {status, trial_id, last_result} from the newest experiment_state file."""
+def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Trial folder -> {status, trial_id, last_result} from the newest readable experiment_state
+    file, and whether the newest one was readable."""
     snapshots = sorted(f for f in files if re.match(r"^experiment_state-.*\.json$", f))
-    if not snapshots:
-        return {}
-    document = json.loads(read_text(storage, f"{root}/{snapshots[-1]}"))
+    document, newest_readable = None, True
+    for snapshot in reversed(snapshots):
+        try:  # a snapshot cut short (a full disk) is passed over for an older one
+            document = json.loads(read_text(storage, f"{root}/{snapshot}"))
+            break
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            newest_readable = False
+            log.warning("%s/%s is cut short; reading the trials' own files instead", root, snapshot)
+    if document is None:
+        return {}, newest_readable
     states = {}
     for trial_json, metadata_json in document.get("trial_data", []):
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
         directory = trial.get("relative_logdir") or trial.get("custom_dirname")
         states[directory] = {"status": trial.get("status"), "trial_id": trial.get("trial_id"), "last_result": metadata.get("last_result") or {}}
-    return states
+    return states, newest_readable
 
 
 def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
     if "result.json" not in trial_files:
         return {}
-    lines = [line for line in read_text(storage, f"{trial_path}/result.json").splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    for line in reversed(read_text(storage, f"{trial_path}/result.json").splitlines()):
+        try:  # the last line may be cut short
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
 
 
 def _params(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
     return json.loads(read_text(storage, f"{trial_path}/params.json")) if "params.json" in trial_files else {}
 
 
-def _complete_checkpoints(trial_files: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+def _complete_checkpoints(
+    storage: Storage, trial_path: str, trial_files: set[str], sizes: dict[str, int]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Checkpoints holding every required file, each at the size its manifest records."""
     names = sorted({p.split("/")[0] for p in trial_files if CHECKPOINT_PATTERN.match(p.split("/")[0]) and "/" in p})
+    trial_dir = trial_path.rsplit("/", 1)[-1]
     complete, contents = [], {}
     for name in names:
         inside = sorted(p[len(name) + 1 :] for p in trial_files if p.startswith(name + "/"))
-        if all(required in inside for required in REQUIRED_FILES):
+        if not all(required in inside for required in REQUIRED_FILES):
+            continue
+        manifest = read_text(storage, f"{trial_path}/{name}/{MANIFEST_FILE}") if MANIFEST_FILE in inside else None
+        if manifest_problem(manifest, {f: sizes[f"{trial_dir}/{name}/{f}"] for f in inside}) is None:
             complete.append(name)
             contents[name] = inside
     return complete, contents
 
 
-def _error_reason(storage: Storage, trial_path: str, trial_files: set[str]) -> str:
-    if "error.txt" not in trial_files:
-        return "error"
-    text = read_text(storage, f"{trial_path}/error.txt")
-    for marker in ("nan_loss", "out_of_memory"):
-        if marker in text:
+# Final failures a trial reports as a metric before it raises (see sweep.trainable.FINAL_FAILURES).
+FAILURE_REASONS = ("nan_loss", "out_of_memory", "storage_full")
+
+
+def _error_reason(storage: Storage, trial_path: str, trial_files: set[str], last: dict[str, Any]) -> str:
+    text = read_text(storage, f"{trial_path}/error.txt") if "error.txt" in trial_files else ""
+    for marker in FAILURE_REASONS:
+        if marker in text or last.get(marker):
             return marker
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:200] if lines else "error"
@@ -175,7 +204,13 @@ def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
     path = f"{trial.path}/result.json"
     if not exists(storage, path):
         return []
-    return [json.loads(line) for line in read_text(storage, path).splitlines() if line.strip()]
+    history = []
+    for line in read_text(storage, path).splitlines():
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or cut short by a full disk
+            continue
+    return history
 
 
 def reported_metrics(experiment: Experiment) -> list[str]:

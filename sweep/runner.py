@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"  # our own record of how the sweep was launched (for resume and results)
 
 
+class StorageFullError(ConfigError):
+    """The storage filled up during the sweep."""
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Everything `sweep launch` needs; the CLI flags map one to one."""
@@ -198,7 +202,8 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], callbacks: list, restore: 
         tune.with_parameters(train_trial, datasets=datasets),
         {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial, "memory": int(launch.memory_per_trial_mb * 2**20)},
     )
-    callbacks = [FinalFailureCallback(), *callbacks]
+    if not any(isinstance(callback, FinalFailureCallback) for callback in callbacks):
+        callbacks = [FinalFailureCallback(), *callbacks]
     if launch.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -245,11 +250,36 @@ def launch_sweep(launch: LaunchConfig, callbacks: list = (), log_line: Callable[
     check_cluster_storage(plan.storage, launch.cpus_per_trial)
     log_line(f"experiment {plan.name}: {len(plan.trials) * launch.num_samples} trials, up to {plan.iterations} iterations each, storage {plan.storage.uri}")
     datasets = prepare_datasets(plan.trials, log_line)
-    tuner = build_tuner(plan, datasets, list(callbacks))
+    from .trainable import FinalFailureCallback
+
+    failures = FinalFailureCallback()
+    tuner = build_tuner(plan, datasets, [failures, *callbacks])
     # Written only now that every check has passed: a failed launch leaves nothing behind.
     write_text(plan.storage, plan.storage.path(plan.name, SWEEP_FILE), json.dumps(plan.record(), indent=2))
-    tuner.fit()
+    _fit(tuner, plan, failures)
     return plan
+
+
+def _fit(tuner, plan: Plan, failures: FinalFailureCallback) -> None:
+    """Run the sweep; a sweep that ran out of storage ends in one clear error, not half-results."""
+    from .trainable import is_storage_full
+
+    try:
+        tuner.fit()
+    except (OSError, EOFError, ValueError) as error:
+        # With the disk full, Ray's own state and result files are cut short too (EOFError, bad JSON).
+        if failures.saw("storage_full") or is_storage_full(error):
+            raise StorageFullError(storage_full_message(plan)) from None
+        raise
+    if failures.saw("storage_full"):
+        raise StorageFullError(storage_full_message(plan))
+
+
+def storage_full_message(plan: Plan) -> str:
+    return (
+        f"--storage {plan.storage.uri} is full: trials stopped with storage_full; free space or pick another --storage "
+        f"and launch again (`sweep results {plan.name}` lists what finished; incomplete checkpoints are never used)"
+    )
 
 
 def load_plan(name: str, storage_uri: str | None) -> Plan:
@@ -271,6 +301,11 @@ def resume_sweep(name: str, storage_uri: str | None, address: str | None = None,
 
     plan = load_plan(name, storage_uri)
     experiment = load_experiment(plan.storage, name)
+    if not experiment.state_readable:
+        raise ConfigError(
+            f"experiment {name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
+            "(the storage filled up?); launch it again under a new --name"
+        )
     unfinished = [t for t in experiment.trials if t.status != "TERMINATED"]
     if experiment.trials and not unfinished and len(experiment.trials) >= len(plan.trials):
         raise ConfigError(f"experiment {name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
@@ -278,5 +313,8 @@ def resume_sweep(name: str, storage_uri: str | None, address: str | None = None,
     check_cluster_storage(plan.storage, plan.launch.cpus_per_trial)
     log_line(f"resuming {name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
     datasets = prepare_datasets(plan.trials, log_line)
-    build_tuner(plan, datasets, list(callbacks), restore=True).fit()
+    from .trainable import FinalFailureCallback
+
+    failures = FinalFailureCallback()
+    _fit(build_tuner(plan, datasets, [failures, *callbacks], restore=True), plan, failures)
     return plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import re
@@ -30,11 +31,15 @@ REPORTED_METRICS = (
     *SUMMARY_METRICS,
 )
 # Failures that would only repeat if retried: reported under these names, then the trial errors once.
-FINAL_FAILURES = ("nan_loss", "out_of_memory")
+FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 
 
 class TrialOutOfMemory(RuntimeError):
     """The trial needs more memory than it was given."""
+
+
+class StorageFull(OSError):
+    """The experiment's storage has no room for the trial's checkpoint."""
 
 
 def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
@@ -64,6 +69,14 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory(prefix="sweep-checkpoint-") as directory:
                 trainer.save_checkpoint(directory)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    except OSError as error:
+        if not is_storage_full(error):
+            raise
+        # A full disk stays full: no retry, and the half-copied checkpoint was never registered.
+        _report_final_failure(config, "storage_full", trainer.tokens_seen if trainer else 0)
+        raise StorageFull(
+            errno.ENOSPC, f"storage_full: no space left for this trial's checkpoint ({str(error).splitlines()[0][:160]})"
+        ) from None
     except NonFiniteLossError:
         _report_final_failure(config, "nan_loss", trainer.tokens_seen)
         raise
@@ -78,6 +91,10 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
             f"(--memory-per-trial {config.get('memory_per_trial_mb') or 'unset'} MB); "
             f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
         ) from None
+
+
+def is_storage_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -108,8 +125,16 @@ def limit_memory(megabytes: float) -> None:
 
 
 class FinalFailureCallback(tune.Callback):
-    """A diverged or out-of-memory trial errors once: a retry would fail the same way."""
+    """A diverged, out-of-memory or storage-full trial errors once: a retry would fail the same way."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}  # trial id -> the final failure it reported
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if any(result.get(reason) for reason in FINAL_FAILURES):
-            trial.max_failures = 0
+        for reason in FINAL_FAILURES:
+            if result.get(reason):
+                trial.max_failures = 0
+                self.reasons[trial.trial_id] = reason
+
+    def saw(self, reason: str) -> bool:
+        return reason in self.reasons.values()

@@ -1,10 +1,12 @@
-"""Faults a day-long sweep must survive: the S3 endpoint going away mid-sweep."""
+"""Faults a day-long sweep must survive: the S3 endpoint going away, the storage filling up."""
 
 import io
 import re
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import boto3
 import pytest
@@ -61,3 +63,51 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
         assert checkpoints[-1] == "checkpoint_000019"
         state = torch.load(io.BytesIO(objects[f"exp/outage/{trial}/{checkpoints[-1]}/trainer_state.pt"]), weights_only=True)
         assert state["tokens_seen"] == 40960
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: fills up after a few checkpoints (mounting needs root, which CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoint_looking_valid(tmp_path, tiny_disk):
+    from model.train import CheckpointError, check_complete
+    from sweep.results import load_experiment
+    from sweep.storage import open_storage
+
+    reviews = tmp_path / "reviews.jsonl"
+    write_reviews(reviews, count=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16",
+         "--grid", "batch_size=16", "--grid", "max_tokens=40960", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
+         "--grid", "heads=2,4", "--grace-period", "20", "--storage", str(tiny_disk), "--name", "full"],
+        env=run_env(), capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("Error: --storage") and "is full" in last_line, last_line
+    assert "Traceback" not in last_line
+
+    # What the disk holds reads back, and nothing half-written passes for complete.
+    experiment = load_experiment(open_storage(str(tiny_disk)), "full")
+    assert len(experiment.trials) == 2
+    assert any(trial.status == "ERROR" and "storage_full" in (trial.error or "") for trial in experiment.trials)
+    on_disk = sorted(tiny_disk.glob("full/trial_*/checkpoint_*"))
+    assert on_disk, "no checkpoint reached the disk before it filled"
+    listed = {Path(c) for trial in experiment.trials for c in trial.checkpoints}
+    for checkpoint in on_disk:
+        if checkpoint in listed:
+            check_complete(checkpoint)
+        elif (checkpoint / "manifest.json").exists():
+            with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+                check_complete(checkpoint)
+    shown = subprocess.run([sys.executable, "-m", "sweep.cli", "results", "full", "--storage", str(tiny_disk)],
+                           env=run_env(), capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "storage_full" in shown.stdout
