@@ -76,7 +76,7 @@ def transformer_lens_tokens_per_second(vocab: int, seq_len: int, steps: int, win
 
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
-        n_layers=1, d_model=D_MODEL, n_heads=HEADS, d_head=D_MODEL // HEADS, n_ctx=seq_len, d_vocab=vocab,
+        n_layers=1, d_model=D_MODEL, n_heads=HEADS, d_head=D_MODEL // HEADS, n_ctx=seq_len + 1, d_vocab=vocab,
         attn_only=True, normalization_type="LN", positional_embedding_type="standard", device="cpu", seed=0,
     )
     model = HookedTransformer(cfg)
@@ -84,7 +84,7 @@ def transformer_lens_tokens_per_second(vocab: int, seq_len: int, steps: int, win
 
     def step(i):
         batch = windows[(i * BATCH) % (len(windows) - BATCH):][:BATCH]
-        loss = model(batch, return_type="loss")  # next-token loss over the window
+        loss = model(batch, return_type="loss")  # seq_len + 1 tokens: seq_len next-token predictions
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

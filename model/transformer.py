@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -34,6 +35,17 @@ def attention_mask(tokens: torch.Tensor) -> torch.Tensor | None:
     diagonal = torch.eye(seq_len, dtype=torch.bool, device=tokens.device)
     allowed = causal & (key_is_real[:, None, :] | diagonal)  # (B, T, T)
     return allowed[:, None, :, :]  # (B, 1, T, T)
+
+
+# On CPU, the flash kernel's backward is 3-6x slower than the plain math kernel for
+# contexts this short (benchmarks/RESULTS.md); beyond it the [T, T] scores get large.
+CPU_MATH_ATTENTION_MAX_LEN = 512
+
+
+def _sdpa_backends(device: torch.device, seq_len: int) -> list[SDPBackend]:
+    if device.type == "cpu" and seq_len <= CPU_MATH_ATTENTION_MAX_LEN:
+        return [SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -62,10 +74,12 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             pattern = scores.float().softmax(dim=-1)  # (B, nh, T, T), rows sum to 1
             z = pattern.to(v.dtype) @ v  # (B, nh, T, hs)
-        elif mask is None:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            with sdpa_kernel(_sdpa_backends(x.device, seq_len)):
+                if mask is None:
+                    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+                else:
+                    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         z = z.transpose(1, 2).reshape(batch, seq_len, d_model)  # (B, T, nh * hs)
         return self.out(z), pattern
 
@@ -219,10 +233,11 @@ class UnembedCrossEntropy(torch.autograd.Function):
 
     The loss is the last node of the graph, so its gradients can be computed
     in the forward pass (as in Liger-Kernel's fused linear cross entropy):
-    per chunk of tokens the logits are formed in the matmul dtype, the
-    softmax in fp32, and softmax - one_hot goes straight into the two
-    gradient matmuls. Backward only scales the stored gradients. Nothing of
-    size [tokens, vocab] outlives a chunk.
+    per chunk of tokens the logits are formed in the matmul dtype and the
+    softmax in fp32, in place, while the chunk is in cache; softmax - one_hot
+    is kept in the matmul dtype and the two gradients are one matmul each.
+    Backward only scales them. The fp32 [tokens, vocab] logits, their
+    log-softmax and its gradient are never formed.
     """
 
     @staticmethod
@@ -235,21 +250,24 @@ class UnembedCrossEntropy(torch.autograd.Function):
             count = real.sum().clamp_min(1)
             safe_targets = targets.clamp_min(0)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(h)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=compute_dtype, device=h.device)
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = (h[rows] @ w.T).float()  # (n, vocab)
-                log_norm = logits.logsumexp(dim=-1, keepdim=True)
                 chunk_targets = safe_targets[rows, None]
-                chunk_real = real[rows, None]
-                loss += ((log_norm - logits.gather(1, chunk_targets)) * chunk_real).sum()
-                # d(sum of losses)/d(logits) = softmax - one_hot, zero on padded targets
-                grad_logits = logits.sub_(log_norm).exp_()
-                grad_logits.scatter_add_(1, chunk_targets, torch.full_like(log_norm, -1.0))
-                grad_logits = (grad_logits * chunk_real).to(compute_dtype)
-                grad_hidden[rows] = grad_logits @ w
-                grad_weight += (grad_logits.T @ h[rows]).float()
+                logits = (h[rows] @ w.T).float()  # (n, vocab)
+                target_logits = logits.gather(1, chunk_targets)
+                # softmax in place: one max, one subtract, one exp, one sum over the chunk
+                row_max = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()
+                row_sum = probs.sum(dim=-1, keepdim=True)
+                loss += ((row_max + row_sum.log() - target_logits) * real[rows, None]).sum()
+                # d(sum of losses)/d(logits) = softmax - one_hot
+                probs.div_(row_sum).scatter_add_(1, chunk_targets, torch.full_like(row_sum, -1.0))
+                grad_logits[rows] = probs
+            # Padded targets contribute nothing: zero their rows on the [tokens, d_model] side,
+            # far cheaper than masking [tokens, vocab]. One large matmul each for both gradients.
+            grad_hidden = (grad_logits @ w) * real[:, None]
+            grad_weight = (grad_logits.T @ (h * real[:, None])).float()
             ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
             ctx.save_for_backward(grad_hidden / count, grad_weight / count)
             return loss / count
@@ -262,7 +280,13 @@ class UnembedCrossEntropy(torch.autograd.Function):
 
 
 def unembed_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy)."""
+    """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy).
+
+    The default chunk keeps one chunk's fp32 logits around 8 MB, inside this CPU's L2
+    (the fastest setting measured at vocab 8192 and 50257, benchmarks/RESULTS.md).
+    """
+    if chunk_size is None:
+        chunk_size = max(128, 2**21 // weight.shape[0])
     return UnembedCrossEntropy.apply(hidden, weight, targets, chunk_size)
