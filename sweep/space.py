@@ -50,8 +50,9 @@ PRESETS = {
     "paper": Preset(
         "the study's 96-trial grid (gpt2 tokens, batch 50, AdamW)",
         axes={"seq_len": [20, 50, 80], "lr": [1e-4, 1e-3], "heads": [4, 8], "d_model": [128, 256], "layers": [1, 2], "mlp": [False, True]},
-        # torch.compile: ~15 s of warm-up buys ~1.4x on every step of these long trials
-        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000, "compile": True},
+        # No torch.compile by default: since the fused loss, compiled and eager steps run at the
+        # same speed on CPU (benchmarks/RESULTS.md) and compiling costs ~15 s per trial; --compile turns it on.
+        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000},
     ),
     "smoke": Preset(
         "4 tiny trials that finish in minutes on a laptop CPU",

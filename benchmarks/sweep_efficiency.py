@@ -1,0 +1,113 @@
+"""Sweep-level numbers: ASHA's savings on a 16-trial grid, and the overhead of running trials through Ray.
+
+ASHA efficiency: the same 16-trial grid (smoke shapes, 8 iterations a trial)
+is swept three times: with no early stopping (the full grid), and with ASHA at
+reduction factor 2 and 4. Printed: the best test loss each found, relative to
+the full grid's, and the trial-iterations each spent, relative to the full
+grid's.
+
+Sweep overhead: 8 identical short trials (`--num-samples 8`) as a sweep on 2
+CPUs, against the same 8 trainings run back to back in this process with one
+thread each, divided by the concurrency (2). The sweep's wall time is the
+whole `sweep launch` command: Ray start-up, trial actors, checkpoints and
+heatmaps written to storage, result reading.
+
+    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model.data import prepare_data
+from model.train import Trainer
+from sweep.results import load_experiment
+from sweep.runner import LaunchConfig, plan_sweep
+from sweep.space import PRESETS, trial_configs
+from sweep.storage import open_storage
+
+GRID = ("lr=3e-4,1e-3,3e-3,1e-2", "heads=2,4", "d_model=16,32")
+ITERATIONS = 8
+SMOKE = PRESETS["smoke"].fixed
+EVAL_EVERY = SMOKE["max_tokens"] // ITERATIONS
+
+
+def launch(dataset: str, storage: Path, name: str, *flags: str) -> float:
+    command = [sys.executable, "-m", "sweep.cli", "launch", dataset, "--preset", "smoke", "--storage", str(storage), "--name", name,
+               "--grid", f"eval_every_tokens={EVAL_EVERY}", *flags]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def summary(storage: Path, name: str) -> tuple[float, int]:
+    experiment = load_experiment(open_storage(str(storage)), name)
+    best = min(t.metrics["test_loss"] for t in experiment.trials if "test_loss" in t.metrics)
+    return best, sum(t.iterations for t in experiment.trials)
+
+
+def asha_efficiency(dataset: str, storage: Path) -> None:
+    grid = [flag for axis in GRID for flag in ("--grid", axis)]
+    launch(dataset, storage, "full-grid", *grid, "--grace-period", str(ITERATIONS))
+    full_best, full_iterations = summary(storage, "full-grid")
+    print(f"full grid: 16 trials, {full_iterations} trial-iterations, best test_loss {full_best:.4f}", flush=True)
+    for factor in (2, 4):
+        name = f"asha-rf{factor}"
+        launch(dataset, storage, name, *grid, "--grace-period", "1", "--reduction-factor", str(factor))
+        best, iterations = summary(storage, name)
+        print(f"ASHA reduction factor {factor}: best test_loss {best:.4f} ({(best / full_best - 1) * 100:+.2f}% vs full grid), "
+              f"{iterations} trial-iterations ({iterations / full_iterations:.0%} of the full grid's)", flush=True)
+
+
+def sweep_overhead(dataset: str, storage: Path) -> None:
+    trials, concurrency = 8, 2
+    grid = ("lr=1e-3", "heads=2", f"eval_every_tokens={EVAL_EVERY}")
+    wall = launch(dataset, storage, "overhead", *(f for axis in grid for f in ("--grid", axis)), "--num-samples", str(trials),
+                  "--grace-period", str(ITERATIONS), "--max-concurrent", str(concurrency))
+    # The same trial config, trained in this process exactly as a trial does: iterations, each
+    # followed by a full checkpoint (weights, optimizer, head scores, heatmaps, sample).
+    config = plan_sweep(LaunchConfig(dataset=dataset, grid=grid, storage=str(storage))).trials[0]
+    data_cfg, model_cfg, train_cfg = trial_configs(config)
+    data = prepare_data(data_cfg, model_cfg.seq_len)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        for index in range(trials):
+            trainer = Trainer(model_cfg, dataclasses.replace(train_cfg, seed=index), data.train, data.test, data.tokenizer, data_cfg)
+            while not trainer.finished:
+                trainer.train_iteration()
+                trainer.save_checkpoint(Path(scratch) / f"{index}-{trainer.iteration}")
+    serial = time.perf_counter() - started
+    ideal = serial / concurrency
+    print(f"{trials} identical trials: sweep {wall:.1f}s, back to back in one process {serial:.1f}s / {concurrency} = {ideal:.1f}s; "
+          f"overhead {wall / ideal:.2f}x, {(wall - ideal) / (trials / concurrency):.1f}s per trial slot", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="imdb")
+    parser.add_argument("--only", choices=("asha", "overhead"))
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with tempfile.TemporaryDirectory() as storage:
+        # One untimed run fills the tokenized-data cache, so no measurement pays for tokenizing.
+        launch(args.dataset, Path(storage), "warm-up", "--grid", "lr=1e-3", "--grid", "heads=2", "--grid", "max_tokens=8192",
+               "--grid", "eval_every_tokens=8192")
+        if args.only in (None, "asha"):
+            asha_efficiency(args.dataset, Path(storage))
+        if args.only in (None, "overhead"):
+            sweep_overhead(args.dataset, Path(storage))
+
+
+if __name__ == "__main__":
+    main()
