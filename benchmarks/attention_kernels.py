@@ -29,7 +29,7 @@ def milliseconds(backend: SDPBackend, q, k, v) -> float:
 def main() -> None:
     torch.manual_seed(0)
     print(f"[{BATCH}, {HEADS}, T, {D_HEAD}] bf16, forward + backward, {torch.get_num_threads()} threads")
-    for seq_len in (20, 64, 80, 256, 512):
+    for seq_len in (20, 64, 80, 128, 192, 256, 512):
         q, k, v = (torch.randn(BATCH, HEADS, seq_len, D_HEAD, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flash = milliseconds(SDPBackend.FLASH_ATTENTION, q, k, v)
         math_kernel = milliseconds(SDPBackend.MATH, q, k, v)

@@ -37,9 +37,9 @@ def attention_mask(tokens: torch.Tensor) -> torch.Tensor | None:
     return allowed[:, None, :, :]  # (B, 1, T, T)
 
 
-# On CPU, the flash kernel's backward is 3-6x slower than the plain math kernel for
-# contexts this short (benchmarks/RESULTS.md); beyond it the [T, T] scores get large.
-CPU_MATH_ATTENTION_MAX_LEN = 512
+# On CPU the plain math kernel is 1.6-6x faster than the flash kernel (forward + backward)
+# up to 128 tokens and 2-4x slower from 192 on (benchmarks/attention_kernels.py).
+CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
 def _sdpa_backends(device: torch.device, seq_len: int) -> list[SDPBackend]:
@@ -284,8 +284,8 @@ def unembed_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy).
 
-    The default chunk keeps one chunk's fp32 logits around 8 MB, inside this CPU's L2
-    (the fastest setting measured at vocab 8192 and 50257, benchmarks/RESULTS.md).
+    The default chunk holds about 2M fp32 logits (8 MB), the fastest size measured
+    at vocab 8192 and 50257 (benchmarks/RESULTS.md).
     """
     if chunk_size is None:
         chunk_size = max(128, 2**21 // weight.shape[0])
