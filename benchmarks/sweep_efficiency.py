@@ -1,8 +1,9 @@
 """Sweep-level numbers: ASHA's savings on a 16-trial grid, and the overhead of running trials through Ray.
 
 ASHA efficiency: the same 16-trial grid (smoke shapes, 8 iterations a trial)
-is swept three times: with no early stopping (the full grid), and with ASHA at
-reduction factor 2 and 4. Printed: the best test loss each found, relative to
+is swept with no early stopping (the full grid), and with ASHA at reduction
+factor 2 and 4, with 2 trials at a time (one CPU each) and with all 16 at
+once (0.125 CPU each). Printed: the best test loss each found, relative to
 the full grid's, and the trial-iterations each spent, relative to the full
 grid's.
 
@@ -57,15 +58,20 @@ def summary(storage: Path, name: str) -> tuple[float, int]:
 
 def asha_efficiency(dataset: str, storage: Path) -> None:
     grid = [flag for axis in GRID for flag in ("--grid", axis)]
-    launch(dataset, storage, "full-grid", *grid, "--grace-period", str(ITERATIONS))
+    all_at_once = ("--cpus-per-trial", "0.125")  # 16 trials share the 2 CPUs, all running at once
+    launch(dataset, storage, "full-grid", *grid, "--grace-period", str(ITERATIONS), *all_at_once)
     full_best, full_iterations = summary(storage, "full-grid")
     print(f"full grid: 16 trials, {full_iterations} trial-iterations, best test_loss {full_best:.4f}", flush=True)
-    for factor in (2, 4):
-        name = f"asha-rf{factor}"
-        launch(dataset, storage, name, *grid, "--grace-period", "1", "--reduction-factor", str(factor))
-        best, iterations = summary(storage, name)
-        print(f"ASHA reduction factor {factor}: best test_loss {best:.4f} ({(best / full_best - 1) * 100:+.2f}% vs full grid), "
-              f"{iterations} trial-iterations ({iterations / full_iterations:.0%} of the full grid's)", flush=True)
+    # ASHA is asynchronous: a trial reaching a rung before any other is compared with nothing
+    # and goes on. How many trials run at once therefore decides how much it can stop.
+    for concurrency, resources in ((2, ("--cpus-per-trial", "1")), (16, all_at_once)):
+        for factor in (2, 4):
+            name = f"asha-rf{factor}-c{concurrency}"
+            wall = launch(dataset, storage, name, *grid, "--grace-period", "1", "--reduction-factor", str(factor), *resources)
+            best, iterations = summary(storage, name)
+            print(f"ASHA, {concurrency:2d} trials at once, reduction factor {factor}: best test_loss {best:.4f} "
+                  f"({(best / full_best - 1) * 100:+.2f}% vs full grid), {iterations} trial-iterations "
+                  f"({iterations / full_iterations:.0%} of the full grid's), {wall:.0f}s", flush=True)
 
 
 def sweep_overhead(dataset: str, storage: Path) -> None:

@@ -223,22 +223,22 @@ def pad_windows(documents: list[list[int]], seq_len: int) -> np.ndarray:
 def repeat_windows(count: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
     """Random tokens in which random runs repeat at once: ... r1 r1 ... r2 r2 ...
 
-    Run lengths (the periods, 2 to seq_len / 4) and the random filler between
-    pairs (so the offsets) are drawn per pair, so no single look-back distance
-    predicts a repeat, and about half of all tokens are predictable from
-    context.
+    Periods (2 to 3/8 of seq_len) and the random filler between pairs are drawn
+    per pair, and the first pair starts after a random prefix of up to 3/8 of
+    seq_len, so neither a look-back distance nor an absolute position predicts
+    a repeat. (With pairs starting near position 0, a 2-layer model learns to
+    copy from about half its own position instead of matching tokens.)
     """
     rng = np.random.default_rng(seed)
     width = seq_len + 1
     windows = rng.integers(0, vocab_size, size=(count, width), dtype=np.int32)
-    longest = max(2, seq_len // 4)
+    longest = max(2, 3 * seq_len // 8)
     for row in windows:
-        position = int(rng.integers(0, 4))
+        position = int(rng.integers(0, longest + 1))  # the random prefix
         while position + 4 <= width:
-            length = int(rng.integers(2, longest + 1))
-            length = min(length, (width - position) // 2)
+            length = min(int(rng.integers(2, longest + 1)), (width - position) // 2)
             row[position + length : position + 2 * length] = row[position : position + length]
-            position += 2 * length + int(rng.integers(0, 4))  # filler before the next pair
+            position += 2 * length + int(rng.integers(0, 8))  # filler before the next pair
     return windows
 
 

@@ -48,6 +48,20 @@ def test_repeat_windows_contain_a_repeat_at_random_periods():
     assert len(periods) > 10  # not a fixed offset a model could memorise
 
 
+def test_repeat_windows_start_their_first_repeat_at_random_positions():
+    """No absolute position predicts where copying starts (a shortcut 2-layer models find)."""
+    windows = repeat_windows(300, 64, 512, seed=1)
+    starts = set()
+    for row in windows:
+        for position in range(1, 65):
+            period = next((p for p in range(2, 33) if position >= p and row[position] == row[position - p]
+                           and position + 1 < 65 and row[position + 1] == row[position + 1 - p]), None)
+            if period:
+                starts.add(position - period)  # where the first copied run begins
+                break
+    assert len(starts) > 15 and max(starts) >= 16
+
+
 def test_local_jsonl_split_and_clean(reviews_file):
     cfg = DataConfig(dataset=str(reviews_file), clean=True)
     train, test = load_texts(cfg, "train"), load_texts(cfg, "test")
