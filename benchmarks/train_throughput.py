@@ -96,8 +96,12 @@ def transformer_lens_tokens_per_second(vocab: int, seq_len: int, steps: int, win
     return steps * BATCH * seq_len / (time.perf_counter() - started)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory() -> str:
+    """Peak RSS of this process, and peak allocated GPU memory when there is a GPU."""
+    note = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB"
+    if torch.cuda.is_available():
+        note += f", peak GPU allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB"
+    return note
 
 
 def our_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: np.ndarray, compile: bool) -> float:
@@ -123,14 +127,14 @@ def main() -> None:
         rng = np.random.default_rng(0)
         windows = rng.integers(1, shape["vocab"], size=(4096, shape["seq_len"] + 1), dtype=np.int32)
         study = study_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
-        print(f"{name}: study step {study:8,.0f} tok/s (peak RSS {peak_rss_mb():,.0f} MB)", flush=True)
+        print(f"{name}: study step {study:8,.0f} tok/s ({peak_memory()})", flush=True)
         lens = transformer_lens_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
         print(f"{name}: TransformerLens {lens:8,.0f} tok/s ({lens / study:4.2f}x)", flush=True)
         eager = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=False)
         print(f"{name}: trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x study, {eager / lens:4.2f}x TransformerLens)", flush=True)
         compiled = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=True)
         print(f"{name}: trial loop compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x study, {compiled / lens:4.2f}x TransformerLens)"
-              f" (peak RSS {peak_rss_mb():,.0f} MB)", flush=True)
+              f" ({peak_memory()})", flush=True)
 
 
 if __name__ == "__main__":
