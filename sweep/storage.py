@@ -9,6 +9,7 @@ written into storage.
 
 from __future__ import annotations
 
+import copyreg
 import os
 import re
 import uuid
@@ -73,6 +74,9 @@ def open_storage(uri: str | None = None, patient: bool = True) -> Storage:
     return Storage(str(path), pafs.LocalFileSystem(), str(path))
 
 
+PATIENT_ATTEMPTS = 12
+
+
 def s3_filesystem(patient: bool) -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ("us-east-1" if endpoint else None)
@@ -80,7 +84,7 @@ def s3_filesystem(patient: bool) -> pafs.S3FileSystem:
         connect_timeout=5 if patient else 2,
         request_timeout=60 if patient else 5,
         # Patient: ride out an endpoint that is gone for a minute mid-sweep.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=12 if patient else 2),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=PATIENT_ATTEMPTS if patient else 2),
     )
     if endpoint:
         parsed = urlparse(endpoint)
@@ -89,6 +93,23 @@ def s3_filesystem(patient: bool) -> pafs.S3FileSystem:
     if region:
         options["region"] = region
     return pafs.S3FileSystem(**options)
+
+
+def _patient_s3_from_pickle(options: dict) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=PATIENT_ATTEMPTS))
+
+
+def _reduce_s3_filesystem(filesystem: pafs.S3FileSystem):
+    _, (options,) = filesystem.__reduce__()
+    return _patient_s3_from_pickle, (options,)
+
+
+# pyarrow drops the retry strategy when an S3FileSystem is pickled, so the copy Ray
+# sends to every trial gave up on the first refused connection: a trial restarting
+# during an S3 outage burned through its retries in milliseconds. Copies made by
+# pickling (all of them trial-side) are rebuilt patient. Credentials are never in
+# the options: they come from each node's AWS chain.
+copyreg.pickle(pafs.S3FileSystem, _reduce_s3_filesystem)
 
 
 def check_writable(storage: Storage) -> None:
