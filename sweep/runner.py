@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from model.config import ConfigError
 from model.data import check_dataset, prepare_data
@@ -16,6 +16,9 @@ from model.tokenizers import check_tokenizer_spec
 
 from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, validate_trials
 from .storage import Storage, check_name, check_writable, exists, open_storage, read_text, write_text
+
+if TYPE_CHECKING:  # the trainable imports ray; the CLI must start without it
+    from .trainable import FinalFailureCallback
 
 log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"  # our own record of how the sweep was launched (for resume and results)
