@@ -79,7 +79,11 @@ def list_experiments(storage: Storage) -> list[dict[str, Any]]:
             continue
         record_path = f"{entry.path}/{SWEEP_FILE}"
         if exists(storage, record_path):
-            record = json.loads(read_text(storage, record_path))
+            try:
+                record = json.loads(read_text(storage, record_path))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("%s is unreadable (cut short?); listed without its details", record_path)
+                record = {"metric": "unreadable sweep.json"}
             found.append({"name": entry.base_name, "created": record.get("created", ""), "trials": record.get("trials"), "metric": record.get("metric")})
     return sorted(found, key=lambda e: (e["created"], e["name"]))
 

@@ -157,8 +157,23 @@ def read_text(storage: Storage, path: str) -> str:
 
 
 def write_text(storage: Storage, path: str, text: str) -> None:
-    with storage.filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
+    """Write a small file whole or not at all: an S3 PUT is atomic; locally, write then rename."""
+    if storage.is_s3:
+        with storage.filesystem.open_output_stream(path) as stream:
+            stream.write(text.encode())
+        return
+    partial = f"{path}.partial-{uuid.uuid4().hex}"
+    try:
+        storage.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with storage.filesystem.open_output_stream(partial) as stream:
+            stream.write(text.encode())
+        storage.filesystem.move(partial, path)
+    except OSError as error:
+        try:
+            storage.filesystem.delete_file(partial)
+        except OSError:
+            pass
+        raise ConfigError(describe_storage_error(storage, error)) from None
 
 
 def exists(storage: Storage, path: str) -> bool:

@@ -111,3 +111,21 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
                            env=run_env(), capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "storage_full" in shown.stdout
+
+
+def test_an_experiment_record_cut_short_is_listed_as_unreadable_not_a_crash(tmp_path):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "sweep.json").write_text('{"created": "2026-11-24T10:00:00", "tri')
+    result = subprocess.run([sys.executable, "-m", "sweep.cli", "list", "--storage", str(tmp_path)],
+                            env=run_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "cut" in result.stdout and "unreadable sweep.json" in result.stdout
+
+
+def test_records_are_written_whole_or_not_at_all(tmp_path):
+    from sweep.storage import open_storage, read_text, write_text
+
+    storage = open_storage(str(tmp_path))
+    write_text(storage, storage.path("exp", "sweep.json"), '{"a": 1}')
+    assert read_text(storage, storage.path("exp", "sweep.json")) == '{"a": 1}'
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["sweep.json"]  # no partial file left
