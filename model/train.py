@@ -311,12 +311,13 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return all((directory / name).is_file() for name in ("model.safetensors", "config.json"))
 
 
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under `directory`."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def write_manifest(directory: Path) -> None:
-    sizes = {
-        path.relative_to(directory).as_posix(): path.stat().st_size
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_FILE
-    }
+    sizes = {name: size for name, size in file_sizes(directory).items() if name != MANIFEST_FILE}
     (directory / MANIFEST_FILE).write_text(json.dumps({"files": sizes}, indent=1))
 
 
@@ -342,8 +343,7 @@ def manifest_problem(manifest_text: str | None, sizes: dict[str, int]) -> str | 
 def check_complete(directory: Path) -> None:
     """CheckpointError when a local checkpoint folder does not match its manifest."""
     manifest = directory / MANIFEST_FILE
-    sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-    problem = manifest_problem(manifest.read_text() if manifest.exists() else None, sizes)
+    problem = manifest_problem(manifest.read_text() if manifest.exists() else None, file_sizes(directory))
     if problem:
         raise CheckpointError(f"{directory} is an incomplete checkpoint ({problem}); use an earlier one")
 

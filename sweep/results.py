@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from model.config import ConfigError
 from model.train import MANIFEST_FILE, manifest_problem
 
-from .runner import SWEEP_FILE
+from .runner import FINAL_FAILURES, SWEEP_FILE
 from .storage import Storage, check_name, exists, read_text
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,19 @@ def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[st
 def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
     if "result.json" not in trial_files:
         return {}
-    for line in reversed(read_text(storage, f"{trial_path}/result.json").splitlines()):
-        try:  # the last line may be cut short
-            return json.loads(line)
+    results = _result_lines(read_text(storage, f"{trial_path}/result.json"))
+    return results[-1] if results else {}
+
+
+def _result_lines(text: str) -> list[dict[str, Any]]:
+    """The results in a result.json, passing over blank lines and a last line cut short."""
+    results = []
+    for line in text.splitlines():
+        try:
+            results.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return {}
+    return results
 
 
 def _params(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
@@ -190,13 +197,9 @@ def _complete_checkpoints(
     return complete, contents
 
 
-# Final failures a trial reports as a metric before it raises (see sweep.trainable.FINAL_FAILURES).
-FAILURE_REASONS = ("nan_loss", "out_of_memory", "storage_full")
-
-
 def _error_reason(storage: Storage, trial_path: str, trial_files: set[str], last: dict[str, Any]) -> str:
     text = read_text(storage, f"{trial_path}/error.txt") if "error.txt" in trial_files else ""
-    for marker in FAILURE_REASONS:
+    for marker in FINAL_FAILURES:
         if marker in text or last.get(marker):
             return marker
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -208,13 +211,7 @@ def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
     path = f"{trial.path}/result.json"
     if not exists(storage, path):
         return []
-    history = []
-    for line in read_text(storage, path).splitlines():
-        try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError:  # blank, or cut short by a full disk
-            continue
-    return history
+    return _result_lines(read_text(storage, path))
 
 
 def reported_metrics(experiment: Experiment) -> list[str]:

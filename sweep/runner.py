@@ -15,7 +15,7 @@ from model.data import check_dataset, prepare_data
 from model.tokenizers import check_tokenizer_spec
 
 from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, validate_trials
-from .storage import Storage, check_name, check_writable, exists, open_storage, read_text, write_text
+from .storage import Storage, check_name, check_writable, exists, is_storage_full, open_storage, read_text, write_text
 
 if TYPE_CHECKING:  # the trainable imports ray; the CLI must start without it
     from .trainable import FinalFailureCallback
@@ -26,6 +26,11 @@ SWEEP_FILE = "sweep.json"  # our own record of how the sweep was launched (for r
 
 class StorageFullError(ConfigError):
     """The storage filled up during the sweep."""
+
+
+# Failures that would only repeat if retried: a trial reports one of these names as a metric,
+# then errors once (sweep.trainable); results show the name as the trial's error.
+FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 
 
 @dataclass(frozen=True)
@@ -194,19 +199,18 @@ def check_cluster_storage(storage: Storage, cpus_per_trial: float) -> None:
         )
 
 
-def build_tuner(plan: Plan, datasets: dict[str, Any], callbacks: list, restore: bool = False):
+def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCallback, callbacks: list, restore: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .trainable import FinalFailureCallback, train_trial
+    from .trainable import train_trial
 
     launch = plan.launch
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, datasets=datasets),
         {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial, "memory": int(launch.memory_per_trial_mb * 2**20)},
     )
-    if not any(isinstance(callback, FinalFailureCallback) for callback in callbacks):
-        callbacks = [FinalFailureCallback(), *callbacks]
+    callbacks = [failures, *callbacks]
     if launch.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -259,7 +263,7 @@ def launch_sweep(launch: LaunchConfig, callbacks: list = (), log_line: Callable[
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
-    tuner = build_tuner(plan, datasets, [failures, *callbacks])
+    tuner = build_tuner(plan, datasets, failures, list(callbacks))
     # Written only now that every check has passed: a failed launch leaves nothing behind.
     write_text(plan.storage, plan.storage.path(plan.name, SWEEP_FILE), json.dumps(plan.record(), indent=2))
     _fit(tuner, plan, failures)
@@ -268,8 +272,6 @@ def launch_sweep(launch: LaunchConfig, callbacks: list = (), log_line: Callable[
 
 def _fit(tuner, plan: Plan, failures: FinalFailureCallback) -> None:
     """Run the sweep; a sweep that ran out of storage ends in one clear error, not half-results."""
-    from .trainable import is_storage_full
-
     try:
         tuner.fit()
     except (OSError, EOFError, ValueError) as error:
@@ -322,5 +324,5 @@ def resume_sweep(name: str, storage_uri: str | None, address: str | None = None,
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
-    _fit(build_tuner(plan, datasets, [failures, *callbacks], restore=True), plan, failures)
+    _fit(build_tuner(plan, datasets, failures, list(callbacks), restore=True), plan, failures)
     return plan

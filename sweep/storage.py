@@ -10,6 +10,7 @@ written into storage.
 from __future__ import annotations
 
 import copyreg
+import errno
 import os
 import re
 import uuid
@@ -132,6 +133,10 @@ def check_writable(storage: Storage) -> None:
         raise ConfigError(describe_storage_error(storage, error)) from None
 
 
+def is_storage_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
 def describe_storage_error(storage: Storage, error: Exception) -> str:
     """One line saying what is wrong with the storage and how to fix it."""
     text = str(error)
@@ -146,7 +151,7 @@ def describe_storage_error(storage: Storage, error: Exception) -> str:
         return f"cannot write to {storage.uri}: {text.splitlines()[0][:200]}"
     if "Read-only" in text or "read-only" in text:
         return f"--storage {storage.uri} is on a read-only file system; pick a writable --storage"
-    if "No space" in text:
+    if is_storage_full(error):
         return f"--storage {storage.uri} is full; free space or pick another --storage"
     return f"--storage {storage.uri} is not writable ({text.splitlines()[0][:200]})"
 

@@ -21,7 +21,9 @@ from model.analysis import SUMMARY_METRICS
 from model.tokenizers import TextTokenizer
 from model.train import NonFiniteLossError, Trainer
 
+from .runner import FINAL_FAILURES
 from .space import data_key, trial_configs
+from .storage import is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ REPORTED_METRICS = (
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
     *SUMMARY_METRICS,
 )
-# Failures that would only repeat if retried: reported under these names, then the trial errors once.
-FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -91,10 +91,6 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
             f"(--memory-per-trial {config.get('memory_per_trial_mb') or 'unset'} MB); "
             f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
         ) from None
-
-
-def is_storage_full(error: BaseException) -> bool:
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
