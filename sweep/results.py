@@ -280,11 +280,10 @@ def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
 
 def local_checkpoint(source: str, trial: str, storage: Storage, workdir: str) -> Path:
     """A local folder holding the checkpoint SOURCE names: a folder as is, else fetched from an experiment."""
-    from model.train import is_checkpoint
+    from model.train import check_complete, read_config
 
     if Path(source).is_dir():
-        if not is_checkpoint(source):
-            raise ConfigError(f"{source} is not a checkpoint: model.safetensors and config.json are missing")
+        read_config(source)  # one clear line when the folder is not a checkpoint, or an incomplete one
         return Path(source)
     experiment = load_experiment(storage, source)
     record = choose_trial(experiment, trial)
@@ -294,4 +293,5 @@ def local_checkpoint(source: str, trial: str, storage: Storage, workdir: str) ->
         return Path(record.checkpoint)
     target = Path(workdir) / "checkpoint"
     pafs.copy_files(record.checkpoint, str(target), source_filesystem=storage.filesystem, destination_filesystem=pafs.LocalFileSystem())
+    check_complete(target)  # the download itself may have been cut short
     return target

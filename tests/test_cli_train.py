@@ -28,6 +28,7 @@ def test_train_writes_metrics_and_a_complete_checkpoint(reviews_file, tmp_path):
                  "heatmaps/patterns.json", "heatmaps/layer0_head0.png", "heatmaps/layer0.png"):
         assert (checkpoint / name).is_file(), name
     assert not list(tmp_path.glob("run/*.partial"))
+    assert set(json.loads((checkpoint / "manifest.json").read_text())["files"]) >= {"model.safetensors", "heatmaps/layer0.png"}
 
     generated = invoke("generate", checkpoint, "--prompt", "the movie", "--tokens", "5")
     assert generated.exit_code == 0
@@ -64,6 +65,20 @@ def test_user_mistakes_exit_2_with_one_line(args, message, tmp_path, monkeypatch
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_cut_short_is_refused_by_every_reader(reviews_file, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", reviews_file, *SMALL, "--out", out).exit_code == 0
+    with (out / "checkpoint" / "trainer_state.pt").open("r+b") as state:
+        state.truncate(100)  # as a full disk or a dropped connection leaves it
+    for command in (["heads", out / "checkpoint"], ["generate", out / "checkpoint"],
+                    ["export", out / "checkpoint", "--format", "transformer-lens", "--out", tmp_path / "tl"]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert "incomplete checkpoint (trainer_state.pt holds 100 of its" in result.stderr
+    assert not (tmp_path / "tl").exists()
 
 
 def test_diverging_run_stops_with_a_clear_error(reviews_file, tmp_path):
