@@ -153,8 +153,8 @@ class DataConfig:
     """Lowercase and strip `<br />` as the study did (--clean)."""
     pack: bool = True
     """Join documents and cut windows so no token is lost; off truncates and pads (--no-pack)."""
-    repeat_vocab: int = 512
-    """Vocabulary of the synthetic `repeat` task."""
+    repeat_vocab: int = 64
+    """Vocabulary of the synthetic `repeat` task; about the window size, so most tokens recur in a window."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "DATASET must not be empty")

@@ -43,6 +43,7 @@ SYNTHETIC = "repeat"
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")
 REPEAT_WINDOWS = {"train": 1 << 17, "test": 2048}
 REPEAT_SEEDS = {"train": 1, "validation": 2, "test": 3}
+REPEAT_CHUNK_ROWS = 8192
 
 
 def cache_dir() -> Path:
@@ -220,25 +221,40 @@ def pad_windows(documents: list[list[int]], seq_len: int) -> np.ndarray:
     return windows
 
 
-def repeat_windows(count: int, seq_len: int, vocab_size: int, seed: int) -> np.ndarray:
-    """Random tokens in which random runs repeat at once: ... r1 r1 ... r2 r2 ...
+def repeat_windows(
+    count: int, seq_len: int, vocab_size: int, seed: int, follow_probability: float = 0.5
+) -> np.ndarray:
+    """Random tokens with in-context bigrams: the induction-head task.
 
-    Periods (2 to 3/8 of seq_len) and the random filler between pairs are drawn
-    per pair, and the first pair starts after a random prefix of up to 3/8 of
-    seq_len, so neither a look-back distance nor an absolute position predicts
-    a repeat. (With pairs starting near position 0, a 2-layer model learns to
-    copy from about half its own position instead of matching tokens.)
+    Each window starts as uniform random tokens. Going left to right, a token
+    that occurred earlier in the window is followed, with `follow_probability`,
+    by the token that followed its first occurrence. So sub-sequences recur at
+    random offsets and periods, and a recurring token's successor is predictable
+    only by finding its earlier occurrence and copying what came next, which is
+    what an induction head does. With a vocabulary about the size of the window,
+    most tokens recur.
+
+    Two earlier layouts taught 2-layer models something else. Runs repeated
+    right away ("r r") with short periods made layer-0 heads that look back a few
+    tokens useful on their own, and layer 1 then matched tokens through them at
+    that shifted offset instead of through a previous-token head. Repeats that
+    start near position 0 let a model copy from a fixed fraction of its own
+    position instead of matching tokens.
     """
     rng = np.random.default_rng(seed)
-    width = seq_len + 1
-    windows = rng.integers(0, vocab_size, size=(count, width), dtype=np.int32)
-    longest = max(2, 3 * seq_len // 8)
-    for row in windows:
-        position = int(rng.integers(0, longest + 1))  # the random prefix
-        while position + 4 <= width:
-            length = min(int(rng.integers(2, longest + 1)), (width - position) // 2)
-            row[position + length : position + 2 * length] = row[position : position + length]
-            position += 2 * length + int(rng.integers(0, 8))  # filler before the next pair
+    windows = rng.integers(0, vocab_size, size=(count, seq_len + 1), dtype=np.int32)
+    follows = rng.random((count, seq_len + 1)) < follow_probability
+    for start in range(0, count, REPEAT_CHUNK_ROWS):  # bounds the [rows, vocab] table
+        chunk, chunk_follows = windows[start : start + REPEAT_CHUNK_ROWS], follows[start : start + REPEAT_CHUNK_ROWS]
+        rows = np.arange(len(chunk))
+        first_follower = np.full((len(chunk), vocab_size), -1, dtype=np.int32)
+        for position in range(seq_len):
+            token = chunk[:, position]
+            known = first_follower[rows, token]
+            seen = known >= 0
+            copy = seen & chunk_follows[:, position + 1]
+            chunk[copy, position + 1] = known[copy]
+            first_follower[rows[~seen], token[~seen]] = chunk[~seen, position + 1]
     return windows
 
 

@@ -32,34 +32,35 @@ def test_truncate_and_pad_keeps_the_study_layout():
     assert windows.tolist()[1] == list(range(9))
 
 
-def test_repeat_windows_contain_a_repeat_at_random_periods():
-    windows = repeat_windows(500, 64, 512, seed=0)
-    assert windows.shape == (500, 65)
-    periods = set()
-    for row in windows[:100]:
-        found = None
-        for period in range(1, 65):
-            same = row[period:] == row[:-period]
-            if same.sum() >= 2 and np.convolve(same, [1, 1], "valid").max() == 2:
-                found = period
-                break
-        assert found is not None
-        periods.add(found)
-    assert len(periods) > 10  # not a fixed offset a model could memorise
+def first_followers(row):
+    """(position, distance to the token's first occurrence, whether its successor was copied)."""
+    first = {}
+    for position, token in enumerate(row[:-1]):
+        if token in first:
+            yield position, position - first[token], row[position + 1] == row[first[token] + 1]
+        else:
+            first[token] = position
 
 
-def test_repeat_windows_start_their_first_repeat_at_random_positions():
-    """No absolute position predicts where copying starts (a shortcut 2-layer models find)."""
-    windows = repeat_windows(300, 64, 512, seed=1)
-    starts = set()
-    for row in windows:
-        for position in range(1, 65):
-            period = next((p for p in range(2, 33) if position >= p and row[position] == row[position - p]
-                           and position + 1 < 65 and row[position + 1] == row[position + 1 - p]), None)
-            if period:
-                starts.add(position - period)  # where the first copied run begins
-                break
-    assert len(starts) > 15 and max(starts) >= 16
+def test_repeat_windows_copy_successors_of_earlier_tokens_at_random_distances():
+    windows = repeat_windows(400, 64, 64, seed=0)
+    assert windows.shape == (400, 65) and windows.min() >= 0 and windows.max() < 64
+    recurrences = [found for row in windows for found in first_followers(row.tolist())]
+    copied = [(position, distance) for position, distance, same in recurrences if same]
+    # Most tokens recur in a window, and about half of the recurring ones are followed by
+    # what followed them first (the rest by chance, 1 in 64).
+    assert len(recurrences) > 400 * 20
+    assert 0.45 < len(copied) / len(recurrences) < 0.6
+    # Neither a look-back distance nor a position predicts a copy.
+    distances = np.bincount([distance for _, distance in copied], minlength=64)
+    positions = np.bincount([position for position, _ in copied], minlength=64)
+    assert (distances[1:40] > 0).all() and distances.max() < 0.1 * len(copied)
+    assert (positions[8:] > 0).all() and positions.max() < 0.05 * len(copied)
+
+
+def test_repeat_windows_are_the_same_for_a_seed_and_differ_across_seeds():
+    assert (repeat_windows(10, 32, 64, seed=3) == repeat_windows(10, 32, 64, seed=3)).all()
+    assert (repeat_windows(10, 32, 64, seed=3) != repeat_windows(10, 32, 64, seed=4)).any()
 
 
 def test_local_jsonl_split_and_clean(reviews_file):
