@@ -31,6 +31,7 @@ def test_ray_cluster_yaml_is_locked_down():
     config = yaml.safe_load(text)
     starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # every node holds the token
     assert "--dashboard-host=0.0.0.0" not in starts and "--dashboard-host=127.0.0.1" in starts
     assert "security_group" not in text.lower() or "0.0.0.0/0" not in text
     assert not any(re.search(pattern, text) for pattern in SECRET_PATTERNS)
@@ -54,7 +55,7 @@ def test_kuberay_manifests():
         (container,) = gpu["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert spec["authOptions"] == {"mode": "token"}  # the operator makes the token and hands it to every pod
         assert "AWS_ENDPOINT_URL" in env
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert "secretKeyRef" in env[key]["valueFrom"] and "value" not in env[key]  # from a Secret only

@@ -1,6 +1,7 @@
 """Sweeps on real multi-node Ray clusters started here: the fake multinode autoscaler."""
 
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,17 @@ def ray_cli(*args, env, timeout=180):
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cluster_token(tmp_path) -> Path:
+    """A Ray token of the test's own: `ray start` with RAY_AUTH_MODE=token needs one and never makes one."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    return token
+
+
 @pytest.mark.cluster
 @pytest.mark.usefixtures("no_stray_ray")
 def test_fake_multinode_cluster_autoscales_gpu_workers_for_a_sweep(tmp_path, s3_server):
-    env = run_env(RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="token")
+    env = run_env(RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster_token(tmp_path)))
     started = ray_cli("start", "--head", "--num-cpus=0", "--include-dashboard=false",
                       f"--autoscaling-config={REPO / 'cluster' / 'fake-multinode.yaml'}", env=env)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -110,13 +118,19 @@ def test_ray_up_over_ssh_runs_a_sweep_then_ray_down(tmp_path, sshd):
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config["auth"] = {"ssh_user": sshd["user"], "ssh_private_key": str(sshd["key"]),
                       "ssh_proxy_command": f"{sys.executable} {REPO / 'tests' / 'ssh_proxy.py'} {sshd['port']}"}
-    config["file_mounts"] = {str(tmp_path / "synced"): str(REPO)}
+    # The template copies the client's token to every node; here the "node" is this machine, so the copy
+    # lands in the test's folder instead of ~/.ray, and the start commands are pointed at it.
+    token = cluster_token(tmp_path)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    node_token = tmp_path / "node" / "auth_token"
+    config["file_mounts"] = {str(tmp_path / "synced"): str(REPO), str(node_token): str(token)}
     config["setup_commands"] = []  # this machine already has the environment the template would build
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        config[key] = [c.replace("~/circuit-sweep-venv/bin/", venv_bin + "/") for c in config[key]]
+        config[key] = [c.replace("~/circuit-sweep-venv/bin/", venv_bin + "/").replace(
+            "export RAY_AUTH_MODE=token;", f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={node_token};") for c in config[key]]
     cluster_yaml = tmp_path / "local.yaml"
     cluster_yaml.write_text(yaml.safe_dump(config))
-    env = run_env(RAY_AUTH_MODE="token")
+    env = run_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     # `ray down` runs a bare `ray stop` over SSH: this "node" needs `ray` on the login PATH, as the template's
     # setup_commands arrange on real machines.
     node_ray = Path("/usr/local/bin/ray")
