@@ -44,7 +44,7 @@ def tokens_per_second(shape: dict, dtype: str, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="steps per measurement (bf16 without AMX takes minutes)")
     parser.add_argument("--smoke-test", action="store_true", help="2 steps per measurement")
     args = parser.parse_args()
     steps = 2 if args.smoke_test else args.steps
