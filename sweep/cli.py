@@ -160,6 +160,7 @@ def storage_option(command):
 @click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
 @click.option("--metric", default="test_loss", show_default=True)
 @click.option("--mode", default="min", show_default=True, type=click.Choice(["min", "max"]))
+@click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
 @click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
 @click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
@@ -168,7 +169,7 @@ def storage_option(command):
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
 @data_options
 @click.pass_context
-def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values):
+def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, early_stopping, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
     \b
@@ -185,7 +186,7 @@ def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, g
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
-        num_samples=num_samples, metric=metric, mode=mode, grace_period=grace_period,
+        num_samples=num_samples, metric=metric, mode=mode, early_stopping=early_stopping, grace_period=grace_period,
         reduction_factor=reduction_factor, max_iterations=max_iterations, max_failures=max_failures,
         wandb=wandb, data=explicit,
     )

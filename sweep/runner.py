@@ -51,6 +51,8 @@ class LaunchConfig:
     num_samples: int = 1
     metric: str = "test_loss"
     mode: str = "min"
+    early_stopping: bool | None = None
+    """ASHA on or off; None: the preset's choice."""
     grace_period: int = 1
     reduction_factor: int = 2
     max_iterations: int | None = None
@@ -86,6 +88,13 @@ class Plan:
     trials: list[dict[str, Any]]
 
     @property
+    def early_stopping(self) -> bool:
+        if self.launch.early_stopping is not None:
+            return self.launch.early_stopping
+        preset = PRESETS.get(self.launch.preset)
+        return preset.early_stopping if preset else True
+
+    @property
     def iterations(self) -> int:
         most = max(-(-t["max_tokens"] // t["eval_every_tokens"]) for t in self.trials)
         return min(most, self.launch.max_iterations or most)
@@ -93,7 +102,7 @@ class Plan:
     def record(self) -> dict[str, Any]:
         return {
             "name": self.name, "launch": asdict(self.launch), "axes": self.axes, "fixed": self.fixed,
-            "metric": self.launch.metric, "mode": self.launch.mode, "trials": len(self.trials) * self.launch.num_samples,
+            "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping, "trials": len(self.trials) * self.launch.num_samples,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -201,7 +210,7 @@ def check_cluster_storage(storage: Storage, cpus_per_trial: float) -> None:
 
 def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCallback, callbacks: list, restore: bool = False):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .trainable import train_trial
 
@@ -225,7 +234,7 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
     scheduler = ASHAScheduler(
         time_attr="training_iteration", max_t=plan.iterations, grace_period=launch.grace_period,
         reduction_factor=launch.reduction_factor,
-    )
+    ) if plan.early_stopping else FIFOScheduler()
     return tune.Tuner(
         trainable,
         param_space=param_space,

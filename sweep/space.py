@@ -42,6 +42,8 @@ class Preset:
     axes: dict[str, list[Any]]
     fixed: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
+    early_stopping: bool = True
+    """ASHA stops weak trials; off for grids that are comparisons, where every trial must finish."""
 
 
 PRESETS = {
@@ -66,6 +68,9 @@ PRESETS = {
         fixed={"d_model": 64, "heads": 4, "seq_len": 64, "lr": 1e-3, "batch_size": 32,
                "max_tokens": 12_000_000, "eval_every_tokens": 1_000_000},
         dataset="repeat",
+        # A comparison, not a search: the 2-layer model's loss falls below the 1-layer one's only
+        # once its induction heads form (3-4M tokens), so ASHA would stop it first.
+        early_stopping=False,
     ),
 }
 

@@ -79,6 +79,19 @@ def test_asha_stops_a_clearly_bad_learning_rate_early(reviews, tmp_path):
     table = sweep("results", "asha", "--storage", tmp_path / "results").stdout
     assert "TERMINATED" in table
 
+    # Without early stopping (the induction preset's choice: a comparison) every trial trains to the end.
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-6", "--grid", "heads=2", "--max-concurrent", "1",
+          "--storage", tmp_path / "results", "--name", "fifo", "--no-early-stopping")
+    assert sorted(len(lines) for lines in trial_results(tmp_path / "results", "fifo").values()) == [4, 4]
+
+
+def test_the_induction_preset_lets_both_models_finish(tmp_path):
+    from sweep.runner import LaunchConfig, plan_sweep
+
+    assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))).early_stopping is False
+    assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path), early_stopping=True)).early_stopping
+    assert plan_sweep(LaunchConfig(dataset=str(tmp_path), preset="smoke", storage=str(tmp_path))).early_stopping
+
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_nan_trial_errors_once_and_the_others_finish(reviews, tmp_path):
