@@ -72,6 +72,8 @@ class LaunchConfig:
             raise ConfigError("--cpus-per-trial must be positive, --gpus-per-trial and --memory-per-trial non-negative")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("--grace-period must be >= 1 and --reduction-factor >= 2")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ConfigError(f"--max-iterations must be >= 1, got {self.max_iterations}")
         if self.num_samples < 1 or self.max_concurrent < 0 or self.max_failures < 0:
             raise ConfigError("--num-samples must be >= 1, --max-concurrent and --max-failures >= 0")
 
@@ -133,7 +135,7 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     name = check_name(launch.name or default_name(dataset, launch.preset))
     storage = open_storage(launch.storage)
     plan = Plan(launch, name, storage, axes, fixed, trials)
-    if launch.grace_period > plan.iterations:
+    if plan.early_stopping and launch.grace_period > plan.iterations:
         raise ConfigError(f"--grace-period {launch.grace_period} is more than the {plan.iterations} iterations a trial makes; lower it")
     return plan
 

@@ -42,6 +42,7 @@ def storage(tmp_path):
         (["launch", "imdb", "--name", "../escape"], "is not allowed"),
         (["launch", "imdb", "--name", "/abs"], "is not allowed"),
         (["launch", "imdb", "--grace-period", "9"], "--grace-period 9 is more than the 4 iterations"),
+        (["launch", "imdb", "--max-iterations", "0"], "--max-iterations must be >= 1, got 0"),
         (["launch", "imdb", "--storage", "ftp://host/x"], "only local paths and s3://bucket/prefix"),
         (["launch", "imdb", "--storage", "s3://Bad_Bucket/x"], "not a valid s3://bucket/prefix"),
         (["best", "--metric", "test_loss"], "no experiments in"),

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from model.analysis import composition_scores
 from model.config import ModelConfig
+from model.train import read_config
 from model.transformer import Transformer
 from sweep.cli import main
 from sweep.space import PRESETS
@@ -48,8 +49,7 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     source = max(range(len(k_into_best)), key=k_into_best.__getitem__)
     assert scores(heads, 0, "previous_token")[source] > 0.4, (k_into_best, scores(heads, 0, "previous_token"))
     torch.manual_seed(0)
-    untrained = Transformer(ModelConfig(vocab_size=64, d_model=PRESET["d_model"], n_heads=PRESET["heads"],
-                                        n_layers=2, seq_len=PRESET["seq_len"]))
+    untrained = Transformer(ModelConfig(**read_config(tmp_path / "two" / "checkpoint")["model"]))
     k_at_init = composition_scores(untrained)["k"][0]
     baseline = sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
     assert k_into_best[source] > 1.5 * baseline, (k_into_best, baseline)
