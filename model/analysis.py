@@ -16,17 +16,11 @@ import numpy as np
 import torch
 
 from .generate import generate
+from .metrics import SUMMARY_METRICS
 from .tokenizers import TextTokenizer
 from .transformer import Transformer
 
 SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying")
-# Tune metric name -> head score it summarises (the max over heads).
-SUMMARY_METRICS = {
-    "induction_score_max": "induction",
-    "prev_token_score_max": "previous_token",
-    "first_token_score_max": "first_token",
-    "copying_score_max": "copying",
-}
 
 
 @dataclass(frozen=True)

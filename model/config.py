@@ -1,26 +1,70 @@
 """Typed, validated configuration for the model, its data and its training.
 
 Defaults are the study's values (d_model 256, 8 heads, 1 layer, seq_len 20,
-lr 1e-4, batch 50, AdamW). Every check raises `ConfigError` with a message that
-names the command-line flag, so the CLI can print it as one line.
+lr 1e-4, batch 50, AdamW). Fields a user can set carry their user-facing key
+(`trial_key`): it is the `--grid` key of a sweep and, with dashes, the flag of
+`sweep train`, so both command lines are built from these dataclasses alone.
+A failed check raises `ConfigError` naming the offending values; it renders
+them as flags (`--heads 3`) unless the caller renders them its own way
+(`--grid heads=3` on a sweep).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 MAX_SEQ_LEN = 4096  # size cap of the learned positional table
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration mistake; the message names the flag and the fix."""
+    """A user-facing configuration mistake; the message names the setting and the fix.
+
+    `template` may hold `{field}` placeholders for dataclass fields whose
+    values are in `values`; `render` fills them in, by default as flags.
+    """
+
+    def __init__(self, template: str, values: dict[str, Any] | None = None) -> None:
+        self.template = template
+        self.values = dict(values or {})
+        super().__init__(self.render(flag_form))
+
+    def render(self, name_value: Callable[[str, Any], str]) -> str:
+        return self.template.format(**{name: name_value(name, value) for name, value in self.values.items()})
 
 
-def _require(condition: bool, message: str) -> None:
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the message starts with `nan_loss` so sweeps can tell it apart."""
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a readable checkpoint."""
+
+
+def setting(default: Any, key: str | None = None, help: str = "") -> Any:
+    """A dataclass field; `key` makes it a user setting (grid key and `sweep train` flag)."""
+    return field(default=default, metadata={"trial_key": key, "help": help} if key else {})
+
+
+def trial_key_of(field_name: str) -> str:
+    """The user-facing key of a dataclass field (n_heads -> heads); the field name if it has none."""
+    for cls in (ModelConfig, TrainConfig, DataConfig):
+        for item in dataclasses.fields(cls):
+            if item.name == field_name and item.metadata.get("trial_key"):
+                return item.metadata["trial_key"]
+    return field_name
+
+
+def flag_form(field_name: str, value: Any) -> str:
+    """`--heads 3`: how `sweep train` and the dataclasses name a value."""
+    return f"--{trial_key_of(field_name).replace('_', '-')} {value}"
+
+
+def _require(condition: bool, template: str, **values: Any) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise ConfigError(template, values)
 
 
 @dataclass(frozen=True)
@@ -29,37 +73,29 @@ class ModelConfig:
 
     vocab_size: int = 50257
     """Number of token ids the embedding and unembedding cover."""
-    d_model: int = 256
-    """Width of the residual stream (--d-model)."""
-    n_heads: int = 8
-    """Attention heads per layer (--heads); must divide d_model."""
-    n_layers: int = 1
-    """Number of blocks (--layers)."""
-    mlp: bool = False
-    """Add an MLP after attention in each block (--mlp/--no-mlp)."""
+    d_model: int = setting(256, "d_model", "Residual stream width.")
+    n_heads: int = setting(8, "heads", "Attention heads per layer; must divide d_model.")
+    n_layers: int = setting(1, "layers", "Transformer blocks.")
+    mlp: bool = setting(False, "mlp", "Add an MLP after attention in each block (attention-only by default).")
     d_mlp: int = 0
     """MLP hidden width; 0 means 4 * d_model."""
-    seq_len: int = 20
-    """Context length and size of the positional table (--seq-len)."""
+    seq_len: int = setting(20, "seq_len", "Context length (and size of the positional table).")
     norm: Literal["ln", "none"] = "ln"
     """Pre-norm LayerNorm in each block and before the unembedding, or none."""
 
     def __post_init__(self) -> None:
-        _require(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        _require(self.d_model >= 1, f"--d-model must be positive, got {self.d_model}")
-        _require(self.n_heads >= 1, f"--heads must be positive, got {self.n_heads}")
+        _require(self.vocab_size >= 2, "{vocab_size} must be >= 2", vocab_size=self.vocab_size)
+        _require(self.d_model >= 1, "{d_model} must be positive", d_model=self.d_model)
+        _require(self.n_heads >= 1, "{n_heads} must be positive", n_heads=self.n_heads)
         _require(
             self.d_model % self.n_heads == 0,
-            f"--heads {self.n_heads} does not divide --d-model {self.d_model}; "
-            "pick heads that divide the embedding size",
+            "{n_heads} does not divide {d_model}; pick heads that divide the embedding size",
+            n_heads=self.n_heads, d_model=self.d_model,
         )
-        _require(self.n_layers >= 1, f"--layers must be positive, got {self.n_layers}")
-        _require(self.d_mlp >= 0, f"d_mlp must be >= 0, got {self.d_mlp}")
-        _require(
-            2 <= self.seq_len <= MAX_SEQ_LEN,
-            f"--seq-len must be between 2 and {MAX_SEQ_LEN}, got {self.seq_len}",
-        )
-        _require(self.norm in ("ln", "none"), f"norm must be 'ln' or 'none', got {self.norm!r}")
+        _require(self.n_layers >= 1, "{n_layers} must be positive", n_layers=self.n_layers)
+        _require(self.d_mlp >= 0, "{d_mlp} must be >= 0", d_mlp=self.d_mlp)
+        _require(2 <= self.seq_len <= MAX_SEQ_LEN, f"{{seq_len}} must be between 2 and {MAX_SEQ_LEN}", seq_len=self.seq_len)
+        _require(self.norm in ("ln", "none"), "{norm} must be 'ln' or 'none'", norm=self.norm)
 
     @property
     def d_head(self) -> int:
@@ -71,68 +107,81 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """How a run's tokens split into optimiser steps and iterations: the one count every caller uses."""
+
+    tokens_per_step: int
+    total_steps: int
+    steps_per_iteration: int
+
+    @property
+    def iterations(self) -> int:
+        """Evaluate-and-checkpoint iterations of the run (the last one may be shorter)."""
+        return -(-self.total_steps // self.steps_per_iteration)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and evaluation settings of one training run."""
 
-    lr: float = 1e-4
-    """Peak AdamW learning rate (--lr)."""
-    batch_size: int = 50
-    """Sequences per optimiser step (--batch-size)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on matrices (not on norms)."""
-    warmup_fraction: float = 0.05
-    """Share of the steps spent warming the learning rate up linearly."""
+    lr: float = setting(1e-4, "lr", "Peak AdamW learning rate.")
+    batch_size: int = setting(50, "batch_size", "Sequences per optimiser step.")
+    weight_decay: float = setting(0.01, "weight_decay", "AdamW weight decay on matrices (not on norms).")
+    warmup_fraction: float = setting(0.05, "warmup_fraction", "Share of the steps spent warming the learning rate up.")
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate decay after warmup: cosine to 10% of the peak, or constant."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
-    max_tokens: int = 2_000_000
-    """Training tokens of the whole run (--max-tokens)."""
-    eval_every_tokens: int = 200_000
-    """Training tokens per iteration; evaluation and a checkpoint follow each (--eval-every-tokens)."""
+    max_tokens: int = setting(2_000_000, "max_tokens", "Training tokens of the whole run.")
+    eval_every_tokens: int = setting(200_000, "eval_every_tokens", "Training tokens per iteration; evaluation and a checkpoint follow each.")
     eval_tokens: int = 50_000
     """Size of the fixed held-out sample of the test split used for evaluation."""
-    seed: int = 0
-    """Seeds initialisation, data order and sampling (--seed)."""
+    seed: int = setting(0, "seed", "Seeds initialisation, data order and sampling.")
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (--device); auto picks CUDA when present."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."""
     compile: bool = False
     """Wrap the model in torch.compile (--compile)."""
+    threads: int = 0
+    """CPU threads for torch (--threads); 0: the CPUs this process may run on."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        _require(self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(
-            0 <= self.warmup_fraction < 1,
-            f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}",
-        )
-        _require(
-            self.schedule in ("cosine", "constant"),
-            f"schedule must be 'cosine' or 'constant', got {self.schedule!r}",
-        )
-        _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        _require(self.max_tokens >= 1, f"--max-tokens must be positive, got {self.max_tokens}")
-        _require(
-            self.eval_every_tokens >= 1,
-            f"--eval-every-tokens must be positive, got {self.eval_every_tokens}",
-        )
-        _require(self.eval_tokens >= 1, f"eval_tokens must be positive, got {self.eval_tokens}")
-        _require(
-            self.dtype in ("auto", "float32", "bfloat16"),
-            f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
-        )
+        _require(self.lr > 0, "{lr} must be positive", lr=self.lr)
+        _require(self.batch_size >= 1, "{batch_size} must be positive", batch_size=self.batch_size)
+        _require(self.weight_decay >= 0, "{weight_decay} must be >= 0", weight_decay=self.weight_decay)
+        _require(0 <= self.warmup_fraction < 1, "{warmup_fraction} must be in [0, 1)", warmup_fraction=self.warmup_fraction)
+        _require(self.schedule in ("cosine", "constant"), "{schedule} must be 'cosine' or 'constant'", schedule=self.schedule)
+        _require(self.grad_clip >= 0, "{grad_clip} must be >= 0", grad_clip=self.grad_clip)
+        _require(self.max_tokens >= 1, "{max_tokens} must be positive", max_tokens=self.max_tokens)
+        _require(self.eval_every_tokens >= 1, "{eval_every_tokens} must be positive", eval_every_tokens=self.eval_every_tokens)
+        _require(self.eval_tokens >= 1, "{eval_tokens} must be positive", eval_tokens=self.eval_tokens)
+        _require(self.dtype in ("auto", "float32", "bfloat16"), "{dtype} must be auto, float32 or bfloat16", dtype=self.dtype)
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+            "{device} must be auto, cpu, cuda or cuda:N", device=self.device,
+        )
+        _require(self.threads >= 0, "{threads} must be >= 0", threads=self.threads)
+
+    def schedule_for(self, seq_len: int) -> Schedule:
+        """Steps and iterations of this run for windows of `seq_len` tokens."""
+        tokens_per_step = self.batch_size * seq_len
+        return Schedule(
+            tokens_per_step=tokens_per_step,
+            total_steps=max(1, -(-self.max_tokens // tokens_per_step)),
+            steps_per_iteration=max(1, -(-self.eval_every_tokens // tokens_per_step)),
         )
 
-    @property
-    def iterations(self) -> int:
-        """Number of evaluate-and-checkpoint iterations the run makes."""
-        return -(-self.max_tokens // self.eval_every_tokens)
+    def cpu_threads(self) -> int:
+        """Threads torch should use: --threads, else every CPU this process may run on (taskset, cgroups)."""
+        return self.threads or available_cpus()
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -141,8 +190,7 @@ class DataConfig:
 
     dataset: str = "imdb"
     """imdb, wikitext, wikitext-2, repeat, or a path to local files (DATASET)."""
-    tokenizer: str = "gpt2"
-    """gpt2, bert, bpe:N, bytes, or a path to a tokenizer (--tokenizer)."""
+    tokenizer: str = setting("gpt2", "tokenizer", "gpt2, bert, bpe:N, bytes or a tokenizer path.")
     text_column: str = "text"
     """Column holding the text in parquet / jsonl files (--text-column)."""
     train_split: str = "train"
@@ -159,10 +207,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "DATASET must not be empty")
         _require(bool(self.text_column), "--text-column must not be empty")
-        _require(self.repeat_vocab >= 8, f"repeat_vocab must be >= 8, got {self.repeat_vocab}")
+        _require(self.repeat_vocab >= 8, "{repeat_vocab} must be >= 8", repeat_vocab=self.repeat_vocab)
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Build a config dataclass from the keys of `values` it knows, ignoring the rest."""
-    names = {field.name for field in dataclasses.fields(cls)}
+    names = {item.name for item in dataclasses.fields(cls)}
     return cls(**{key: value for key, value in values.items() if key in names})

@@ -67,6 +67,48 @@ def check_dataset(cfg: DataConfig) -> None:
         )
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Everything about the data that can be checked without reading it: the dataset,
+    its train and test splits, and the tokenizer spec. Sweeps call it before Ray starts."""
+    from .tokenizers import check_tokenizer_spec
+
+    check_dataset(cfg)
+    for split in (cfg.train_split, cfg.test_split):
+        check_split(cfg, split)
+    if cfg.dataset != SYNTHETIC:
+        check_tokenizer_spec(cfg.tokenizer)
+
+
+def check_split(cfg: DataConfig, split: str) -> None:
+    if cfg.dataset == SYNTHETIC:
+        if split not in REPEAT_SEEDS:
+            raise ConfigError(f"the repeat task has no split {split!r}; splits: {', '.join(REPEAT_SEEDS)}")
+    elif cfg.dataset in HUB_DATASETS:
+        if data_mirror() is not None:
+            _mirror_split(cfg.dataset, split)
+        elif split not in HUB_DATASETS[cfg.dataset].splits:
+            source = HUB_DATASETS[cfg.dataset]
+            raise ConfigError(f"{source.path} has no split {split!r}; splits: {', '.join(source.splits)}")
+    else:
+        root = Path(cfg.dataset).expanduser()
+        if _has_named_splits(root) and not any(p.suffix in LOCAL_SUFFIXES for p in root.glob(f"{split}.*")):
+            present = sorted({p.stem for p in root.iterdir() if p.suffix in LOCAL_SUFFIXES})
+            raise ConfigError(f"{root} has no {split}.* file; splits there: {', '.join(present)}; choose with --train-split / --test-split")
+
+
+def _mirror_split(dataset: str, split: str) -> Path:
+    """The mirror's parquet file of a split; ConfigError naming the splits there when it is missing."""
+    mirror = data_mirror()
+    path = mirror / dataset / f"{split}.parquet"
+    if not path.is_file():
+        present = sorted(p.stem for p in (mirror / dataset).glob("*.parquet"))
+        raise ConfigError(
+            f"split {split!r} of {dataset} is not in SWEEP_DATA_DIR ({path} missing); "
+            f"splits there: {', '.join(present) or 'none'}; choose with --train-split / --test-split"
+        )
+    return path
+
+
 # ---------------------------------------------------------------- loading text
 
 
@@ -88,16 +130,8 @@ def load_texts(cfg: DataConfig, split: str) -> list[str]:
 
 
 def _named_dataset_texts(cfg: DataConfig, split: str) -> list[str]:
-    mirror = data_mirror()
-    if mirror is not None:
-        path = mirror / cfg.dataset / f"{split}.parquet"
-        if not path.is_file():
-            present = sorted(p.stem for p in (mirror / cfg.dataset).glob("*.parquet"))
-            raise ConfigError(
-                f"split {split!r} of {cfg.dataset} is not in SWEEP_DATA_DIR ({path} missing); "
-                f"splits there: {', '.join(present) or 'none'}; choose with --train-split / --test-split"
-            )
-        return _read_table_column(path, cfg.text_column)
+    if data_mirror() is not None:
+        return _read_table_column(_mirror_split(cfg.dataset, split), cfg.text_column)
     return _hub_texts(HUB_DATASETS[cfg.dataset], split, cfg.text_column)
 
 

@@ -1,7 +1,8 @@
 """Tokenizers: every kind ends up as a `tokenizers.Tokenizer` saved as tokenizer.json.
 
-Specs: `gpt2`, `bert` (bert-base-cased) from the Hugging Face Hub through
-transformers; `bpe:N`, a byte-level BPE with vocabulary N trained on the
+Specs: `gpt2`, `bert` (bert-base-cased) from the data mirror
+(`$SWEEP_DATA_DIR/tokenizers/<spec>/`) when it holds them, else from the
+Hugging Face Hub through transformers; `bpe:N`, a byte-level BPE with vocabulary N trained on the
 training split and cached by content hash; `bytes`; or a path to a
 tokenizer.json or a Hugging Face tokenizer folder.
 """
@@ -104,8 +105,21 @@ def load_tokenizer(spec: str, training_texts: list[str] | None = None, cache_dir
             raise ConfigError(f"--tokenizer {spec} needs training text to learn its vocabulary")
         return TextTokenizer(trained_bpe(training_texts, size, cache_dir), spec)
     if spec in HUB_TOKENIZERS:
+        mirrored = mirrored_tokenizer(spec)
+        if mirrored is not None:
+            return TextTokenizer(tokenizer_from_path(mirrored), spec)
         return TextTokenizer(hugging_face_tokenizer(HUB_TOKENIZERS[spec], spec), spec)
     return TextTokenizer(tokenizer_from_path(Path(spec)), spec)
+
+
+def mirrored_tokenizer(spec: str) -> Path | None:
+    """`$SWEEP_DATA_DIR/tokenizers/<spec>/` when the data mirror holds that Hub tokenizer's files:
+    the same tokenizer.json the Hub serves, so an offline run tokenizes exactly as an online one."""
+    mirror = os.environ.get("SWEEP_DATA_DIR")
+    if not mirror:
+        return None
+    folder = Path(mirror).expanduser() / "tokenizers" / spec
+    return folder if (folder / "tokenizer.json").is_file() else None
 
 
 def tokenizer_from_path(path: Path) -> Tokenizer:

@@ -1,9 +1,10 @@
-"""Training loop, evaluation, metrics and checkpoint I/O.
+"""The training loop and evaluation of one run.
 
 A run is a sequence of iterations of `eval_every_tokens` training tokens;
-after each comes an evaluation on a fixed held-out sample and, when the
-caller asks, a checkpoint. The same `Trainer` serves `sweep train` and the
-Ray Tune trainable.
+after each comes an evaluation on a fixed held-out sample, the head analysis
+and a checkpoint. `run_iterations` is the one loop: `sweep train` and the Ray
+Tune trainable differ only in where they publish each iteration's metrics and
+checkpoint. Checkpoint files and loading live in `model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,36 +14,26 @@ import json
 import logging
 import math
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .analysis import AnalysisConfig, head_scores, repeat_prompt, score_summaries, write_analysis
-from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from .checkpoint import read_config, read_trainer_state, swap_in, write_manifest
+from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
 from .tokenizers import TextTokenizer
 from .transformer import PAD_ID, Transformer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
-# Written last into every checkpoint: the size of each other file. A checkpoint whose files
-# do not match it (a copy cut short by a full disk or a dropped connection) is incomplete.
-MANIFEST_FILE = "manifest.json"
 EVAL_SAMPLE_SEED = 1234  # the held-out sample is the same for every run of a dataset
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged; the message starts with `nan_loss` so sweeps can tell it apart."""
-
-
-class CheckpointError(ValueError):
-    """A folder that is not a readable checkpoint."""
+__all__ = ["CheckpointError", "NonFiniteLossError", "Trainer", "run_iterations", "run_training"]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -103,15 +94,18 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        # Threads from the CPUs this run was given: two runs that each take every core run 5x slower.
+        torch.set_num_threads(train_cfg.cpu_threads())
         torch.manual_seed(train_cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
         self.forward = torch.compile(self.model) if train_cfg.compile else self.model
         # Training needs only the loss: the fused unembedding + cross entropy never forms the logits.
         self.training_loss = torch.compile(self.model.training_loss) if train_cfg.compile else self.model.training_loss
         self.optimizer = self._make_optimizer()
-        self.tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
-        self.total_steps = max(1, -(-train_cfg.max_tokens // self.tokens_per_step))
-        self.steps_per_iteration = max(1, -(-train_cfg.eval_every_tokens // self.tokens_per_step))
+        self.schedule = train_cfg.schedule_for(model_cfg.seq_len)
+        self.tokens_per_step = self.schedule.tokens_per_step
+        self.total_steps = self.schedule.total_steps
+        self.steps_per_iteration = self.schedule.steps_per_iteration
         warmup = int(train_cfg.warmup_fraction * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, self.total_steps, train_cfg.schedule)
@@ -303,110 +297,18 @@ def held_out_sample(test_windows: np.ndarray, eval_tokens: int, seq_len: int) ->
     return np.array(test_windows[np.sort(rows)], dtype=np.int32)
 
 
-# ---------------------------------------------------------------- reading checkpoints
-
-
-def is_checkpoint(directory: str | os.PathLike) -> bool:
-    directory = Path(directory)
-    return all((directory / name).is_file() for name in ("model.safetensors", "config.json"))
-
-
-def file_sizes(directory: Path) -> dict[str, int]:
-    """Relative path -> size of every file under `directory`."""
-    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def write_manifest(directory: Path) -> None:
-    sizes = {name: size for name, size in file_sizes(directory).items() if name != MANIFEST_FILE}
-    (directory / MANIFEST_FILE).write_text(json.dumps({"files": sizes}, indent=1))
-
-
-def manifest_problem(manifest_text: str | None, sizes: dict[str, int]) -> str | None:
-    """Why a checkpoint with these file sizes does not match its manifest, or None when it does.
-
-    Checkpoints written before manifests existed (manifest_text None) are taken as they are.
-    """
-    if manifest_text is None:
-        return None
-    try:
-        expected = json.loads(manifest_text)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return f"{MANIFEST_FILE} is cut short"
-    for name, size in expected.items():
-        if name not in sizes:
-            return f"{name} is missing"
-        if sizes[name] != size:
-            return f"{name} holds {sizes[name]} of its {size} bytes"
-    return None
-
-
-def check_complete(directory: Path) -> None:
-    """CheckpointError when a local checkpoint folder does not match its manifest."""
-    manifest = directory / MANIFEST_FILE
-    problem = manifest_problem(manifest.read_text() if manifest.exists() else None, file_sizes(directory))
-    if problem:
-        raise CheckpointError(f"{directory} is an incomplete checkpoint ({problem}); use an earlier one")
-
-
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
-    if not is_checkpoint(directory):
-        raise CheckpointError(f"{directory} is not a checkpoint: model.safetensors and config.json are missing")
-    check_complete(directory)
-    try:
-        return json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{directory}/config.json is not valid JSON ({error})") from None
-
-
-def read_trainer_state(directory: Path) -> dict[str, Any]:
-    """trainer_state.pt through the weights-only unpickler: no code in a checkpoint ever runs."""
-    try:
-        return torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no trainer_state.pt; it cannot resume training") from None
-    except Exception as error:  # UnpicklingError, RuntimeError: refuse anything but tensors
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{directory}/trainer_state.pt was refused by the weights-only loader ({first_line[:160]})"
-        ) from None
-
-
-def load_checkpoint_tokenizer(directory: str | os.PathLike) -> TextTokenizer:
-    """The tokenizer saved beside a checkpoint's weights."""
-    from .tokenizers import tokenizer_from_path
-
-    read_config(directory)  # a clear error when the folder is not a checkpoint
-    return TextTokenizer(tokenizer_from_path(Path(directory) / "tokenizer.json"), "checkpoint")
-
-
-def load_checkpoint(directory: str | os.PathLike, device: str = "cpu") -> Transformer:
-    """The trained model of a checkpoint folder, in eval mode."""
-    config = read_config(directory)
-    try:
-        model_cfg = from_dict(ModelConfig, config["model"])
-    except (KeyError, TypeError, ConfigError) as error:
-        raise CheckpointError(f"{directory}/config.json holds no valid model config ({error})") from None
-    model = Transformer(model_cfg)
-    try:
-        model.load_state_dict(load_file(Path(directory) / "model.safetensors", device=device))
-    except Exception as error:  # safetensors raises its own error types
-        raise CheckpointError(f"{directory}/model.safetensors does not match its config ({error})") from None
-    return model.to(device).eval()
-
-
-def write_checkpoint_atomically(trainer: Trainer, target: Path) -> Path:
-    """Write a checkpoint next to `target` and swap it in, so `target` is always complete."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    trainer.save_checkpoint(partial)
-    previous = target.with_name(target.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(partial, target)
-    shutil.rmtree(previous, ignore_errors=True)
-    return target
+def run_iterations(
+    trainer: Trainer, publish: Callable[[dict[str, Any], Path], None], scratch: Path | None = None
+) -> dict[str, Any]:
+    """The loop of every run: train an iteration, write its checkpoint into a fresh folder
+    (inside `scratch`, so `publish` may move it), and hand metrics and folder to `publish`."""
+    metrics: dict[str, Any] = {}
+    while not trainer.finished:
+        metrics = trainer.train_iteration()
+        with tempfile.TemporaryDirectory(prefix="checkpoint-", dir=scratch, ignore_cleanup_errors=True) as directory:
+            trainer.save_checkpoint(directory)
+            publish(metrics, Path(directory))
+    return metrics
 
 
 def run_training(
@@ -419,27 +321,27 @@ def run_training(
     log=lambda message: None,
 ) -> dict[str, Any]:
     """One complete run into `out`: metrics.jsonl (a line per iteration) and checkpoint/."""
-    from .data import check_dataset, prepare_data
-    from .tokenizers import check_tokenizer_spec
+    from .data import check_data, prepare_data
 
     ModelConfig(**model_values)  # fail on bad shapes before any data is read
-    check_dataset(data_cfg)
-    if data_cfg.dataset != "repeat":
-        check_tokenizer_spec(data_cfg.tokenizer)
+    check_data(data_cfg)
     out = Path(out)
     if (out / "metrics.jsonl").exists() or (out / "checkpoint").exists():
         raise ConfigError(f"--out {out} already holds a run; choose another --out or delete it")
     data = prepare_data(data_cfg, model_values.get("seq_len", ModelConfig.seq_len), log)
     model_cfg = ModelConfig(**(model_values | {"vocab_size": data.tokenizer.vocab_size}))
     trainer = Trainer(model_cfg, train_cfg, data.train, data.test, data.tokenizer, data_cfg, analysis_cfg)
-    log(f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}), {trainer.total_steps} steps")
+    log(
+        f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}, {torch.get_num_threads()} threads), "
+        f"{trainer.total_steps} steps in {trainer.schedule.iterations} iterations"
+    )
     out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {}
     with (out / "metrics.jsonl").open("w") as lines:
-        while not trainer.finished:
-            metrics = trainer.train_iteration()
-            write_checkpoint_atomically(trainer, out / "checkpoint")
+
+        def publish(metrics: dict[str, Any], directory: Path) -> None:
+            swap_in(directory, out / "checkpoint")
             lines.write(json.dumps({"iteration": trainer.iteration, **metrics}) + "\n")
             lines.flush()
             on_iteration(metrics, trainer)
-    return metrics
+
+        return run_iterations(trainer, publish, scratch=out)

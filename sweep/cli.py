@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -12,10 +13,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from model.config import ConfigError, TrainConfig
-from model.train import CheckpointError, NonFiniteLossError
+from model.config import CheckpointError, ConfigError, NonFiniteLossError
+from model.metrics import REPORTED_METRICS
 
-from .space import data_config
+from .space import SHAPE_KEYS, TRIAL_KEYS, data_config
 
 console = Console(stderr=True, soft_wrap=True)
 # Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
@@ -56,7 +57,7 @@ def main(verbose: bool) -> None:
 def data_options(command):
     """Options that choose and prepare the data (shared by train and launch)."""
     options = [
-        click.option("--tokenizer", default="gpt2", show_default=True, help="gpt2, bert, bpe:N, bytes or a tokenizer path."),
+        click.option("--tokenizer", default=TRIAL_KEYS["tokenizer"].default, show_default=True, help=TRIAL_KEYS["tokenizer"].help),
         click.option("--text-column", default="text", show_default=True, help="Text column of parquet / jsonl files."),
         click.option("--train-split", default="train", show_default=True),
         click.option("--test-split", default="test", show_default=True),
@@ -68,26 +69,29 @@ def data_options(command):
     return command
 
 
+def trial_key_options(command):
+    """One option per trial key of the model and training configs (the --grid keys of a sweep)."""
+    for spec in reversed([s for s in TRIAL_KEYS.values() if s.key != "tokenizer"]):
+        flag = "--" + spec.key.replace("_", "-")
+        if isinstance(spec.default, bool):
+            command = click.option(f"{flag}/--no-{flag[2:]}", spec.key, default=spec.default, help=spec.help)(command)
+        else:
+            command = click.option(flag, spec.key, default=spec.default, show_default=True, type=type(spec.default), help=spec.help)(command)
+    return command
+
+
 @main.command()
 @click.argument("dataset")
 @data_options
-@click.option("--layers", default=1, show_default=True, help="Transformer blocks.")
-@click.option("--heads", default=8, show_default=True, help="Attention heads per layer.")
-@click.option("--d-model", default=256, show_default=True, help="Residual stream width.")
-@click.option("--seq-len", default=20, show_default=True, help="Context length.")
-@click.option("--mlp/--no-mlp", default=False, help="Add MLPs (attention-only by default).")
-@click.option("--lr", default=1e-4, show_default=True, help="Peak learning rate.")
-@click.option("--batch-size", default=50, show_default=True)
-@click.option("--max-tokens", default=2_000_000, show_default=True, help="Training tokens in all.")
-@click.option("--eval-every-tokens", default=200_000, show_default=True, help="Tokens per iteration.")
-@click.option("--seed", default=0, show_default=True)
+@trial_key_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]))
 @click.option("--compile/--no-compile", default=False, help="torch.compile the model.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads for torch (0: every CPU this process may use).")
 @click.option("--prompt", default="This movie is", show_default=True, help="Prompt for the sample and heatmaps.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
-def train(dataset, layers, heads, d_model, seq_len, mlp, lr, batch_size, max_tokens, eval_every_tokens, seed, device, dtype, compile, prompt, out, as_json, **data_values):
+def train(dataset, device, dtype, compile, threads, prompt, out, as_json, **values):
     """Train one model without Ray; write OUT/metrics.jsonl and OUT/checkpoint/.
 
     \b
@@ -97,16 +101,20 @@ def train(dataset, layers, heads, d_model, seq_len, mlp, lr, batch_size, max_tok
     from model.analysis import AnalysisConfig
     from model.train import run_training
 
-    train_cfg = TrainConfig(lr=lr, batch_size=batch_size, max_tokens=max_tokens, eval_every_tokens=eval_every_tokens, seed=seed, device=device, dtype=dtype, compile=compile)
-    model_values = {"n_layers": layers, "n_heads": heads, "d_model": d_model, "seq_len": seq_len, "mlp": mlp}
+    from .space import trial_configs
+
+    _, model_cfg, train_cfg = trial_configs({**values, "device": device, "compile": compile})
+    train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
+    model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
+    data_values = {k: v for k, v in values.items() if k in {"tokenizer", "text_column", "train_split", "test_split", "clean", "pack"}}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("training", total=max_tokens, status="")
+        task = progress.add_task("training", total=train_cfg.max_tokens, status="")
 
         def on_iteration(metrics, trainer):
             progress.update(task, completed=metrics["tokens_seen"], status=f"test_loss {metrics['test_loss']:.3f}")
             console.print(_metrics_line(trainer.iteration, metrics), highlight=False)
 
-        metrics = run_training(data_config({"dataset": dataset, **data_values}), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=seed), on_iteration, log=console.print)
+        metrics = run_training(data_config({"dataset": dataset, **data_values}), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=train_cfg.seed), on_iteration, log=console.print)
     console.print(f"checkpoint: {out / 'checkpoint'}")
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
@@ -128,8 +136,8 @@ def _metrics_line(iteration: int, metrics: dict) -> str:
 @click.option("--seed", default=0, show_default=True)
 def generate(checkpoint, prompt, tokens, top_k, seed):
     """Continue PROMPT with top-k sampling from a checkpoint folder."""
+    from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer
     from model.generate import generate as sample
-    from model.train import load_checkpoint, load_checkpoint_tokenizer
 
     net = load_checkpoint(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
@@ -146,26 +154,31 @@ def storage_option(command):
     )(command)
 
 
+METRIC_HELP = "Metric to rank by: " + ", ".join(REPORTED_METRICS) + "."
+MODE_HELP = "min or max [default: the metric's direction: losses min, scores and accuracy max]."
+ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine is part of) or ray://HEAD:10001 [default: start a local Ray]."
+
+
 @main.command()
 @click.argument("dataset", required=False, default="")
 @click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
-@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="Override or add an axis (repeatable).")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help=f"Override or add an axis (repeatable); keys: {', '.join(TRIAL_KEYS)}.")
 @click.option("--name", default=None, help="Experiment name [default: DATASET-PRESET-TIME].")
 @storage_option
-@click.option("--address", default=None, help="Join a cluster: auto or ray://host:10001 [default: local Ray].")
-@click.option("--cpus-per-trial", default=1.0, show_default=True, type=float)
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--cpus-per-trial", default=1.0, show_default=True, type=float, help="CPUs (and torch threads) a trial reserves.")
 @click.option("--gpus-per-trial", default=0.0, show_default=True, type=float, help="Fractions share a GPU.")
 @click.option("--memory-per-trial", default=0.0, show_default=True, type=float, help="MB a trial reserves and may use (0: no limit).")
 @click.option("--max-concurrent", default=0, show_default=True, help="0: as many as resources allow.")
 @click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
-@click.option("--metric", default="test_loss", show_default=True)
-@click.option("--mode", default="min", show_default=True, type=click.Choice(["min", "max"]))
+@click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
+@click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
 @click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
 @click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
 @click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
-@click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases.")
+@click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').")
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
 @data_options
 @click.pass_context
@@ -191,9 +204,9 @@ def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, g
         wandb=wandb, data=explicit,
     )
     plan = plan_sweep(config)
-    progress = ProgressCallback(metric, mode, plan.iterations)
-    plan = launch_sweep(config, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
-    _print_best(plan.name, plan.storage.uri, metric, mode, top=3)
+    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
+    launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
+    _print_best(plan.name, plan.storage.uri, plan.launch.metric, plan.launch.mode, top=3)
 
 
 def _open(storage_uri):
@@ -202,24 +215,33 @@ def _open(storage_uri):
     return open_storage(storage_uri)
 
 
+def _varying(config: dict) -> str:
+    return " ".join(f"{k}={config[k]}" for k in SHAPE_KEYS if k in config)
+
+
 def _print_best(name, storage_uri, metric, mode, top):
     from .results import best_document, load_experiment
 
     document = best_document(load_experiment(_open(storage_uri), name), metric, mode, top)
-    table = Table(title=f"{document['experiment']}: best by {metric} ({mode})")
+    table = Table(title=f"{document['experiment']}: best by {metric} ({document['mode']})")
     extra = [m for m in ("test_loss", "induction_score_max") if m != metric]
     for column in ("trial", "status", "iters", metric, *extra, "config"):
         table.add_column(column)
     for trial in document["trials"]:
-        varying = " ".join(f"{k}={trial['config'][k]}" for k in ("seq_len", "lr", "heads", "d_model", "layers", "mlp") if k in trial["config"])
         table.add_row(
-            trial["trial_id"], trial["status"], str(trial["iterations"]), f"{trial['metrics'][metric]:.4f}",
-            *(f"{trial['metrics'].get(m, float('nan')):.4f}" for m in extra), varying,
+            trial["trial_id"], _status_text(trial["status"], trial["iterations"], trial["planned_iterations"]), str(trial["iterations"]),
+            f"{trial['metrics'][metric]:.4f}", *(f"{trial['metrics'].get(m, float('nan')):.4f}" for m in extra), _varying(trial["config"]),
         )
     output.print(table)
     if document["trials"] and document["trials"][0]["checkpoint"]:
         output.print(f"best checkpoint: {document['trials'][0]['checkpoint']}", highlight=False)
     return document
+
+
+def _status_text(status: str, iterations: int, planned: int | None) -> str:
+    from .names import STOPPED_EARLY
+
+    return f"stopped early at {iterations}/{planned}" if status == STOPPED_EARLY else status
 
 
 @main.command(name="list")
@@ -244,10 +266,13 @@ def status(name, storage):
     from .results import best_trials, load_experiment, status_counts
 
     experiment = load_experiment(_open(storage), name)
-    metric, mode = experiment.record["metric"], experiment.record["mode"]
-    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(status_counts(experiment).items()))
+    metric, mode = experiment.record["metric"], experiment.record.get("mode")
+    counts = ", ".join(f"{n} {state.lower().replace('_', ' ')}" for state, n in sorted(status_counts(experiment).items()))
     iterations = sum(t.iterations for t in experiment.trials)
     click.echo(f"{experiment.name}: {len(experiment.trials)} of {experiment.record['trials']} trials started ({counts or 'none yet'}); {iterations} iterations done")
+    for trial in experiment.trials:
+        if trial.stopped_early:
+            click.echo(f"  {trial.trial_id} {trial.status_text} ({_varying(trial.config)})")
     best = best_trials(experiment, metric, mode, 1) if any(metric in t.metrics for t in experiment.trials) else []
     if best:
         click.echo(f"best {metric}: {best[0].metrics[metric]:.4f} ({best[0].trial_id})")
@@ -256,10 +281,10 @@ def status(name, storage):
 @main.command()
 @click.argument("name", required=False)
 @storage_option
-@click.option("--metric", default="test_loss", show_default=True)
-@click.option("--mode", default="min", show_default=True, type=click.Choice(["min", "max"]))
+@click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
+@click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True, help="Print the DESIGN.md JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print the best trials as JSON: config, metrics, status, checkpoint and heatmap addresses.")
 def best(name, storage, metric, mode, top, as_json):
     """The best trials of experiment NAME (default: the newest) by --metric."""
     if as_json:
@@ -271,52 +296,49 @@ def best(name, storage, metric, mode, top, as_json):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @storage_option
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write every trial's last metrics as CSV.")
 def results(name, storage, csv_path):
-    """Every trial of NAME with its config and last metrics."""
-    import csv
-
-    from .results import load_experiment
+    """Every trial of experiment NAME (default: the newest) with its config and last metrics."""
+    from .results import load_experiment, results_rows
 
     experiment = load_experiment(_open(storage), name)
-    config_keys = sorted({k for t in experiment.trials for k in t.config})
-    metric_keys = sorted({k for t in experiment.trials for k in t.metrics})
     if csv_path:
-        # config columns keep their names; metric columns that clash (lr) get a metric/ prefix
-        rows = [{"trial_id": t.trial_id, "status": t.status, "iterations": t.iterations, "error": t.error or "", **t.config,
-                 **{(f"metric/{k}" if k in config_keys else k): v for k, v in t.metrics.items()}} for t in experiment.trials]
-        metric_keys = [f"metric/{k}" if k in config_keys else k for k in metric_keys]
-        with csv_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["trial_id", "status", "iterations", "error", *config_keys, *metric_keys])
+        import csv
+
+        columns, rows = results_rows(experiment)
+        partial = csv_path.with_name(csv_path.name + ".partial")
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
+        partial.replace(csv_path)  # never a half-written file
         console.print(f"wrote {len(rows)} trials to {csv_path}")
         return
     table = Table(title=experiment.name)
-    for column in ("trial", "status", "iters", "test_loss", "lr", "heads", "d_model", "layers", "seq_len", "mlp", "error"):
+    for column in ("trial", "status", "iters", "test_loss", *SHAPE_KEYS, "error"):
         table.add_column(column)
     for trial in experiment.trials:
         loss = trial.metrics.get("test_loss")
-        table.add_row(trial.trial_id, trial.status, str(trial.iterations), f"{loss:.4f}" if isinstance(loss, float) else "-", *(str(trial.config.get(k, "")) for k in ("lr", "heads", "d_model", "layers", "seq_len", "mlp")), trial.error or "")
+        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), f"{loss:.4f}" if isinstance(loss, float) else "-", *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
     output.print(table)
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @storage_option
-@click.option("--address", default=None, help="Ray cluster to resume on [default: local Ray].")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.pass_context
 def resume(ctx, name, storage, address):
-    """Finish an interrupted sweep: unfinished and errored trials continue from their checkpoints."""
+    """Finish an interrupted sweep NAME (default: the newest): unfinished and errored trials continue from their checkpoints."""
     from .progress import ProgressCallback
     from .runner import load_plan, resume_sweep
 
     plan = load_plan(name, storage)
-    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.iterations)
-    resume_sweep(name, storage, address, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
-    _print_best(name, storage, plan.launch.metric, plan.launch.mode, top=3)
+    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
+    resume_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"], address=address)
+    _print_best(plan.name, storage, plan.launch.metric, plan.launch.mode, top=3)
 
 
 def source_options(command):
@@ -324,21 +346,20 @@ def source_options(command):
     return storage_option(command)
 
 
-@main.command()
-@click.argument("source")
+SOURCE_HELP = "SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; with --storage and --trial)."
+
+
+@main.command(help=f"The head atlas: every head's scores and labels.\n\n{SOURCE_HELP}")
+@click.argument("source", required=False)
 @source_options
 @click.option("--json", "as_json", is_flag=True, help="Print heads.json.")
 def heads(source, trial, storage, as_json):
-    """The head atlas: every head's scores and labels.
-
-    SOURCE is a checkpoint folder or an experiment name (with --storage).
-    """
     import tempfile
 
     from .results import local_checkpoint
 
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoint = local_checkpoint(source, trial, _open(storage), workdir)
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
         if not (checkpoint / "heads.json").is_file():
             raise UserError(f"{checkpoint} has no heads.json; it was written by an older version")
         document = json.loads((checkpoint / "heads.json").read_text())
@@ -346,7 +367,7 @@ def heads(source, trial, storage, as_json):
         click.echo(json.dumps(document, indent=2))
         return
     names = list(document["heads"][0]["scores"]) if document["heads"] else []
-    table = Table(title=f"heads of {source}")
+    table = Table(title=f"heads of {title}")
     for column in ("layer", "head", *names, "labels"):
         table.add_column(column, justify="right" if column not in ("labels",) else "left")
     for head in document["heads"]:
@@ -354,28 +375,27 @@ def heads(source, trial, storage, as_json):
     output.print(table)
 
 
-@main.command()
-@click.argument("source")
+@main.command(help=f"Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt.\n\n{SOURCE_HELP}")
+@click.argument("source", required=False)
 @source_options
 @click.option("--prompt", default=None, help="Render new heatmaps for this prompt instead of copying the stored ones.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("heatmaps"), show_default=True)
 def heatmaps(source, trial, storage, prompt, out):
-    """Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt."""
     import shutil
     import tempfile
-
-    from model.analysis import AnalysisConfig, sample_and_patterns, write_heatmaps
-    from model.train import load_checkpoint, load_checkpoint_tokenizer
 
     from .results import local_checkpoint
 
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoint = local_checkpoint(source, trial, _open(storage), workdir)
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
         if prompt is None:
             if not (checkpoint / "heatmaps").is_dir():
                 raise UserError(f"{checkpoint} has no heatmaps/; pass --prompt to render them")
             shutil.copytree(checkpoint / "heatmaps", out, dirs_exist_ok=True)
         else:
+            from model.analysis import AnalysisConfig, sample_and_patterns, write_heatmaps
+            from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+
             net = load_checkpoint(checkpoint)
             tokenizer = load_checkpoint_tokenizer(checkpoint)
             try:
@@ -383,30 +403,27 @@ def heatmaps(source, trial, storage, prompt, out):
             except ValueError as error:
                 raise UserError(str(error)) from None
             write_heatmaps(out, ids, tokenizer.token_strings(ids), patterns)
-    console.print(f"heatmaps in {out}/: {len(list(out.glob('*.png')))} images")
+    console.print(f"heatmaps of {title} in {out}/: {len(list(out.glob('*.png')))} images")
 
 
-@main.command()
-@click.argument("source")
+@main.command(help=f"Export a checkpoint for TransformerLens' HookedTransformer (transformer-lens 3.x).\n\n{SOURCE_HELP}")
+@click.argument("source", required=False)
 @source_options
 @click.option("--format", "export_format", type=click.Choice(["transformer-lens"]), default="transformer-lens", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
 def export(source, trial, storage, export_format, out):
-    """Export a checkpoint for TransformerLens' HookedTransformer (transformer-lens 3.x).
-
-    SOURCE is a checkpoint folder or an experiment name (with --storage).
-    """
     import tempfile
 
+    from model.checkpoint import load_checkpoint
     from model.export import export_transformer_lens
-    from model.train import load_checkpoint
 
     from .results import local_checkpoint
 
     with tempfile.TemporaryDirectory() as workdir:
-        net = load_checkpoint(local_checkpoint(source, trial, _open(storage), workdir))
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
+        net = load_checkpoint(checkpoint)
     written = export_transformer_lens(net, out)
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    console.print(f"{title}: wrote " + ", ".join(str(p) for p in written))
 
 
 @main.command()

@@ -10,11 +10,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from model.config import ConfigError
+
+from .space import planned_iterations
+
 
 class ProgressCallback(tune.Callback):
     """Counts trials by state and tracks the best metric so far."""
 
-    def __init__(self, metric: str, mode: str, max_iterations: int) -> None:
+    def __init__(self, metric: str, mode: str, max_iterations: int | None = None) -> None:
+        """`max_iterations`: the --max-iterations cap, if any; each trial's own count comes from its config."""
         self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
         self._console: Console | None = None
         self._live: Live | None = None
@@ -50,7 +55,8 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if self._live is None:
             done = trial.last_result.get("training_iteration", 0)
-            state = "done" if done >= self.max_iterations else f"stopped early after {done} iterations"
+            planned = self._planned(trial)
+            state = "done" if done >= planned else f"stopped early at {done}/{planned}"
             self._log(f"{trial.trial_id} {state}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -65,12 +71,19 @@ class ProgressCallback(tune.Callback):
             elif trial.status == "ERROR":
                 self.counts["errored"] += 1
             elif trial.status == "TERMINATED":
-                finished = trial.last_result.get("training_iteration", 0) >= self.max_iterations
+                finished = trial.last_result.get("training_iteration", 0) >= self._planned(trial)
                 self.counts["done" if finished else "stopped early"] += 1
             else:
                 self.counts["pending"] += 1
         if self._live is not None:
             self._live.update(self._render())
+
+    def _planned(self, trial) -> int:
+        try:
+            planned = planned_iterations(trial.config)
+        except (ConfigError, KeyError, TypeError):
+            return self.max_iterations or 0
+        return min(planned, self.max_iterations or planned)
 
     def on_experiment_end(self, trials, **info) -> None:
         self.on_step_end(0, trials)

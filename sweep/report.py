@@ -10,13 +10,16 @@ import math
 from typing import Any
 
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
+from .names import metric_mode
+from .space import SHAPE_KEYS
 from .storage import read_text
 
-VARYING = ("seq_len", "lr", "heads", "d_model", "layers", "mlp", "tokenizer", "batch_size")
+VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = ("test_loss", "test_accuracy", "induction_score_max", "prev_token_score_max", "copying_score_max")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 80rem; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
+.wide { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f3f3f3; } td.text { text-align: left; }
 pre { background: #f7f7f7; padding: 0.8rem; white-space: pre-wrap; }
@@ -36,14 +39,15 @@ window.addEventListener('load', function () {
 
 
 def build_report(experiment: Experiment, top: int = 3) -> str:
-    metric, mode = experiment.record["metric"], experiment.record["mode"]
+    metric = experiment.record["metric"]
+    mode = experiment.record.get("mode") or metric_mode(metric)
     ranked = best_trials(experiment, metric, mode, len(experiment.trials)) if _reported(experiment, metric) else []
     leaders = ranked[:top]
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(status_counts(experiment).items()))
     parts = [
         f"<h1>{_e(experiment.name)}</h1>",
         f"<p>storage <code>{_e(experiment.storage.uri)}</code> &middot; ranked by <b>{_e(metric)}</b> ({_e(mode)}) &middot; "
-        f"{len(experiment.trials)} trials: {_e(counts)} &middot; created {_e(experiment.record.get('created', ''))}</p>",
+        f"{len(experiment.trials)} trials: {_e(counts.replace('_', ' '))} &middot; created {_e(experiment.record.get('created', ''))}</p>",
         "<h2>Leaderboard</h2>",
         _leaderboard(experiment, ranked, metric),
     ]
@@ -79,12 +83,12 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
     head = "".join(f"<th>{_e(c)}</th>" for c in ("#", "trial", "status", "iterations", *metrics, *VARYING, "error"))
     rows = []
     for rank, trial in enumerate([*ranked, *unranked], 1):
-        cells = [str(rank) if trial in ranked else "-", trial.trial_id, trial.status, str(trial.iterations)]
+        cells = [str(rank) if trial in ranked else "-", trial.trial_id, _e(trial.status_text), str(trial.iterations)]
         cells += [_number(trial.metrics.get(m, "")) for m in metrics]
         cells += [_e(trial.config.get(k, "")) for k in VARYING]
         cells.append(_e(trial.error or ""))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _loss_curves(experiment: Experiment, trials: list[TrialRecord]) -> bytes:

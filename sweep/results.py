@@ -17,10 +17,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from model.checkpoint import MANIFEST_FILE, manifest_problem
 from model.config import ConfigError
-from model.train import MANIFEST_FILE, manifest_problem
 
-from .runner import FINAL_FAILURES, SWEEP_FILE
+from .names import FINAL_FAILURES, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, metric_mode
+from .space import planned_iterations
 from .storage import Storage, check_name, exists, read_text
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,24 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
 # A checkpoint counts only when all of these landed, each at the size its manifest records:
 # a half-uploaded one is never "latest".
 REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
-INTERNAL_KEYS = {"config", "done", "should_checkpoint", "checkpoint_dir_name", "trial_id", "date", "hostname", "node_ip", "pid", "experiment_tag", "timestamp"}
+# What a trial's results show as its metrics: what the trainer reports and the final-failure
+# markers, not the fields Ray adds to every result (time_this_iter_s, iterations_since_restore...).
+PUBLIC_METRICS = frozenset(REPORTED_METRICS) | frozenset(FINAL_FAILURES)
+# Run settings older experiments kept inside the trial config.
+RUN_SETTING_KEYS = ("sweep_metric", "sweep_mode", "cpus_per_trial", "memory_per_trial_mb")
 
 
 @dataclass
 class TrialRecord:
     trial_id: str
-    status: str
+    tune_status: str
+    """Ray Tune's state: PENDING, RUNNING, TERMINATED, ERROR..."""
     config: dict[str, Any]
     metrics: dict[str, Any]
     iterations: int
     path: str
+    planned_iterations: int | None = None
+    """Iterations the trial makes when nothing stops it; None when its config is unknown."""
     checkpoints: list[str] = field(default_factory=list)
     """Complete checkpoint folders, oldest first."""
     files: dict[str, list[str]] = field(default_factory=dict)
@@ -50,6 +58,24 @@ class TrialRecord:
     def checkpoint(self) -> str | None:
         return self.checkpoints[-1] if self.checkpoints else None
 
+    @property
+    def stopped_early(self) -> bool:
+        """Terminated by the scheduler (ASHA) before its last iteration."""
+        planned = self.planned_iterations
+        return self.tune_status == "TERMINATED" and planned is not None and self.iterations < planned
+
+    @property
+    def status(self) -> str:
+        """The state users see: Tune's, except that a trial ASHA stopped is STOPPED_EARLY."""
+        return STOPPED_EARLY if self.stopped_early else self.tune_status
+
+    @property
+    def status_text(self) -> str:
+        """For tables: `stopped early at 2/4` instead of a bare state."""
+        if self.stopped_early:
+            return f"stopped early at {self.iterations}/{self.planned_iterations}"
+        return self.tune_status
+
 
 @dataclass
 class Experiment:
@@ -59,6 +85,8 @@ class Experiment:
     trials: list[TrialRecord]
     state_readable: bool = True
     """False when Tune's newest state file was cut short: the experiment cannot be resumed."""
+    state_found: bool = True
+    """False when Tune never saved its state: the launch stopped before the sweep began."""
 
     @property
     def path(self) -> str:
@@ -106,6 +134,8 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
     sizes = {info.path[len(root) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
     files = set(sizes)
     states, state_readable = _trial_states(storage, root, files)
+    state_found = any(re.match(r"^experiment_state-.*\.json$", f) for f in files)
+    cap = (record.get("launch") or {}).get("max_iterations")
     trial_dirs = sorted({path.split("/")[0] for path in files if path.startswith("trial_") and "/" in path})
     trials = []
     for directory in trial_dirs:
@@ -115,24 +145,34 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
         status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
         error = _error_reason(storage, f"{root}/{directory}", trial_files, last) if status == "ERROR" else None
+        config = _public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files))
         trials.append(
             TrialRecord(
                 trial_id=last.get("trial_id") or state.get("trial_id") or directory.removeprefix("trial_"),
-                status=status,
-                config=_public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files)),
-                metrics={k: v for k, v in last.items() if k not in INTERNAL_KEYS},
+                tune_status=status,
+                config=config,
+                metrics={k: v for k, v in last.items() if k in PUBLIC_METRICS},
                 iterations=int(last.get("training_iteration", 0)),
                 path=f"{root}/{directory}",
+                planned_iterations=_planned(config, cap),
                 checkpoints=[f"{root}/{directory}/{c}" for c in checkpoints],
                 files=checkpoint_files,
                 error=error,
             )
         )
-    return Experiment(name, storage, record, trials, state_readable)
+    return Experiment(name, storage, record, trials, state_readable, state_found)
 
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("sweep_metric", "sweep_mode", "cpus_per_trial", "memory_per_trial_mb")}
+    return {k: v for k, v in config.items() if k not in RUN_SETTING_KEYS}
+
+
+def _planned(config: dict[str, Any], cap: int | None) -> int | None:
+    try:
+        planned = planned_iterations(config)
+    except (ConfigError, KeyError, TypeError):
+        return None
+    return min(planned, cap or planned)
 
 
 def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[str, dict[str, Any]], bool]:
@@ -221,8 +261,10 @@ def reported_metrics(experiment: Experiment) -> list[str]:
     return sorted(names)
 
 
-def best_trials(experiment: Experiment, metric: str, mode: str = "min", top: int = 1) -> list[TrialRecord]:
-    """Trials ranked by their last reported `metric`; diverged and unreported trials are left out."""
+def best_trials(experiment: Experiment, metric: str, mode: str | None = None, top: int = 1) -> list[TrialRecord]:
+    """Trials ranked by their last reported `metric` (mode None: the metric's own direction);
+    diverged and unreported trials are left out."""
+    mode = mode or metric_mode(metric)
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode must be min or max, got {mode!r}")
     if metric not in reported_metrics(experiment):
@@ -236,8 +278,9 @@ def best_trials(experiment: Experiment, metric: str, mode: str = "min", top: int
     return ranked[:top]
 
 
-def best_document(experiment: Experiment, metric: str, mode: str = "min", top: int = 1) -> dict[str, Any]:
-    """The `sweep best --json` document of DESIGN.md."""
+def best_document(experiment: Experiment, metric: str, mode: str | None = None, top: int = 1) -> dict[str, Any]:
+    """The `sweep best --json` document: the best trials with config, metrics and artifacts."""
+    mode = mode or metric_mode(metric)
     storage = experiment.storage
     trials = []
     for trial in best_trials(experiment, metric, mode, top):
@@ -252,6 +295,7 @@ def best_document(experiment: Experiment, metric: str, mode: str = "min", top: i
             "config": trial.config,
             "metrics": trial.metrics,
             "iterations": trial.iterations,
+            "planned_iterations": trial.planned_iterations,
             "checkpoint": storage.uri_of(checkpoint) if checkpoint else None,
             "heatmaps": heatmaps,
         })
@@ -268,7 +312,7 @@ def status_counts(experiment: Experiment) -> dict[str, int]:
 def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
     """`best` (by the sweep's own metric) or a trial id."""
     if trial == "best":
-        ranked = best_trials(experiment, experiment.record["metric"], experiment.record["mode"], 1)
+        ranked = best_trials(experiment, experiment.record["metric"], experiment.record.get("mode"), 1)
         if not ranked:
             raise ConfigError(f"{experiment.name} has no trial with a finite {experiment.record['metric']} yet")
         return ranked[0]
@@ -278,20 +322,50 @@ def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
     raise ConfigError(f"no trial {trial!r} in {experiment.name}; trials: {', '.join(t.trial_id for t in experiment.trials)}")
 
 
-def local_checkpoint(source: str, trial: str, storage: Storage, workdir: str) -> Path:
-    """A local folder holding the checkpoint SOURCE names: a folder as is, else fetched from an experiment."""
-    from model.train import check_complete, read_config
+def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: str) -> tuple[Path, str]:
+    """A local folder holding the checkpoint SOURCE names, and a title for it.
 
-    if Path(source).is_dir():
-        read_config(source)  # one clear line when the folder is not a checkpoint, or an incomplete one
-        return Path(source)
+    SOURCE is a checkpoint folder (taken as is), a `sweep train` run folder (its
+    checkpoint/), or an experiment name (default: the newest), whose `trial` is fetched.
+    """
+    from model.checkpoint import check_complete, read_config
+
+    if source and ("/" in source or Path(source).exists()):
+        path = Path(source)
+        if path.is_dir() and (path / "checkpoint").is_dir() and not (path / "config.json").exists():
+            path = path / "checkpoint"  # a `sweep train` run folder
+        if not path.exists():
+            raise ConfigError(f"{source} does not exist; SOURCE is a checkpoint folder or an experiment name")
+        read_config(path)  # one clear line when it is a file, not a checkpoint, or an incomplete one
+        return path, str(path)
     experiment = load_experiment(storage, source)
     record = choose_trial(experiment, trial)
     if record.checkpoint is None:
         raise ConfigError(f"trial {record.trial_id} of {experiment.name} has no complete checkpoint yet")
+    title = f"{experiment.name} trial {record.trial_id} ({record.checkpoint.rsplit('/', 1)[1]})"
     if not storage.is_s3:
-        return Path(record.checkpoint)
+        return Path(record.checkpoint), title
     target = Path(workdir) / "checkpoint"
     pafs.copy_files(record.checkpoint, str(target), source_filesystem=storage.filesystem, destination_filesystem=pafs.LocalFileSystem())
     check_complete(target)  # the download itself may have been cut short
-    return target
+    return target, title
+
+
+def results_rows(experiment: Experiment) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of `sweep results --csv`: a row per trial with its state, config and last metrics.
+
+    Config columns keep their names; a metric whose name is also a config key (lr) is `metric/lr`.
+    """
+    config_keys = sorted({k for t in experiment.trials for k in t.config})
+    metric_keys = [m for m in (*REPORTED_METRICS, *FINAL_FAILURES) if any(m in t.metrics for t in experiment.trials)]
+
+    def column(metric: str) -> str:
+        return f"metric/{metric}" if metric in config_keys else metric
+
+    rows = [
+        {"trial_id": t.trial_id, "status": t.status, "iterations": t.iterations, "planned_iterations": t.planned_iterations,
+         "error": t.error or "", **t.config, **{column(k): v for k, v in t.metrics.items()}}
+        for t in experiment.trials
+    ]
+    columns = ["trial_id", "status", "iterations", "planned_iterations", "error", *config_keys, *map(column, metric_keys)]
+    return columns, rows

@@ -1,4 +1,10 @@
-"""Build, launch and resume a Ray Tune sweep."""
+"""Build, launch and resume a Ray Tune sweep.
+
+`plan_sweep` (launch) and `load_plan` (resume) make the one Plan of a sweep:
+everything checked that can be checked without Ray. The runner then starts
+Ray, checks the cluster can run a trial at all, and only then writes the
+experiment's record and hands the plan to Tune.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from model.config import ConfigError
-from model.data import check_dataset, prepare_data
-from model.tokenizers import check_tokenizer_spec
+from model.data import check_data, prepare_data
 
-from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, validate_trials
+from .names import REPORTED_METRICS, SWEEP_FILE, metric_mode
+from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, planned_iterations, validate_trials
 from .storage import Storage, check_name, check_writable, exists, is_storage_full, open_storage, read_text, write_text
 
 if TYPE_CHECKING:  # the trainable imports ray; the CLI must start without it
     from .trainable import FinalFailureCallback
 
 log = logging.getLogger(__name__)
-SWEEP_FILE = "sweep.json"  # our own record of how the sweep was launched (for resume and results)
 
 
 class StorageFullError(ConfigError):
     """The storage filled up during the sweep."""
-
-
-# Failures that would only repeat if retried: a trial reports one of these names as a metric,
-# then errors once (sweep.trainable); results show the name as the trial's error.
-FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class LaunchConfig:
     max_concurrent: int = 0
     num_samples: int = 1
     metric: str = "test_loss"
-    mode: str = "min"
+    mode: str | None = None
+    """min or max; None: the metric's natural direction (losses min, scores and accuracy max)."""
     early_stopping: bool | None = None
     """ASHA on or off; None: the preset's choice."""
     grace_period: int = 1
@@ -62,20 +63,38 @@ class LaunchConfig:
     """Values held fixed for every trial: DataConfig fields other than dataset, and `compile`."""
 
     def __post_init__(self) -> None:
-        from .trainable import REPORTED_METRICS
-
         if self.metric not in REPORTED_METRICS:
             raise ConfigError(f"--metric {self.metric!r} is never reported; choose one of: {', '.join(REPORTED_METRICS)}")
+        if self.mode is None:
+            object.__setattr__(self, "mode", metric_mode(self.metric))
         if self.mode not in ("min", "max"):
             raise ConfigError(f"--mode must be min or max, got {self.mode!r}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.memory_per_trial_mb < 0:
             raise ConfigError("--cpus-per-trial must be positive, --gpus-per-trial and --memory-per-trial non-negative")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: above 1 it must be a whole number of GPUs")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("--grace-period must be >= 1 and --reduction-factor >= 2")
         if self.max_iterations is not None and self.max_iterations < 1:
             raise ConfigError(f"--max-iterations must be >= 1, got {self.max_iterations}")
         if self.num_samples < 1 or self.max_concurrent < 0 or self.max_failures < 0:
             raise ConfigError("--num-samples must be >= 1, --max-concurrent and --max-failures >= 0")
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """How every trial runs, apart from what it trains: passed with `tune.with_parameters`,
+    so the searched config holds hyperparameters only."""
+
+    metric: str
+    mode: str
+    cpus_per_trial: float
+    memory_per_trial_mb: float
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of a trial: the CPUs Ray reserved for it, at least one."""
+        return max(1, int(self.cpus_per_trial))
 
 
 @dataclass
@@ -96,15 +115,26 @@ class Plan:
         preset = PRESETS.get(self.launch.preset)
         return preset.early_stopping if preset else True
 
+    def trial_iterations(self, config: dict[str, Any]) -> int:
+        """Iterations a trial of `config` makes: the trainer's count, capped by --max-iterations."""
+        planned = planned_iterations(config)
+        return min(planned, self.launch.max_iterations or planned)
+
     @property
     def iterations(self) -> int:
-        most = max(-(-t["max_tokens"] // t["eval_every_tokens"]) for t in self.trials)
-        return min(most, self.launch.max_iterations or most)
+        """The most iterations any trial makes: ASHA's max_t."""
+        return max(self.trial_iterations(t) for t in self.trials)
+
+    @property
+    def settings(self) -> TrialSettings:
+        launch = self.launch
+        return TrialSettings(launch.metric, launch.mode, launch.cpus_per_trial, launch.memory_per_trial_mb)
 
     def record(self) -> dict[str, Any]:
         return {
             "name": self.name, "launch": asdict(self.launch), "axes": self.axes, "fixed": self.fixed,
-            "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping, "trials": len(self.trials) * self.launch.num_samples,
+            "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
+            "trials": len(self.trials) * self.launch.num_samples, "max_iterations": self.launch.max_iterations,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -121,17 +151,20 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     dataset = launch.dataset or (preset.dataset if preset else None)
     if not dataset:
         raise ConfigError(f"DATASET is missing: preset {launch.preset!r} needs one (imdb, wikitext-2, repeat or a path)")
-    base = {"dataset": dataset, **launch.data, "sweep_metric": launch.metric, "sweep_mode": launch.mode,
-            "cpus_per_trial": launch.cpus_per_trial, "memory_per_trial_mb": launch.memory_per_trial_mb}
+    if launch.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package: pip install 'circuit-sweep[wandb]'") from None
+    base = {"dataset": dataset, **launch.data}
     if launch.gpus_per_trial == 0:
         base["device"] = "cpu"
-    axes, fixed = build_grid(launch.preset, parse_grid(launch.grid), base)
+    overrides = parse_grid(launch.grid)
+    axes, fixed = build_grid(launch.preset, overrides, base)
     trials = expand(axes, fixed)
-    validate_trials(trials)
-    check_dataset(data_config(fixed))
-    if dataset != "repeat":
-        for tokenizer in {t["tokenizer"] for t in trials}:
-            check_tokenizer_spec(tokenizer)
+    validate_trials(trials, axes, overrides)
+    for config in {data_key(t): t for t in trials}.values():
+        check_data(data_config(config))
     name = check_name(launch.name or default_name(dataset, launch.preset))
     storage = open_storage(launch.storage)
     plan = Plan(launch, name, storage, axes, fixed, trials)
@@ -193,19 +226,61 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # Our ProgressCallback is the sweep's view: keep Tune's own tables and sync warnings quiet.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not verbose:
+        # Ray announces its token authentication on every start; the README explains the token once.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
 
 
-def check_cluster_storage(storage: Storage, cpus_per_trial: float) -> None:
-    """Trials on other nodes cannot write to this machine's disk."""
+def _describe(resources: dict[str, float]) -> str:
+    gpus = resources.get("GPU", 0)
+    return (
+        f"{resources.get('CPU', 0):g} CPUs, {f'{gpus:g} GPUs' if gpus else 'no GPU'}, "
+        f"{resources.get('memory', 0) / 2**30:.1f} GiB memory"
+    )
+
+
+def _autoscaler_running() -> bool:
+    """Whether the cluster's autoscaler reports: then nodes may be added for what no node has now."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    raw = _internal_kv_get("__autoscaling_status")
+    try:
+        return bool(raw and json.loads(raw).get("autoscaler_report"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> None:
+    """Before anything is written: some node can run a trial, and trials can reach the storage.
+
+    A trial no node can ever hold would wait forever; on the local machine (or
+    a cluster without an autoscaler) that is a one-line error naming what the
+    cluster has. Trials on other nodes cannot write to this machine's disk.
+    """
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    # A head too small for a trial means trials go to workers the autoscaler adds later.
-    elsewhere = len(nodes) > 1 or all(n["Resources"].get("CPU", 0) < cpus_per_trial for n in nodes)
-    if elsewhere and not storage.is_s3:
+    launch = plan.launch
+    need = {"CPU": launch.cpus_per_trial, "GPU": launch.gpus_per_trial, "memory": launch.memory_per_trial_mb * 2**20}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fitting = [r for r in nodes if all(r.get(kind, 0) >= amount for kind, amount in need.items() if amount)]
+    autoscaling = not local and _autoscaler_running()
+    if not fitting:
+        largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        wanted = _describe(need).replace(", 0.0 GiB memory", "")
+        where = "this machine (local Ray)" if local else f"the largest of its {len(nodes)} nodes"
+        if not autoscaling:
+            raise ConfigError(
+                f"no node can run a trial: each needs {wanted} but {where} has {_describe(largest)}; "
+                "lower --cpus-per-trial / --gpus-per-trial / --memory-per-trial or join a larger cluster with --address"
+            )
+        log_line(f"no node has {wanted} for a trial yet; waiting for the autoscaler to add one (Ctrl-C if it cannot)")
+    elsewhere = len(nodes) > 1 or not fitting or autoscaling
+    if elsewhere and not plan.storage.is_s3:
         raise ConfigError(
-            f"trials of this cluster run on other nodes but --storage {storage.uri} is a local path; "
+            f"trials of this cluster may run on other nodes but --storage {plan.storage.uri} is a local path; "
             "pass --storage s3://bucket/prefix (or a path on a mount shared by every node)"
         )
 
@@ -218,14 +293,14 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
 
     launch = plan.launch
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, datasets=datasets),
+        tune.with_parameters(train_trial, datasets=datasets, settings=plan.settings),
         {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial, "memory": int(launch.memory_per_trial_mb * 2**20)},
     )
     callbacks = [failures, *callbacks]
     if launch.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "circuit-sweep"), group=plan.name, excludes=["cpus_per_trial"]))
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "circuit-sweep"), group=plan.name))
     filesystem = plan.storage.filesystem if plan.storage.is_s3 else None
     if restore:
         return tune.Tuner.restore(
@@ -263,13 +338,15 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
     )
 
 
-def launch_sweep(launch: LaunchConfig, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
-    """Plan, preflight, start Ray, prepare data once, then run every trial to the end."""
-    plan = plan_sweep(launch)
+def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
+    """Preflight, start Ray, check the cluster, prepare data once, then run every trial to the end."""
     preflight(plan)
-    init_ray(launch.address, verbose)
-    check_cluster_storage(plan.storage, launch.cpus_per_trial)
-    log_line(f"experiment {plan.name}: {len(plan.trials) * launch.num_samples} trials, up to {plan.iterations} iterations each, storage {plan.storage.uri}")
+    init_ray(plan.launch.address, verbose)
+    check_cluster(plan, plan.launch.address is None, log_line)
+    log_line(
+        f"experiment {plan.name}: {len(plan.trials) * plan.launch.num_samples} trials, up to {plan.iterations} "
+        f"iterations each, storage {plan.storage.uri}"
+    )
     datasets = prepare_datasets(plan.trials, log_line)
     from .trainable import FinalFailureCallback
 
@@ -301,36 +378,44 @@ def storage_full_message(plan: Plan) -> str:
     )
 
 
-def load_plan(name: str, storage_uri: str | None) -> Plan:
-    """The Plan of an experiment already in storage, from its sweep.json."""
+def load_plan(name: str | None, storage_uri: str | None) -> Plan:
+    """The Plan of an experiment already in storage (default: the newest), from its sweep.json."""
+    from .results import newest_experiment
+
     storage = open_storage(storage_uri)
-    check_name(name)
+    name = check_name(name) if name else newest_experiment(storage)
     record_path = storage.path(name, SWEEP_FILE)
     if not exists(storage, record_path):
         raise ConfigError(f"no experiment {name!r} in {storage.uri}; `sweep list` shows the experiments there")
-    record = json.loads(read_text(storage, record_path))
-    launch_values = record["launch"] | {"grid": tuple(record["launch"]["grid"])}
-    launch = LaunchConfig(**launch_values)
+    try:
+        record = json.loads(read_text(storage, record_path))
+        launch = LaunchConfig(**(record["launch"] | {"grid": tuple(record["launch"]["grid"])}))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{storage.uri_of(record_path)} is unreadable (cut short?); the experiment cannot be resumed") from None
     return Plan(launch, name, storage, record["axes"], record["fixed"], expand(record["axes"], record["fixed"]))
 
 
-def resume_sweep(name: str, storage_uri: str | None, address: str | None = None, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
+def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False, address: str | None = None) -> Plan:
     """Restore an interrupted sweep: unfinished and errored trials go on from their checkpoints."""
     from .results import load_experiment
 
-    plan = load_plan(name, storage_uri)
-    experiment = load_experiment(plan.storage, name)
+    experiment = load_experiment(plan.storage, plan.name)
     if not experiment.state_readable:
         raise ConfigError(
-            f"experiment {name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
+            f"experiment {plan.name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
             "(the storage filled up?); launch it again under a new --name"
         )
-    unfinished = [t for t in experiment.trials if t.status != "TERMINATED"]
-    if experiment.trials and not unfinished and len(experiment.trials) >= len(plan.trials):
-        raise ConfigError(f"experiment {name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
+    if not experiment.state_found:
+        raise ConfigError(
+            f"experiment {plan.name!r} cannot be resumed: Ray Tune never saved its state (the launch stopped "
+            "before any trial started); launch it again"
+        )
+    unfinished = [t for t in experiment.trials if t.tune_status != "TERMINATED"]
+    if experiment.trials and not unfinished and len(experiment.trials) >= len(plan.trials) * plan.launch.num_samples:
+        raise ConfigError(f"experiment {plan.name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
     init_ray(address, verbose)
-    check_cluster_storage(plan.storage, plan.launch.cpus_per_trial)
-    log_line(f"resuming {name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
+    check_cluster(plan, address is None, log_line)
+    log_line(f"resuming {plan.name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
     datasets = prepare_datasets(plan.trials, log_line)
     from .trainable import FinalFailureCallback
 

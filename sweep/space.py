@@ -1,7 +1,9 @@
 """Presets and --grid overrides: the hyperparameter grid of a sweep.
 
-A trial's config is a flat dict of plain values (the keys below plus the data
-options); `trial_configs` turns it into the model's dataclasses.
+A trial's config is a flat dict of plain values: the trial keys below (one
+table, read from the model's config dataclasses: key, field, parser,
+default, help) plus the data options. `trial_configs` turns it into the
+model's dataclasses.
 """
 
 from __future__ import annotations
@@ -9,29 +11,55 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from model.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from model.config import ConfigError, DataConfig, ModelConfig, TrainConfig, trial_key_of
 
-# --grid key -> parser of one value
-GRID_KEYS = {
-    "seq_len": int,
-    "lr": float,
-    "heads": int,
-    "d_model": int,
-    "layers": int,
-    "mlp": "bool",
-    "tokenizer": str,
-    "batch_size": int,
-    "max_tokens": int,
-    "eval_every_tokens": int,
-    "seed": int,
-}
-# Keys every trial config carries, with defaults when neither preset nor grid sets them.
-TRIAL_DEFAULTS: dict[str, Any] = {
-    "seq_len": 20, "lr": 1e-4, "heads": 8, "d_model": 256, "layers": 1, "mlp": False, "tokenizer": "gpt2",
-    "batch_size": 50, "max_tokens": 2_000_000, "eval_every_tokens": 200_000, "seed": 0, "compile": False,
-}
+
+def parse_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("use on/off")
+
+
+@dataclass(frozen=True)
+class TrialKey:
+    """A setting of one trial: its --grid key, where it lives, how to parse it, its default and help."""
+
+    key: str
+    owner: type
+    field_name: str
+    default: Any
+    help: str
+
+    @property
+    def parse(self) -> Callable[[str], Any]:
+        kind = type(self.default)
+        return parse_bool if kind is bool else kind
+
+    @property
+    def kind_name(self) -> str:
+        return {bool: "on/off", int: "an integer", float: "a number"}.get(type(self.default), "text")
+
+
+def _trial_keys() -> dict[str, TrialKey]:
+    keys = {}
+    for owner in (ModelConfig, TrainConfig, DataConfig):
+        for item in dataclasses.fields(owner):
+            key = item.metadata.get("trial_key")
+            if key:
+                keys[key] = TrialKey(key, owner, item.name, item.default, item.metadata["help"])
+    return keys
+
+
+# The one table of trial keys: --grid keys, `sweep train` options, defaults and help all come from here.
+TRIAL_KEYS: dict[str, TrialKey] = _trial_keys()
+TRIAL_DEFAULTS: dict[str, Any] = {key: spec.default for key, spec in TRIAL_KEYS.items()}
+# Shown in tables and used to name trials: the axes the study varied.
+SHAPE_KEYS = ("seq_len", "lr", "heads", "d_model", "layers", "mlp")
 
 
 @dataclass(frozen=True)
@@ -83,39 +111,32 @@ def parse_grid(overrides: tuple[str, ...] | list[str]) -> dict[str, list[Any]]:
         key = key.strip().replace("-", "_")
         if not separator or not raw.strip():
             raise ConfigError(f"--grid {override!r} must look like key=v1,v2")
-        if key not in GRID_KEYS:
-            raise ConfigError(f"--grid key {key!r} is unknown; keys: {', '.join(GRID_KEYS)}")
+        if key not in TRIAL_KEYS:
+            raise ConfigError(f"--grid key {key!r} is unknown; keys: {', '.join(TRIAL_KEYS)}")
         axes[key] = [_parse_value(key, value.strip()) for value in raw.split(",")]
     return axes
 
 
 def _parse_value(key: str, value: str) -> Any:
-    kind = GRID_KEYS[key]
-    if kind == "bool":
-        lowered = value.lower()
-        if lowered in ("on", "true", "1", "yes"):
-            return True
-        if lowered in ("off", "false", "0", "no"):
-            return False
-        raise ConfigError(f"--grid {key}={value}: use on/off")
+    spec = TRIAL_KEYS[key]
     try:
-        return kind(value)
+        return spec.parse(value)
     except ValueError:
-        raise ConfigError(f"--grid {key}={value}: expected {'an integer' if kind is int else 'a number'}") from None
+        raise ConfigError(f"--grid {key}={value}: expected {spec.kind_name}") from None
 
 
 def build_grid(preset_name: str, overrides: dict[str, list[Any]], base: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
-    """(axes, fixed) of a sweep: the preset, then --grid overrides, then the data options in `base`."""
+    """(axes, fixed) of a sweep: the preset, then --grid overrides, then the data options in `base`.
+
+    A key is either an axis or fixed, never both: `fixed` is what every trial shares.
+    """
     if preset_name not in PRESETS:
         raise ConfigError(f"unknown preset {preset_name!r}; presets: {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    axes = {k: list(v) for k, v in preset.axes.items()}
-    fixed = TRIAL_DEFAULTS | preset.fixed | base
-    for key, values in overrides.items():
-        fixed.pop(key, None)
-        axes[key] = values
+    axes = {k: list(v) for k, v in preset.axes.items()} | {k: list(v) for k, v in overrides.items()}
     for key in [k for k, v in axes.items() if len(v) == 1]:
-        fixed[key] = axes.pop(key)[0]  # one value is no axis
+        base = base | {key: axes.pop(key)[0]}  # one value is no axis
+    fixed = {k: v for k, v in (TRIAL_DEFAULTS | preset.fixed | base).items() if k not in axes}
     return axes, fixed
 
 
@@ -131,29 +152,42 @@ def data_config(config: dict[str, Any]) -> DataConfig:
     return DataConfig(**{k: v for k, v in config.items() if k in names})
 
 
+def _owned(config: dict[str, Any], owner: type) -> dict[str, Any]:
+    """The dataclass fields of `owner` set by a trial config's keys."""
+    return {spec.field_name: config[key] for key, spec in TRIAL_KEYS.items() if spec.owner is owner and key in config}
+
+
 def trial_configs(config: dict[str, Any], vocab_size: int = 2) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-    """The dataclasses of one trial config dict; raises ConfigError naming the flag."""
+    """The dataclasses of one trial config dict; raises ConfigError naming the values."""
     data = data_config(config)
-    model = ModelConfig(
-        vocab_size=vocab_size, d_model=config["d_model"], n_heads=config["heads"], n_layers=config["layers"],
-        mlp=config["mlp"], seq_len=config["seq_len"],
-    )
-    train = TrainConfig(
-        lr=config["lr"], batch_size=config["batch_size"], max_tokens=config["max_tokens"],
-        eval_every_tokens=config["eval_every_tokens"], seed=config["seed"], device=config.get("device", "auto"),
-        compile=config.get("compile", False),
-    )
+    model = ModelConfig(vocab_size=vocab_size, **_owned(config, ModelConfig))
+    train = TrainConfig(**_owned(config, TrainConfig), device=config.get("device", "auto"), compile=config.get("compile", False))
     return data, model, train
 
 
-def validate_trials(trials: list[dict[str, Any]]) -> None:
-    """Build every trial's configs before Ray starts, so a bad grid value fails in a second."""
+def planned_iterations(config: dict[str, Any]) -> int:
+    """Iterations a trial of this config makes: the trainer's own count."""
+    _, model, train = trial_configs(config)
+    return train.schedule_for(model.seq_len).iterations
+
+
+def validate_trials(trials: list[dict[str, Any]], axes: dict[str, list[Any]], typed: dict[str, list[Any]]) -> None:
+    """Build every trial's configs before Ray starts, so a bad grid value fails in a second.
+
+    The message names values as the user gave them: `--grid heads=3` for what
+    they typed, `d_model=64` for what the preset or a default set.
+    """
+    def as_given(field_name: str, value: Any) -> str:
+        key = trial_key_of(field_name)
+        return f"--grid {key}={value}" if key in typed else f"{key}={value}"
+
     for trial in trials:
         try:
             trial_configs(trial)
         except ConfigError as error:
-            varying = ", ".join(f"{k}={trial[k]}" for k in GRID_KEYS if k in trial)
-            raise ConfigError(f"{error} (in the trial {varying})") from None
+            varying = ", ".join(f"{k}={trial[k]}" for k in axes)
+            where = f" (in the trial {varying})" if varying else ""
+            raise ConfigError(error.render(as_given) + where) from None
 
 
 def data_key(config: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ import logging
 import math
 import re
 import resource
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,16 @@ import torch
 from ray import tune
 from tokenizers import Tokenizer
 
-from model.analysis import SUMMARY_METRICS
+from model.config import NonFiniteLossError
 from model.tokenizers import TextTokenizer
-from model.train import NonFiniteLossError, Trainer
+from model.train import Trainer, run_iterations
 
-from .runner import FINAL_FAILURES
+from .names import FINAL_FAILURES
+from .runner import TrialSettings
 from .space import data_key, trial_configs
 from .storage import is_storage_full
 
 log = logging.getLogger(__name__)
-
-# Every metric name a trial reports: what --metric may choose from.
-REPORTED_METRICS = (
-    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
-    *SUMMARY_METRICS,
-)
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -42,15 +36,16 @@ class StorageFull(OSError):
     """The experiment's storage has no room for the trial's checkpoint."""
 
 
-def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
+def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: TrialSettings) -> None:
     """Train one configuration, reporting metrics and a checkpoint after every iteration.
 
     `datasets` maps `data_key(config)` to object-store refs of (train windows,
     test windows, tokenizer JSON), prepared once on the driver.
     """
     data_cfg, model_cfg, train_cfg = trial_configs(config)
-    torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
-    limit_memory(config.get("memory_per_trial_mb", 0))
+    # As many torch threads as CPUs Ray reserved for the trial: more would oversubscribe the node.
+    train_cfg = dataclasses.replace(train_cfg, threads=settings.threads)
+    limit_memory(settings.memory_per_trial_mb)
     train_windows, test_windows, tokenizer_json = ray.get(datasets[data_key(config)])
     tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), data_cfg.tokenizer)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
@@ -64,31 +59,27 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any]) -> None:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(directory)
             log.info("resumed at tokens_seen=%d", trainer.tokens_seen)
-        while not trainer.finished:
-            metrics = trainer.train_iteration()
-            with tempfile.TemporaryDirectory(prefix="sweep-checkpoint-") as directory:
-                trainer.save_checkpoint(directory)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        run_iterations(trainer, lambda metrics, directory: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory)))
     except OSError as error:
         if not is_storage_full(error):
             raise
         # A full disk stays full: no retry, and the half-copied checkpoint was never registered.
-        _report_final_failure(config, "storage_full", trainer.tokens_seen if trainer else 0)
+        _report_final_failure(settings, "storage_full", trainer.tokens_seen if trainer else 0)
         raise StorageFull(
             errno.ENOSPC, f"storage_full: no space left for this trial's checkpoint ({str(error).splitlines()[0][:160]})"
         ) from None
     except NonFiniteLossError:
-        _report_final_failure(config, "nan_loss", trainer.tokens_seen)
+        _report_final_failure(settings, "nan_loss", trainer.tokens_seen)
         raise
     except (MemoryError, RuntimeError) as error:
         if not _is_out_of_memory(error):
             raise
         tokens_seen = trainer.tokens_seen if trainer else 0
         trainer = None  # free what can be freed before reporting
-        _report_final_failure(config, "out_of_memory", tokens_seen)
+        _report_final_failure(settings, "out_of_memory", tokens_seen)
         raise TrialOutOfMemory(
             f"out_of_memory: this configuration needs more memory than the trial has "
-            f"(--memory-per-trial {config.get('memory_per_trial_mb') or 'unset'} MB); "
+            f"(--memory-per-trial {settings.memory_per_trial_mb or 'unset'} MB); "
             f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
         ) from None
 
@@ -97,10 +88,10 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
-def _report_final_failure(config: dict[str, Any], reason: str, tokens_seen: int) -> None:
+def _report_final_failure(settings: TrialSettings, reason: str, tokens_seen: int) -> None:
     """Tell the driver first (FinalFailureCallback turns retries off), then the trial raises."""
-    metric, mode = config["sweep_metric"], config["sweep_mode"]
-    tune.report({reason: 1.0, metric: math.inf if mode == "min" else -math.inf, "tokens_seen": tokens_seen})
+    worst = math.inf if settings.mode == "min" else -math.inf
+    tune.report({reason: 1.0, settings.metric: worst, "tokens_seen": tokens_seen})
 
 
 def limit_memory(megabytes: float) -> None:

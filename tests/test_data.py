@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import write_reviews
+
 from model import data as data_module
 from model.config import ConfigError, DataConfig
 from model.data import HubDataset, load_texts, pack_windows, pad_windows, prepare_data, repeat_windows
@@ -178,7 +180,8 @@ def test_local_hugging_face_tokenizer_folder(tmp_path, reviews_file):
         hugging_face_tokenizer(str(tmp_path), "empty-folder")
 
 
-def test_gpt2_without_hub_names_the_offline_alternatives():
+def test_gpt2_without_hub_names_the_offline_alternatives(monkeypatch):
+    monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)  # no mirrored copy either
     with pytest.raises(ConfigError, match=r"gpt2 needs the Hugging Face Hub, which is unreachable; use --tokenizer bpe:N"):
         load_tokenizer("gpt2")
 
@@ -187,3 +190,24 @@ def test_gpt2_without_hub_names_the_offline_alternatives():
 def test_bad_tokenizer_specs(spec):
     with pytest.raises(ConfigError, match="--tokenizer"):
         load_tokenizer(spec)
+
+
+def test_gpt2_resolves_offline_from_the_mirror_as_the_study_tokenized(data_mirror):
+    tokenizer = load_tokenizer("gpt2")
+    assert tokenizer.encode("This movie is") == [1212, 3807, 318]
+    assert tokenizer.eot_id == 50256 and tokenizer.vocab_size == 50257
+
+
+def test_missing_splits_are_caught_before_any_data_is_read(data_mirror, tmp_path):
+    from model.data import check_data
+
+    with pytest.raises(ConfigError, match="split 'train' of wikitext-2 is not in SWEEP_DATA_DIR.*splits there: test, validation"):
+        check_data(DataConfig(dataset="wikitext-2", tokenizer="bytes"))
+    check_data(DataConfig(dataset="wikitext-2", tokenizer="bytes", train_split="validation"))
+    folder = tmp_path / "named"
+    write_reviews(folder / "train.jsonl")
+    write_reviews(folder / "test.jsonl")
+    with pytest.raises(ConfigError, match="has no validation.* file; splits there: test, train"):
+        check_data(DataConfig(dataset=str(folder), tokenizer="bytes", test_split="validation"))
+    with pytest.raises(ConfigError, match="the repeat task has no split 'dev'"):
+        check_data(DataConfig(dataset="repeat", test_split="dev"))

@@ -77,7 +77,7 @@ def tiny_disk(tmp_path):
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoint_looking_valid(tmp_path, tiny_disk):
-    from model.train import CheckpointError, check_complete
+    from model.checkpoint import CheckpointError, check_complete
     from sweep.results import load_experiment
     from sweep.storage import open_storage
 

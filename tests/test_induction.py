@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from model.analysis import composition_scores
 from model.config import ModelConfig
-from model.train import read_config
+from model.checkpoint import read_config
 from model.transformer import Transformer
 from sweep.cli import main
 from sweep.space import PRESETS

@@ -10,7 +10,7 @@ import torch
 from model import CheckpointError, ModelConfig, NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
 from model.config import DataConfig
 from model.data import prepare_data
-from model.train import read_trainer_state
+from model.checkpoint import read_trainer_state
 
 METRICS = {
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
@@ -34,7 +34,7 @@ def test_iterations_report_the_contract_metrics_and_loss_falls(small_data):
     history = []
     while not trainer.finished:
         history.append(trainer.train_iteration())
-    assert len(history) == 4 == trainer.train_cfg.iterations
+    assert len(history) == 4 == trainer.schedule.iterations
     assert all(set(m) == METRICS for m in history)
     assert history[-1]["tokens_seen"] == 2048
     assert history[-1]["test_loss"] < history[0]["test_loss"] - 0.5

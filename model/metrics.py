@@ -1,0 +1,29 @@
+"""Names of the metrics a run reports each iteration, and which way is better.
+
+Kept free of torch so the read-only commands (`sweep list/status/best/results`)
+can validate a metric name without loading the training stack.
+"""
+
+from __future__ import annotations
+
+# Tune metric name -> head score it summarises (the max over heads).
+SUMMARY_METRICS = {
+    "induction_score_max": "induction",
+    "prev_token_score_max": "previous_token",
+    "first_token_score_max": "first_token",
+    "copying_score_max": "copying",
+}
+
+# Every metric a training iteration reports (the contract of DESIGN.md).
+REPORTED_METRICS = (
+    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
+    *SUMMARY_METRICS,
+)
+
+# Metrics where larger is better; every other one (losses, perplexity) ranks by min.
+LARGER_IS_BETTER = frozenset({"test_accuracy", "tokens_seen", "tokens_per_second", "epoch", *SUMMARY_METRICS})
+
+
+def metric_mode(metric: str) -> str:
+    """`max` for scores, accuracy and throughput, `min` for losses and anything else."""
+    return "max" if metric in LARGER_IS_BETTER or metric.endswith("_score_max") else "min"
