@@ -26,12 +26,12 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from train_throughput import BATCH, D_MODEL, HEADS, StudyModel
 
 from model.config import DataConfig, ModelConfig, TrainConfig
 from model.data import prepare_data
 from model.train import Trainer
 from model.transformer import PAD_ID
-from train_throughput import BATCH, D_MODEL, HEADS, StudyModel
 
 SEQ_LEN, TOKENIZER = 80, "bpe:8192"
 

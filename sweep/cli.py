@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from model.config import CheckpointError, ConfigError, NonFiniteLossError
 from model.metrics import REPORTED_METRICS
@@ -107,7 +107,8 @@ def train(dataset, device, dtype, compile, threads, prompt, out, as_json, **valu
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
     model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
     data_values = {k: v for k, v in values.items() if k in {"tokenizer", "text_column", "train_split", "test_split", "clean", "pack"}}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("training", total=train_cfg.max_tokens, status="")
 
         def on_iteration(metrics, trainer):
@@ -182,7 +183,10 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine is part of) 
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
 @data_options
 @click.pass_context
-def launch(ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples, metric, mode, early_stopping, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values):
+def launch(
+    ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples,
+    metric, mode, early_stopping, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values,
+):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
     \b
@@ -321,7 +325,8 @@ def results(name, storage, csv_path):
         table.add_column(column)
     for trial in experiment.trials:
         loss = trial.metrics.get("test_loss")
-        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), f"{loss:.4f}" if isinstance(loss, float) else "-", *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
+        shown_loss = f"{loss:.4f}" if isinstance(loss, float) else "-"
+        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), shown_loss, *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
     output.print(table)
 
 

@@ -9,8 +9,8 @@ import json
 import math
 from typing import Any
 
-from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .names import metric_mode
+from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
 from .storage import read_text
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from model.analysis import (
-    AnalysisConfig, composition_scores, copying_scores, head_scores, pattern_scores, repeated_token_scores, write_analysis,
+    AnalysisConfig,
+    composition_scores,
+    copying_scores,
+    head_scores,
+    pattern_scores,
+    repeated_token_scores,
+    write_analysis,
 )
 from model.config import ModelConfig
 from model.tokenizers import TextTokenizer, byte_tokenizer

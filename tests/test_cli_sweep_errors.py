@@ -12,9 +12,9 @@ import boto3
 import pytest
 from click.testing import CliRunner
 
-from conftest import free_port
-
 from sweep.cli import main
+
+from conftest import free_port
 
 
 @pytest.fixture

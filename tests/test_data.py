@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_reviews
-
 from model import data as data_module
 from model.config import ConfigError, DataConfig
 from model.data import HubDataset, load_texts, pack_windows, pad_windows, prepare_data, repeat_windows
 from model.tokenizers import TextTokenizer, byte_tokenizer, load_tokenizer
 from model.transformer import PAD_ID
+
+from conftest import write_reviews
 
 
 def test_packing_keeps_every_token():

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import boto3

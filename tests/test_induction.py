@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from model.analysis import composition_scores
-from model.config import ModelConfig
 from model.checkpoint import read_config
+from model.config import ModelConfig
 from model.transformer import Transformer
 from sweep.cli import main
 from sweep.space import PRESETS

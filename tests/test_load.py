@@ -8,10 +8,11 @@ import pytest
 import ray
 from ray import tune
 
-from conftest import write_reviews
 from sweep.results import best_document, load_experiment
 from sweep.runner import LaunchConfig, launch_sweep
 from sweep.storage import open_storage
+
+from conftest import write_reviews
 
 TRIALS = 200
 

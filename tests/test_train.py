@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from model import CheckpointError, ModelConfig, NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
+from model.checkpoint import read_trainer_state
 from model.config import DataConfig
 from model.data import prepare_data
-from model.checkpoint import read_trainer_state
 
 METRICS = {
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
