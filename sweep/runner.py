@@ -233,11 +233,12 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
 
 
 def _describe(resources: dict[str, float]) -> str:
-    gpus = resources.get("GPU", 0)
-    return (
-        f"{resources.get('CPU', 0):g} CPUs, {f'{gpus:g} GPUs' if gpus else 'no GPU'}, "
-        f"{resources.get('memory', 0) / 2**30:.1f} GiB memory"
-    )
+    def count(amount: float, unit: str) -> str:
+        return f"{amount:g} {unit}" + ("" if amount == 1 else "s")
+
+    gpus, memory = resources.get("GPU", 0), resources.get("memory", 0)
+    parts = [count(resources.get("CPU", 0), "CPU"), count(gpus, "GPU") if gpus else "no GPU"]
+    return ", ".join(parts + ([f"{memory / 2**30:.1f} GiB memory"] if memory else []))
 
 
 def _autoscaler_running() -> bool:
@@ -269,7 +270,7 @@ def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> N
     autoscaling = not local and _autoscaler_running()
     if not fitting:
         largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-        wanted = _describe(need).replace(", 0.0 GiB memory", "")
+        wanted = _describe(need)
         where = "this machine (local Ray)" if local else f"the largest of its {len(nodes)} nodes"
         if not autoscaling:
             raise ConfigError(
