@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_env
-
 from model.config import TrainConfig
 from sweep.cli import main
 from sweep.runner import LaunchConfig, plan_sweep
 from sweep.space import TRIAL_KEYS, planned_iterations
+
+from conftest import run_env
 
 RAY_NOISE = ("iterations_since_restore", "time_this_iter_s", "time_total_s")
 
