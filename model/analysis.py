@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .circuits import mean_ablation
 from .generate import generate
 from .metrics import SUMMARY_METRICS
 from .tokenizers import TextTokenizer
@@ -41,6 +42,12 @@ class AnalysisConfig:
     previous_token_threshold: float = 0.4
     first_token_threshold: float = 0.8
     copying_threshold: float = 0.7
+    matters_threshold: float = 0.05
+    """A head `matters` when mean-ablating it raises held-out or repeated-token loss by more (nats)."""
+    circuits_every: int = 5
+    """Ablation and token tables (the heavy parts) run every N iterations and always on the last."""
+    ablation_sequences: int = 16
+    """Held-out windows (and repeated-token sequences) each ablation is measured on."""
 
     def thresholds(self) -> dict[str, float]:
         return {
@@ -142,15 +149,19 @@ def composition_scores(model: Transformer) -> dict[str, list]:
 
 
 @torch.no_grad()
-def head_scores(model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig()) -> dict[str, Any]:
+def head_scores(
+    model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig(), ablate: bool = False
+) -> dict[str, Any]:
     """The heads.json document: every head's scores and labels, plus composition.
 
-    `held_out` is [N, T] token windows of the test split (PAD_ID marks padding).
+    `held_out` is [N, T+1] windows of the test split (PAD_ID marks padding).
+    With `ablate`, every head is also mean-ablated (`ablation` per head, label `matters`).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tokens = held_out[: cfg.probe_sequences, : model.cfg.seq_len].to(device).long()
+    windows = held_out[: cfg.ablation_sequences].to(device).long()
     _, patterns = model.run_with_patterns(tokens)
     per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
 
@@ -162,6 +173,7 @@ def head_scores(model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig 
     for scores, pattern in zip(per_layer, repeat_patterns):
         scores.update(repeated_token_scores(pattern.float(), period))
     copying = copying_scores(model)
+    ablation = mean_ablation(model, windows, repeated[: cfg.ablation_sequences], period) if ablate else None
     model.train(was_training)
 
     thresholds = cfg.thresholds()
@@ -172,8 +184,38 @@ def head_scores(model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig 
             values["copying"] = float(copying[layer, head])
             values = {name: values[name] for name in SCORE_NAMES}
             labels = [name for name, limit in thresholds.items() if values[name] > limit]
-            heads.append({"layer": layer, "head": head, "scores": values, "labels": labels})
-    return {"heads": heads, "composition": composition_scores(model)}
+            entry = {"layer": layer, "head": head, "scores": values, "labels": labels}
+            if ablation is not None:
+                entry["ablation"] = {k: round(v, 5) for k, v in ablation[layer][head].items()}
+            heads.append(entry)
+    document = {"heads": heads, "composition": composition_scores(model)}
+    return relabel(document, cfg) if ablation is not None else document
+
+
+def relabel(document: dict[str, Any], cfg: AnalysisConfig) -> dict[str, Any]:
+    """Add the `matters` label to heads whose ablation rise passes the threshold."""
+    for head in document["heads"]:
+        head["labels"] = [label for label in head["labels"] if label != "matters"]
+        rise = head.get("ablation")
+        if rise and max(rise.values()) > cfg.matters_threshold:
+            head["labels"].append("matters")
+    return document
+
+
+def carry_ablation(document: dict[str, Any], previous: dict[str, Any] | None, cfg: AnalysisConfig) -> dict[str, Any]:
+    """Between scheduled ablations, keep the last measured one (and its tokens_seen) in heads.json."""
+    if previous is None or "ablation_tokens_seen" not in previous:
+        return document
+    for head, old in zip(document["heads"], previous["heads"]):
+        if "ablation" in old:
+            head["ablation"] = old["ablation"]
+    document["ablation_tokens_seen"] = previous["ablation_tokens_seen"]
+    return relabel(document, cfg)
+
+
+def head_history_entry(document: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every head's scores, keyed "layer.head": one line of a run's head history."""
+    return {f"{h['layer']}.{h['head']}": {k: round(v, 4) for k, v in h["scores"].items()} for h in document["heads"]}
 
 
 def score_summaries(heads_document: dict[str, Any]) -> dict[str, float]:

@@ -157,7 +157,7 @@ def storage_option(command):
 
 METRIC_HELP = "Metric to rank by: " + ", ".join(REPORTED_METRICS) + "."
 MODE_HELP = "min or max [default: the metric's direction: losses min, scores and accuracy max]."
-ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine is part of) or ray://HEAD:10001 [default: start a local Ray]."
+ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to), HEAD_IP:6379 or ray://HEAD_IP:10001 [default: start a local Ray]."
 
 
 @main.command()
@@ -354,30 +354,113 @@ def source_options(command):
 SOURCE_HELP = "SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; with --storage and --trial)."
 
 
-@main.command(help=f"The head atlas: every head's scores and labels.\n\n{SOURCE_HELP}")
+@main.command(help=f"""The head atlas: every head's scores, ablation and labels.
+
+\b
+--history: every head's scores at every iteration (over tokens_seen).
+--tokens:  the token tables of circuits.json (OV, layer-0 QK, skip-trigrams, bigrams).
+
+{SOURCE_HELP}""")
 @click.argument("source", required=False)
 @source_options
-@click.option("--json", "as_json", is_flag=True, help="Print heads.json.")
-def heads(source, trial, storage, as_json):
+@click.option("--history", is_flag=True, help="Every head's scores at every iteration of the run.")
+@click.option("--tokens", is_flag=True, help="What each head does in tokens, read from the weights.")
+@click.option("--head", "only_head", default=None, metavar="L.H", help="With --tokens or --history: one head, e.g. 1.0.")
+@click.option("--json", "as_json", is_flag=True, help="Print the document as JSON.")
+def heads(source, trial, storage, history, tokens, only_head, as_json):
     import tempfile
 
-    from .results import local_checkpoint
+    from .results import head_history, local_checkpoint
 
+    if history and tokens:
+        raise UserError("--history and --tokens are separate views; pick one")
+    if only_head is not None and not _is_head(only_head):
+        raise UserError(f"--head {only_head!r} must look like LAYER.HEAD, e.g. 1.0")
+    if history:
+        title, rows = head_history(source, trial, _open(storage))
+        _print_history(title, rows, only_head, as_json)
+        return
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
-        if not (checkpoint / "heads.json").is_file():
-            raise UserError(f"{checkpoint} has no heads.json; it was written by an older version")
-        document = json.loads((checkpoint / "heads.json").read_text())
+        name = "circuits.json" if tokens else "heads.json"
+        if not (checkpoint / name).is_file():
+            raise UserError(f"{checkpoint} has no {name}; it was written by an older version")
+        document = json.loads((checkpoint / name).read_text())
+    if tokens:
+        _print_tokens(title, document, only_head, as_json)
+        return
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
     names = list(document["heads"][0]["scores"]) if document["heads"] else []
+    ablated = any("ablation" in h for h in document["heads"])
     table = Table(title=f"heads of {title}")
-    for column in ("layer", "head", *names, "labels"):
+    for column in ("layer", "head", *names, *(["ablate: held-out", "ablate: repeated"] if ablated else []), "labels"):
         table.add_column(column, justify="right" if column not in ("labels",) else "left")
     for head in document["heads"]:
-        table.add_row(str(head["layer"]), str(head["head"]), *(f"{head['scores'][n]:.2f}" for n in names), ", ".join(head["labels"]) or "-")
+        rises = [f"{head['ablation'][k]:+.3f}" if "ablation" in head else "-" for k in ("held_out", "repeated")] if ablated else []
+        table.add_row(str(head["layer"]), str(head["head"]), *(f"{head['scores'][n]:.2f}" for n in names), *rises, ", ".join(head["labels"]) or "-")
     output.print(table)
+    if ablated:
+        output.print("ablate: rise in loss (nats) when the head's output is replaced by its mean", highlight=False)
+
+
+def _is_head(text: str) -> bool:
+    layer, dot, head = text.partition(".")
+    return bool(dot) and layer.isdigit() and head.isdigit()
+
+
+def _print_history(title: str, rows: list[dict], only_head: str | None, as_json: bool) -> None:
+    if only_head is not None and only_head not in rows[0]["heads"]:
+        raise UserError(f"--head {only_head} is not a head of {title}; heads: {', '.join(rows[0]['heads'])}")
+    if only_head is not None:
+        rows = [row | {"heads": {only_head: row["heads"][only_head]}} for row in rows]
+    if as_json:
+        click.echo(json.dumps({"source": title, "history": rows}, indent=2))
+        return
+    scores = list(next(iter(rows[0]["heads"].values())))
+    table = Table(title=f"head history of {title}")
+    for column in ("iter", "tokens_seen", "head", *scores):
+        table.add_column(column, justify="right")
+    for row in rows:
+        for index, (head, values) in enumerate(row["heads"].items()):
+            first = index == 0
+            table.add_row(str(row["iteration"]) if first else "", f"{row['tokens_seen']:,}" if first else "", head, *(f"{values[s]:.2f}" for s in scores))
+    output.print(table)
+
+
+def _print_tokens(title: str, document: dict, only_head: str | None, as_json: bool) -> None:
+    names = [f"{h['layer']}.{h['head']}" for h in document["heads"]]
+    chosen = [h for h, name in zip(document["heads"], names) if only_head in (None, name)]
+    if not chosen:
+        raise UserError(f"--head {only_head} is not a head of {title}; heads: {', '.join(names)}")
+    if as_json:
+        click.echo(json.dumps(document | {"heads": chosen}, indent=2))
+        return
+    output.print(f"token tables of {title} over its {document['frequent_tokens']} most frequent training tokens", highlight=False)
+
+    def show(caption: str, rows: list[dict], arrow: str) -> None:
+        table = Table(title=caption, title_justify="left")
+        table.add_column("token", justify="right")
+        table.add_column(arrow)
+        for row in rows[:15]:
+            table.add_row(repr(row["token"]), "  ".join(f"{t!r} {v:+.2f}" for t, v in row["top"]))
+        output.print(table)
+
+    if only_head is None:
+        show("direct path W_E W_U: bigrams", document["direct_path"], "raises as the next token")
+    for head in chosen:
+        name = f"{head['layer']}.{head['head']}"
+        show(f"head {name} OV: a token attended to raises", head["ov"], "raises")
+        if "qk" in head:
+            show(f"head {name} QK: a query token attends to", head["qk"], "keys")
+        if head.get("skip_trigrams"):
+            table = Table(title=f"head {name} skip-trigrams: A ... B -> C", title_justify="left")
+            for column in ("A (query)", "B (key)", "C (raised)", "score"):
+                table.add_column(column, justify="right")
+            for trigram in head["skip_trigrams"][:15]:
+                table.add_row(repr(trigram["a"]), repr(trigram["b"]), repr(trigram["c"]), f"{trigram['score']:.2f}")
+            output.print(table)
 
 
 @main.command(help=f"Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt.\n\n{SOURCE_HELP}")

@@ -369,3 +369,33 @@ def results_rows(experiment: Experiment) -> tuple[list[str], list[dict[str, Any]
     ]
     columns = ["trial_id", "status", "iterations", "planned_iterations", "error", *config_keys, *map(column, metric_keys)]
     return columns, rows
+
+
+def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str, list[dict[str, Any]]]:
+    """(title, rows) of every head's scores at every iteration, from storage alone.
+
+    SOURCE is a `sweep train` run folder (or its checkpoint/), read from its
+    metrics.jsonl, or an experiment name (default: the newest) whose trial's
+    result.json holds the history. Each row: iteration, tokens_seen, heads
+    ("layer.head" -> scores).
+    """
+    from model.metrics import HEAD_HISTORY_KEY
+
+    if source and ("/" in source or Path(source).exists()):
+        run = Path(source)
+        if not (run / "metrics.jsonl").is_file() and (run.parent / "metrics.jsonl").is_file():
+            run = run.parent  # the checkpoint/ folder of a run
+        if not (run / "metrics.jsonl").is_file():
+            raise ConfigError(f"{source} holds no metrics.jsonl: --history reads a `sweep train` run folder or an experiment")
+        lines, title = _result_lines((run / "metrics.jsonl").read_text()), str(run)
+    else:
+        experiment = load_experiment(storage, source)
+        record = choose_trial(experiment, trial)
+        lines, title = trial_history(storage, record), f"{experiment.name} trial {record.trial_id}"
+    rows = [
+        {"iteration": line.get("training_iteration", line.get("iteration")), "tokens_seen": line.get("tokens_seen"), "heads": line[HEAD_HISTORY_KEY]}
+        for line in lines if isinstance(line.get(HEAD_HISTORY_KEY), dict)
+    ]
+    if not rows:
+        raise ConfigError(f"{title} has no head history: it was trained by a version that kept none")
+    return title, rows

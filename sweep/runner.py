@@ -241,17 +241,27 @@ def _describe(resources: dict[str, float]) -> str:
     return ", ".join(parts + ([f"{memory / 2**30:.1f} GiB memory"] if memory else []))
 
 
-def _autoscaler_running() -> bool:
-    """Whether the cluster's autoscaler reports: then nodes may be added for what no node has now."""
+def _autoscaler_running(wait_s: float = 15.0) -> bool:
+    """Whether the cluster's autoscaler reports: then nodes may be added for what no node has now.
+
+    Its monitor writes a status every few seconds; a cluster started a moment ago may not have one yet.
+    """
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
     if not _internal_kv_initialized():
         return False
-    raw = _internal_kv_get("__autoscaling_status")
-    try:
-        return bool(raw and json.loads(raw).get("autoscaler_report"))
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        raw = _internal_kv_get("__autoscaling_status")
+        try:
+            # the first statuses carry load metrics only; the autoscaler's report follows its first update
+            if raw and json.loads(raw).get("autoscaler_report"):
+                return True
+        except (json.JSONDecodeError, AttributeError):
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> None:
@@ -267,7 +277,7 @@ def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> N
     need = {"CPU": launch.cpus_per_trial, "GPU": launch.gpus_per_trial, "memory": launch.memory_per_trial_mb * 2**20}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fitting = [r for r in nodes if all(r.get(kind, 0) >= amount for kind, amount in need.items() if amount)]
-    autoscaling = not local and _autoscaler_running()
+    autoscaling = not local and not fitting and _autoscaler_running()
     if not fitting:
         largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
         wanted = _describe(need)
@@ -278,7 +288,7 @@ def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> N
                 "lower --cpus-per-trial / --gpus-per-trial / --memory-per-trial or join a larger cluster with --address"
             )
         log_line(f"no node has {wanted} for a trial yet; waiting for the autoscaler to add one (Ctrl-C if it cannot)")
-    elsewhere = len(nodes) > 1 or not fitting or autoscaling
+    elsewhere = len(nodes) > 1 or not fitting
     if elsewhere and not plan.storage.is_s3:
         raise ConfigError(
             f"trials of this cluster may run on other nodes but --storage {plan.storage.uri} is a local path; "

@@ -1,0 +1,194 @@
+"""Circuits read from the weights and tested by ablation (Elhage et al. 2021; Olsson et al. 2022).
+
+- `mean_ablation`: each head's output z (before W_O) replaced by its mean over
+  the held-out batch and positions; the rise in held-out loss and in loss on
+  the second half of random repeated tokens says whether the model uses it.
+- `token_tables`: the OV circuit W_E W_V W_O W_U of every head, the QK circuit
+  of layer-0 heads, 1-layer skip-trigrams and the direct path W_E W_U, all
+  restricted to the K most frequent training tokens and computed through the
+  d_head-sized factors: no vocab x vocab matrix is ever formed. LayerNorm gains
+  are folded into the weights; the centring and scaling of LayerNorm are left
+  out, as in the papers' analyses of attention-only models.
+- `icl_score`: loss late in the context minus loss early in it (Olsson et al.).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .transformer import PAD_ID, Transformer
+
+
+def icl_score(position_loss: torch.Tensor) -> float:
+    """Mean loss over the last tenth of the positions minus the loss at position floor(T/10).
+
+    `position_loss` is the mean loss at each of the T input positions. Olsson et
+    al. use "loss at token 500 minus loss at token 50"; scaled to short contexts.
+    Negative: later tokens are predicted better, the model uses its context.
+    """
+    length = position_loss.shape[0]
+    last = max(1, length // 10)
+    return float(position_loss[length - last :].mean() - position_loss[length // 10])
+
+
+# ---------------------------------------------------------------- ablation
+
+
+def _token_losses(model: Transformer, tokens: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+    """Per-position next-token loss [B, T-1] of windows `tokens` [B, T]; pad targets give NaN.
+
+    The unembedding runs in chunks of positions: the [tokens, vocab] logits are never formed whole.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    residual, _ = model._residual(inputs, return_patterns=False)
+    flat, flat_targets = residual.reshape(-1, residual.shape[-1]), targets.reshape(-1)
+    losses = torch.empty(flat.shape[0], device=flat.device)
+    for start in range(0, flat.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        logits = model.unembed(flat[rows]).float()
+        losses[rows] = F.cross_entropy(logits, flat_targets[rows].clamp_min(0).long(), reduction="none")
+    losses[flat_targets == PAD_ID] = float("nan")
+    return losses.view(targets.shape)
+
+
+@torch.no_grad()
+def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Tensor, period: int) -> list[list[dict[str, float]]]:
+    """[layer][head] -> {"held_out": loss rise, "repeated": loss rise} under mean ablation.
+
+    `held_out` [B, T+1] windows (PAD_ID marks padding); `repeated` [B, 2n] random
+    tokens r + r with n = `period`: its loss is taken on the second copy, from the
+    second repeated token on (the first cannot be predicted from context).
+    """
+    d_head, heads = model.cfg.d_head, model.cfg.n_heads
+    means: list[torch.Tensor] = []
+    real = (held_out[:, :-1] != PAD_ID).reshape(-1)  # positions whose z enters the mean
+    for layer in range(model.cfg.n_layers):
+        captured: list[torch.Tensor] = []
+        hook = model.blocks[layer].attn.out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            clean = _token_losses(model, held_out)
+        finally:
+            hook.remove()
+        z = captured[0].reshape(-1, heads * d_head)[real]
+        means.append(z.float().mean(0).to(captured[0].dtype))  # (heads * d_head,)
+
+    def losses() -> tuple[float, float]:
+        held = _token_losses(model, held_out)
+        rep = _token_losses(model, repeated)[:, period:]
+        return float(held.nanmean()), float(rep.mean())
+
+    base_held, base_repeated = float(clean.nanmean()), float(_token_losses(model, repeated)[:, period:].mean())
+    results = []
+    for layer in range(model.cfg.n_layers):
+        row = []
+        for head in range(heads):
+            columns = slice(head * d_head, (head + 1) * d_head)
+
+            def replace(z: torch.Tensor, columns=columns, mean=means[layer][columns]) -> torch.Tensor:
+                z = z.clone()
+                z[..., columns] = mean
+                return z
+
+            hook = model.blocks[layer].attn.out.register_forward_pre_hook(lambda module, args, replace=replace: (replace(args[0]),))
+            try:
+                held, rep = losses()
+            finally:
+                hook.remove()
+            row.append({"held_out": held - base_held, "repeated": rep - base_repeated})
+        results.append(row)
+    return results
+
+
+# ---------------------------------------------------------------- token tables
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """Sizes of the token tables in circuits.json."""
+
+    frequent_tokens: int = 2000
+    """K: sources, queries and outputs are restricted to the K most frequent training tokens."""
+    rows: int = 40
+    """Source (query) tokens listed per table, most frequent first."""
+    top: int = 5
+    """Output (key) tokens listed per source (query)."""
+    skip_trigrams: int = 30
+    """Skip-trigrams listed per head of a 1-layer model."""
+
+
+def token_frequencies(windows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Count of every token id in training windows [N, T+1] (pads ignored)."""
+    flat = windows.reshape(-1)
+    return torch.bincount(flat[flat >= 0].long().cpu(), minlength=vocab_size)[:vocab_size]
+
+
+def _gain(norm: torch.nn.Module, width: int) -> torch.Tensor:
+    weight = getattr(norm, "weight", None)
+    return weight.detach().float() if weight is not None else torch.ones(width)
+
+
+@torch.no_grad()
+def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: torch.Tensor, cfg: TableConfig = TableConfig()) -> dict[str, Any]:
+    """The circuits.json document: OV, layer-0 QK, skip-trigram and bigram tables over frequent tokens."""
+    device = next(model.parameters()).device
+    k = min(cfg.frequent_tokens, int((frequencies > 0).sum()) or model.cfg.vocab_size)
+    ids = frequencies.float().topk(k).indices.to(device)  # most frequent first
+    width = model.cfg.d_model
+    W_E = model.embed.weight.detach().float()[ids]  # (K, C): token embeddings only, no positions
+    W_U = model.unembed.weight.detach().float()[ids].T * _gain(model.ln_final, width).to(device)[:, None]  # (C, K)
+    names = [decode(int(i)) for i in ids.tolist()]
+    rows = min(cfg.rows, k)
+
+    def table(scores: torch.Tensor, source_names: list[str], target_names: list[str]) -> list[dict[str, Any]]:
+        top = scores[:rows].topk(min(cfg.top, scores.shape[1]), dim=1)
+        return [
+            {"token": source_names[r], "top": [[target_names[c], round(float(v), 4)] for v, c in zip(top.values[r], top.indices[r])]}
+            for r in range(rows)
+        ]
+
+    document: dict[str, Any] = {
+        "frequent_tokens": k,
+        "token_ids": ids[:rows].tolist(),
+        "direct_path": table(W_E @ W_U, names, names),  # bigrams: what each token raises as the next one
+        "heads": [],
+    }
+    for layer, block in enumerate(model.blocks):
+        gain = _gain(block.ln_attn, width).to(device)[:, None]
+        attn = block.attn
+        W_Q, W_K = attn.W_Q.detach().float() * gain, attn.W_K.detach().float() * gain  # (nh, C, hs)
+        W_V, W_O = attn.W_V.detach().float() * gain, attn.W_O.detach().float()
+        for head in range(model.cfg.n_heads):
+            ov = (W_E @ W_V[head]) @ (W_O[head] @ W_U)  # (K, hs) @ (hs, K): through the factors
+            entry: dict[str, Any] = {"layer": layer, "head": head, "ov": table(ov, names, names)}
+            if layer == 0:
+                qk = (W_E @ W_Q[head]) @ (W_E @ W_K[head]).T / math.sqrt(model.cfg.d_head)  # (K queries, K keys)
+                entry["qk"] = table(qk, names, names)
+                if model.cfg.n_layers == 1:
+                    entry["skip_trigrams"] = _skip_trigrams(qk, ov, names, cfg.skip_trigrams)
+            document["heads"].append(entry)
+    return document
+
+
+def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: list[str], count: int) -> list[dict[str, Any]]:
+    """Top "A ... B -> C": query A attends to key B (QK, centred per query) and B raises C (OV, centred per source).
+
+    Scored by the product of the two centred entries, the size of the logit
+    change "B earlier in the context" makes to "C next" when A is the current token.
+    """
+    attend = qk - qk.mean(dim=1, keepdim=True)  # (A, B)
+    raise_ = ov - ov.mean(dim=1, keepdim=True)  # (B, C)
+    best_c = raise_.max(dim=1)  # each B's strongest output
+    scores = attend * best_c.values[None, :]  # (A, B)
+    top = scores.flatten().topk(min(count, scores.numel()))
+    trigrams = []
+    for value, flat in zip(top.values.tolist(), top.indices.tolist()):
+        a, b = divmod(flat, scores.shape[1])
+        c = int(best_c.indices[b])
+        trigrams.append({"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4),
+                         "qk": round(float(attend[a, b]), 4), "ov": round(float(raise_[b, c]), 4)})
+    return trigrams
