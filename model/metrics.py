@@ -16,9 +16,11 @@ SUMMARY_METRICS = {
 
 # Every metric a training iteration reports (the contract of DESIGN.md).
 REPORTED_METRICS = (
-    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
-    *SUMMARY_METRICS,
+    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "icl_score", "tokens_seen", "tokens_per_second", "epoch", "lr",
+    *SUMMARY_METRICS, "induction_formed_at", "prev_token_formed_at",
 )
+# Reported each iteration beside the metrics: every head's scores ("layer.head" -> scores), the head history.
+HEAD_HISTORY_KEY = "head_scores"
 
 # Metrics where larger is better; every other one (losses, perplexity) ranks by min.
 LARGER_IS_BETTER = frozenset({"test_accuracy", "tokens_seen", "tokens_per_second", "epoch", *SUMMARY_METRICS})

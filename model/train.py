@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .analysis import AnalysisConfig, head_scores, repeat_prompt, score_summaries, write_analysis
+from .analysis import AnalysisConfig, carry_ablation, head_history_entry, head_scores, repeat_prompt, score_summaries, write_analysis
 from .checkpoint import read_config, read_trainer_state, swap_in, write_manifest
+from .circuits import icl_score, token_frequencies, token_tables
 from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
 from .tokenizers import TextTokenizer
 from .transformer import PAD_ID, Transformer
@@ -121,6 +122,10 @@ class Trainer:
         self._permutation: torch.Tensor | None = None
         self.last_metrics: dict[str, Any] = {}
         self.heads_document: dict[str, Any] | None = None
+        self.circuits_document: dict[str, Any] | None = None
+        self._frequencies: torch.Tensor | None = None
+        # tokens_seen at the first iteration whose score passed the label threshold (Olsson's phase change)
+        self.formed_at: dict[str, int | None] = {"induction_formed_at": None, "prev_token_formed_at": None}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
@@ -202,16 +207,48 @@ class Trainer:
             "epoch": self.step * self.train_cfg.batch_size / self.train_windows.shape[0],
             "lr": self.scheduler.get_last_lr()[0],
         }
-        self.heads_document = head_scores(self.model, self.eval_windows[:, :-1], self.analysis_cfg)
-        metrics.update(score_summaries(self.heads_document))
+        metrics.update(self.analyse())
         self.last_metrics = metrics
         return metrics
+
+    def analyse(self) -> dict[str, Any]:
+        """Head scores every iteration; ablation and token tables every `circuits_every` and on the last.
+
+        Returns the per-iteration metrics of the analysis: score maxima, formed_at, and
+        `head_scores` (every head's scores: the run's head history).
+        """
+        cfg = self.analysis_cfg
+        heavy = self.finished or self.iteration % max(1, cfg.circuits_every) == 0
+        document = head_scores(self.model, self.eval_windows, cfg, ablate=heavy)
+        if heavy:
+            document["ablation_tokens_seen"] = self.tokens_seen
+            self.circuits_document = self.token_tables()
+        else:
+            document = carry_ablation(document, self.heads_document, cfg)
+        self.heads_document = document
+        summaries = score_summaries(document)
+        for key, metric, threshold in (
+            ("induction_formed_at", "induction_score_max", cfg.induction_threshold),
+            ("prev_token_formed_at", "prev_token_score_max", cfg.previous_token_threshold),
+        ):
+            if self.formed_at[key] is None and summaries[metric] > threshold:
+                self.formed_at[key] = self.tokens_seen
+        return {**summaries, **self.formed_at, "head_scores": head_history_entry(document)}
+
+    def token_tables(self) -> dict[str, Any]:
+        """circuits.json: the OV / QK / skip-trigram / bigram tables over the most frequent training tokens."""
+        if self._frequencies is None:
+            self._frequencies = token_frequencies(self.train_windows, self.model_cfg.vocab_size)
+        decode = lambda i: self.tokenizer.token_strings([i])[0]  # noqa: E731
+        return {"tokens_seen": self.tokens_seen, **token_tables(self.model, decode, self._frequencies)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss, top-1 next-token accuracy and perplexity on the fixed held-out sample."""
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
+        position_loss = torch.zeros(self.model_cfg.seq_len, device=self.device)
+        position_count = torch.zeros(self.model_cfg.seq_len, device=self.device)
         for batch in self.eval_windows.split(max(self.train_cfg.batch_size, 64)):
             batch = batch.long()
             inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -222,6 +259,8 @@ class Trainer:
                 logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none"
             )
             loss_sum += float(losses[real].sum())
+            position_loss += (losses * real).sum(0)
+            position_count += real.sum(0)
             correct += int((logits.argmax(-1) == targets)[real].sum())
             count += int(real.sum())
         self.model.train()
@@ -230,6 +269,7 @@ class Trainer:
             "test_loss": test_loss,
             "test_accuracy": correct / max(count, 1),
             "test_perplexity": math.exp(min(test_loss, 50.0)),
+            "icl_score": icl_score(position_loss / position_count.clamp_min(1)),
         }
 
     # ------------------------------------------------------------ checkpoints
@@ -251,14 +291,18 @@ class Trainer:
             "step": self.step,
             "iteration": self.iteration,
             "tokens_seen": self.tokens_seen,
-            "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+            "metrics": {k: float(v) for k, v in self.last_metrics.items() if isinstance(v, (int, float))},
+            "formed_at": dict(self.formed_at),
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         torch.save(state, directory / "trainer_state.pt")
         if self.heads_document is None:
-            self.heads_document = head_scores(self.model, self.eval_windows[:, :-1], self.analysis_cfg)
+            self.heads_document = head_scores(self.model, self.eval_windows, self.analysis_cfg, ablate=True)
+        if self.circuits_document is None:
+            self.circuits_document = self.token_tables()
         write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg)
+        (directory / "circuits.json").write_text(json.dumps(self.circuits_document))
         write_manifest(directory)
         return directory
 
@@ -278,6 +322,7 @@ class Trainer:
         self.step = int(state["step"])
         self.iteration = int(state["iteration"])
         self.last_metrics = dict(state.get("metrics", {}))
+        self.formed_at.update(state.get("formed_at", {}))
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -321,12 +321,13 @@ def results(name, storage, csv_path):
         console.print(f"wrote {len(rows)} trials to {csv_path}")
         return
     table = Table(title=experiment.name)
-    for column in ("trial", "status", "iters", "test_loss", *SHAPE_KEYS, "error"):
+    shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
+    for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
         table.add_column(column)
     for trial in experiment.trials:
-        loss = trial.metrics.get("test_loss")
-        shown_loss = f"{loss:.4f}" if isinstance(loss, float) else "-"
-        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), shown_loss, *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
+        values = [trial.metrics.get(m) for m in shown]
+        cells = [f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else "-" for v in values]
+        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), *cells, *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
     output.print(table)
 
 

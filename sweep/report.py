@@ -15,7 +15,9 @@ from .space import SHAPE_KEYS
 from .storage import read_text
 
 VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
-LEADERBOARD_METRICS = ("test_loss", "test_accuracy", "induction_score_max", "prev_token_score_max", "copying_score_max")
+LEADERBOARD_METRICS = (
+    "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
+)
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 80rem; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }

@@ -96,3 +96,20 @@ def test_gpt2_without_the_hub_or_a_mirrored_copy_is_one_line(tmp_path, monkeypat
     assert result.exit_code == 2
     assert "gpt2 needs the Hugging Face Hub, which is unreachable" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_history_and_token_tables_of_a_run(reviews_file, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", reviews_file, *SMALL, "--out", out).exit_code == 0
+    history = json.loads(invoke("heads", out, "--history", "--json").output)
+    iterations = len((out / "metrics.jsonl").read_text().splitlines())
+    assert len(history["history"]) == iterations and all(row["tokens_seen"] for row in history["history"])
+    assert set(history["history"][0]["heads"]["0.0"]) >= {"previous_token", "induction", "copying"}
+    assert "head history of" in invoke("heads", out, "--history").output
+    circuits = json.loads(invoke("heads", out / "checkpoint", "--tokens", "--head", "0.1", "--json").output)
+    assert [(h["layer"], h["head"]) for h in circuits["heads"]] == [(0, 1)] and circuits["heads"][0]["ov"]
+    assert "OV: a token attended to raises" in invoke("heads", out, "--tokens").output
+    atlas = invoke("heads", out).output
+    assert "ablate: held-out" in atlas  # the last iteration always ablates
+    bad = invoke("heads", out, "--tokens", "--head", "7.7")
+    assert bad.exit_code == 2 and "--head 7.7 is not a head of" in bad.stderr

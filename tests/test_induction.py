@@ -18,15 +18,13 @@ from sweep.cli import main
 from sweep.space import PRESETS
 
 PRESET = PRESETS["induction"].fixed
-FLAGS = {"d_model": "--d-model", "heads": "--heads", "seq_len": "--seq-len", "lr": "--lr",
-         "batch_size": "--batch-size", "max_tokens": "--max-tokens", "eval_every_tokens": "--eval-every-tokens"}
 
 
 def train_repeat(layers: int, out) -> dict:
     """`sweep train repeat` with the preset's values; returns the final checkpoint's heads.json."""
     args = ["train", "repeat", "--layers", str(layers), "--out", str(out), "--seed", "0"]
-    for key, flag in FLAGS.items():
-        args += [flag, str(PRESET[key])]
+    for key, value in PRESET.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads((out / "checkpoint" / "heads.json").read_text())
@@ -53,6 +51,24 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     k_at_init = composition_scores(untrained)["k"][0]
     baseline = sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
     assert k_into_best[source] > 1.5 * baseline, (k_into_best, baseline)
+
+    # The model uses them: mean-ablating an induction head raises the loss on repeated tokens
+    # far more than ablating a head that is neither an induction nor a previous-token head.
+    repeated_rise = {(h["layer"], h["head"]): h["ablation"]["repeated"] for h in heads["heads"]}
+    induction_heads = [(h["layer"], h["head"]) for h in heads["heads"] if "induction" in h["labels"]]
+    others = [(h["layer"], h["head"]) for h in heads["heads"] if not {"induction", "previous_token"} & set(h["labels"])]
+    print("repeated-token loss rise under mean ablation:", repeated_rise)
+    assert induction_heads and others, heads["heads"]
+    assert min(repeated_rise[h] for h in induction_heads) > 3 * max(0.02, max(repeated_rise[h] for h in others)), repeated_rise
+    assert all("matters" in h["labels"] for h in heads["heads"] if "induction" in h["labels"])
+
+    # When: the phase change is recorded, and the head history shows the jump.
+    final = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["induction_formed_at"] is not None and final["induction_formed_at"] < PRESET["max_tokens"], final
+    history = json.loads(CliRunner().invoke(main, ["heads", str(tmp_path / "two"), "--history", "--head", f"1.{best}", "--json"]).output)
+    series = [row["heads"][f"1.{best}"]["induction"] for row in history["history"]]
+    print("induction score of head 1.%d over training:" % best, series)
+    assert series[0] < 0.2 and series[-1] > 0.4
 
 
 def test_one_layer_cannot_do_induction(tmp_path):

@@ -11,10 +11,12 @@ from model import CheckpointError, ModelConfig, NonFiniteLossError, TrainConfig,
 from model.checkpoint import read_trainer_state
 from model.config import DataConfig
 from model.data import prepare_data
+from model.metrics import REPORTED_METRICS
 
 METRICS = {
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "tokens_seen", "tokens_per_second", "epoch", "lr",
     "induction_score_max", "prev_token_score_max", "first_token_score_max", "copying_score_max",
+    "icl_score", "induction_formed_at", "prev_token_formed_at",
 }
 
 
@@ -35,10 +37,16 @@ def test_iterations_report_the_contract_metrics_and_loss_falls(small_data):
     while not trainer.finished:
         history.append(trainer.train_iteration())
     assert len(history) == 4 == trainer.schedule.iterations
-    assert all(set(m) == METRICS for m in history)
+    assert all(set(m) == METRICS | {"head_scores"} for m in history)
+    assert set(METRICS) == set(REPORTED_METRICS)  # what trials report is what --metric may name
     assert history[-1]["tokens_seen"] == 2048
     assert history[-1]["test_loss"] < history[0]["test_loss"] - 0.5
-    assert all(np.isfinite(list(m.values())).all() for m in history)
+    assert all(np.isfinite([v for v in m.values() if isinstance(v, float)]).all() for m in history)
+    # every head's scores at every iteration: the run's head history
+    assert all(set(m["head_scores"]) == {f"{layer}.{head}" for layer in range(2) for head in range(4)} for m in history)
+    # heavy analysis on a schedule: ablation on iteration 5k and the last, carried over in between
+    ablated_at = trainer.heads_document["ablation_tokens_seen"]
+    assert ablated_at == 2048 and all("ablation" in h for h in trainer.heads_document["heads"])
 
 
 def test_resume_continues_exactly(small_data, tmp_path):
