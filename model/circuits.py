@@ -141,10 +141,10 @@ def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: 
     width = model.cfg.d_model
     W_E = model.embed.weight.detach().float()[ids]  # (K, C): token embeddings only, no positions
     W_U = model.unembed.weight.detach().float()[ids].T * _gain(model.ln_final, width).to(device)[:, None]  # (C, K)
-    names = [decode(int(i)) for i in ids.tolist()]
+    names = _Names(decode, ids.tolist())  # decoded on first use: the tables name a few hundred of the K tokens
     rows = min(cfg.rows, k)
 
-    def table(scores: torch.Tensor, source_names: list[str], target_names: list[str]) -> list[dict[str, Any]]:
+    def table(scores: torch.Tensor, source_names: _Names, target_names: _Names) -> list[dict[str, Any]]:
         top = scores[:rows].topk(min(cfg.top, scores.shape[1]), dim=1)
         return [
             {"token": source_names[r], "top": [[target_names[c], round(float(v), 4)] for v, c in zip(top.values[r], top.indices[r])]}
@@ -174,7 +174,19 @@ def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: 
     return document
 
 
-def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: list[str], count: int) -> list[dict[str, Any]]:
+class _Names:
+    """Position in the frequent-token list -> decoded string, decoding each token once, when first asked."""
+
+    def __init__(self, decode: Callable[[int], str], ids: list[int]) -> None:
+        self.decode, self.ids, self.cache = decode, ids, {}
+
+    def __getitem__(self, position: int) -> str:
+        if position not in self.cache:
+            self.cache[position] = self.decode(self.ids[position])
+        return self.cache[position]
+
+
+def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: _Names, count: int) -> list[dict[str, Any]]:
     """Top "A ... B -> C": query A attends to key B (QK, centred per query) and B raises C (OV, centred per source).
 
     Scored by the product of the two centred entries, the size of the logit
@@ -184,10 +196,13 @@ def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: list[str], count: 
     raise_ = ov - ov.mean(dim=1, keepdim=True)  # (B, C)
     best_c = raise_.max(dim=1)  # each B's strongest output
     scores = attend * best_c.values[None, :]  # (A, B)
-    top = scores.flatten().topk(min(count, scores.numel()))
+    # the best `count` of each row first, then of those: one flat top-k over K^2 entries is 5x slower on CPU
+    per_row = scores.topk(min(count, scores.shape[1]), dim=1)
+    top = per_row.values.flatten().topk(min(count, per_row.values.numel()))
     trigrams = []
     for value, flat in zip(top.values.tolist(), top.indices.tolist()):
-        a, b = divmod(flat, scores.shape[1])
+        a = flat // per_row.indices.shape[1]
+        b = int(per_row.indices.flatten()[flat])
         c = int(best_c.indices[b])
         trigrams.append({"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4),
                          "qk": round(float(attend[a, b]), 4), "ov": round(float(raise_[b, c]), 4)})
