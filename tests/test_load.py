@@ -9,7 +9,7 @@ import ray
 from ray import tune
 
 from sweep.results import best_document, load_experiment
-from sweep.runner import LaunchConfig, launch_sweep
+from sweep.runner import LaunchConfig, launch_sweep, plan_sweep
 from sweep.storage import open_storage
 
 from conftest import write_reviews
@@ -45,7 +45,7 @@ def test_200_trial_sweep(tmp_path):
     )
     rss = RssAtTrials()
     try:
-        launch_sweep(launch, [rss], log_line=lambda line: None)
+        launch_sweep(plan_sweep(launch), [rss], log_line=lambda line: None)
     finally:
         ray.shutdown()
     storage = open_storage(str(tmp_path / "results"))

@@ -1,0 +1,165 @@
+"""The grid's answer: which circuits grew under which hyperparameters, from storage alone.
+
+One row per trial (its varying config, state, final losses, counts of heads by
+label, the max of every head score, when induction heads formed), then for
+every axis of the grid each score's mean and max grouped by the axis value,
+and by pairs of axes. Axes are ranked by how strongly the head scores depend
+on them: the largest spread of group means of any head score, so
+"induction heads formed only with layers = 2" comes first when it is true.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .results import Experiment, TrialRecord
+from .storage import read_text
+
+HEAD_SCORES = ("induction", "previous_token", "duplicate_token", "first_token", "current_token", "copying")
+LABELS = ("induction", "previous_token", "first_token", "copying", "matters")
+# Trial-level values grouped besides the head scores (not used to rank axes: not on the scores' scale).
+TRIAL_VALUES = ("test_loss", "icl_score")
+
+
+@dataclass
+class AtlasRow:
+    """One trial of the atlas."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str
+    values: dict[str, float | None]
+    """test_loss, icl_score, and `<score>_max` for every head score."""
+    label_counts: dict[str, int]
+    induction_formed_at: int | None
+    prev_token_formed_at: int | None
+
+    def document(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "config": self.config, "status": self.status, **self.values,
+                "heads_by_label": self.label_counts, "induction_formed_at": self.induction_formed_at,
+                "prev_token_formed_at": self.prev_token_formed_at}
+
+
+@dataclass
+class Atlas:
+    experiment: str
+    axes: list[str]
+    """Varying axes, strongest dependence first."""
+    rows: list[AtlasRow]
+    groups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """axis -> one entry per value: {value, trials, <value name>: {mean, max}}."""
+    pairs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """"axis1 x axis2" -> one entry per value pair (means only)."""
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
+    """axis -> score -> spread of the group means (max - min)."""
+
+    def document(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread, "trials": [r.document() for r in self.rows],
+                "groups": self.groups, "pairs": self.pairs}
+
+
+def score_names() -> list[str]:
+    return [f"{score}_max" for score in HEAD_SCORES]
+
+
+def _heads_document(experiment: Experiment, trial: TrialRecord) -> dict[str, Any] | None:
+    if trial.checkpoint is None:
+        return None
+    try:
+        return json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _row(trial: TrialRecord, heads: dict[str, Any] | None) -> AtlasRow:
+    values: dict[str, float | None] = {name: _finite(trial.metrics.get(name)) for name in TRIAL_VALUES}
+    counts = {label: 0 for label in LABELS}
+    for score in HEAD_SCORES:
+        values[f"{score}_max"] = max((h["scores"][score] for h in heads["heads"] if score in h["scores"]), default=None) if heads else None
+    if heads:
+        for head in heads["heads"]:
+            for label in head["labels"]:
+                if label in counts:
+                    counts[label] += 1
+    return AtlasRow(trial.trial_id, trial.config, trial.status, values, counts,
+                    trial.metrics.get("induction_formed_at"), trial.metrics.get("prev_token_formed_at"))
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"trials": len(rows)}
+    for name in names:
+        present = [r.values[name] for r in rows if r.values.get(name) is not None]
+        summary[name] = {"mean": sum(present) / len(present), "max": max(present)} if present else {"mean": None, "max": None}
+    induction = [r.label_counts["induction"] for r in rows]
+    summary["induction_heads"] = {"mean": sum(induction) / len(induction), "max": max(induction)}
+    return summary
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def build_atlas(experiment: Experiment) -> Atlas:
+    """The atlas of an experiment: every trial's latest heads.json read in parallel (S3 round trips overlap)."""
+    trials = experiment.trials
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        documents = list(pool.map(lambda t: _heads_document(experiment, t), trials))
+    rows = [_row(trial, heads) for trial, heads in zip(trials, documents)]
+    declared = list((experiment.record.get("axes") or {}).keys())
+    seen = {k for r in rows for k in r.config}
+    varying = [a for a in declared if a in seen] or sorted(
+        k for k in seen if len({_key(r.config.get(k)) for r in rows}) > 1
+    )
+    varying = [a for a in varying if len({_key(r.config.get(a)) for r in rows}) > 1]
+    names = [*score_names(), *TRIAL_VALUES]
+    atlas = Atlas(experiment.name, [], rows)
+    for axis in varying:
+        values = sorted({_key(r.config.get(axis)) for r in rows}, key=_sortable)
+        entries = []
+        for value in values:
+            group = [r for r in rows if _key(r.config.get(axis)) == value]
+            entries.append({"value": group[0].config.get(axis), **_summary(group, names)})
+        atlas.groups[axis] = entries
+        atlas.spread[axis] = {}
+        for name in score_names():
+            means = [e[name]["mean"] for e in entries if e[name]["mean"] is not None]
+            atlas.spread[axis][name] = round(max(means) - min(means), 4) if len(means) > 1 else 0.0
+    atlas.axes = sorted(varying, key=lambda a: -max(atlas.spread[a].values(), default=0.0))
+    for first, second in itertools.combinations(atlas.axes, 2):
+        entries = []
+        for value1, value2 in itertools.product(*(sorted({_key(r.config.get(a)) for r in rows}, key=_sortable) for a in (first, second))):
+            group = [r for r in rows if _key(r.config.get(first)) == value1 and _key(r.config.get(second)) == value2]
+            if group:
+                summary = _summary(group, names)
+                entries.append({first: group[0].config.get(first), second: group[0].config.get(second), "trials": len(group),
+                                **{name: summary[name]["mean"] for name in names}, "induction_heads": summary["induction_heads"]["mean"]})
+        atlas.pairs[f"{first} x {second}"] = entries
+    return atlas
+
+
+def _sortable(text: str) -> tuple:
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
+def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of `sweep atlas --csv`: a row per trial."""
+    columns = ["trial_id", *atlas.axes, "status", *TRIAL_VALUES, *score_names(), *(f"{label}_heads" for label in LABELS),
+               "induction_formed_at", "prev_token_formed_at"]
+    rows = []
+    for row in atlas.rows:
+        rows.append({"trial_id": row.trial_id, **{a: row.config.get(a) for a in atlas.axes}, "status": row.status, **row.values,
+                     **{f"{label}_heads": n for label, n in row.label_counts.items()},
+                     "induction_formed_at": row.induction_formed_at, "prev_token_formed_at": row.prev_token_formed_at})
+    return columns, rows
