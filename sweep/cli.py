@@ -518,6 +518,71 @@ def export(source, trial, storage, export_format, out):
 @main.command()
 @click.argument("name", required=False)
 @storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per trial as CSV.")
+def atlas(name, storage, as_json, csv_path):
+    """Which circuits grew where: experiment NAME (default: the newest) over its grid's axes.
+
+    One row per trial (state, losses, heads by label, every head score's max,
+    when induction heads formed), then each axis's groups, strongest dependence first.
+    """
+    from .atlas import HEAD_SCORES, atlas_rows_csv, build_atlas
+    from .results import load_experiment
+
+    result = build_atlas(load_experiment(_open(storage), name))
+    if as_json:
+        click.echo(json.dumps(result.document(), indent=2))
+        return
+    if csv_path:
+        import csv
+
+        columns, rows = atlas_rows_csv(result)
+        partial = csv_path.with_name(csv_path.name + ".partial")
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        partial.replace(csv_path)
+        console.print(f"wrote {len(rows)} trials to {csv_path}")
+        return
+    scores = HEAD_SCORES[:4]
+    table = Table(title=f"{result.experiment}: {len(result.rows)} trials")
+    for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
+        table.add_column(column, justify="right")
+
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+
+    for row in result.rows:
+        table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), row.status.lower().replace("_", " "),
+                      number(row.values["test_loss"]), number(row.values["icl_score"]), *(number(row.values[f"{s}_max"], 2) for s in scores),
+                      str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
+                      number(row.induction_formed_at))
+    output.print(table)
+    for axis in result.axes:
+        spread = max(result.spread[axis].values())
+        group_table = Table(title=f"by {axis} (largest spread of a head score's mean: {spread:.2f})", title_justify="left")
+        for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss"):
+            group_table.add_column(column, justify="right")
+        for entry in result.groups[axis]:
+            cells = [f"{entry[f'{s}_max']['mean']:.2f}/{entry[f'{s}_max']['max']:.2f}" if entry[f"{s}_max"]["mean"] is not None else "-" for s in scores]
+            group_table.add_row(str(entry["value"]), str(entry["trials"]), *cells, f"{entry['induction_heads']['mean']:.1f}",
+                                number(entry["test_loss"]["mean"]))
+        output.print(group_table)
+    for pair, entries in list(result.pairs.items())[:3]:
+        first, second = pair.split(" x ")
+        pair_table = Table(title=f"by {pair} (means)", title_justify="left")
+        for column in (first, second, "trials", *(f"{s}" for s in scores), "induction heads"):
+            pair_table.add_column(column, justify="right")
+        for entry in entries:
+            pair_table.add_row(str(entry[first]), str(entry[second]), str(entry["trials"]),
+                               *(number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
+        output.print(pair_table)
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1), help="Trials shown in full.")
 def report(name, storage, out, top):

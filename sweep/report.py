@@ -1,4 +1,11 @@
-"""One self-contained HTML report of an experiment: images inlined, no network, works offline."""
+"""One self-contained HTML report of an experiment: the document a researcher reads first.
+
+Sections: what grew where (the atlas over the grid's axes), the dynamics of
+every trial (Olsson's phase-change figure), the leaderboard, and for the top
+trials the head atlas with ablation, the composition graph, the token tables
+and an interactive attention viewer. Images, data and script are inlined: no
+network, works offline.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ import html
 import io
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .atlas import Atlas, build_atlas
 from .names import metric_mode
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
@@ -18,24 +27,69 @@ VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
     "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
 )
+GRID_SCORES = ("induction", "previous_token", "first_token", "copying")
+DYNAMICS = (("test_loss", "test loss"), ("induction_score_max", "induction score (max over heads)"),
+            ("prev_token_score_max", "previous-token score (max)"), ("icl_score", "in-context-learning score"))
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 80rem; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-.wide { overflow-x: auto; max-width: 100%; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
-th { background: #f3f3f3; } td.text { text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5rem 2rem; color: #222; max-width: 72rem; line-height: 1.45; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 2px solid #444; padding-bottom: 0.2rem; margin-top: 2.5rem; }
+nav.toc { background: #f6f6f6; padding: 0.6rem 1rem; border-radius: 0.4rem; }
+nav.toc ol { margin: 0.3rem 0; } nav.toc a { text-decoration: none; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; } td.text { text-align: left; }
+.wide { overflow-x: auto; max-width: 100%; max-height: 32rem; overflow-y: auto; }
 pre { background: #f7f7f7; padding: 0.8rem; white-space: pre-wrap; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.3rem 0; }
-section.trial { border-top: 2px solid #444; margin-top: 2rem; }
+section.trial { border-top: 1px dashed #888; margin-top: 2rem; }
 .label { background: #e6f0ff; border-radius: 0.3rem; padding: 0 0.3rem; margin-right: 0.2rem; }
+.label.matters { background: #ffe3c2; }
+.note { color: #555; font-size: 0.9rem; }
+.viewer { border: 1px solid #ccc; border-radius: 0.4rem; padding: 0.6rem; margin: 0.8rem 0; }
+.viewer .tokens { font-family: ui-monospace, monospace; line-height: 2.1; margin: 0.5rem 0; }
+.viewer .tok { padding: 0.15rem 0.2rem; margin: 0 1px; border-radius: 0.2rem; cursor: pointer; border: 1px solid #ddd; white-space: pre; }
+.viewer .tok.query { outline: 2px solid #c00; }
+.viewer .readout { font-size: 0.9rem; color: #333; min-height: 1.3rem; }
+.columns { display: flex; flex-wrap: wrap; gap: 1.5rem; } .columns > div { flex: 1 1 22rem; }
 """
-# Counts the images that decoded, so a headless browser can tell the report rendered whole.
-CHECK_SCRIPT = """
+# Counts the images that decoded, so a headless browser can tell the report rendered whole,
+# and runs every attention viewer: click (or hover) a token to see where a head attends from it.
+SCRIPT = """
+function initViewer(root) {
+  var data = JSON.parse(root.querySelector('script[type="application/json"]').textContent);
+  var select = root.querySelector('select'), box = root.querySelector('.tokens'), readout = root.querySelector('.readout');
+  var query = data.tokens.length - 1, spans = [];
+  data.tokens.forEach(function (token, position) {
+    var span = document.createElement('span');
+    span.className = 'tok'; span.textContent = token; span.setAttribute('data-position', String(position));
+    span.addEventListener('click', function () { query = position; render(); });
+    span.addEventListener('mouseenter', function () { query = position; render(); });
+    box.appendChild(span); spans.push(span);
+  });
+  select.addEventListener('change', render);
+  function render() {
+    var parts = select.value.split('.'), layer = +parts[0], head = +parts[1];
+    var row = data.patterns[layer][head][query], best = 0;
+    spans.forEach(function (span, key) {
+      var weight = key <= query ? row[key] : 0;
+      if (weight > row[best]) { best = key; }
+      span.style.background = 'rgba(230, 110, 0, ' + weight.toFixed(3) + ')';
+      span.title = 'attention ' + weight.toFixed(3);
+      span.classList.toggle('query', key === query);
+    });
+    readout.textContent = 'head ' + select.value + ', query ' + JSON.stringify(data.tokens[query]) + ' (position ' + query +
+      '): attends most to ' + JSON.stringify(data.tokens[best]) + ' (position ' + best + ', ' + row[best].toFixed(2) + ')';
+    root.setAttribute('data-query', String(query));
+  }
+  render();
+}
 window.addEventListener('load', function () {
   var images = Array.from(document.images);
   var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   document.body.setAttribute('data-images', String(images.length));
   document.body.setAttribute('data-images-loaded', String(loaded));
+  document.querySelectorAll('.viewer').forEach(initViewer);
+  document.body.setAttribute('data-ready', '1');
 });
 """
 
@@ -45,23 +99,29 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     mode = experiment.record.get("mode") or metric_mode(metric)
     ranked = best_trials(experiment, metric, mode, len(experiment.trials)) if _reported(experiment, metric) else []
     leaders = ranked[:top]
-    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(status_counts(experiment).items()))
-    parts = [
+    atlas = build_atlas(experiment)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        histories = dict(zip((t.trial_id for t in experiment.trials), pool.map(lambda t: trial_history(experiment.storage, t), experiment.trials)))
+    counts = ", ".join(f"{n} {state.lower().replace('_', ' ')}" for state, n in sorted(status_counts(experiment).items()))
+    sections = [
+        ("grid", "What grew where", _grid_section(atlas)),
+        ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories)),
+        ("leaderboard", "Leaderboard", _leaderboard(experiment, ranked, metric)),
+        *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}", _trial_section(experiment, trial, rank, metric, histories[trial.trial_id]))
+          for rank, trial in enumerate(leaders, 1)),
+    ]
+    toc = "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>' for anchor, title, _ in sections)
+    body = "\n".join([
         f"<h1>{_e(experiment.name)}</h1>",
         f"<p>storage <code>{_e(experiment.storage.uri)}</code> &middot; ranked by <b>{_e(metric)}</b> ({_e(mode)}) &middot; "
-        f"{len(experiment.trials)} trials: {_e(counts.replace('_', ' '))} &middot; created {_e(experiment.record.get('created', ''))}</p>",
-        "<h2>Leaderboard</h2>",
-        _leaderboard(experiment, ranked, metric),
-    ]
-    if leaders:
-        parts += ["<h2>Loss curves of the top trials</h2>", _image(_loss_curves(experiment, leaders), "test loss curves")]
-    for rank, trial in enumerate(leaders, 1):
-        parts.append(_trial_section(experiment, trial, rank, metric))
-    body = "\n".join(parts)
+        f"{len(experiment.trials)} trials: {_e(counts)} &middot; created {_e(experiment.record.get('created', ''))}</p>",
+        f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>',
+        *(f'<section id="{anchor}"><h2>{_e(title)}</h2>{content}</section>' for anchor, title, content in sections),
+    ])
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(experiment.name)}: circuit-sweep report</title><style>{STYLE}</style>"
-        f"<script>{CHECK_SCRIPT}</script></head><body>\n{body}\n</body></html>\n"
+        f"<script>{SCRIPT}</script></head><body>\n{body}\n</body></html>\n"
     )
 
 
@@ -74,9 +134,174 @@ def _e(value: Any) -> str:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return _e(value)
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return _e(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None or value == "" else _e(value)
+
+
+def _png(figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return buffer.getvalue()
+
+
+def _image(png: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+# ---------------------------------------------------------------- what grew where
+
+
+def _grid_section(atlas: Atlas) -> str:
+    parts = ['<p class="note">Each head score\'s max over a trial\'s heads (latest checkpoint), averaged over the trials that share '
+             'a value of an axis. Axes are ordered by how strongly the head scores depend on them (the spread of these means).</p>']
+    if atlas.axes:
+        spread = ", ".join(f"<b>{_e(axis)}</b> ({max(atlas.spread[axis].values()):.2f})" for axis in atlas.axes)
+        parts.append(f"<p>Axes by dependence: {spread}.</p>")
+        parts.append(_image(_grid_figure(atlas), "head scores over the grid's axes"))
+        parts.append(_group_tables(atlas))
+    else:
+        parts.append("<p>The experiment varies no axis.</p>")
+    parts.append("<h3>Atlas: every trial</h3>" + _atlas_table(atlas))
+    return "\n".join(parts)
+
+
+def _grid_figure(atlas: Atlas) -> bytes:
+    """Small multiples: one panel per head score, over the two strongest axes (a heatmap) or the strongest one (bars)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(3.3 * len(GRID_SCORES), 3.2), dpi=80)
+    if len(atlas.axes) >= 2:
+        first, second = atlas.axes[:2]
+        entries = atlas.pairs[f"{first} x {second}"]
+        rows = sorted({json.dumps(e[first]) for e in entries}, key=_order)
+        columns = sorted({json.dumps(e[second]) for e in entries}, key=_order)
+        for index, score in enumerate(GRID_SCORES):
+            axes = figure.add_subplot(1, len(GRID_SCORES), index + 1)
+            grid = [[math.nan] * len(columns) for _ in rows]
+            for entry in entries:
+                value = entry.get(f"{score}_max")
+                if value is not None:
+                    grid[rows.index(json.dumps(entry[first]))][columns.index(json.dumps(entry[second]))] = value
+            image = axes.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            for r, row in enumerate(grid):
+                for c, value in enumerate(row):
+                    if not math.isnan(value):
+                        axes.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black")
+            axes.set_xticks(range(len(columns)), [json.loads(c) for c in columns], fontsize=8)
+            axes.set_yticks(range(len(rows)), [json.loads(r) for r in rows], fontsize=8)
+            axes.set_xlabel(second, fontsize=9)
+            axes.set_ylabel(first, fontsize=9)
+            axes.set_title(score, fontsize=10)
+        figure.colorbar(image, ax=figure.axes, fraction=0.02)
+    else:
+        axis = atlas.axes[0]
+        entries = atlas.groups[axis]
+        for index, score in enumerate(GRID_SCORES):
+            axes = figure.add_subplot(1, len(GRID_SCORES), index + 1)
+            means = [e[f"{score}_max"]["mean"] or 0.0 for e in entries]
+            axes.bar(range(len(entries)), means, color="#4477aa")
+            axes.set_xticks(range(len(entries)), [str(e["value"]) for e in entries], fontsize=8)
+            axes.set_ylim(min(0.0, *means), 1)
+            axes.set_xlabel(axis, fontsize=9)
+            axes.set_title(score, fontsize=10)
+        figure.subplots_adjust(wspace=0.35)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _order(text: str) -> tuple:
+    value = json.loads(text)
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+def _group_tables(atlas: Atlas) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("axis", "value", "trials", *(f"{s} mean / max" for s in GRID_SCORES), "induction heads", "test_loss"))
+    rows = []
+    for axis in atlas.axes:
+        for entry in atlas.groups[axis]:
+            cells = [_e(axis), _e(entry["value"]), str(entry["trials"])]
+            for score in GRID_SCORES:
+                value = entry[f"{score}_max"]
+                cells.append(f"{value['mean']:.2f} / {value['max']:.2f}" if value["mean"] is not None else "-")
+            cells.append(f"{entry['induction_heads']['mean']:.1f}")
+            loss = entry["test_loss"]["mean"]
+            cells.append(f"{loss:.3f}" if loss is not None else "-")
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f'<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _atlas_table(atlas: Atlas) -> str:
+    labels = ("induction", "previous_token", "matters")
+    columns = ("trial", *atlas.axes, "status", "test_loss", "icl_score", *(f"{s} max" for s in GRID_SCORES), *(f"{label} heads" for label in labels),
+               "induction formed at")
+    rows = []
+    for row in atlas.rows:
+        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _e(row.status), _number(row.values["test_loss"]),
+                 _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"]) for s in GRID_SCORES),
+                 *(str(row.label_counts[label]) for label in labels), _number(row.induction_formed_at)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    return f'<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+# ---------------------------------------------------------------- dynamics
+
+
+def _dynamics_section(experiment: Experiment, histories: dict[str, list[dict]]) -> str:
+    if not any(histories.values()):
+        return "<p>No iterations reported yet.</p>"
+    note = ('<p class="note">Every trial over training tokens (Olsson et al.\'s phase-change figure): test loss beside the '
+            "induction and previous-token scores and the in-context-learning score (loss late in the context minus early; "
+            "lower = more use of context). A dot marks where a trial's induction heads formed.</p>")
+    return note + _image(_dynamics_figure(experiment, histories), "dynamics of every trial")
+
+
+def _dynamics_figure(experiment: Experiment, histories: dict[str, list[dict]]) -> bytes:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 6.4), dpi=80)
+    panels = [figure.add_subplot(2, 2, i + 1) for i in range(len(DYNAMICS))]
+    many = len(histories) > 12
+    for index, trial in enumerate(experiment.trials):
+        history = [r for r in histories[trial.trial_id] if isinstance(r.get("tokens_seen"), (int, float))]
+        if not history:
+            continue
+        tokens = [r["tokens_seen"] for r in history]
+        color = f"C{index % 10}"
+        for axes, (key, _) in zip(panels, DYNAMICS):
+            values = [r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else math.nan for r in history]
+            axes.plot(tokens, values, color=color, linewidth=0.9 if many else 1.4, alpha=0.6 if many else 0.9,
+                      label=None if many else _trial_label(trial))
+        formed = trial.metrics.get("induction_formed_at")
+        if isinstance(formed, (int, float)):
+            at = [r for r in history if r["tokens_seen"] == formed]
+            if at and isinstance(at[0].get("induction_score_max"), (int, float)):
+                panels[1].plot([formed], [at[0]["induction_score_max"]], marker="o", color=color, markersize=6)
+    for axes, (key, title) in zip(panels, DYNAMICS):
+        if key.endswith("_score_max"):
+            axes.set_ylim(0, 1)  # scores live in [0, 1]: noise should look like noise
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("training tokens", fontsize=8)
+        axes.tick_params(labelsize=8)
+    if not many and experiment.trials:
+        panels[0].legend(fontsize=7)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _trial_label(trial: TrialRecord) -> str:
+    varying = " ".join(f"{k}={trial.config[k]}" for k in SHAPE_KEYS if k in trial.config)
+    return f"{trial.trial_id} {varying}"
+
+
+# ---------------------------------------------------------------- leaderboard
 
 
 def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str) -> str:
@@ -93,61 +318,151 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
     return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
-def _loss_curves(experiment: Experiment, trials: list[TrialRecord]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 4), dpi=90)
-    axes = figure.add_subplot()
-    for trial in trials:
-        history = [r for r in trial_history(experiment.storage, trial) if isinstance(r.get("test_loss"), (int, float)) and math.isfinite(r["test_loss"])]
-        tokens = [r["tokens_seen"] for r in history]
-        (line,) = axes.plot(tokens, [r["test_loss"] for r in history], marker="o", label=trial.trial_id)
-        axes.plot(tokens, [r["train_loss"] for r in history], linestyle="--", alpha=0.5, color=line.get_color())
-    axes.set_xlabel("training tokens")
-    axes.set_ylabel("loss (solid: test, dashed: train)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return buffer.getvalue()
+# ---------------------------------------------------------------- top trials
 
 
-def _image(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric: str) -> str:
+def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric: str, history: list[dict]) -> str:
     storage = experiment.storage
     parts = [
-        f'<section class="trial"><h2>#{rank} {_e(trial.trial_id)}: {_e(metric)} {_number(trial.metrics.get(metric))}</h2>',
-        "<p>" + " ".join(f"<code>{_e(k)}={_e(trial.config[k])}</code>" for k in VARYING if k in trial.config) + "</p>",
+        f"<p><b>{_e(metric)} {_number(trial.metrics.get(metric))}</b> &middot; " + " ".join(
+            f"<code>{_e(k)}={_e(trial.config[k])}</code>" for k in VARYING if k in trial.config) + "</p>",
     ]
     checkpoint = trial.checkpoint
     if checkpoint is None:
-        parts.append("<p>No complete checkpoint.</p></section>")
-        return "\n".join(parts)
+        return "\n".join(parts) + "<p>No complete checkpoint.</p>"
     files = trial.files[checkpoint.rsplit("/", 1)[1]]
     parts.append(f"<p>checkpoint <code>{_e(storage.uri_of(checkpoint))}</code></p>")
-    parts.append(f"<h3>Sample</h3><pre>{_e(read_text(storage, f'{checkpoint}/sample.txt').strip())}</pre>")
     heads = json.loads(read_text(storage, f"{checkpoint}/heads.json"))
-    parts.append("<h3>Head atlas</h3>" + _atlas(heads))
+    parts.append("<h3>Head atlas</h3>" + _heads_table(heads))
+    charts = []
+    if any("ablation" in h for h in heads["heads"]):
+        charts.append("<div><h3>Ablation</h3>" + _image(_ablation_figure(heads), f"ablation of {trial.trial_id}") + "</div>")
+    if len({h["layer"] for h in heads["heads"]}) > 1:
+        charts.append("<div><h3>Composition</h3>" + _composition_svg(heads) + "</div>")
+    if charts:
+        parts.append('<div class="columns">' + "".join(charts) + "</div>")
+    if "circuits.json" in files:
+        parts.append("<h3>What the heads do in tokens</h3>" + _token_tables(json.loads(read_text(storage, f"{checkpoint}/circuits.json"))))
+    parts.append(f"<h3>Sample</h3><pre>{_e(read_text(storage, f'{checkpoint}/sample.txt').strip())}</pre>")
+    if "heatmaps/patterns.json" in files:
+        parts.append("<h3>Attention viewer</h3>" + _viewer(json.loads(read_text(storage, f"{checkpoint}/heatmaps/patterns.json")), heads))
     parts.append("<h3>Attention heatmaps</h3>")
     for name in sorted(p for p in files if p.startswith("heatmaps/layer") and "_head" not in p and p.endswith(".png")):
         with storage.filesystem.open_input_stream(f"{checkpoint}/{name}") as stream:
             parts.append(_image(stream.read(), name))
-    parts.append("</section>")
-    return "\n".join(parts)
+    return '<div class="trial">' + "\n".join(parts) + "</div>"
 
 
-def _atlas(document: dict[str, Any]) -> str:
+def _heads_table(document: dict[str, Any]) -> str:
     if not document["heads"]:
         return "<p>No heads.</p>"
     names = list(document["heads"][0]["scores"])
-    head = "".join(f"<th>{_e(c)}</th>" for c in ("layer", "head", *names, "labels"))
+    ablated = any("ablation" in h for h in document["heads"])
+    extra = ["ablate: held-out", "ablate: repeated"] if ablated else []
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("layer", "head", *names, *extra, "labels"))
     rows = []
     for entry in document["heads"]:
-        labels = "".join(f'<span class="label">{_e(label)}</span>' for label in entry["labels"]) or "-"
+        labels = "".join(f'<span class="label {_e(label)}">{_e(label)}</span>' for label in entry["labels"]) or "-"
         cells = [str(entry["layer"]), str(entry["head"]), *(f"{entry['scores'][n]:.2f}" for n in names)]
+        if ablated:
+            cells += [f"{entry['ablation'][k]:+.3f}" if "ablation" in entry else "-" for k in ("held_out", "repeated")]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f'<td class="text">{labels}</td></tr>')
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
+def _ablation_figure(document: dict[str, Any]) -> bytes:
+    from matplotlib.figure import Figure
+
+    heads = [h for h in document["heads"] if "ablation" in h]
+    names = [f"{h['layer']}.{h['head']}" for h in heads]
+    figure = Figure(figsize=(max(4.0, 0.45 * len(heads) + 1.5), 3.0), dpi=80)
+    axes = figure.add_subplot()
+    positions = range(len(heads))
+    axes.bar([p - 0.2 for p in positions], [h["ablation"]["held_out"] for h in heads], width=0.4, label="held-out text", color="#4477aa")
+    axes.bar([p + 0.2 for p in positions], [h["ablation"]["repeated"] for h in heads], width=0.4, label="repeated tokens", color="#ee6677")
+    axes.axhline(0, color="#444", linewidth=0.8)
+    axes.set_xticks(list(positions), names, fontsize=8)
+    axes.set_xlabel("head (layer.head)", fontsize=9)
+    axes.set_ylabel("loss rise when mean-ablated (nats)", fontsize=8)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _composition_svg(document: dict[str, Any]) -> str:
+    """Earlier-layer heads -> later-layer heads; edge width = composition score (Q blue, K red, V green)."""
+    layers = sorted({h["layer"] for h in document["heads"]})
+    heads = max(h["head"] for h in document["heads"]) + 1
+    width, height = 120 + 150 * (len(layers) - 1), 40 + 34 * heads
+    x = {layer: 60 + 150 * i for i, layer in enumerate(layers)}
+    y = {head: 30 + 34 * head for head in range(heads)}
+    colors = {"q": "#4477aa", "k": "#ee6677", "v": "#228833"}
+    composition = document.get("composition", {})
+    edges = []
+    for kind, color in colors.items():
+        scores = composition.get(kind, [])
+        values = [(l1, h1, l2, h2, v) for l1, by_head in enumerate(scores) for h1, by_layer in enumerate(by_head)
+                  for l2, row in enumerate(by_layer) for h2, v in enumerate(row) if v is not None]
+        if not values:
+            continue
+        mean = sum(v for *_, v in values) / len(values)
+        for l1, h1, l2, h2, value in values:
+            if value > 1.5 * mean:  # only compositions well above this kind's typical one
+                offset = {"q": -4, "k": 0, "v": 4}[kind]
+                edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" stroke="{color}" '
+                             f'stroke-width="{max(0.8, 14 * value):.1f}" stroke-opacity="0.7"><title>{kind.upper()}-composition '
+                             f'{l1}.{h1} -> {l2}.{h2}: {value:.3f}</title></line>')
+    labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
+    nodes = []
+    for layer in layers:
+        for head in range(heads):
+            tags = labels.get((layer, head), [])
+            fill = "#ffd27f" if "induction" in tags else "#a6d0ff" if "previous_token" in tags else "#eee"
+            nodes.append(f'<circle cx="{x[layer]}" cy="{y[head]}" r="13" fill="{fill}" stroke="#555"><title>{layer}.{head}: '
+                         f'{", ".join(tags) or "no label"}</title></circle><text x="{x[layer]}" y="{y[head] + 4}" font-size="10" '
+                         f'text-anchor="middle">{layer}.{head}</text>')
+    legend = ('<p class="note">Lines: <span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
+              '<span style="color:#228833">V</span>-composition above 1.5x the mean, width = score. Nodes: '
+              '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
+    return f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}{"".join(nodes)}</svg>{legend}'
+
+
+def _token_tables(document: dict[str, Any]) -> str:
+    def rows(entries: list[dict[str, Any]], limit: int = 8) -> str:
+        return "".join(
+            f'<tr><td class="text"><code>{_e(repr(e["token"]))}</code></td><td class="text">'
+            + " ".join(f"<code>{_e(repr(t))}</code> {v:+.3g}" for t, v in e["top"][:4]) + "</td></tr>"
+            for e in entries[:limit]
+        )
+
+    parts = [f'<p class="note">Read from the weights over the {document["frequent_tokens"]} most frequent training tokens '
+             "(LayerNorm gains folded in). OV: the output tokens a source token raises when attended to. QK (layer 0): the key "
+             "tokens a query token attends to.</p>", '<div class="columns">']
+    parts.append(f'<div><b>direct path (bigrams)</b><table><tr><th>token</th><th>raises next</th></tr>{rows(document["direct_path"])}</table></div>')
+    for head in document["heads"]:
+        name = f"{head['layer']}.{head['head']}"
+        block = [f"<div><b>head {name} OV</b><table><tr><th>source</th><th>raises</th></tr>{rows(head['ov'])}</table>"]
+        if "qk" in head:
+            block.append(f"<b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>{rows(head['qk'], 5)}</table>")
+        if head.get("skip_trigrams"):
+            trigrams = "".join(f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; {_e(repr(t["c"]))}</code></td>'
+                               f'<td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
+            block.append(f"<b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>score</th></tr>{trigrams}</table>")
+        parts.append("".join(block) + "</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _viewer(patterns: dict[str, Any], heads: dict[str, Any]) -> str:
+    options = "".join(
+        f'<option value="{h["layer"]}.{h["head"]}">head {h["layer"]}.{h["head"]}'
+        f'{" (" + ", ".join(h["labels"]) + ")" if h["labels"] else ""}</option>'
+        for h in heads["heads"]
+    )
+    data = json.dumps({"tokens": patterns["tokens"], "patterns": patterns["patterns"]}).replace("</", "<\\/")
+    return (
+        '<div class="viewer"><label>Head <select>' + options + '</select></label>'
+        '<span class="note"> &middot; click or hover a token: the shading shows where the head attends from it</span>'
+        '<div class="tokens"></div><div class="readout"></div>'
+        f'<script type="application/json">{data}</script></div>'
+    )

@@ -1,9 +1,11 @@
 """`sweep report`: one self-contained HTML file that a real browser renders with every image."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -26,7 +28,8 @@ def fake_experiment(tmp_path, reviews_file):
         trial = experiment / f"trial_t{index}"
         shutil.copytree(run / "checkpoint", trial / "checkpoint_000001")
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        config = {"lr": float(lr), "heads": 2, "d_model": 16, "seq_len": 16, "layers": 1, "mlp": False}
+        config = {"lr": float(lr), "heads": 2, "d_model": 16, "seq_len": 16, "layers": 1, "mlp": False, "batch_size": 8,
+                  "max_tokens": 1024, "eval_every_tokens": 512, "tokenizer": "bytes"}
         (trial / "result.json").write_text("".join(
             json.dumps(line | {"training_iteration": i + 1, "trial_id": f"t{index}", "config": config, "done": i == len(lines) - 1}) + "\n"
             for i, line in enumerate(lines)))
@@ -43,7 +46,7 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, reviews_file
     assert "t0" in page and "Head atlas" in page and "Leaderboard" in page
     assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing fetched from the network
     images = re.findall(r'<img [^>]*src="data:image/png;base64,', page)
-    assert len(images) == 1 + 2  # loss curves + one layer grid per top trial
+    assert len(images) == 2 + 2 * 2  # grid, dynamics; per top trial: ablation bars and one layer grid
     dom = subprocess.run([shutil.which("chromium") or "chromium", *BROWSER_FLAGS, "--dump-dom", out.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     body = re.search(r"<body[^>]*>", dom).group(0)
@@ -54,3 +57,57 @@ def test_report_of_unknown_experiment(tmp_path):
     result = CliRunner().invoke(main, ["report", "ghost", "--storage", str(tmp_path), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "no experiment 'ghost'" in result.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def open_in_chromium(page: Path, screenshot: Path):
+    """Drive Debian's headless Chromium with Selenium; return the driver (the caller quits it)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2400", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.get(page.as_uri())
+    return driver
+
+
+def test_report_in_a_real_browser(tmp_path, reviews_file):
+    """Every image decodes, the attention viewer answers a click, no console errors (screenshot kept for a look)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    storage = fake_experiment(tmp_path, reviews_file)
+    out = tmp_path / "report.html"
+    assert CliRunner().invoke(main, ["report", "exp", "--storage", str(storage), "--out", str(out), "--top", "1"]).exit_code == 0
+    driver = open_in_chromium(out, tmp_path / "report.png")
+    try:
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        body = driver.find_element(By.TAG_NAME, "body")
+        images = int(body.get_attribute("data-images"))
+        assert images >= 4 and int(body.get_attribute("data-images-loaded")) == images
+        assert [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav.toc a")][:3] == ["What grew where", "Dynamics of every trial", "Leaderboard"]
+        viewer = driver.find_element(By.CSS_SELECTOR, ".viewer")
+        readout = viewer.find_element(By.CSS_SELECTOR, ".readout")
+        tokens = viewer.find_elements(By.CSS_SELECTOR, ".tok")
+        assert len(tokens) > 3
+        shading_before = [t.value_of_css_property("background-color") for t in tokens]
+        before = readout.text
+        tokens[2].click()
+        assert viewer.get_attribute("data-query") == "2"
+        assert readout.text != before and "position 2" in readout.text
+        assert [t.value_of_css_property("background-color") for t in tokens] != shading_before
+        clicked = readout.text
+        Select(viewer.find_element(By.TAG_NAME, "select")).select_by_index(1)
+        assert readout.text != clicked and readout.text.startswith("head 0.1")
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+        shots = Path(os.environ.get("SWEEP_SCREENSHOT_DIR", tmp_path))
+        driver.save_screenshot(str(shots / "report-viewer.png"))
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(shots / "report-top.png"))
+    finally:
+        driver.quit()
