@@ -22,6 +22,12 @@ from .storage import read_text
 
 HEAD_SCORES = ("induction", "previous_token", "duplicate_token", "first_token", "current_token", "copying")
 LABELS = ("induction", "previous_token", "first_token", "copying", "matters")
+# The head types shown over the grid (tables, the report's small multiples).
+GRID_SCORES = ("induction", "previous_token", "first_token", "copying")
+# Axes are ranked by these pattern scores: measured on fixed probes, they move only when attention
+# changes. Copying (an eigenvalue ratio of the OV circuit) swings widely in undertrained models,
+# so it is shown but does not rank.
+RANK_SCORES = ("induction", "previous_token", "duplicate_token", "first_token")
 # Trial-level values grouped besides the head scores (not used to rank axes: not on the scores' scale).
 TRIAL_VALUES = ("test_loss", "icl_score")
 
@@ -57,6 +63,12 @@ class Atlas:
     """"axis1 x axis2" -> one entry per value pair (means only)."""
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     """axis -> score -> spread of the group means (max - min)."""
+
+    def strongest(self, axis: str) -> tuple[str, float]:
+        """The ranking score that depends most on `axis`, and its spread."""
+        ranked = {name: self.spread[axis][f"{name}_max"] for name in RANK_SCORES}
+        name = max(ranked, key=ranked.get)
+        return name, ranked[name]
 
     def document(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread, "trials": [r.document() for r in self.rows],
@@ -133,7 +145,7 @@ def build_atlas(experiment: Experiment) -> Atlas:
         for name in score_names():
             means = [e[name]["mean"] for e in entries if e[name]["mean"] is not None]
             atlas.spread[axis][name] = round(max(means) - min(means), 4) if len(means) > 1 else 0.0
-    atlas.axes = sorted(varying, key=lambda a: -max(atlas.spread[a].values(), default=0.0))
+    atlas.axes = sorted(varying, key=lambda a: -atlas.strongest(a)[1])
     for first, second in itertools.combinations(atlas.axes, 2):
         entries = []
         for value1, value2 in itertools.product(*(sorted({_key(r.config.get(a)) for r in rows}, key=_sortable) for a in (first, second))):

@@ -526,7 +526,7 @@ def atlas(name, storage, as_json, csv_path):
     One row per trial (state, losses, heads by label, every head score's max,
     when induction heads formed), then each axis's groups, strongest dependence first.
     """
-    from .atlas import HEAD_SCORES, atlas_rows_csv, build_atlas
+    from .atlas import GRID_SCORES, atlas_rows_csv, build_atlas
     from .results import load_experiment
 
     result = build_atlas(load_experiment(_open(storage), name))
@@ -545,7 +545,7 @@ def atlas(name, storage, as_json, csv_path):
         partial.replace(csv_path)
         console.print(f"wrote {len(rows)} trials to {csv_path}")
         return
-    scores = HEAD_SCORES[:4]
+    scores = GRID_SCORES
     table = Table(title=f"{result.experiment}: {len(result.rows)} trials")
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
         table.add_column(column, justify="right")
@@ -560,8 +560,8 @@ def atlas(name, storage, as_json, csv_path):
                       number(row.induction_formed_at))
     output.print(table)
     for axis in result.axes:
-        spread = max(result.spread[axis].values())
-        group_table = Table(title=f"by {axis} (largest spread of a head score's mean: {spread:.2f})", title_justify="left")
+        score, spread = result.strongest(axis)
+        group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})", title_justify="left")
         for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss"):
             group_table.add_column(column, justify="right")
         for entry in result.groups[axis]:

@@ -17,7 +17,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .atlas import Atlas, build_atlas
+from .atlas import GRID_SCORES, Atlas, build_atlas
 from .names import metric_mode
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
@@ -27,7 +27,6 @@ VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
     "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
 )
-GRID_SCORES = ("induction", "previous_token", "first_token", "copying")
 DYNAMICS = (("test_loss", "test loss"), ("induction_score_max", "induction score (max over heads)"),
             ("prev_token_score_max", "previous-token score (max)"), ("icl_score", "in-context-learning score"))
 STYLE = """
@@ -160,9 +159,10 @@ def _image(png: bytes, alt: str) -> str:
 
 def _grid_section(atlas: Atlas) -> str:
     parts = ['<p class="note">Each head score\'s max over a trial\'s heads (latest checkpoint), averaged over the trials that share '
-             'a value of an axis. Axes are ordered by how strongly the head scores depend on them (the spread of these means).</p>']
+             'a value of an axis. Axes are ordered by how strongly the pattern scores (induction, previous-token, duplicate-token, '
+             'first-token) depend on them: the spread of these means.</p>']
     if atlas.axes:
-        spread = ", ".join(f"<b>{_e(axis)}</b> ({max(atlas.spread[axis].values()):.2f})" for axis in atlas.axes)
+        spread = ", ".join(f"<b>{_e(axis)}</b> ({atlas.strongest(axis)[0]} means differ by {atlas.strongest(axis)[1]:.2f})" for axis in atlas.axes)
         parts.append(f"<p>Axes by dependence: {spread}.</p>")
         parts.append(_image(_grid_figure(atlas), "head scores over the grid's axes"))
         parts.append(_group_tables(atlas))
@@ -176,7 +176,7 @@ def _grid_figure(atlas: Atlas) -> bytes:
     """Small multiples: one panel per head score, over the two strongest axes (a heatmap) or the strongest one (bars)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(3.3 * len(GRID_SCORES), 3.2), dpi=80)
+    figure = Figure(figsize=(3.3 * len(GRID_SCORES), 3.2), dpi=80, layout="constrained")
     if len(atlas.axes) >= 2:
         first, second = atlas.axes[:2]
         entries = atlas.pairs[f"{first} x {second}"]
@@ -211,8 +211,6 @@ def _grid_figure(atlas: Atlas) -> bytes:
             axes.set_ylim(min(0.0, *means), 1)
             axes.set_xlabel(axis, fontsize=9)
             axes.set_title(score, fontsize=10)
-        figure.subplots_adjust(wspace=0.35)
-    figure.tight_layout()
     return _png(figure)
 
 
@@ -405,12 +403,15 @@ def _composition_svg(document: dict[str, Any]) -> str:
                   for l2, row in enumerate(by_layer) for h2, v in enumerate(row) if v is not None]
         if not values:
             continue
-        mean = sum(v for *_, v in values) / len(values)
+        # the strongest quarter of this kind's pairs (at least 3): composition scores of random
+        # weights are far from 0, so an absolute cut shows either everything or nothing
+        cut = sorted((v for *_, v in values), reverse=True)[max(3, len(values) // 4) - 1 if len(values) >= 3 else -1]
+        low, high = min(v for *_, v in values), max(v for *_, v in values)
         for l1, h1, l2, h2, value in values:
-            if value > 1.5 * mean:  # only compositions well above this kind's typical one
+            if value >= cut:
                 offset = {"q": -4, "k": 0, "v": 4}[kind]
                 edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" stroke="{color}" '
-                             f'stroke-width="{max(0.8, 14 * value):.1f}" stroke-opacity="0.7"><title>{kind.upper()}-composition '
+                             f'stroke-width="{1 + 7 * (value - low) / max(high - low, 1e-9):.1f}" stroke-opacity="0.7"><title>{kind.upper()}-composition '
                              f'{l1}.{h1} -> {l2}.{h2}: {value:.3f}</title></line>')
     labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
     nodes = []
@@ -421,8 +422,8 @@ def _composition_svg(document: dict[str, Any]) -> str:
             nodes.append(f'<circle cx="{x[layer]}" cy="{y[head]}" r="13" fill="{fill}" stroke="#555"><title>{layer}.{head}: '
                          f'{", ".join(tags) or "no label"}</title></circle><text x="{x[layer]}" y="{y[head] + 4}" font-size="10" '
                          f'text-anchor="middle">{layer}.{head}</text>')
-    legend = ('<p class="note">Lines: <span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
-              '<span style="color:#228833">V</span>-composition above 1.5x the mean, width = score. Nodes: '
+    legend = ('<p class="note">Lines: the strongest quarter of each kind of composition, <span style="color:#4477aa">Q</span>, '
+              '<span style="color:#ee6677">K</span>, <span style="color:#228833">V</span>; width grows with the score (hover for it). Nodes: '
               '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
     return f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}{"".join(nodes)}</svg>{legend}'
 
