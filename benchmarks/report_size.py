@@ -1,4 +1,4 @@
-"""Size and load time of `sweep report` for a large experiment: 96 trials, like the paper grid.
+"""Size and load time of `sweep report` for a 96-trial experiment (the paper grid), and `sweep atlas` on 200 trials.
 
 The experiment is laid out as Tune leaves it: one real checkpoint (a short
 `sweep train` run with 2 layers and 8 heads) copied into 96 trial folders
@@ -17,6 +17,7 @@ import itertools
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,17 +34,18 @@ AXES = {"seq_len": [20, 50, 80], "lr": [1e-4, 1e-3], "heads": [4, 8], "d_model":
 ITERATIONS = 12
 
 
-def make_experiment(root: Path) -> Path:
+def make_experiment(root: Path, count: int = 96, name: str = "grid96") -> Path:
     run = root / "run"
     result = CliRunner().invoke(cli, ["train", "repeat", "--layers", "2", "--heads", "8", "--d-model", "64", "--seq-len", "64",
                                       "--batch-size", "8", "--max-tokens", "2048", "--eval-every-tokens", "2048", "--out", str(run)])
     assert result.exit_code == 0, result.output
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     storage = root / "results"
-    experiment = storage / "grid96"
+    experiment = storage / name
     rng = random.Random(0)
-    for index, values in enumerate(itertools.product(*AXES.values())):
-        config = dict(zip(AXES, values)) | {"batch_size": 50, "max_tokens": 12_000_000, "eval_every_tokens": 1_000_000, "tokenizer": "gpt2"}
+    grid = itertools.product(range(3), itertools.product(*AXES.values()))  # seeds x the paper grid
+    for index, (seed, values) in zip(range(count), grid):
+        config = dict(zip(AXES, values)) | {"seed": seed, "batch_size": 50, "max_tokens": 12_000_000, "eval_every_tokens": 1_000_000, "tokenizer": "gpt2"}
         trial = experiment / f"trial_{index:05d}"
         shutil.copytree(run / "checkpoint", trial / "checkpoint_000011")
         lines = []
@@ -54,7 +56,7 @@ def make_experiment(root: Path) -> Path:
                             "done": iteration == ITERATIONS}
             lines.append(json.dumps(entry))
         (trial / "result.json").write_text("\n".join(lines) + "\n")
-    (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 96, "created": "2026-01-01T00:00:00",
+    (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": count, "created": "2026-01-01T00:00:00",
                                                        "axes": AXES, "launch": {"max_iterations": None}}))
     return storage
 
@@ -81,6 +83,12 @@ def main() -> None:
             print(f"chromium: DOMContentLoaded {timing[0] / 1000:.2f} s, load (images decoded, viewers ready) {timing[1] / 1000:.2f} s")
         finally:
             driver.quit()
+        make_experiment(Path(directory) / "large", count=200, name="grid200")
+        started = time.perf_counter()
+        listing = subprocess.run([sys.executable, "-m", "sweep.cli", "atlas", "grid200", "--storage", str(Path(directory) / "large" / "results")],
+                                 capture_output=True, text=True)
+        assert listing.returncode == 0, listing.stderr
+        print(f"200 trials: `sweep atlas` (a fresh process, start-up included) took {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
