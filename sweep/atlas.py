@@ -126,7 +126,9 @@ def build_atlas(experiment: Experiment) -> Atlas:
     with ThreadPoolExecutor(max_workers=16) as pool:
         documents = list(pool.map(lambda t: _heads_document(experiment, t), trials))
     rows = [_row(trial, heads) for trial, heads in zip(trials, documents)]
-    declared = list((experiment.record.get("axes") or {}).keys())
+    declared = [*(experiment.record.get("axes") or {}), *(experiment.record.get("space") or {})]
+    for key in experiment.record.get("space") or {}:
+        rows = _binned(rows, key)
     seen = {k for r in rows for k in r.config}
     varying = [a for a in declared if a in seen] or sorted(
         k for k in seen if len({_key(r.config.get(k)) for r in rows}) > 1
@@ -156,6 +158,20 @@ def build_atlas(experiment: Experiment) -> Atlas:
                                 **{name: summary[name]["mean"] for name in names}, "induction_heads": summary["induction_heads"]["mean"]})
         atlas.pairs[f"{first} x {second}"] = entries
     return atlas
+
+
+def _binned(rows: list[AtlasRow], key: str) -> list[AtlasRow]:
+    """Sampled values of `key` (a searched range) grouped into quartiles, labelled by their ends; lists stay as they are."""
+    values = sorted({r.config[key] for r in rows if isinstance(r.config.get(key), (int, float))})
+    if len(values) <= 6:
+        return rows
+    edges = [values[min(len(values) - 1, round(q * (len(values) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)]
+    for row in rows:
+        value = row.config.get(key)
+        if isinstance(value, (int, float)):
+            upper = next(i for i in range(1, 5) if value <= edges[i] or i == 4)
+            row.config = row.config | {key: f"{edges[upper - 1]:.3g}-{edges[upper]:.3g}"}
+    return rows
 
 
 def _sortable(text: str) -> tuple:

@@ -163,7 +163,9 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @main.command()
 @click.argument("dataset", required=False, default="")
 @click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
-@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help=f"Override or add an axis (repeatable); keys: {', '.join(TRIAL_KEYS)}.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help=(
+    f"Override or add an axis (repeatable): a list, or a range to sample with --search random/optuna: loguniform:A:B, uniform:A:B, "
+    f"randint:A:B, choice:a,b. Keys: {', '.join(TRIAL_KEYS)}."))
 @click.option("--name", default=None, help="Experiment name [default: DATASET-PRESET-TIME].")
 @storage_option
 @click.option("--address", default=None, help=ADDRESS_HELP)
@@ -174,7 +176,13 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
 @click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
 @click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
+@click.option("--search", default="grid", show_default=True, type=click.Choice(["grid", "random", "optuna"]),
+              help="grid: every combination; random: --num-samples draws of the ranges per grid point; optuna: TPE, --num-samples trials.")
+@click.option("--scheduler", default=None, type=click.Choice(["asha", "halving", "hyperband", "fifo"]),
+              help="asha (asynchronous halving), halving (synchronous: trials pause at each rung until all reach it), "
+                   "hyperband (Tune's brackets of halving) or fifo (no early stopping) [default: asha, or the preset's choice].")
 @click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
+@click.option("--grace-tokens", default=None, type=int, help="ASHA compares no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
 @click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
 @click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
@@ -185,7 +193,8 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.pass_context
 def launch(
     ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples,
-    metric, mode, early_stopping, grace_period, reduction_factor, max_iterations, max_failures, wandb, compile_model, **data_values,
+    metric, mode, search, scheduler, early_stopping, grace_tokens, grace_period, reduction_factor, max_iterations, max_failures, wandb,
+    compile_model, **data_values,
 ):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
@@ -203,7 +212,8 @@ def launch(
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
-        num_samples=num_samples, metric=metric, mode=mode, early_stopping=early_stopping, grace_period=grace_period,
+        num_samples=num_samples, metric=metric, mode=mode, early_stopping=early_stopping, search=search, scheduler=scheduler,
+        grace_tokens=grace_tokens, grace_period=grace_period,
         reduction_factor=reduction_factor, max_iterations=max_iterations, max_failures=max_failures,
         wandb=wandb, data=explicit,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,18 @@ from model.config import ConfigError
 from model.data import check_data, prepare_data
 
 from .names import REPORTED_METRICS, SWEEP_FILE, metric_mode
-from .space import PRESETS, build_grid, data_config, data_key, expand, parse_grid, planned_iterations, validate_trials
+from .space import (
+    PRESETS,
+    Distribution,
+    build_grid,
+    data_config,
+    data_key,
+    parse_distribution,
+    parse_grid,
+    planned_iterations,
+    probe_trials,
+    validate_trials,
+)
 from .storage import Storage, check_name, check_writable, exists, is_storage_full, open_storage, read_text, write_text
 
 if TYPE_CHECKING:  # the trainable imports ray; the CLI must start without it
@@ -31,6 +43,14 @@ log = logging.getLogger(__name__)
 
 class StorageFullError(ConfigError):
     """The storage filled up during the sweep."""
+
+
+SCHEDULERS = {
+    "asha": "asynchronous successive halving: a trial is compared with those that reached its rung before it",
+    "halving": "synchronous successive halving: trials pause at each rung until all have reached it, then the best 1/N go on",
+    "hyperband": "Tune's synchronous HyperBand: brackets of successive halving from the most cautious to the most aggressive",
+    "fifo": "no early stopping: every trial trains to its end",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,12 @@ class LaunchConfig:
     """min or max; None: the metric's natural direction (losses min, scores and accuracy max)."""
     early_stopping: bool | None = None
     """ASHA on or off; None: the preset's choice."""
+    search: str = "grid"
+    """grid (every combination), random (num_samples draws of the ranges per grid point) or optuna (TPE, num_samples trials)."""
+    scheduler: str | None = None
+    """asha, halving, hyperband or fifo (see SCHEDULERS); None: asha or fifo from early_stopping."""
+    grace_tokens: int | None = None
+    """No trial is compared before this many training tokens; None: the preset's, else --grace-period iterations."""
     grace_period: int = 1
     reduction_factor: int = 2
     max_iterations: int | None = None
@@ -73,6 +99,14 @@ class LaunchConfig:
             raise ConfigError("--cpus-per-trial must be positive, --gpus-per-trial and --memory-per-trial non-negative")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: above 1 it must be a whole number of GPUs")
+        if self.search not in ("grid", "random", "optuna"):
+            raise ConfigError(f"--search must be grid, random or optuna, got {self.search!r}")
+        if self.scheduler not in (None, *SCHEDULERS):
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.scheduler not in (None, "fifo") and self.early_stopping is False:
+            raise ConfigError(f"--scheduler {self.scheduler} stops trials early; it contradicts --no-early-stopping")
+        if self.grace_tokens is not None and self.grace_tokens < 1:
+            raise ConfigError(f"--grace-tokens must be positive, got {self.grace_tokens}")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("--grace-period must be >= 1 and --reduction-factor >= 2")
         if self.max_iterations is not None and self.max_iterations < 1:
@@ -107,13 +141,48 @@ class Plan:
     axes: dict[str, list[Any]]
     fixed: dict[str, Any]
     trials: list[dict[str, Any]]
+    """The grid's trials, with each searched range at its probe values: validated, and their data prepared."""
+    distributions: dict[str, Distribution] = field(default_factory=dict)
+
+    @property
+    def scheduler(self) -> str:
+        if self.launch.scheduler:
+            return self.launch.scheduler
+        early = self.launch.early_stopping
+        if early is None:
+            preset = PRESETS.get(self.launch.preset)
+            early = preset.early_stopping if preset else True
+        return "asha" if early else "fifo"
 
     @property
     def early_stopping(self) -> bool:
-        if self.launch.early_stopping is not None:
-            return self.launch.early_stopping
+        return self.scheduler != "fifo"
+
+    @property
+    def grace_tokens(self) -> int | None:
+        if self.launch.grace_tokens is not None:
+            return self.launch.grace_tokens
         preset = PRESETS.get(self.launch.preset)
-        return preset.early_stopping if preset else True
+        return preset.grace_tokens if preset else None
+
+    @property
+    def max_tokens_seen(self) -> int:
+        """tokens_seen at the end of the longest trial (whole steps)."""
+        from .space import trial_configs
+
+        def end(config: dict[str, Any]) -> int:
+            _, model, train = trial_configs(config)
+            schedule = train.schedule_for(model.seq_len)
+            return schedule.total_steps * schedule.tokens_per_step
+
+        return max(end(t) for t in self.trials)
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: the grid's points x samples, or the samples alone for optuna."""
+        if self.launch.search == "optuna":
+            return self.launch.num_samples
+        return math.prod(len(v) for v in self.axes.values()) * self.launch.num_samples
 
     def trial_iterations(self, config: dict[str, Any]) -> int:
         """Iterations a trial of `config` makes: the trainer's count, capped by --max-iterations."""
@@ -133,8 +202,10 @@ class Plan:
     def record(self) -> dict[str, Any]:
         return {
             "name": self.name, "launch": asdict(self.launch), "axes": self.axes, "fixed": self.fixed,
+            "space": {key: d.text for key, d in self.distributions.items()}, "search": self.launch.search,
             "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
-            "trials": len(self.trials) * self.launch.num_samples, "max_iterations": self.launch.max_iterations,
+            "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler == "asha" else None,
+            "trials": self.trial_count, "max_iterations": self.launch.max_iterations,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -160,15 +231,34 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     if launch.gpus_per_trial == 0:
         base["device"] = "cpu"
     overrides = parse_grid(launch.grid)
-    axes, fixed = build_grid(launch.preset, overrides, base)
-    trials = expand(axes, fixed)
-    validate_trials(trials, axes, overrides)
+    axes, distributions, fixed = build_grid(launch.preset, overrides, base)
+    if distributions and launch.search == "grid":
+        first = next(iter(distributions.values()))
+        raise ConfigError(f"--grid {first.key}={first.text} is a range to sample: add --search random or --search optuna (and --num-samples N)")
+    if launch.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("--search optuna needs the optuna package: pip install 'circuit-sweep[optuna]'") from None
+    trials = probe_trials(axes, distributions, fixed)
+    validate_trials(trials, {**axes, **distributions}, overrides)
     for config in {data_key(t): t for t in trials}.values():
         check_data(data_config(config))
     name = check_name(launch.name or default_name(dataset, launch.preset))
     storage = open_storage(launch.storage)
-    plan = Plan(launch, name, storage, axes, fixed, trials)
-    if plan.early_stopping and launch.grace_period > plan.iterations:
+    plan = Plan(launch, name, storage, axes, fixed, trials, distributions)
+    if plan.scheduler in ("halving", "hyperband") and (launch.max_concurrent or launch.search == "optuna"):
+        # Tune then creates trials a few at a time, and a synchronous rung would compare the first few alone
+        raise ConfigError(
+            f"--scheduler {plan.scheduler} compares every trial at each rung, so all must exist from the start: "
+            "limit trials at once with --cpus-per-trial instead of --max-concurrent, and search with grid or random"
+        )
+    if plan.scheduler in ("halving", "hyperband") and launch.grace_tokens is not None:
+        raise ConfigError(f"--grace-tokens applies to --scheduler asha; {plan.scheduler}'s rungs are set by --reduction-factor")
+    if plan.scheduler == "asha" and plan.grace_tokens is not None:
+        if plan.grace_tokens >= plan.max_tokens_seen:
+            raise ConfigError(f"--grace-tokens {plan.grace_tokens:,} is not below the {plan.max_tokens_seen:,} tokens a trial trains; lower it")
+    elif plan.early_stopping and launch.grace_period > plan.iterations:
         raise ConfigError(f"--grace-period {launch.grace_period} is more than the {plan.iterations} iterations a trial makes; lower it")
     return plan
 
@@ -298,7 +388,6 @@ def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> N
 
 def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCallback, callbacks: list, restore: bool = False):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .trainable import train_trial
 
@@ -318,16 +407,22 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
             plan.storage.path(plan.name), trainable, resume_unfinished=True, resume_errored=True,
             storage_filesystem=filesystem,
         )
-    param_space = {**plan.fixed, **{key: tune.grid_search(values) for key, values in plan.axes.items()}}
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration", max_t=plan.iterations, grace_period=launch.grace_period,
-        reduction_factor=launch.reduction_factor,
-    ) if plan.early_stopping else FIFOScheduler()
+    search_alg = None
+    if launch.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TPE proposes from the results so far: a few trials at a time, or it is only random search
+        grid = {key: tune.choice(values) for key, values in plan.axes.items()}
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=plan.fixed.get("seed", 0)), max_concurrent=launch.max_concurrent or 4)
+    else:
+        grid = {key: tune.grid_search(values) for key, values in plan.axes.items()}
+    param_space = {**plan.fixed, **grid, **{key: d.domain() for key, d in plan.distributions.items()}}
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=launch.metric, mode=launch.mode, scheduler=scheduler, num_samples=launch.num_samples,
+            metric=launch.metric, mode=launch.mode, scheduler=make_scheduler(plan), search_alg=search_alg, num_samples=launch.num_samples,
             max_concurrent_trials=launch.max_concurrent or None,
             # A finished trial's worker process takes the next trial: no new Python, torch or
             # Ray worker start-up per trial (benchmarks/sweep_efficiency.py measures it).
@@ -349,13 +444,55 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
     )
 
 
+def make_scheduler(plan: Plan):
+    """ASHA (asynchronous), HyperBand (synchronous, pausing trials at its rungs) or FIFO (every trial to its end).
+
+    With grace tokens, ASHA compares trials on tokens_seen: none before the grace
+    tokens, then at rungs of grace x reduction factor^k tokens, so trials are
+    judged at equal training, after a phase change the grace period leaves room for.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    launch = plan.launch
+    if plan.scheduler == "halving":
+        return synchronous_halving(plan.trial_count, plan.iterations, launch.reduction_factor)
+    if plan.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
+    if plan.scheduler == "fifo":
+        return FIFOScheduler()
+    if plan.grace_tokens is not None:
+        return ASHAScheduler(time_attr="tokens_seen", max_t=plan.max_tokens_seen, grace_period=plan.grace_tokens,
+                             reduction_factor=launch.reduction_factor)
+    return ASHAScheduler(time_attr="training_iteration", max_t=plan.iterations, grace_period=launch.grace_period,
+                         reduction_factor=launch.reduction_factor)
+
+
+def synchronous_halving(trials: int, max_iterations: int, reduction_factor: int):
+    """Synchronous successive halving, built on Tune's HyperBandScheduler: its most aggressive bracket
+    alone, holding every trial of the sweep.
+
+    Every trial trains max_t / rf^s iterations and pauses (its checkpoint is kept); when all have,
+    the best 1/rf go on for rf times as long, and so on up to max_t. Tune's HyperBand would first
+    fill its most cautious brackets, which train their trials to the end.
+    """
+    from ray.tune.schedulers import HyperBandScheduler
+
+    class SynchronousHalving(HyperBandScheduler):
+        def _create_bracket(self, s):
+            return super()._create_bracket(self._s_max_1 - 1)
+
+    scheduler = SynchronousHalving(time_attr="training_iteration", max_t=max_iterations, reduction_factor=reduction_factor)
+    scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep
+    return scheduler
+
+
 def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
     """Preflight, start Ray, check the cluster, prepare data once, then run every trial to the end."""
     preflight(plan)
     init_ray(plan.launch.address, verbose)
     check_cluster(plan, plan.launch.address is None, log_line)
     log_line(
-        f"experiment {plan.name}: {len(plan.trials) * plan.launch.num_samples} trials, up to {plan.iterations} "
+        f"experiment {plan.name}: {plan.trial_count} trials ({plan.launch.search} search, {plan.scheduler}), up to {plan.iterations} "
         f"iterations each, storage {plan.storage.uri}"
     )
     datasets = prepare_datasets(plan.trials, log_line)
@@ -401,9 +538,11 @@ def load_plan(name: str | None, storage_uri: str | None) -> Plan:
     try:
         record = json.loads(read_text(storage, record_path))
         launch = LaunchConfig(**(record["launch"] | {"grid": tuple(record["launch"]["grid"])}))
+        distributions = {key: parse_distribution(key, text) for key, text in record.get("space", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"{storage.uri_of(record_path)} is unreadable (cut short?); the experiment cannot be resumed") from None
-    return Plan(launch, name, storage, record["axes"], record["fixed"], expand(record["axes"], record["fixed"]))
+    trials = probe_trials(record["axes"], distributions, record["fixed"])
+    return Plan(launch, name, storage, record["axes"], record["fixed"], trials, distributions)
 
 
 def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False, address: str | None = None) -> Plan:
@@ -422,7 +561,7 @@ def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
             "before any trial started); launch it again"
         )
     unfinished = [t for t in experiment.trials if t.tune_status != "TERMINATED"]
-    if experiment.trials and not unfinished and len(experiment.trials) >= len(plan.trials) * plan.launch.num_samples:
+    if experiment.trials and not unfinished and len(experiment.trials) >= plan.trial_count:
         raise ConfigError(f"experiment {plan.name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
     init_ray(address, verbose)
     check_cluster(plan, address is None, log_line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +73,8 @@ class Preset:
     dataset: str | None = None
     early_stopping: bool = True
     """ASHA stops weak trials; off for grids that are comparisons, where every trial must finish."""
+    grace_tokens: int | None = None
+    """With early stopping, no trial is compared before this many training tokens (a phase change comes first)."""
 
 
 PRESETS = {
@@ -97,23 +100,31 @@ PRESETS = {
                "max_tokens": 12_000_000, "eval_every_tokens": 1_000_000},
         dataset="repeat",
         # A comparison, not a search: the 2-layer model's loss falls below the 1-layer one's only
-        # once its induction heads form (3-4M tokens), so ASHA would stop it first.
+        # once its induction heads form (3-4M tokens), so ASHA would stop it first. With
+        # --early-stopping, nothing is compared before 6M tokens, after the phase change.
         early_stopping=False,
+        grace_tokens=6_000_000,
     ),
 }
 
 
-def parse_grid(overrides: tuple[str, ...] | list[str]) -> dict[str, list[Any]]:
-    """`key=v1,v2` strings into typed value lists; bad keys or values raise ConfigError."""
-    axes: dict[str, list[Any]] = {}
+def parse_grid(overrides: tuple[str, ...] | list[str]) -> dict[str, list[Any] | Distribution]:
+    """`key=v1,v2` (a grid axis) or `key=kind:...` (a searched range) strings, typed; bad ones raise ConfigError."""
+    axes: dict[str, list[Any] | Distribution] = {}
     for override in overrides:
         key, separator, raw = override.partition("=")
-        key = key.strip().replace("-", "_")
-        if not separator or not raw.strip():
-            raise ConfigError(f"--grid {override!r} must look like key=v1,v2")
+        key, raw = key.strip().replace("-", "_"), raw.strip()
+        if not separator or not raw:
+            raise ConfigError(f"--grid {override!r} must look like key=v1,v2 or key=loguniform:A:B")
         if key not in TRIAL_KEYS:
             raise ConfigError(f"--grid key {key!r} is unknown; keys: {', '.join(TRIAL_KEYS)}")
-        axes[key] = [_parse_value(key, value.strip()) for value in raw.split(",")]
+        kind = raw.partition(":")[0]
+        if ":" in raw and kind.isalpha():
+            if kind not in DISTRIBUTIONS:
+                raise ConfigError(f"--grid {key}={raw}: unknown range {kind!r}; use {', '.join(f'{d}:' for d in DISTRIBUTIONS)} or a list")
+            axes[key] = parse_distribution(key, raw)
+        else:
+            axes[key] = [_parse_value(key, value.strip()) for value in raw.split(",")]
     return axes
 
 
@@ -125,19 +136,110 @@ def _parse_value(key: str, value: str) -> Any:
         raise ConfigError(f"--grid {key}={value}: expected {spec.kind_name}") from None
 
 
-def build_grid(preset_name: str, overrides: dict[str, list[Any]], base: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
-    """(axes, fixed) of a sweep: the preset, then --grid overrides, then the data options in `base`.
+def build_grid(
+    preset_name: str, overrides: dict[str, list[Any] | Distribution], base: dict[str, Any]
+) -> tuple[dict[str, list[Any]], dict[str, Distribution], dict[str, Any]]:
+    """(axes, distributions, fixed) of a sweep: the preset, then --grid overrides, then the data options in `base`.
 
-    A key is either an axis or fixed, never both: `fixed` is what every trial shares.
+    A key is an axis (a list), a distribution (a searched range) or fixed, never two of these.
     """
     if preset_name not in PRESETS:
         raise ConfigError(f"unknown preset {preset_name!r}; presets: {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    axes = {k: list(v) for k, v in preset.axes.items()} | {k: list(v) for k, v in overrides.items()}
+    distributions = {k: v for k, v in overrides.items() if isinstance(v, Distribution)}
+    axes = {k: list(v) for k, v in preset.axes.items() if k not in distributions}
+    axes |= {k: list(v) for k, v in overrides.items() if not isinstance(v, Distribution)}
     for key in [k for k, v in axes.items() if len(v) == 1]:
         base = base | {key: axes.pop(key)[0]}  # one value is no axis
-    fixed = {k: v for k, v in (TRIAL_DEFAULTS | preset.fixed | base).items() if k not in axes}
-    return axes, fixed
+    fixed = {k: v for k, v in (TRIAL_DEFAULTS | preset.fixed | base).items() if k not in axes and k not in distributions}
+    return axes, distributions, fixed
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+# Data is tokenized and packed once per (tokenizer, seq_len) before the sweep: those keys take lists or choice: only.
+DATA_KEYS = ("tokenizer", "seq_len")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A searched range of one trial key: `loguniform:A:B`, `uniform:A:B`, `randint:A:B` (A..B inclusive), `choice:a,b,c`."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    @property
+    def text(self) -> str:
+        separator = "," if self.kind == "choice" else ":"
+        return f"{self.kind}:{separator.join(str(v) for v in self.values)}"
+
+    def domain(self):
+        """The Ray Tune search domain."""
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "randint":
+            return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
+        return tune.choice(list(self.values))
+
+    def probes(self) -> list[Any]:
+        """Values every combination is validated with before Ray starts: the ends (and middle) of a range, every choice."""
+        if self.kind == "choice":
+            return list(self.values)
+        low, high = self.values
+        if self.kind == "randint":
+            return list(range(low, high + 1)) if high - low < 16 else [low, (low + high) // 2, high]
+        middle = math.sqrt(low * high) if self.kind == "loguniform" else (low + high) / 2
+        return [low, middle, high]
+
+
+def parse_distribution(key: str, raw: str) -> Distribution:
+    """`kind:...` into a Distribution; ConfigError naming what the user typed when it is not one."""
+    kind, _, rest = raw.partition(":")
+    spec = TRIAL_KEYS[key]
+    typed = f"--grid {key}={raw}"
+    if kind == "choice":
+        try:
+            values = tuple(spec.parse(v.strip()) for v in rest.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"{typed}: every choice must be {spec.kind_name}") from None
+        if not values:
+            raise ConfigError(f"{typed}: give choice:a,b,c")
+        return Distribution(key, kind, values)
+    if key in DATA_KEYS:
+        raise ConfigError(f"{typed}: {key} takes a list or choice:a,b (its data is prepared once per value before the sweep)")
+    parts = rest.split(":")
+    if len(parts) != 2:
+        raise ConfigError(f"{typed}: use {kind}:LOW:HIGH")
+    if kind == "randint":
+        if not isinstance(spec.default, int) or isinstance(spec.default, bool):
+            raise ConfigError(f"{typed}: randint is for integer keys; {key} takes loguniform:A:B or uniform:A:B")
+        parse = int
+    else:
+        if not isinstance(spec.default, float):
+            raise ConfigError(f"{typed}: {key} takes integers; use randint:A:B or choice:a,b")
+        parse = float
+    try:
+        low, high = (parse(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{typed}: LOW and HIGH must be {'integers' if parse is int else 'numbers'}") from None
+    if not low < high:
+        raise ConfigError(f"{typed}: LOW must be below HIGH")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{typed}: loguniform needs LOW > 0")
+    return Distribution(key, kind, (low, high))
+
+
+def probe_trials(axes: dict[str, list[Any]], distributions: dict[str, Distribution], fixed: dict[str, Any], limit: int = 5000) -> list[dict[str, Any]]:
+    """The grid's trials with every distribution at its probe values: what is validated and prepared before Ray starts."""
+    probes = {**axes, **{k: d.probes() for k, d in distributions.items()}}
+    count = math.prod(len(v) for v in probes.values())
+    if count > limit:
+        raise ConfigError(f"the search space has {count:,} combinations of grid values and range ends to check; narrow it below {limit:,}")
+    return expand(probes, fixed)
 
 
 def expand(axes: dict[str, list[Any]], fixed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,7 +273,7 @@ def planned_iterations(config: dict[str, Any]) -> int:
     return train.schedule_for(model.seq_len).iterations
 
 
-def validate_trials(trials: list[dict[str, Any]], axes: dict[str, list[Any]], typed: dict[str, list[Any]]) -> None:
+def validate_trials(trials: list[dict[str, Any]], axes: dict[str, Any], typed: dict[str, Any]) -> None:
     """Build every trial's configs before Ray starts, so a bad grid value fails in a second.
 
     The message names values as the user gave them: `--grid heads=3` for what

@@ -1,0 +1,140 @@
+"""Search beyond a grid: ranges, random and Optuna search, synchronous HyperBand, and early stopping
+that leaves room for a phase change."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_sweeps import TINY, sweep, trial_results
+
+from sweep.cli import main
+from sweep.runner import LaunchConfig, make_scheduler, plan_sweep
+
+from conftest import write_reviews
+
+
+@pytest.fixture
+def reviews(tmp_path) -> Path:
+    path = tmp_path / "reviews.jsonl"
+    write_reviews(path, count=600)
+    return path
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    ("lr=loguniform:1e-2:1e-5", [], "--grid lr=loguniform:1e-2:1e-5: LOW must be below HIGH"),
+    ("lr=loguniform:0:1", [], "loguniform needs LOW > 0"),
+    ("lr=loguniform:1e-5", [], "use loguniform:LOW:HIGH"),
+    ("lr=uniform:a:b", [], "LOW and HIGH must be numbers"),
+    ("heads=uniform:1:8", [], "heads takes integers; use randint:A:B or choice:a,b"),
+    ("lr=randint:1:3", [], "randint is for integer keys"),
+    ("seq_len=randint:16:64", [], "seq_len takes a list or choice:a,b"),
+    ("lr=normal:0:1", [], "unknown range 'normal'"),
+    ("heads=choice:2,x", [], "every choice must be an integer"),
+    ("lr=loguniform:1e-5:1e-2", [], "is a range to sample: add --search random or --search optuna"),
+    ("heads=choice:3,4", ["--search", "random", "--grid", "d_model=64"], "--grid heads=3 does not divide --grid d_model=64"),
+    ("batch_size=randint:0:4", ["--search", "random"], "--grid batch_size=0 must be positive"),
+    ("lr=1e-3", ["--scheduler", "hyperband", "--no-early-stopping"], "contradicts --no-early-stopping"),
+    ("lr=1e-3", ["--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
+    ("lr=1e-3", ["--scheduler", "halving", "--grace-tokens", "1000"], "--grace-tokens applies to --scheduler asha"),
+    ("lr=1e-3", ["--scheduler", "halving", "--max-concurrent", "2"], "all must exist from the start"),
+])
+def test_bad_ranges_and_schedules_are_one_line(grid, extra, message, tmp_path, data_mirror):
+    storage = tmp_path / "results"
+    result = CliRunner().invoke(main, ["launch", "imdb", "--grid", grid, *extra, "--storage", str(storage)])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not storage.exists()
+
+
+def test_optuna_is_an_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    result = CliRunner().invoke(main, ["launch", "repeat", "--search", "optuna", "--grid", "lr=loguniform:1e-4:1e-2", "--storage", str(tmp_path)])
+    assert result.exit_code == 2 and "pip install 'circuit-sweep[optuna]'" in result.stderr
+
+
+def test_the_plan_records_the_space_and_resume_reads_it_back(tmp_path):
+    from sweep.runner import load_plan
+    from sweep.storage import write_text
+
+    plan = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), name="ranges", search="random", num_samples=5,
+                                   grid=("lr=loguniform:1e-4:1e-2", "heads=choice:2,4", "batch_size=randint:16:32")))
+    record = plan.record()
+    assert record["space"] == {"lr": "loguniform:0.0001:0.01", "heads": "choice:2,4", "batch_size": "randint:16:32"}
+    assert record["trials"] == 5 and "lr" not in record["fixed"] and record["search"] == "random"
+    write_text(plan.storage, plan.storage.path("ranges", "sweep.json"), json.dumps(record))
+    again = load_plan("ranges", str(tmp_path))
+    assert {k: d.text for k, d in again.distributions.items()} == record["space"] and again.trial_count == 5
+
+
+def test_grace_tokens_make_asha_compare_on_tokens(tmp_path):
+    plan = plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path), early_stopping=True))
+    scheduler = make_scheduler(plan)
+    milestones = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)  # where ASHA compares trials
+    assert plan.grace_tokens == 6_000_000 and scheduler._time_attr == "tokens_seen" and milestones[0] == 6_000_000
+    assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))).scheduler == "fifo"
+    assert plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), metric="icl_score")).launch.mode == "min"
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_random_search_samples_the_ranges(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=loguniform:1e-4:1e-2", "--grid", "heads=2", "--search", "random", "--num-samples", "3",
+          "--storage", tmp_path / "results", "--name", "random")
+    results = trial_results(tmp_path / "results", "random")
+    rates = [lines[0]["config"]["lr"] for lines in results.values()]
+    assert len(rates) == 3 and len(set(rates)) == 3 and all(1e-4 <= r <= 1e-2 for r in rates)
+    atlas = json.loads(sweep("atlas", "random", "--storage", tmp_path / "results", "--json").stdout)
+    assert "lr" in atlas["axes"] or len(rates) <= 6
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=loguniform:1e-4:1e-2", "--grid", "heads=choice:1,2", "--search", "optuna",
+          "--num-samples", "3", "--max-concurrent", "1", "--storage", tmp_path / "results", "--name", "tpe")
+    results = trial_results(tmp_path / "results", "tpe")
+    assert len(results) == 3 and all(len(lines) == 4 or lines[-1]["training_iteration"] < 4 for lines in results.values())
+    assert all(1e-4 <= lines[0]["config"]["lr"] <= 1e-2 and lines[0]["config"]["heads"] in (1, 2) for lines in results.values())
+    state = list((tmp_path / "results" / "tpe").glob("searcher-state-*.pkl"))
+    assert state, "Tune keeps the searcher's state beside the experiment for resume"
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeating_tokens(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-3,3e-4,1e-6", "--grid", "heads=2", "--scheduler", "halving",
+          "--reduction-factor", "2", "--cpus-per-trial", "1", "--storage", tmp_path / "results", "--name", "hb")
+    results = trial_results(tmp_path / "results", "hb")
+    per_iteration = 2048  # eval_every_tokens of TINY, a whole number of steps
+    restored = 0
+    for lines in results.values():
+        tokens = [line["tokens_seen"] for line in lines]
+        assert tokens == [per_iteration * (i + 1) for i in range(len(tokens))], tokens  # no gap, no repeat
+        restored += any(line["iterations_since_restore"] < line["training_iteration"] for line in lines)
+    assert restored >= 1, "no trial was paused and resumed from its checkpoint"
+    # 4 trials, 4 iterations, halving by 2: all train 1 iteration, 2 go on to 2, 1 to 4
+    assert sorted(len(lines) for lines in results.values()) == [1, 1, 2, 4]
+    best = max(results.values(), key=len)
+    assert best[0]["config"]["lr"] != 1e-6
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-6", "--grid", "heads=2", "--max-concurrent", "1", "--grace-tokens", "6144",
+          "--storage", tmp_path / "results", "--name", "grace")
+    results = trial_results(tmp_path / "results", "grace")
+    # without grace tokens the 1e-6 trial stops after its first iteration (test_sweeps); here it trains to 6144 tokens first
+    assert sorted(lines[-1]["tokens_seen"] for lines in results.values()) == [6144, 8192]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_stray_ray")
+def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(tmp_path):
+    """ASHA on test_loss, but nothing compared before 6M tokens: by then the 2-layer model's induction
+    heads have formed (3-4M) and its loss has left the 1-layer one's behind, so the 1-layer model stops."""
+    sweep("launch", "--preset", "induction", "--early-stopping", "--storage", tmp_path / "results", "--name", "ind", timeout=900)
+    results = trial_results(tmp_path / "results", "ind")
+    by_layers = {lines[0]["config"]["layers"]: lines for lines in results.values()}
+    assert len(by_layers[2]) == 12 and by_layers[2][-1]["induction_formed_at"] is not None
+    assert by_layers[2][-1]["induction_score_max"] > 0.4
+    assert by_layers[1][-1]["tokens_seen"] >= 6_000_000 and len(by_layers[1]) < 12  # compared only after the grace tokens
