@@ -7,13 +7,19 @@ once (0.125 CPU each). Printed: the best test loss each found, relative to
 the full grid's, and the trial-iterations each spent, relative to the full
 grid's.
 
+Schedulers: the same grid under asha, halving (synchronous successive
+halving) and hyperband (Tune's brackets), 2 and 16 trials at once, against
+fifo (every trial to its end). Search: 64 random samples of lr (log-uniform)
+and d_model under each scheduler against all 64 to the end, and Optuna's TPE
+against random search at equal compute (16 trials each).
+
 Sweep overhead: 8 identical short trials (`--num-samples 8`) as a sweep on 2
 CPUs, against the same 8 trainings run back to back in this process with one
 thread each, divided by the concurrency (2). The sweep's wall time is the
 whole `sweep launch` command: Ray start-up, trial actors, checkpoints and
 heatmaps written to storage, result reading.
 
-    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py
+    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py [--only asha|schedulers|search|overhead]
 """
 
 from __future__ import annotations
@@ -74,6 +80,46 @@ def asha_efficiency(dataset: str, storage: Path) -> None:
                   f"({iterations / full_iterations:.0%} of the full grid's), {wall:.0f}s", flush=True)
 
 
+def report(name: str, storage: Path, full_best: float, full_iterations: int, wall: float) -> None:
+    best, iterations = summary(storage, name)
+    print(f"{name:28s} best test_loss {best:.4f} ({(best / full_best - 1) * 100:+.2f}% vs all trials to the end), "
+          f"{iterations:4d} trial-iterations ({iterations / full_iterations:4.0%}), {wall:4.0f}s", flush=True)
+
+
+def scheduler_efficiency(dataset: str, storage: Path) -> None:
+    """asha / halving / hyperband against fifo on the 16-trial grid, 2 and 16 trials at once."""
+    grid = [flag for axis in GRID for flag in ("--grid", axis)]
+    wall = launch(dataset, storage, "grid-fifo", *grid, "--scheduler", "fifo", "--cpus-per-trial", "0.125")
+    full_best, full_iterations = summary(storage, "grid-fifo")
+    report("grid-fifo", storage, full_best, full_iterations, wall)
+    for scheduler in ("asha", "halving", "hyperband"):
+        for concurrency, cpus in ((2, "1"), (16, "0.125")):
+            name = f"grid-{scheduler}-c{concurrency}"
+            wall = launch(dataset, storage, name, *grid, "--scheduler", scheduler, "--reduction-factor", "2", "--cpus-per-trial", cpus)
+            report(name, storage, full_best, full_iterations, wall)
+
+
+def search_efficiency(dataset: str, storage: Path) -> None:
+    """A 64-sample random search over lr and d_model, all trials to the end and under each scheduler;
+    then Optuna's TPE against random search at equal compute (16 trials each, no early stopping)."""
+    space = ["--grid", "lr=loguniform:1e-4:3e-2", "--grid", "d_model=choice:16,24,32,48,64", "--grid", "heads=2", "--search", "random"]
+    samples = ["--num-samples", "64", "--cpus-per-trial", "0.125"]
+    wall = launch(dataset, storage, "random64-fifo", *space, *samples, "--scheduler", "fifo")
+    full_best, full_iterations = summary(storage, "random64-fifo")
+    report("random64-fifo", storage, full_best, full_iterations, wall)
+    for scheduler in ("asha", "halving", "hyperband"):
+        name = f"random64-{scheduler}"
+        wall = launch(dataset, storage, name, *space, *samples, "--scheduler", scheduler, "--reduction-factor", "2")
+        report(name, storage, full_best, full_iterations, wall)
+    for search in ("random", "optuna"):
+        name = f"{search}16-fifo"
+        flags = [*space[:-1], search, "--num-samples", "16", "--scheduler", "fifo", "--cpus-per-trial", "0.5"]
+        if search == "optuna":
+            flags += ["--max-concurrent", "4"]
+        wall = launch(dataset, storage, name, *flags)
+        report(name, storage, full_best, full_iterations, wall)
+
+
 def sweep_overhead(dataset: str, storage: Path) -> None:
     trials, concurrency = 8, 2
     grid = ("lr=1e-3", "heads=2", f"eval_every_tokens={EVAL_EVERY}")
@@ -102,7 +148,7 @@ def sweep_overhead(dataset: str, storage: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="imdb")
-    parser.add_argument("--only", choices=("asha", "overhead"))
+    parser.add_argument("--only", choices=("asha", "schedulers", "search", "overhead"))
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with tempfile.TemporaryDirectory() as storage:
@@ -111,6 +157,10 @@ def main() -> None:
                "--grid", "eval_every_tokens=8192")
         if args.only in (None, "asha"):
             asha_efficiency(args.dataset, Path(storage))
+        if args.only in (None, "schedulers"):
+            scheduler_efficiency(args.dataset, Path(storage))
+        if args.only in (None, "search"):
+            search_efficiency(args.dataset, Path(storage))
         if args.only in (None, "overhead"):
             sweep_overhead(args.dataset, Path(storage))
 

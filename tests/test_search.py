@@ -131,10 +131,13 @@ def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
 @pytest.mark.usefixtures("no_stray_ray")
 def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(tmp_path):
     """ASHA on test_loss, but nothing compared before 6M tokens: by then the 2-layer model's induction
-    heads have formed (3-4M) and its loss has left the 1-layer one's behind, so the 1-layer model stops."""
+    heads have formed (3-4M) and its loss has left the 1-layer one's behind. Without grace tokens ASHA
+    stopped the 2-layer trial after its first iteration, before the phase change."""
     sweep("launch", "--preset", "induction", "--early-stopping", "--storage", tmp_path / "results", "--name", "ind", timeout=900)
     results = trial_results(tmp_path / "results", "ind")
     by_layers = {lines[0]["config"]["layers"]: lines for lines in results.values()}
     assert len(by_layers[2]) == 12 and by_layers[2][-1]["induction_formed_at"] is not None
     assert by_layers[2][-1]["induction_score_max"] > 0.4
-    assert by_layers[1][-1]["tokens_seen"] >= 6_000_000 and len(by_layers[1]) < 12  # compared only after the grace tokens
+    # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on; whatever
+    # happens to it, nothing is stopped before the grace tokens
+    assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
