@@ -17,7 +17,7 @@ import torch
 
 from .circuits import mean_ablation
 from .generate import generate
-from .metrics import SUMMARY_METRICS
+from .metrics import SUMMARY_METRICS, label_matters
 from .tokenizers import TextTokenizer
 from .transformer import Transformer
 
@@ -194,12 +194,7 @@ def head_scores(
 
 def relabel(document: dict[str, Any], cfg: AnalysisConfig) -> dict[str, Any]:
     """Add the `matters` label to heads whose ablation rise passes the threshold."""
-    for head in document["heads"]:
-        head["labels"] = [label for label in head["labels"] if label != "matters"]
-        rise = head.get("ablation")
-        if rise and max(rise.values()) > cfg.matters_threshold:
-            head["labels"].append("matters")
-    return document
+    return label_matters(document, cfg.matters_threshold)
 
 
 def carry_ablation(document: dict[str, Any], previous: dict[str, Any] | None, cfg: AnalysisConfig) -> dict[str, Any]:

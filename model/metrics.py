@@ -29,3 +29,14 @@ LARGER_IS_BETTER = frozenset({"test_accuracy", "tokens_seen", "tokens_per_second
 def metric_mode(metric: str) -> str:
     """`max` for scores, accuracy and throughput, `min` for losses and anything else."""
     return "max" if metric in LARGER_IS_BETTER or metric.endswith("_score_max") else "min"
+
+
+def label_matters(document: dict, threshold: float) -> dict:
+    """heads.json with the `matters` label on heads whose mean-ablation rise (held-out or
+    repeated tokens) passes `threshold` nats, and off the others."""
+    for head in document["heads"]:
+        head["labels"] = [label for label in head["labels"] if label != "matters"]
+        rise = head.get("ablation")
+        if rise and max(rise.values()) > threshold:
+            head["labels"].append("matters")
+    return document

@@ -377,8 +377,9 @@ SOURCE_HELP = "SOURCE is a checkpoint folder, a `sweep train` run folder, or an 
 @click.option("--history", is_flag=True, help="Every head's scores at every iteration of the run.")
 @click.option("--tokens", is_flag=True, help="What each head does in tokens, read from the weights.")
 @click.option("--head", "only_head", default=None, metavar="L.H", help="With --tokens or --history: one head, e.g. 1.0.")
+@click.option("--matters-threshold", type=float, default=None, help="Relabel `matters`: heads whose ablation raises a loss by more (nats) [default: as trained, 0.05].")
 @click.option("--json", "as_json", is_flag=True, help="Print the document as JSON.")
-def heads(source, trial, storage, history, tokens, only_head, as_json):
+def heads(source, trial, storage, history, tokens, only_head, matters_threshold, as_json):
     import tempfile
 
     from .results import head_history, local_checkpoint
@@ -400,6 +401,10 @@ def heads(source, trial, storage, history, tokens, only_head, as_json):
     if tokens:
         _print_tokens(title, document, only_head, as_json)
         return
+    if matters_threshold is not None:
+        from model.metrics import label_matters
+
+        document = label_matters(document, matters_threshold)
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return

@@ -113,3 +113,12 @@ def test_history_and_token_tables_of_a_run(reviews_file, tmp_path):
     assert "ablate: held-out" in atlas  # the last iteration always ablates
     bad = invoke("heads", out, "--tokens", "--head", "7.7")
     assert bad.exit_code == 2 and "--head 7.7 is not a head of" in bad.stderr
+
+
+def test_the_matters_threshold_can_be_changed_when_reading(reviews_file, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", reviews_file, *SMALL, "--out", out).exit_code == 0
+    everything = json.loads(invoke("heads", out, "--matters-threshold", "-1", "--json").output)
+    nothing = json.loads(invoke("heads", out, "--matters-threshold", "100", "--json").output)
+    assert all("matters" in h["labels"] for h in everything["heads"])
+    assert not any("matters" in h["labels"] for h in nothing["heads"])

@@ -111,3 +111,19 @@ def test_report_in_a_real_browser(tmp_path, reviews_file):
         driver.save_screenshot(str(shots / "report-top.png"))
     finally:
         driver.quit()
+
+
+def test_atlas_of_an_experiment(tmp_path, reviews_file):
+    storage = fake_experiment(tmp_path, reviews_file)
+    document = json.loads(CliRunner().invoke(main, ["atlas", "exp", "--storage", str(storage), "--json"]).output)
+    assert document["axes"] == ["lr"] and {t["trial_id"] for t in document["trials"]} == {"t0", "t1"}
+    by_lr = {entry["value"]: entry for entry in document["groups"]["lr"]}
+    assert set(by_lr) == {0.003, 1e-05} and all(entry["trials"] == 1 for entry in by_lr.values())
+    trial = next(t for t in document["trials"] if t["trial_id"] == "t0")
+    heads = json.loads(next((storage / "exp" / "trial_t0").glob("checkpoint_*/heads.json")).read_text())["heads"]
+    assert trial["induction_max"] == max(h["scores"]["induction"] for h in heads)  # read from the trial's own heads.json
+    assert by_lr[0.003]["induction_max"]["mean"] == trial["induction_max"]
+    table = CliRunner().invoke(main, ["atlas", "exp", "--storage", str(storage)]).output
+    assert "by lr" in table and "t0" in table
+    result = CliRunner().invoke(main, ["atlas", "--storage", str(storage), "--csv", str(tmp_path / "atlas.csv")])
+    assert result.exit_code == 0 and (tmp_path / "atlas.csv").read_text().startswith("trial_id,lr,status")
