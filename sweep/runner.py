@@ -479,7 +479,12 @@ def synchronous_halving(trials: int, max_iterations: int, reduction_factor: int)
 
     class SynchronousHalving(HyperBandScheduler):
         def _create_bracket(self, s):
-            return super()._create_bracket(self._s_max_1 - 1)
+            # the most aggressive bracket whose first rung is at least one iteration
+            # (8 iterations at reduction factor 3 round to a bracket whose first rung is 0)
+            s = self._s_max_1 - 1
+            while s > 0 and self._get_r0(s) < 1:
+                s -= 1
+            return super()._create_bracket(s)
 
     scheduler = SynchronousHalving(time_attr="training_iteration", max_t=max_iterations, reduction_factor=reduction_factor)
     scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep

@@ -141,3 +141,11 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on; whatever
     # happens to it, nothing is stopped before the grace tokens
     assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
+
+
+@pytest.mark.parametrize("iterations, factor, first_rung", [(4, 2, 1), (8, 2, 1), (8, 3, 2), (8, 4, 2), (20, 3, 2)])
+def test_synchronous_halving_starts_at_a_whole_iteration(iterations, factor, first_rung):
+    from sweep.runner import synchronous_halving
+
+    bracket = synchronous_halving(16, iterations, factor)._create_bracket(0)
+    assert bracket._r0 == first_rung and bracket._n0 == 16 and bracket._halves >= 1
