@@ -86,7 +86,7 @@ def test_random_search_samples_the_ranges(reviews, tmp_path):
     rates = [lines[0]["config"]["lr"] for lines in results.values()]
     assert len(rates) == 3 and len(set(rates)) == 3 and all(1e-4 <= r <= 1e-2 for r in rates)
     atlas = json.loads(sweep("atlas", "random", "--storage", tmp_path / "results", "--json").stdout)
-    assert "lr" in atlas["axes"] or len(rates) <= 6
+    assert "lr" in atlas["axes"]  # a sampled range is an axis of the grid view
 
 
 @pytest.mark.usefixtures("no_stray_ray")
@@ -94,7 +94,7 @@ def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
     sweep("launch", reviews, *TINY, "--grid", "lr=loguniform:1e-4:1e-2", "--grid", "heads=choice:1,2", "--search", "optuna",
           "--num-samples", "3", "--max-concurrent", "1", "--storage", tmp_path / "results", "--name", "tpe")
     results = trial_results(tmp_path / "results", "tpe")
-    assert len(results) == 3 and all(len(lines) == 4 or lines[-1]["training_iteration"] < 4 for lines in results.values())
+    assert len(results) == 3 and max(len(lines) for lines in results.values()) == 4  # ASHA lets the best one finish
     assert all(1e-4 <= lines[0]["config"]["lr"] <= 1e-2 and lines[0]["config"]["heads"] in (1, 2) for lines in results.values())
     state = list((tmp_path / "results" / "tpe").glob("searcher-state-*.pkl"))
     assert state, "Tune keeps the searcher's state beside the experiment for resume"
