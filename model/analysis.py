@@ -189,12 +189,7 @@ def head_scores(
                 entry["ablation"] = {k: round(v, 5) for k, v in ablation[layer][head].items()}
             heads.append(entry)
     document = {"heads": heads, "composition": composition_scores(model)}
-    return relabel(document, cfg) if ablation is not None else document
-
-
-def relabel(document: dict[str, Any], cfg: AnalysisConfig) -> dict[str, Any]:
-    """Add the `matters` label to heads whose ablation rise passes the threshold."""
-    return label_matters(document, cfg.matters_threshold)
+    return label_matters(document, cfg.matters_threshold) if ablation is not None else document
 
 
 def carry_ablation(document: dict[str, Any], previous: dict[str, Any] | None, cfg: AnalysisConfig) -> dict[str, Any]:
@@ -205,7 +200,7 @@ def carry_ablation(document: dict[str, Any], previous: dict[str, Any] | None, cf
         if "ablation" in old:
             head["ablation"] = old["ablation"]
     document["ablation_tokens_seen"] = previous["ablation_tokens_seen"]
-    return relabel(document, cfg)
+    return label_matters(document, cfg.matters_threshold)
 
 
 def head_history_entry(document: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -65,17 +65,15 @@ def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Te
     second repeated token on (the first cannot be predicted from context).
     """
     d_head, heads = model.cfg.d_head, model.cfg.n_heads
-    means: list[torch.Tensor] = []
     real = (held_out[:, :-1] != PAD_ID).reshape(-1)  # positions whose z enters the mean
-    for layer in range(model.cfg.n_layers):
-        captured: list[torch.Tensor] = []
-        hook = model.blocks[layer].attn.out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            clean = _token_losses(model, held_out)
-        finally:
+    captured: list[torch.Tensor] = []
+    hooks = [block.attn.out.register_forward_pre_hook(lambda module, args: captured.append(args[0])) for block in model.blocks]
+    try:
+        clean = _token_losses(model, held_out)  # one pass records every layer's z
+    finally:
+        for hook in hooks:
             hook.remove()
-        z = captured[0].reshape(-1, heads * d_head)[real]
-        means.append(z.float().mean(0).to(captured[0].dtype))  # (heads * d_head,)
+    means = [z.reshape(-1, heads * d_head)[real].float().mean(0).to(z.dtype) for z in captured]  # per layer: (heads * d_head,)
 
     def losses() -> tuple[float, float]:
         held = _token_losses(model, held_out)

@@ -119,6 +119,11 @@ class Schedule:
         """Evaluate-and-checkpoint iterations of the run (the last one may be shorter)."""
         return -(-self.total_steps // self.steps_per_iteration)
 
+    @property
+    def final_tokens(self) -> int:
+        """tokens_seen when the run ends: whole steps, so at least max_tokens."""
+        return self.total_steps * self.tokens_per_step
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -115,10 +115,12 @@ def load_tokenizer(spec: str, training_texts: list[str] | None = None, cache_dir
 def mirrored_tokenizer(spec: str) -> Path | None:
     """`$SWEEP_DATA_DIR/tokenizers/<spec>/` when the data mirror holds that Hub tokenizer's files:
     the same tokenizer.json the Hub serves, so an offline run tokenizes exactly as an online one."""
-    mirror = os.environ.get("SWEEP_DATA_DIR")
-    if not mirror:
+    from .data import data_mirror  # data imports this module
+
+    mirror = data_mirror()
+    if mirror is None:
         return None
-    folder = Path(mirror).expanduser() / "tokenizers" / spec
+    folder = mirror / "tokenizers" / spec
     return folder if (folder / "tokenizer.json").is_file() else None
 
 

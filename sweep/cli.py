@@ -16,6 +16,7 @@ from rich.table import Table
 from model.config import CheckpointError, ConfigError, NonFiniteLossError
 from model.metrics import REPORTED_METRICS
 
+from .names import SCHEDULERS
 from .space import SHAPE_KEYS, TRIAL_KEYS, data_config
 
 console = Console(stderr=True, soft_wrap=True)
@@ -178,9 +179,8 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
 @click.option("--search", default="grid", show_default=True, type=click.Choice(["grid", "random", "optuna"]),
               help="grid: every combination; random: --num-samples draws of the ranges per grid point; optuna: TPE, --num-samples trials.")
-@click.option("--scheduler", default=None, type=click.Choice(["asha", "halving", "hyperband", "fifo"]),
-              help="asha (asynchronous halving), halving (synchronous: trials pause at each rung until all reach it), "
-                   "hyperband (Tune's brackets of halving) or fifo (no early stopping) [default: asha, or the preset's choice].")
+@click.option("--scheduler", default=None, type=click.Choice(list(SCHEDULERS)),
+              help="; ".join(f"{name}: {text}" for name, text in SCHEDULERS.items()) + " [default: asha, or the preset's choice].")
 @click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
 @click.option("--grace-tokens", default=None, type=int, help="ASHA compares no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
 @click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
@@ -221,6 +221,30 @@ def launch(
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
     launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
     _print_best(plan.name, plan.storage.uri, plan.launch.metric, plan.launch.mode, top=3)
+
+
+def _write_whole(path: Path, write) -> None:
+    """Write a local output file whole or not at all (`write` fills an open text file); one line if it cannot."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w", newline="") as handle:
+            write(handle)
+        partial.replace(path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}; pick a writable path") from None
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    import csv
+
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _write_whole(path, write)
+    console.print(f"wrote {len(rows)} trials to {path}")
 
 
 def _open(storage_uri):
@@ -319,16 +343,7 @@ def results(name, storage, csv_path):
 
     experiment = load_experiment(_open(storage), name)
     if csv_path:
-        import csv
-
-        columns, rows = results_rows(experiment)
-        partial = csv_path.with_name(csv_path.name + ".partial")
-        with partial.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        partial.replace(csv_path)  # never a half-written file
-        console.print(f"wrote {len(rows)} trials to {csv_path}")
+        _write_csv(csv_path, *results_rows(experiment))
         return
     table = Table(title=experiment.name)
     shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
@@ -549,16 +564,7 @@ def atlas(name, storage, as_json, csv_path):
         click.echo(json.dumps(result.document(), indent=2))
         return
     if csv_path:
-        import csv
-
-        columns, rows = atlas_rows_csv(result)
-        partial = csv_path.with_name(csv_path.name + ".partial")
-        with partial.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        partial.replace(csv_path)
-        console.print(f"wrote {len(rows)} trials to {csv_path}")
+        _write_csv(csv_path, *atlas_rows_csv(result))
         return
     scores = GRID_SCORES
     table = Table(title=f"{result.experiment}: {len(result.rows)} trials")
@@ -606,9 +612,7 @@ def report(name, storage, out, top):
     from .results import load_experiment
 
     document = build_report(load_experiment(_open(storage), name), top)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(document)
-    partial.replace(out)  # never a half-written report
+    _write_whole(out, lambda handle: handle.write(document))
     console.print(f"report: {out} ({len(document) / 1e6:.1f} MB)")
 
 

@@ -13,4 +13,12 @@ FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 # The public status of a trial Tune stopped before its last iteration (ASHA, or a stop rule).
 STOPPED_EARLY = "STOPPED_EARLY"
 
-__all__ = ["FINAL_FAILURES", "REPORTED_METRICS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]
+# --scheduler choices, as the CLI's help explains them.
+SCHEDULERS = {
+    "asha": "asynchronous successive halving: a trial is compared with those that reached its rung before it",
+    "halving": "synchronous successive halving: trials pause at each rung until all have reached it, then the best 1/N go on",
+    "hyperband": "Tune's HyperBand: brackets of synchronous halving, from the most cautious to the most aggressive",
+    "fifo": "no early stopping: every trial trains to its end",
+}
+
+__all__ = ["FINAL_FAILURES", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]

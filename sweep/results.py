@@ -322,6 +322,11 @@ def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
     raise ConfigError(f"no trial {trial!r} in {experiment.name}; trials: {', '.join(t.trial_id for t in experiment.trials)}")
 
 
+def names_a_path(source: str | None) -> bool:
+    """Whether SOURCE is a folder or file rather than an experiment name (names hold no '/')."""
+    return bool(source) and ("/" in source or Path(source).exists())
+
+
 def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: str) -> tuple[Path, str]:
     """A local folder holding the checkpoint SOURCE names, and a title for it.
 
@@ -330,7 +335,7 @@ def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: 
     """
     from model.checkpoint import check_complete, read_config
 
-    if source and ("/" in source or Path(source).exists()):
+    if names_a_path(source):
         path = Path(source)
         if path.is_dir() and (path / "checkpoint").is_dir() and not (path / "config.json").exists():
             path = path / "checkpoint"  # a `sweep train` run folder
@@ -381,7 +386,7 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
     """
     from model.metrics import HEAD_HISTORY_KEY
 
-    if source and ("/" in source or Path(source).exists()):
+    if names_a_path(source):
         run = Path(source)
         if not (run / "metrics.jsonl").is_file() and (run.parent / "metrics.jsonl").is_file():
             run = run.parent  # the checkpoint/ folder of a run

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from model.config import ConfigError
 from model.data import check_data, prepare_data
 
-from .names import REPORTED_METRICS, SWEEP_FILE, metric_mode
+from .names import REPORTED_METRICS, SCHEDULERS, SWEEP_FILE, metric_mode
 from .space import (
     PRESETS,
     Distribution,
@@ -31,6 +31,7 @@ from .space import (
     parse_grid,
     planned_iterations,
     probe_trials,
+    trial_schedule,
     validate_trials,
 )
 from .storage import Storage, check_name, check_writable, exists, is_storage_full, open_storage, read_text, write_text
@@ -43,14 +44,6 @@ log = logging.getLogger(__name__)
 
 class StorageFullError(ConfigError):
     """The storage filled up during the sweep."""
-
-
-SCHEDULERS = {
-    "asha": "asynchronous successive halving: a trial is compared with those that reached its rung before it",
-    "halving": "synchronous successive halving: trials pause at each rung until all have reached it, then the best 1/N go on",
-    "hyperband": "Tune's synchronous HyperBand: brackets of successive halving from the most cautious to the most aggressive",
-    "fifo": "no early stopping: every trial trains to its end",
-}
 
 
 @dataclass(frozen=True)
@@ -168,14 +161,7 @@ class Plan:
     @property
     def max_tokens_seen(self) -> int:
         """tokens_seen at the end of the longest trial (whole steps)."""
-        from .space import trial_configs
-
-        def end(config: dict[str, Any]) -> int:
-            _, model, train = trial_configs(config)
-            schedule = train.schedule_for(model.seq_len)
-            return schedule.total_steps * schedule.tokens_per_step
-
-        return max(end(t) for t in self.trials)
+        return max(trial_schedule(t).final_tokens for t in self.trials)
 
     @property
     def trial_count(self) -> int:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.config import ConfigError, DataConfig, ModelConfig, TrainConfig, trial_key_of
+from model.config import ConfigError, DataConfig, ModelConfig, Schedule, TrainConfig, trial_key_of
 
 
 def parse_bool(value: str) -> bool:
@@ -267,10 +267,15 @@ def trial_configs(config: dict[str, Any], vocab_size: int = 2) -> tuple[DataConf
     return data, model, train
 
 
-def planned_iterations(config: dict[str, Any]) -> int:
-    """Iterations a trial of this config makes: the trainer's own count."""
+def trial_schedule(config: dict[str, Any]) -> Schedule:
+    """Steps, iterations and final tokens of a trial of this config: the trainer's own count."""
     _, model, train = trial_configs(config)
-    return train.schedule_for(model.seq_len).iterations
+    return train.schedule_for(model.seq_len)
+
+
+def planned_iterations(config: dict[str, Any]) -> int:
+    """Iterations a trial of this config makes."""
+    return trial_schedule(config).iterations
 
 
 def validate_trials(trials: list[dict[str, Any]], axes: dict[str, Any], typed: dict[str, Any]) -> None:

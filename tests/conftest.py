@@ -14,6 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The README's command gives SWEEP_DATA_DIR relative to the checkout; tests change directory.
+if os.environ.get("SWEEP_DATA_DIR"):
+    os.environ["SWEEP_DATA_DIR"] = str(Path(os.environ["SWEEP_DATA_DIR"]).resolve())
 
 WORDS = (
     "the a movie film actor plot scene great bad boring funny story ending music camera love hate "

@@ -183,3 +183,11 @@ def test_a_request_no_node_can_meet_fails_before_anything_is_written(request_arg
     assert wanted in result.stderr and "other nodes" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nor Ray's token notice
     assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(storage, tmp_path):
+    for command in (["results", "--csv"], ["atlas", "--csv"], ["report", "--out"]):
+        target = tmp_path / "missing" / "out.file"
+        result = invoke(*command, target, "--storage", storage)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.strip() == f"Error: cannot write {target}: No such file or directory; pick a writable path"
