@@ -17,11 +17,9 @@ import torch
 
 from .circuits import mean_ablation
 from .generate import generate
-from .metrics import SUMMARY_METRICS, label_matters
+from .metrics import SCORE_NAMES, SUMMARY_METRICS, label_matters
 from .tokenizers import TextTokenizer
 from .transformer import Transformer
-
-SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ can validate a metric name without loading the training stack.
 
 from __future__ import annotations
 
+# Every head's scores in heads.json (DESIGN.md, "Head scores").
+SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying")
 # Tune metric name -> head score it summarises (the max over heads).
 SUMMARY_METRICS = {
     "induction_score_max": "induction",

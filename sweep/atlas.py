@@ -3,8 +3,8 @@
 One row per trial (its varying config, state, final losses, counts of heads by
 label, the max of every head score, when induction heads formed), then for
 every axis of the grid each score's mean and max grouped by the axis value,
-and by pairs of axes. Axes are ranked by how strongly the head scores depend
-on them: the largest spread of group means of any head score, so
+and by pairs of axes. Axes are ranked by how strongly the pattern scores
+depend on them (RANK_SCORES: the largest spread of their group means), so
 "induction heads formed only with layers = 2" comes first when it is true.
 """
 
@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.metrics import SCORE_NAMES as HEAD_SCORES
+
 from .results import Experiment, TrialRecord
 from .storage import read_text
 
-HEAD_SCORES = ("induction", "previous_token", "duplicate_token", "first_token", "current_token", "copying")
 LABELS = ("induction", "previous_token", "first_token", "copying", "matters")
 # The head types shown over the grid (tables, the report's small multiples).
 GRID_SCORES = ("induction", "previous_token", "first_token", "copying")
