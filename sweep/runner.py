@@ -501,8 +501,9 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback) -> None:
     """Run the sweep; a sweep that ran out of storage ends in one clear error, not half-results."""
     try:
         tuner.fit()
-    except (OSError, EOFError, ValueError) as error:
-        # With the disk full, Ray's own state and result files are cut short too (EOFError, bad JSON).
+    except Exception as error:
+        # With the disk full, Ray's own state, result and error files are cut short too (EOFError, bad JSON,
+        # a truncated pickle): any failure once a trial reported storage_full is that, not a second problem.
         if failures.saw("storage_full") or is_storage_full(error):
             raise StorageFullError(storage_full_message(plan)) from None
         raise
