@@ -1,6 +1,7 @@
 """Faults a day-long sweep must survive: the S3 endpoint going away, the storage filling up."""
 
 import io
+import pickle
 import re
 import subprocess
 import sys
@@ -128,3 +129,22 @@ def test_records_are_written_whole_or_not_at_all(tmp_path):
     write_text(storage, storage.path("exp", "sweep.json"), '{"a": 1}')
     assert read_text(storage, storage.path("exp", "sweep.json")) == '{"a": 1}'
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["sweep.json"]  # no partial file left
+
+
+@pytest.mark.parametrize("cut_short", [pickle.UnpicklingError("pickle data was truncated"), EOFError(), ValueError("bad JSON")])
+def test_ray_files_cut_short_by_a_full_disk_end_in_the_storage_full_line(tmp_path, cut_short):
+    """Which of Ray's files the full disk cuts short first is a race; every one ends the same way."""
+    from sweep.runner import LaunchConfig, StorageFullError, _fit, plan_sweep
+    from sweep.trainable import FinalFailureCallback
+
+    class CutShort:
+        def fit(self):
+            raise cut_short
+
+    failures = FinalFailureCallback()
+    failures.reasons["trial_1"] = "storage_full"
+    plan = plan_sweep(LaunchConfig(dataset="imdb", storage=str(tmp_path), name="full"))
+    with pytest.raises(StorageFullError, match="is full"):
+        _fit(CutShort(), plan, failures)
+    with pytest.raises(type(cut_short)):  # without a storage_full trial the error is a different problem: shown as is
+        _fit(CutShort(), plan, FinalFailureCallback())
