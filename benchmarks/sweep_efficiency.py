@@ -9,9 +9,11 @@ grid's.
 
 Schedulers: the same grid under asha, halving (synchronous successive
 halving) and hyperband (Tune's brackets), 2 and 16 trials at once, against
-fifo (every trial to its end). Search: 64 random samples of lr (log-uniform)
-and d_model under each scheduler against all 64 to the end, and Optuna's TPE
-against random search at equal compute (16 trials each).
+fifo (every trial to its end); `--only halving` runs fifo and halving alone.
+Search: 64 random samples of lr (log-uniform) and d_model under each
+scheduler against all 64 to the end, and Optuna's TPE against random search
+at equal compute (16 trials each); `--only optuna` compares the two over
+three seeds.
 
 Sweep overhead: 8 identical short trials (`--num-samples 8`) as a sweep on 2
 CPUs, against the same 8 trainings run back to back in this process with one
@@ -19,7 +21,7 @@ thread each, divided by the concurrency (2). The sweep's wall time is the
 whole `sweep launch` command: Ray start-up, trial actors, checkpoints and
 heatmaps written to storage, result reading.
 
-    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py [--only asha|schedulers|search|overhead]
+    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py [--only asha|schedulers|halving|search|optuna|overhead]
 """
 
 from __future__ import annotations
@@ -86,15 +88,18 @@ def report(name: str, storage: Path, full_best: float, full_iterations: int, wal
           f"{iterations:4d} trial-iterations ({iterations / full_iterations:4.0%}), {wall:4.0f}s", flush=True)
 
 
-def scheduler_efficiency(dataset: str, storage: Path) -> None:
+def scheduler_efficiency(dataset: str, storage: Path, halving_only: bool = False) -> None:
     """asha / halving / hyperband against fifo on the 16-trial grid, 2 and 16 trials at once."""
     grid = [flag for axis in GRID for flag in ("--grid", axis)]
     wall = launch(dataset, storage, "grid-fifo", *grid, "--scheduler", "fifo", "--cpus-per-trial", "0.125")
     full_best, full_iterations = summary(storage, "grid-fifo")
     report("grid-fifo", storage, full_best, full_iterations, wall)
-    for scheduler, factor in (("asha", 2), ("halving", 2), ("halving", 4), ("hyperband", 2)):
+    runs = [("halving", 2), ("halving", 3), ("halving", 4)]
+    if not halving_only:
+        runs += [("asha", 2), ("hyperband", 2)]
+    for scheduler, factor in runs:
         for concurrency, cpus in ((2, "1"), (16, "0.125")):
-            if factor == 4 and concurrency == 16:
+            if (scheduler == "halving" and concurrency == 16 and factor != 2) or (halving_only and concurrency == 16):
                 continue  # synchronous: the same decisions as with 2 at once
             name = f"grid-{scheduler}-rf{factor}-c{concurrency}"
             wall = launch(dataset, storage, name, *grid, "--scheduler", scheduler, "--reduction-factor", str(factor), "--cpus-per-trial", cpus)
@@ -113,13 +118,24 @@ def search_efficiency(dataset: str, storage: Path) -> None:
         name = f"random64-{scheduler}"
         wall = launch(dataset, storage, name, *space, *samples, "--scheduler", scheduler, "--reduction-factor", "2")
         report(name, storage, full_best, full_iterations, wall)
-    for search in ("random", "optuna"):
-        name = f"{search}16-fifo"
-        flags = [*space[:-1], search, "--num-samples", "16", "--scheduler", "fifo", "--cpus-per-trial", "0.5"]
-        if search == "optuna":
-            flags += ["--max-concurrent", "4"]
-        wall = launch(dataset, storage, name, *flags)
-        report(name, storage, full_best, full_iterations, wall)
+    optuna_against_random(dataset, storage, seeds=(0,))
+
+
+def optuna_against_random(dataset: str, storage: Path, seeds: tuple[int, ...]) -> None:
+    """Optuna's TPE against random search at equal compute: 16 trials each, 4 at a time, no early stopping,
+    on the same space and seeds (`--grid seed=N` seeds both the draws and the models)."""
+    space = ["--grid", "lr=loguniform:1e-4:3e-2", "--grid", "d_model=choice:16,24,32,48,64", "--grid", "heads=2"]
+    found: dict[str, list[float]] = {"random": [], "optuna": []}
+    for seed in seeds:
+        for search in found:
+            name = f"{search}16-seed{seed}"
+            wall = launch(dataset, storage, name, *space, "--grid", f"seed={seed}", "--search", search, "--num-samples", "16",
+                          "--scheduler", "fifo", "--cpus-per-trial", "0.5", "--max-concurrent", "4")
+            best, _ = summary(storage, name)
+            found[search].append(best)
+            print(f"{name:18s} best test_loss {best:.4f}, {wall:4.0f}s", flush=True)
+    for search, bests in found.items():
+        print(f"{search}: mean best test_loss {sum(bests) / len(bests):.4f} over seeds {list(seeds)}", flush=True)
 
 
 def sweep_overhead(dataset: str, storage: Path) -> None:
@@ -150,7 +166,7 @@ def sweep_overhead(dataset: str, storage: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="imdb")
-    parser.add_argument("--only", choices=("asha", "schedulers", "search", "overhead"))
+    parser.add_argument("--only", choices=("asha", "schedulers", "halving", "search", "optuna", "overhead"))
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with tempfile.TemporaryDirectory() as storage:
@@ -161,6 +177,10 @@ def main() -> None:
             asha_efficiency(args.dataset, Path(storage))
         if args.only in (None, "schedulers"):
             scheduler_efficiency(args.dataset, Path(storage))
+        if args.only == "halving":
+            scheduler_efficiency(args.dataset, Path(storage), halving_only=True)
+        if args.only == "optuna":
+            optuna_against_random(args.dataset, Path(storage), seeds=(0, 1, 2))
         if args.only in (None, "search"):
             search_efficiency(args.dataset, Path(storage))
         if args.only in (None, "overhead"):

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -169,6 +170,11 @@ class Plan:
         if self.launch.search == "optuna":
             return self.launch.num_samples
         return math.prod(len(v) for v in self.axes.values()) * self.launch.num_samples
+
+    @property
+    def optuna_concurrency(self) -> int:
+        """Optuna trials at once: TPE learns only from finished trials, so a few at a time."""
+        return self.launch.max_concurrent or 4
 
     def trial_iterations(self, config: dict[str, Any]) -> int:
         """Iterations a trial of `config` makes: the trainer's count, capped by --max-iterations."""
@@ -393,23 +399,12 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
             plan.storage.path(plan.name), trainable, resume_unfinished=True, resume_errored=True,
             storage_filesystem=filesystem,
         )
-    search_alg = None
-    if launch.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        # TPE proposes from the results so far: a few trials at a time, or it is only random search
-        grid = {key: tune.choice(values) for key, values in plan.axes.items()}
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=plan.fixed.get("seed", 0)), max_concurrent=launch.max_concurrent or 4)
-    else:
-        grid = {key: tune.grid_search(values) for key, values in plan.axes.items()}
-    param_space = {**plan.fixed, **grid, **{key: d.domain() for key, d in plan.distributions.items()}}
+    search_alg, param_space = make_search(plan)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=launch.metric, mode=launch.mode, scheduler=make_scheduler(plan), search_alg=search_alg, num_samples=launch.num_samples,
-            max_concurrent_trials=launch.max_concurrent or None,
             # A finished trial's worker process takes the next trial: no new Python, torch or
             # Ray worker start-up per trial (benchmarks/sweep_efficiency.py measures it).
             reuse_actors=True,
@@ -428,6 +423,38 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
             verbose=0,
         ),
     )
+
+
+def make_search(plan: Plan):
+    """The search algorithm and its space: every grid point (with seeded draws of the ranges), or Optuna's TPE."""
+    from ray import tune
+
+    if plan.launch.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        grid = {key: tune.choice(values) for key, values in plan.axes.items()}
+        search_alg = ConcurrencyLimiter(OptunaSearch(sampler=tpe_sampler(plan)), max_concurrent=plan.optuna_concurrency)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # seeded: the same --grid seed draws the same random-search samples again
+        grid = {key: tune.grid_search(values) for key, values in plan.axes.items()}
+        search_alg = BasicVariantGenerator(max_concurrent=plan.launch.max_concurrent, random_state=plan.fixed.get("seed", 0))
+    return search_alg, {**plan.fixed, **grid, **{key: d.domain() for key, d in plan.distributions.items()}}
+
+
+def tpe_sampler(plan: Plan):
+    """Optuna's TPE, sized to the budget. TPE proposes from the results so far, so it runs a few trials
+    at a time, and its random start-up is a quarter of the trials (at least one batch, at most Optuna's
+    default of 10): with the default, a 16-trial search would be 10 random trials and 6 guided ones.
+    Trials still running count as bad results (constant liar), so a batch is not 4 proposals of one point."""
+    import optuna
+
+    startup = min(10, max(plan.optuna_concurrency, plan.trial_count // 4))
+    with warnings.catch_warnings():  # multivariate and constant_liar are marked experimental: not the user's concern
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=plan.fixed.get("seed", 0), n_startup_trials=startup, multivariate=True, constant_liar=True)
 
 
 def make_scheduler(plan: Plan):
@@ -454,26 +481,30 @@ def make_scheduler(plan: Plan):
 
 
 def synchronous_halving(trials: int, max_iterations: int, reduction_factor: int):
-    """Synchronous successive halving, built on Tune's HyperBandScheduler: its most aggressive bracket
-    alone, holding every trial of the sweep.
+    """Synchronous successive halving (Jamieson & Talwalkar 2016), built on Tune's HyperBandScheduler:
+    one bracket holding every trial of the sweep, with rungs at 1, rf, rf^2, ... iterations, the last
+    one at max_iterations.
 
-    Every trial trains max_t / rf^s iterations and pauses (its checkpoint is kept); when all have,
-    the best 1/rf go on for rf times as long, and so on up to max_t. Tune's HyperBand would first
-    fill its most cautious brackets, which train their trials to the end.
+    Every trial trains 1 iteration and pauses (its checkpoint is kept); when all have, the best
+    ceil(n / rf) resume and train to rf iterations, and so on up to max_iterations. Tune's HyperBand
+    would first fill its most cautious brackets, which train their trials to the end, and its own
+    first rung, max_t / rf^s, rounds down to 0 or up past 1 unless max_t is a power of rf.
     """
     from ray.tune.schedulers import HyperBandScheduler
+    from ray.tune.schedulers.hyperband import _Bracket
+
+    halvings = 0  # rungs after the first: the smallest count with rf^halvings >= max_iterations
+    while reduction_factor**halvings < max_iterations:
+        halvings += 1
 
     class SynchronousHalving(HyperBandScheduler):
         def _create_bracket(self, s):
-            # the most aggressive bracket whose first rung is at least one iteration
-            # (8 iterations at reduction factor 3 round to a bracket whose first rung is 0)
-            s = self._s_max_1 - 1
-            while s > 0 and self._get_r0(s) < 1:
-                s -= 1
-            return super()._create_bracket(s)
+            return _Bracket(time_attr=self._time_attr, max_trials=trials, init_t_attr=1, max_t_attr=max_iterations,
+                            eta=reduction_factor, s=halvings, stop_last_trials=self._stop_last_trials)
 
     scheduler = SynchronousHalving(time_attr="training_iteration", max_t=max_iterations, reduction_factor=reduction_factor)
     scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep
+    scheduler._get_r0 = lambda s: 1  # never "too small": its first rung is one iteration
     return scheduler
 
 

@@ -143,9 +143,42 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
 
 
-@pytest.mark.parametrize("iterations, factor, first_rung", [(4, 2, 1), (8, 2, 1), (8, 3, 2), (8, 4, 2), (20, 3, 2)])
-def test_synchronous_halving_starts_at_a_whole_iteration(iterations, factor, first_rung):
+@pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [
+    (4, 2, [1, 2, 4], [16, 8, 4]),
+    (8, 2, [1, 2, 4, 8], [16, 8, 4, 2]),
+    (8, 3, [1, 3, 8], [16, 6, 2]),
+    (8, 4, [1, 4, 8], [16, 4, 1]),
+    (20, 3, [1, 3, 9, 20], [16, 6, 2, 1]),
+    (1, 2, [1], [16]),
+])
+def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(iterations, factor, rungs, trials_at_rungs):
     from sweep.runner import synchronous_halving
 
     bracket = synchronous_halving(16, iterations, factor)._create_bracket(0)
-    assert bracket._r0 == first_rung and bracket._n0 == 16 and bracket._halves >= 1
+    seen_rungs, seen_trials = [bracket._cumul_r], [bracket._n]
+    while bracket._halves:
+        bracket.successive_halving("test_loss", -1.0)
+        seen_rungs.append(bracket._cumul_r)
+        seen_trials.append(bracket._n)
+    assert (seen_rungs, seen_trials) == (rungs, trials_at_rungs)
+
+
+def test_random_search_draws_are_seeded_by_the_seed_key(tmp_path):
+    from ray import tune
+
+    from sweep.runner import LaunchConfig, make_search, plan_sweep
+
+    tune.register_trainable("draws", lambda config: None)
+
+    def draws(seed: int) -> list[tuple[int, float]]:
+        plan = plan_sweep(LaunchConfig(dataset="imdb", grid=("lr=loguniform:1e-4:1e-2", "heads=2,4", f"seed={seed}"), search="random",
+                                       num_samples=3, storage=str(tmp_path)))
+        search, space = make_search(plan)
+        search.add_configurations({"sweep": {"run": "draws", "config": space, "num_samples": 3}})
+        trials = iter(search.next_trial, None)
+        return [(trial.config["heads"], trial.config["lr"]) for trial in trials]
+
+    first = draws(0)
+    assert len(first) == 6 and sorted(heads for heads, _ in first) == [2, 2, 2, 4, 4, 4]  # 3 draws per grid point
+    assert draws(0) == first  # a sweep launched again samples the same points
+    assert draws(1) != first
