@@ -182,8 +182,8 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--scheduler", default=None, type=click.Choice(list(SCHEDULERS)),
               help="; ".join(f"{name}: {text}" for name, text in SCHEDULERS.items()) + " [default: asha, or the preset's choice].")
 @click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
-@click.option("--grace-tokens", default=None, type=int, help="ASHA compares no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
-@click.option("--grace-period", default=1, show_default=True, help="ASHA: iterations before a trial may stop.")
+@click.option("--grace-tokens", default=None, type=int, help="asha and halving compare no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
+@click.option("--grace-period", default=1, show_default=True, help="asha and halving: iterations before a trial may stop (the first rung).")
 @click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")

@@ -21,4 +21,7 @@ SCHEDULERS = {
     "fifo": "no early stopping: every trial trains to its end",
 }
 
-__all__ = ["FINAL_FAILURES", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]
+# Schedulers whose first rung --grace-tokens (or a preset's) can set: HyperBand's brackets set their own.
+GRACE_TOKEN_SCHEDULERS = ("asha", "halving")
+
+__all__ = ["FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from model.config import ConfigError
 from model.data import check_data, prepare_data
 
-from .names import REPORTED_METRICS, SCHEDULERS, SWEEP_FILE, metric_mode
+from .names import GRACE_TOKEN_SCHEDULERS, REPORTED_METRICS, SCHEDULERS, SWEEP_FILE, metric_mode
 from .space import (
     PRESETS,
     Distribution,
@@ -196,7 +196,7 @@ class Plan:
             "name": self.name, "launch": asdict(self.launch), "axes": self.axes, "fixed": self.fixed,
             "space": {key: d.text for key, d in self.distributions.items()}, "search": self.launch.search,
             "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
-            "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler == "asha" else None,
+            "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler in GRACE_TOKEN_SCHEDULERS else None,
             "trials": self.trial_count, "max_iterations": self.launch.max_iterations,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -245,9 +245,9 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
             f"--scheduler {plan.scheduler} compares every trial at each rung, so all must exist from the start: "
             "limit trials at once with --cpus-per-trial instead of --max-concurrent, and search with grid or random"
         )
-    if plan.scheduler in ("halving", "hyperband") and launch.grace_tokens is not None:
-        raise ConfigError(f"--grace-tokens applies to --scheduler asha; {plan.scheduler}'s rungs are set by --reduction-factor")
-    if plan.scheduler == "asha" and plan.grace_tokens is not None:
+    if plan.scheduler not in GRACE_TOKEN_SCHEDULERS and launch.grace_tokens is not None:
+        raise ConfigError(f"--grace-tokens applies to --scheduler asha or halving; {plan.scheduler}'s rungs are set by --reduction-factor")
+    if plan.scheduler in GRACE_TOKEN_SCHEDULERS and plan.grace_tokens is not None:
         if plan.grace_tokens >= plan.max_tokens_seen:
             raise ConfigError(f"--grace-tokens {plan.grace_tokens:,} is not below the {plan.max_tokens_seen:,} tokens a trial trains; lower it")
     elif plan.early_stopping and launch.grace_period > plan.iterations:
@@ -458,19 +458,22 @@ def tpe_sampler(plan: Plan):
 
 
 def make_scheduler(plan: Plan):
-    """ASHA (asynchronous), HyperBand (synchronous, pausing trials at its rungs) or FIFO (every trial to its end).
+    """ASHA (asynchronous), synchronous halving or HyperBand (pausing trials at their rungs) or FIFO (every trial to its end).
 
-    With grace tokens, ASHA compares trials on tokens_seen: none before the grace
-    tokens, then at rungs of grace x reduction factor^k tokens, so trials are
+    With grace tokens, ASHA and halving compare trials on tokens_seen: none before the
+    grace tokens, then at rungs of grace x reduction factor^k tokens, so trials are
     judged at equal training, after a phase change the grace period leaves room for.
+    Without, their first rung is --grace-period iterations.
     """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     launch = plan.launch
+    if plan.scheduler == "halving" and plan.grace_tokens is not None:
+        return synchronous_halving(plan.trial_count, plan.max_tokens_seen, launch.reduction_factor, plan.grace_tokens, "tokens_seen")
     if plan.scheduler == "halving":
-        return synchronous_halving(plan.trial_count, plan.iterations, launch.reduction_factor)
+        return synchronous_halving(plan.trial_count, plan.iterations, launch.reduction_factor, launch.grace_period)
     if plan.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
+        return hyperband_saving_stopped_trials()(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
     if plan.scheduler == "fifo":
         return FIFOScheduler()
     if plan.grace_tokens is not None:
@@ -480,31 +483,52 @@ def make_scheduler(plan: Plan):
                          reduction_factor=launch.reduction_factor)
 
 
-def synchronous_halving(trials: int, max_iterations: int, reduction_factor: int):
-    """Synchronous successive halving (Jamieson & Talwalkar 2016), built on Tune's HyperBandScheduler:
-    one bracket holding every trial of the sweep, with rungs at 1, rf, rf^2, ... iterations, the last
-    one at max_iterations.
+def hyperband_saving_stopped_trials():
+    """Tune's HyperBandScheduler, except that a paused trial it stops at a rung is saved as TERMINATED.
 
-    Every trial trains 1 iteration and pauses (its checkpoint is kept); when all have, the best
-    ceil(n / rf) resume and train to rf iterations, and so on up to max_iterations. Tune's HyperBand
+    Tune stops such a trial (it has no actor) without marking its state to be written again, so the
+    experiment state in storage kept it PAUSED: `sweep status` showed it paused and `sweep resume`
+    would have trained it on.
+    """
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import HyperBandScheduler
+
+    class HyperBand(HyperBandScheduler):
+        def _process_bracket(self, tune_controller, bracket):
+            paused = [trial for trial in bracket.current_trials() if trial.status == Trial.PAUSED]
+            action = super()._process_bracket(tune_controller, bracket)
+            for trial in paused:
+                if trial.status == Trial.TERMINATED:
+                    tune_controller._mark_trial_to_checkpoint(trial)
+            return action
+
+    return HyperBand
+
+
+def synchronous_halving(trials: int, max_t: int, reduction_factor: int, first_rung: int = 1, time_attr: str = "training_iteration"):
+    """Synchronous successive halving (Jamieson & Talwalkar 2016), built on Tune's HyperBandScheduler:
+    one bracket holding every trial of the sweep, with rungs at first_rung x rf^k (iterations, or
+    tokens_seen), the last one at max_t.
+
+    Every trial trains to the first rung and pauses (its checkpoint is kept); when all have, the
+    best ceil(n / rf) resume and train to the next rung, and so on up to max_t. Tune's HyperBand
     would first fill its most cautious brackets, which train their trials to the end, and its own
     first rung, max_t / rf^s, rounds down to 0 or up past 1 unless max_t is a power of rf.
     """
-    from ray.tune.schedulers import HyperBandScheduler
     from ray.tune.schedulers.hyperband import _Bracket
 
-    halvings = 0  # rungs after the first: the smallest count with rf^halvings >= max_iterations
-    while reduction_factor**halvings < max_iterations:
+    halvings = 0  # rungs after the first: the smallest count with first_rung x rf^halvings >= max_t
+    while first_rung * reduction_factor**halvings < max_t:
         halvings += 1
 
-    class SynchronousHalving(HyperBandScheduler):
+    class SynchronousHalving(hyperband_saving_stopped_trials()):
         def _create_bracket(self, s):
-            return _Bracket(time_attr=self._time_attr, max_trials=trials, init_t_attr=1, max_t_attr=max_iterations,
+            return _Bracket(time_attr=self._time_attr, max_trials=trials, init_t_attr=first_rung, max_t_attr=max_t,
                             eta=reduction_factor, s=halvings, stop_last_trials=self._stop_last_trials)
 
-    scheduler = SynchronousHalving(time_attr="training_iteration", max_t=max_iterations, reduction_factor=reduction_factor)
+    scheduler = SynchronousHalving(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
     scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep
-    scheduler._get_r0 = lambda s: 1  # never "too small": its first rung is one iteration
+    scheduler._get_r0 = lambda s: first_rung  # never "too small"
     return scheduler
 
 

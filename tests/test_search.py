@@ -37,7 +37,8 @@ def reviews(tmp_path) -> Path:
     ("batch_size=randint:0:4", ["--search", "random"], "--grid batch_size=0 must be positive"),
     ("lr=1e-3", ["--scheduler", "hyperband", "--no-early-stopping"], "contradicts --no-early-stopping"),
     ("lr=1e-3", ["--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
-    ("lr=1e-3", ["--scheduler", "halving", "--grace-tokens", "1000"], "--grace-tokens applies to --scheduler asha"),
+    ("lr=1e-3", ["--scheduler", "hyperband", "--grace-tokens", "1000"], "--grace-tokens applies to --scheduler asha or halving"),
+    ("lr=1e-3", ["--scheduler", "halving", "--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
     ("lr=1e-3", ["--scheduler", "halving", "--max-concurrent", "2"], "all must exist from the start"),
 ])
 def test_bad_ranges_and_schedules_are_one_line(grid, extra, message, tmp_path, data_mirror):
@@ -100,6 +101,13 @@ def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
     assert state, "Tune keeps the searcher's state beside the experiment for resume"
 
 
+def trial_statuses(storage: Path, name: str) -> list[str]:
+    from sweep.results import load_experiment
+    from sweep.storage import open_storage
+
+    return sorted(trial.status for trial in load_experiment(open_storage(str(storage)), name).trials)
+
+
 @pytest.mark.usefixtures("no_stray_ray")
 def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeating_tokens(reviews, tmp_path):
     sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-3,3e-4,1e-6", "--grid", "heads=2", "--scheduler", "halving",
@@ -116,6 +124,22 @@ def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeati
     assert sorted(len(lines) for lines in results.values()) == [1, 1, 2, 4]
     best = max(results.values(), key=len)
     assert best[0]["config"]["lr"] != 1e-6
+    assert trial_statuses(tmp_path / "results", "hb") == ["STOPPED_EARLY", "STOPPED_EARLY", "STOPPED_EARLY", "TERMINATED"]
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_synchronous_halving_with_grace_tokens_compares_no_trial_before_them(reviews, tmp_path):
+    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-3,3e-4,1e-6", "--grid", "heads=2", "--scheduler", "halving",
+          "--reduction-factor", "2", "--grace-tokens", "4096", "--cpus-per-trial", "1", "--storage", tmp_path / "results", "--name", "hbg")
+    results = trial_results(tmp_path / "results", "hbg")
+    # rungs at 4096 and 8192 tokens (2 and 4 iterations of 2048): all train to 4096, the best 2 go on to the end;
+    # without grace tokens the same grid stops two trials after 1 iteration (the test above)
+    assert sorted(lines[-1]["tokens_seen"] for lines in results.values()) == [4096, 4096, 8192, 8192]
+    assert all(line["tokens_seen"] == 2048 * (i + 1) for lines in results.values() for i, line in enumerate(lines))
+    finished = [lines for lines in results.values() if lines[-1]["tokens_seen"] == 8192]
+    assert all(lines[0]["config"]["lr"] != 1e-6 for lines in finished)
+    # a trial stopped while paused at a rung is saved as stopped, not left paused for `sweep resume` to train on
+    assert trial_statuses(tmp_path / "results", "hbg") == ["STOPPED_EARLY", "STOPPED_EARLY", "TERMINATED", "TERMINATED"]
 
 
 @pytest.mark.usefixtures("no_stray_ray")
@@ -129,17 +153,18 @@ def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_stray_ray")
-def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(tmp_path):
-    """ASHA on test_loss, but nothing compared before 6M tokens: by then the 2-layer model's induction
-    heads have formed (3-4M) and its loss has left the 1-layer one's behind. Without grace tokens ASHA
-    stopped the 2-layer trial after its first iteration, before the phase change."""
-    sweep("launch", "--preset", "induction", "--early-stopping", "--storage", tmp_path / "results", "--name", "ind", timeout=900)
+@pytest.mark.parametrize("scheduler", ["asha", "halving"])
+def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(tmp_path, scheduler):
+    """Early stopping on test_loss, but nothing compared before the preset's 6M grace tokens: by then the
+    2-layer model's induction heads have formed (3-4M) and its loss has left the 1-layer one's behind.
+    Without grace tokens ASHA stopped the 2-layer trial after its first iteration, before the phase change."""
+    sweep("launch", "--preset", "induction", "--scheduler", scheduler, "--storage", tmp_path / "results", "--name", "ind", timeout=900)
     results = trial_results(tmp_path / "results", "ind")
     by_layers = {lines[0]["config"]["layers"]: lines for lines in results.values()}
     assert len(by_layers[2]) == 12 and by_layers[2][-1]["induction_formed_at"] is not None
     assert by_layers[2][-1]["induction_score_max"] > 0.4
-    # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on; whatever
-    # happens to it, nothing is stopped before the grace tokens
+    # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on. Halving
+    # waits for both at 6M and keeps the better. Either way nothing is stopped before the grace tokens.
     assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
 
 
@@ -182,3 +207,12 @@ def test_random_search_draws_are_seeded_by_the_seed_key(tmp_path):
     assert len(first) == 6 and sorted(heads for heads, _ in first) == [2, 2, 2, 4, 4, 4]  # 3 draws per grid point
     assert draws(0) == first  # a sweep launched again samples the same points
     assert draws(1) != first
+
+
+def test_synchronous_halving_on_tokens_starts_at_the_grace_tokens():
+    from sweep.runner import synchronous_halving
+
+    bracket = synchronous_halving(4, 12_000_000, 2, first_rung=6_000_000, time_attr="tokens_seen")._create_bracket(0)
+    assert (bracket._time_attr, bracket._cumul_r, bracket._n, bracket._halves) == ("tokens_seen", 6_000_000, 4, 1)
+    bracket.successive_halving("test_loss", -1.0)
+    assert (bracket._cumul_r, bracket._n) == (12_000_000, 2)
