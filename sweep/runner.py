@@ -532,6 +532,14 @@ def synchronous_halving(trials: int, max_t: int, reduction_factor: int, first_ru
     return scheduler
 
 
+def grace_tokens_unused(plan: Plan) -> str | None:
+    """A line for a preset's grace tokens that the chosen scheduler cannot use (an explicit --grace-tokens is refused)."""
+    if plan.grace_tokens is None or plan.scheduler in GRACE_TOKEN_SCHEDULERS or plan.scheduler == "fifo":
+        return None
+    return (f"note: the {plan.launch.preset} preset's {plan.grace_tokens:,} grace tokens do not apply to --scheduler {plan.scheduler} "
+            f"(its brackets set their own rungs, and may compare trials before a phase change); asha and halving use them")
+
+
 def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
     """Preflight, start Ray, check the cluster, prepare data once, then run every trial to the end."""
     preflight(plan)
@@ -541,6 +549,8 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
         f"experiment {plan.name}: {plan.trial_count} trials ({plan.launch.search} search, {plan.scheduler}), up to {plan.iterations} "
         f"iterations each, storage {plan.storage.uri}"
     )
+    if note := grace_tokens_unused(plan):
+        log_line(note)
     datasets = prepare_datasets(plan.trials, log_line)
     from .trainable import FinalFailureCallback
 

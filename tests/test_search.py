@@ -216,3 +216,13 @@ def test_synchronous_halving_on_tokens_starts_at_the_grace_tokens():
     assert (bracket._time_attr, bracket._cumul_r, bracket._n, bracket._halves) == ("tokens_seen", 6_000_000, 4, 1)
     bracket.successive_halving("test_loss", -1.0)
     assert (bracket._cumul_r, bracket._n) == (12_000_000, 2)
+
+
+def test_a_preset_s_grace_tokens_unused_by_hyperband_are_said(tmp_path):
+    from sweep.runner import grace_tokens_unused
+
+    def note(scheduler: str) -> str | None:
+        return grace_tokens_unused(plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler=scheduler, storage=str(tmp_path))))
+
+    assert "6,000,000 grace tokens do not apply to --scheduler hyperband" in note("hyperband")
+    assert note("asha") is None and note("halving") is None and note("fifo") is None
