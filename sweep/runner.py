@@ -172,6 +172,19 @@ class Plan:
         return math.prod(len(v) for v in self.axes.values()) * self.launch.num_samples
 
     @property
+    def halving_time_attr(self) -> str:
+        """What halving's rungs count: tokens_seen from the grace tokens, else iterations."""
+        return "tokens_seen" if self.grace_tokens is not None else "training_iteration"
+
+    @property
+    def halving_rungs(self) -> list[tuple[int, int]]:
+        """Synchronous halving's rungs, (where, trials that train to it), from --grace-tokens or --grace-period."""
+        if self.grace_tokens is not None:
+            iteration_tokens = min(trial_schedule(t).steps_per_iteration * trial_schedule(t).tokens_per_step for t in self.trials)
+            return halving_rungs(self.trial_count, self.grace_tokens, self.max_tokens_seen, self.launch.reduction_factor, iteration_tokens)
+        return halving_rungs(self.trial_count, self.launch.grace_period, self.iterations, self.launch.reduction_factor)
+
+    @property
     def optuna_concurrency(self) -> int:
         """Optuna trials at once: TPE learns only from finished trials, so a few at a time."""
         return self.launch.max_concurrent or 4
@@ -468,10 +481,8 @@ def make_scheduler(plan: Plan):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     launch = plan.launch
-    if plan.scheduler == "halving" and plan.grace_tokens is not None:
-        return synchronous_halving(plan.trial_count, plan.max_tokens_seen, launch.reduction_factor, plan.grace_tokens, "tokens_seen")
     if plan.scheduler == "halving":
-        return synchronous_halving(plan.trial_count, plan.iterations, launch.reduction_factor, launch.grace_period)
+        return synchronous_halving(plan.trial_count, plan.halving_rungs, launch.reduction_factor, plan.halving_time_attr)
     if plan.scheduler == "hyperband":
         return hyperband_saving_stopped_trials()(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
     if plan.scheduler == "fifo":
@@ -505,26 +516,35 @@ def hyperband_saving_stopped_trials():
     return HyperBand
 
 
-def synchronous_halving(trials: int, max_t: int, reduction_factor: int, first_rung: int = 1, time_attr: str = "training_iteration"):
+def halving_rungs(trials: int, first_rung: int, max_t: int, reduction_factor: int, step: int = 1) -> list[tuple[int, int]]:
+    """Synchronous halving's rungs as (where, trials that train to it): first_rung x rf^k, the last one at
+    max_t, keeping ceil(n / rf) trials at each, as Tune's HyperBand bracket does. A rung less than one
+    step (an iteration's tokens) before max_t becomes max_t: it would compare the same results."""
+    rungs = [(first_rung, trials)]
+    while rungs[-1][0] < max_t:
+        at, count = rungs[-1]
+        following = at * reduction_factor if max_t - at * reduction_factor >= step else max_t
+        rungs.append((following, math.ceil(count / reduction_factor)))
+    return rungs
+
+
+def synchronous_halving(trials: int, rungs: list[tuple[int, int]], reduction_factor: int, time_attr: str = "training_iteration"):
     """Synchronous successive halving (Jamieson & Talwalkar 2016), built on Tune's HyperBandScheduler:
-    one bracket holding every trial of the sweep, with rungs at first_rung x rf^k (iterations, or
-    tokens_seen), the last one at max_t.
+    one bracket holding every trial of the sweep, with the given rungs (iterations, or tokens_seen).
 
     Every trial trains to the first rung and pauses (its checkpoint is kept); when all have, the
-    best ceil(n / rf) resume and train to the next rung, and so on up to max_t. Tune's HyperBand
+    best ceil(n / rf) resume and train to the next rung, and so on up to the last. Tune's HyperBand
     would first fill its most cautious brackets, which train their trials to the end, and its own
     first rung, max_t / rf^s, rounds down to 0 or up past 1 unless max_t is a power of rf.
     """
     from ray.tune.schedulers.hyperband import _Bracket
 
-    halvings = 0  # rungs after the first: the smallest count with first_rung x rf^halvings >= max_t
-    while first_rung * reduction_factor**halvings < max_t:
-        halvings += 1
+    first_rung, max_t = rungs[0][0], rungs[-1][0]
 
     class SynchronousHalving(hyperband_saving_stopped_trials()):
         def _create_bracket(self, s):
             return _Bracket(time_attr=self._time_attr, max_trials=trials, init_t_attr=first_rung, max_t_attr=max_t,
-                            eta=reduction_factor, s=halvings, stop_last_trials=self._stop_last_trials)
+                            eta=reduction_factor, s=len(rungs) - 1, stop_last_trials=self._stop_last_trials)
 
     scheduler = SynchronousHalving(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
     scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep
@@ -549,6 +569,10 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
         f"experiment {plan.name}: {plan.trial_count} trials ({plan.launch.search} search, {plan.scheduler}), up to {plan.iterations} "
         f"iterations each, storage {plan.storage.uri}"
     )
+    if plan.scheduler == "halving":
+        unit = "tokens" if plan.halving_time_attr == "tokens_seen" else "iterations"
+        log_line(f"halving: rungs at {', '.join(f'{at:,}' for at, _ in plan.halving_rungs)} {unit}, "
+                 f"reached by {', '.join(str(count) for _, count in plan.halving_rungs)} trials")
     if note := grace_tokens_unused(plan):
         log_line(note)
     datasets = prepare_datasets(plan.trials, log_line)

@@ -177,42 +177,27 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     (1, 2, [1], [16]),
 ])
 def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(iterations, factor, rungs, trials_at_rungs):
-    from sweep.runner import synchronous_halving
+    from sweep.runner import halving_rungs, synchronous_halving
 
-    bracket = synchronous_halving(16, iterations, factor)._create_bracket(0)
-    seen_rungs, seen_trials = [bracket._cumul_r], [bracket._n]
+    planned = halving_rungs(16, 1, iterations, factor)
+    assert planned == list(zip(rungs, trials_at_rungs))
+    # Tune's bracket, driven rung by rung, does what was planned (and what the launch line says)
+    bracket = synchronous_halving(16, planned, factor)._create_bracket(0)
+    seen = [(bracket._cumul_r, bracket._n)]
     while bracket._halves:
         bracket.successive_halving("test_loss", -1.0)
-        seen_rungs.append(bracket._cumul_r)
-        seen_trials.append(bracket._n)
-    assert (seen_rungs, seen_trials) == (rungs, trials_at_rungs)
-
-
-def test_random_search_draws_are_seeded_by_the_seed_key(tmp_path):
-    from ray import tune
-
-    from sweep.runner import LaunchConfig, make_search, plan_sweep
-
-    tune.register_trainable("draws", lambda config: None)
-
-    def draws(seed: int) -> list[tuple[int, float]]:
-        plan = plan_sweep(LaunchConfig(dataset="imdb", grid=("lr=loguniform:1e-4:1e-2", "heads=2,4", f"seed={seed}"), search="random",
-                                       num_samples=3, storage=str(tmp_path)))
-        search, space = make_search(plan)
-        search.add_configurations({"sweep": {"run": "draws", "config": space, "num_samples": 3}})
-        trials = iter(search.next_trial, None)
-        return [(trial.config["heads"], trial.config["lr"]) for trial in trials]
-
-    first = draws(0)
-    assert len(first) == 6 and sorted(heads for heads, _ in first) == [2, 2, 2, 4, 4, 4]  # 3 draws per grid point
-    assert draws(0) == first  # a sweep launched again samples the same points
-    assert draws(1) != first
+        seen.append((bracket._cumul_r, bracket._n))
+    assert seen == planned
 
 
 def test_synchronous_halving_on_tokens_starts_at_the_grace_tokens():
     from sweep.runner import synchronous_halving
 
-    bracket = synchronous_halving(4, 12_000_000, 2, first_rung=6_000_000, time_attr="tokens_seen")._create_bracket(0)
+    plan = plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler="halving", storage="unused"))
+    # the end is whole steps past 12M tokens; a rung at 12M, one step before it, would compare the same results
+    assert plan.max_tokens_seen == 12_001_280
+    assert (plan.halving_time_attr, plan.halving_rungs) == ("tokens_seen", [(6_000_000, 2), (12_001_280, 1)])
+    bracket = synchronous_halving(4, [(6_000_000, 4), (12_000_000, 2)], 2, "tokens_seen")._create_bracket(0)
     assert (bracket._time_attr, bracket._cumul_r, bracket._n, bracket._halves) == ("tokens_seen", 6_000_000, 4, 1)
     bracket.successive_halving("test_loss", -1.0)
     assert (bracket._cumul_r, bracket._n) == (12_000_000, 2)
