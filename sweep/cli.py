@@ -184,7 +184,7 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
 @click.option("--grace-tokens", default=None, type=int, help="asha and halving compare no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
 @click.option("--grace-period", default=1, show_default=True, help="asha and halving: iterations before a trial may stop (the first rung).")
-@click.option("--reduction-factor", default=2, show_default=True, help="ASHA: keep 1/N at each rung.")
+@click.option("--reduction-factor", default=2, show_default=True, help="asha, halving and hyperband: keep 1/N at each rung.")
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
 @click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').")
