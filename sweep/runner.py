@@ -495,7 +495,8 @@ def make_scheduler(plan: Plan):
 
 
 def hyperband_saving_stopped_trials():
-    """Tune's HyperBandScheduler, except that a paused trial it stops at a rung is saved as TERMINATED.
+    """Tune's HyperBandScheduler, except that a paused trial it stops at a rung is saved as TERMINATED,
+    and that a resumed sweep's finished trials stay out of its brackets.
 
     Tune stops such a trial (it has no actor) without marking its state to be written again, so the
     experiment state in storage kept it PAUSED: `sweep status` showed it paused and `sweep resume`
@@ -505,6 +506,12 @@ def hyperband_saving_stopped_trials():
     from ray.tune.schedulers import HyperBandScheduler
 
     class HyperBand(HyperBandScheduler):
+        def on_trial_add(self, tune_controller, trial):
+            # `sweep resume` adds the finished trials too; in a bracket they would count as live trials that
+            # never reach its rung, and it would wait for them forever
+            if trial.status != Trial.TERMINATED:
+                super().on_trial_add(tune_controller, trial)
+
         def _process_bracket(self, tune_controller, bracket):
             paused = [trial for trial in bracket.current_trials() if trial.status == Trial.PAUSED]
             action = super()._process_bracket(tune_controller, bracket)
@@ -545,6 +552,15 @@ def synchronous_halving(trials: int, rungs: list[tuple[int, int]], reduction_fac
         def _create_bracket(self, s):
             return _Bracket(time_attr=self._time_attr, max_trials=trials, init_t_attr=first_rung, max_t_attr=max_t,
                             eta=reduction_factor, s=len(rungs) - 1, stop_last_trials=self._stop_last_trials)
+
+        def _process_bracket(self, tune_controller, bracket):
+            # `sweep resume` gives a fresh bracket only the unfinished trials, the survivors of earlier
+            # rungs, already past its first rungs: halve again until the next rung is ahead of them.
+            # Otherwise every trial would pause at a rung already behind it, and the sweep would wait forever.
+            action = super()._process_bracket(tune_controller, bracket)
+            while action == self.PAUSE and bracket.current_trials() and bracket.cur_iter_done() and not bracket.finished():
+                action = super()._process_bracket(tune_controller, bracket)
+            return action
 
     scheduler = SynchronousHalving(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
     scheduler._get_n0 = lambda s: trials  # one bracket for the whole sweep

@@ -2,17 +2,20 @@
 that leaves room for a phase change."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_sweeps import TINY, sweep, trial_results
+from test_sweeps import TINY, _wait_for, sweep, trial_results
 
 from sweep.cli import main
 from sweep.runner import LaunchConfig, make_scheduler, plan_sweep
 
-from conftest import write_reviews
+from conftest import run_env, write_reviews
 
 
 @pytest.fixture
@@ -140,6 +143,28 @@ def test_synchronous_halving_with_grace_tokens_compares_no_trial_before_them(rev
     assert all(lines[0]["config"]["lr"] != 1e-6 for lines in finished)
     # a trial stopped while paused at a rung is saved as stopped, not left paused for `sweep resume` to train on
     assert trial_statuses(tmp_path / "results", "hbg") == ["STOPPED_EARLY", "STOPPED_EARLY", "TERMINATED", "TERMINATED"]
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_already_passed(reviews, tmp_path):
+    """Resume gives the scheduler a fresh bracket holding the finished trials and the survivor, which is
+    past several rungs already: it used to wait forever, for finished trials and for a rung behind it."""
+    storage = tmp_path / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=65536", "--grid", "lr=3e-3,1e-3,3e-4,1e-6",
+         "--grid", "heads=2", "--scheduler", "halving", "--cpus-per-trial", "1", "--storage", str(storage), "--name", "hbr"],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:  # killed once the last survivor is past the rungs at 1, 2 and 4 iterations
+        _wait_for(lambda: list(storage.glob("hbr/trial_*/checkpoint_000005/heads.json")), process, 180)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    sweep("resume", "hbr", "--storage", storage, timeout=300)
+    assert trial_statuses(storage, "hbr") == ["STOPPED_EARLY", "STOPPED_EARLY", "STOPPED_EARLY", "TERMINATED"]
+    survivor = max(trial_results(storage, "hbr").values(), key=len)
+    assert survivor[-1]["training_iteration"] == 32 and survivor[-1]["tokens_seen"] == 65536
 
 
 @pytest.mark.usefixtures("no_stray_ray")
