@@ -436,6 +436,10 @@ def heads(source, trial, storage, history, tokens, only_head, matters_threshold,
         output.print("ablate: rise in loss (nats) when the head's output is replaced by its mean", highlight=False)
 
 
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+
+
 def _is_head(text: str) -> bool:
     layer, dot, head = text.partition(".")
     return bool(dot) and layer.isdigit() and head.isdigit()
@@ -451,12 +455,12 @@ def _print_history(title: str, rows: list[dict], only_head: str | None, as_json:
         return
     scores = list(next(iter(rows[0]["heads"].values())))
     table = Table(title=f"head history of {title}")
-    for column in ("iter", "tokens_seen", "head", *scores):
+    for column in ("iter", "tokens_seen", "test_loss", "icl", "head", *scores):
         table.add_column(column, justify="right")
     for row in rows:
+        run_columns = [str(row["iteration"]), f"{row['tokens_seen']:,}", _number(row.get("test_loss")), _number(row.get("icl_score"))]
         for index, (head, values) in enumerate(row["heads"].items()):
-            first = index == 0
-            table.add_row(str(row["iteration"]) if first else "", f"{row['tokens_seen']:,}" if first else "", head, *(f"{values[s]:.2f}" for s in scores))
+            table.add_row(*(run_columns if index == 0 else [""] * len(run_columns)), head, *(f"{values[s]:.2f}" for s in scores))
     output.print(table)
 
 
@@ -571,14 +575,11 @@ def atlas(name, storage, as_json, csv_path):
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
         table.add_column(column, justify="right")
 
-    def number(value, digits=3):
-        return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
-
     for row in result.rows:
         table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), row.status.lower().replace("_", " "),
-                      number(row.values["test_loss"]), number(row.values["icl_score"]), *(number(row.values[f"{s}_max"], 2) for s in scores),
+                      _number(row.values["test_loss"]), _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"], 2) for s in scores),
                       str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
-                      number(row.induction_formed_at))
+                      _number(row.induction_formed_at))
     output.print(table)
     for axis in result.axes:
         score, spread = result.strongest(axis)
@@ -588,7 +589,7 @@ def atlas(name, storage, as_json, csv_path):
         for entry in result.groups[axis]:
             cells = [f"{entry[f'{s}_max']['mean']:.2f}/{entry[f'{s}_max']['max']:.2f}" if entry[f"{s}_max"]["mean"] is not None else "-" for s in scores]
             group_table.add_row(str(entry["value"]), str(entry["trials"]), *cells, f"{entry['induction_heads']['mean']:.1f}",
-                                number(entry["test_loss"]["mean"]))
+                                _number(entry["test_loss"]["mean"]))
         output.print(group_table)
     for pair, entries in list(result.pairs.items())[:3]:
         first, second = pair.split(" x ")
@@ -597,7 +598,7 @@ def atlas(name, storage, as_json, csv_path):
             pair_table.add_column(column, justify="right")
         for entry in entries:
             pair_table.add_row(str(entry[first]), str(entry[second]), str(entry["trials"]),
-                               *(number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
+                               *(_number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
         output.print(pair_table)
 
 

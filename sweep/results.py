@@ -381,8 +381,9 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
 
     SOURCE is a `sweep train` run folder (or its checkpoint/), read from its
     metrics.jsonl, or an experiment name (default: the newest) whose trial's
-    result.json holds the history. Each row: iteration, tokens_seen, heads
-    ("layer.head" -> scores).
+    result.json holds the history. Each row: iteration, tokens_seen, test_loss,
+    icl_score (read beside the scores: a phase change moves all of them at once),
+    heads ("layer.head" -> scores).
     """
     from model.metrics import HEAD_HISTORY_KEY
 
@@ -397,10 +398,16 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
         experiment = load_experiment(storage, source)
         record = choose_trial(experiment, trial)
         lines, title = trial_history(storage, record), f"{experiment.name} trial {record.trial_id}"
-    rows = [
-        {"iteration": line.get("training_iteration", line.get("iteration")), "tokens_seen": line.get("tokens_seen"), "heads": line[HEAD_HISTORY_KEY]}
+    # A trial restored from an older checkpoint reports the iterations after it again: the later report
+    # is the one its training went on from, so each iteration keeps its last row.
+    by_iteration = {
+        line.get("training_iteration", line.get("iteration")): {
+            "iteration": line.get("training_iteration", line.get("iteration")), "tokens_seen": line.get("tokens_seen"),
+            "test_loss": line.get("test_loss"), "icl_score": line.get("icl_score"), "heads": line[HEAD_HISTORY_KEY],
+        }
         for line in lines if isinstance(line.get(HEAD_HISTORY_KEY), dict)
-    ]
+    }
+    rows = [by_iteration[iteration] for iteration in sorted(by_iteration)]
     if not rows:
         raise ConfigError(f"{title} has no head history: it was trained by a version that kept none")
     return title, rows

@@ -104,6 +104,7 @@ def test_history_and_token_tables_of_a_run(reviews_file, tmp_path):
     history = json.loads(invoke("heads", out, "--history", "--json").output)
     iterations = len((out / "metrics.jsonl").read_text().splitlines())
     assert len(history["history"]) == iterations and all(row["tokens_seen"] for row in history["history"])
+    assert all(isinstance(row["icl_score"], float) and row["test_loss"] > 0 for row in history["history"])
     assert set(history["history"][0]["heads"]["0.0"]) >= {"previous_token", "induction", "copying"}
     assert "head history of" in invoke("heads", out, "--history").output
     circuits = json.loads(invoke("heads", out / "checkpoint", "--tokens", "--head", "0.1", "--json").output)

@@ -72,8 +72,15 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     assert final["induction_formed_at"] is not None and final["induction_formed_at"] < PRESET["max_tokens"], final
     history = json.loads(CliRunner().invoke(main, ["heads", str(tmp_path / "two"), "--history", "--head", f"1.{best}", "--json"]).output)
     series = [row["heads"][f"1.{best}"]["induction"] for row in history["history"]]
-    print("induction score of head 1.%d over training:" % best, series)
+    icl = [row["icl_score"] for row in history["history"]]
+    print("induction score of head 1.%d over training:" % best, series, "icl_score:", icl)
     assert series[0] < 0.2 and series[-1] > 0.4
+    # The in-context-learning score falls with the phase change: its steepest drop comes at the
+    # iteration of the induction score's steepest rise (or next to it), and the model ends using its context.
+    rise = max(range(1, len(series)), key=lambda i: series[i] - series[i - 1])
+    fall = min(range(1, len(icl)), key=lambda i: icl[i] - icl[i - 1])
+    assert abs(rise - fall) <= 1, (series, icl)
+    assert icl[-1] < icl[0] - 0.3, icl
 
 
 def test_one_layer_cannot_do_induction(tmp_path):

@@ -191,6 +191,19 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on. Halving
     # waits for both at 6M and keeps the better. Either way nothing is stopped before the grace tokens.
     assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
+    if scheduler == "halving":
+        return
+    # Storage alone, in new processes, answers when the induction heads formed, where, and the phase change.
+    storage = tmp_path / "results"
+    best = json.loads(sweep("best", "ind", "--storage", storage, "--metric", "induction_score_max", "--json").stdout)["trials"][0]
+    assert best["config"]["layers"] == 2 and 1_000_000 <= best["metrics"]["induction_formed_at"] <= 6_000_000
+    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    assert atlas["axes"][0] == "layers"
+    induction_heads = {group["value"]: group["induction_heads"]["mean"] for group in atlas["groups"]["layers"]}
+    assert induction_heads[1] == 0 and induction_heads[2] >= 1
+    history = json.loads(sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--history", "--json").stdout)["history"]
+    formed = next(i for i, row in enumerate(history) if row["tokens_seen"] == best["metrics"]["induction_formed_at"])
+    assert formed >= 1 and history[formed]["icl_score"] < history[formed - 1]["icl_score"] - 0.1, history
 
 
 @pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [

@@ -136,6 +136,14 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
     assert restored, "the trial never restarted"
     # the restarted worker continued from the checkpoint: no gap, nothing trained twice
     assert all(line["tokens_seen"] == 2048 * line["training_iteration"] for line in lines)
+    # every head's history survives the restart and the checkpoints' rotation (2 kept of 20), read from storage alone
+    assert len(list(storage.glob("kill/trial_*/checkpoint_*"))) == 2
+    history = json.loads(sweep("heads", "kill", "--storage", storage, "--history", "--json").stdout)["history"]
+    assert [row["iteration"] for row in history] == list(range(1, 21))
+    assert [row["tokens_seen"] for row in history] == [2048 * i for i in range(1, 21)]
+    assert all(set(row["heads"]) == {"0.0", "0.1"} for row in history)
+    best = json.loads(sweep("best", "kill", "--storage", storage, "--metric", "test_loss", "--json").stdout)["trials"][0]
+    assert {"induction_formed_at", "prev_token_formed_at", "icl_score"} <= set(best["metrics"])
 
 
 def _wait_for(condition, process, timeout):
