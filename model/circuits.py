@@ -6,9 +6,13 @@
 - `token_tables`: the OV circuit W_E W_V W_O W_U of every head, the QK circuit
   of layer-0 heads, 1-layer skip-trigrams and the direct path W_E W_U, all
   restricted to the K most frequent training tokens and computed through the
-  d_head-sized factors: no vocab x vocab matrix is ever formed. LayerNorm gains
-  are folded into the weights; the centring and scaling of LayerNorm are left
-  out, as in the papers' analyses of attention-only models.
+  d_head-sized factors: no vocab x vocab matrix is ever formed. Each token
+  embedding passes through a LayerNorm's centring and scaling as it would alone
+  (no positions), so the tables are in logits and attention scores the model
+  could produce; the gains are folded into the weights that read the norm, and
+  its bias, the same shift for every token, is left out. A head's output meets
+  the final LayerNorm in a residual stream of other content: it is scaled as a
+  token embedding would be there, on average over the frequent tokens.
 - `icl_score`: loss late in the context minus loss early in it (Olsson et al.).
 """
 
@@ -130,6 +134,21 @@ def _gain(norm: torch.nn.Module, width: int) -> torch.Tensor:
     return weight.detach().float() if weight is not None else torch.ones(width)
 
 
+def _normalised(norm: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Rows as a LayerNorm centres and scales them, before its gain (folded into what reads it) and bias."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return F.layer_norm(rows, norm.normalized_shape, eps=norm.eps)
+    return rows
+
+
+def _mean_scale(norm: torch.nn.Module, rows: torch.Tensor) -> float:
+    """The factor a LayerNorm scales these rows by, on average (1 without a norm)."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        centred = rows - rows.mean(dim=1, keepdim=True)
+        return float((centred.pow(2).mean(dim=1) + norm.eps).rsqrt().mean())
+    return 1.0
+
+
 @torch.no_grad()
 def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: torch.Tensor, cfg: TableConfig = TableConfig()) -> dict[str, Any]:
     """The circuits.json document: OV, layer-0 QK, skip-trigram and bigram tables over frequent tokens."""
@@ -137,8 +156,9 @@ def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: 
     k = min(cfg.frequent_tokens, int((frequencies > 0).sum()) or model.cfg.vocab_size)
     ids = frequencies.float().topk(k).indices.to(device)  # most frequent first
     width = model.cfg.d_model
-    W_E = model.embed.weight.detach().float()[ids]  # (K, C): token embeddings only, no positions
+    embeddings = model.embed.weight.detach().float()[ids]  # (K, C): token embeddings only, no positions
     W_U = model.unembed.weight.detach().float()[ids].T * _gain(model.ln_final, width).to(device)[:, None]  # (C, K)
+    W_U_heads = W_U * _mean_scale(model.ln_final, embeddings)  # what a head writes, as the final norm scales it
     names = _Names(decode, ids.tolist())  # decoded on first use: the tables name a few hundred of the K tokens
     rows = min(cfg.rows, k)
 
@@ -152,16 +172,18 @@ def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: 
     document: dict[str, Any] = {
         "frequent_tokens": k,
         "token_ids": ids[:rows].tolist(),
-        "direct_path": table(W_E @ W_U, names, names),  # bigrams: what each token raises as the next one
+        # bigrams: what each token raises as the next one
+        "direct_path": table(_normalised(model.ln_final, embeddings) @ W_U, names, names),
         "heads": [],
     }
     for layer, block in enumerate(model.blocks):
         gain = _gain(block.ln_attn, width).to(device)[:, None]
+        W_E = _normalised(block.ln_attn, embeddings)  # what this layer's attention reads of each token
         attn = block.attn
         W_Q, W_K = attn.W_Q.detach().float() * gain, attn.W_K.detach().float() * gain  # (nh, C, hs)
         W_V, W_O = attn.W_V.detach().float() * gain, attn.W_O.detach().float()
         for head in range(model.cfg.n_heads):
-            ov = (W_E @ W_V[head]) @ (W_O[head] @ W_U)  # (K, hs) @ (hs, K): through the factors
+            ov = (W_E @ W_V[head]) @ (W_O[head] @ W_U_heads)  # (K, hs) @ (hs, K): through the factors
             entry: dict[str, Any] = {"layer": layer, "head": head, "ov": table(ov, names, names)}
             if layer == 0:
                 qk = (W_E @ W_Q[head]) @ (W_E @ W_K[head]).T / math.sqrt(model.cfg.d_head)  # (K queries, K keys)

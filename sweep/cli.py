@@ -491,10 +491,11 @@ def _print_tokens(title: str, document: dict, only_head: str | None, as_json: bo
             show(f"head {name} QK: a query token attends to", head["qk"], "keys")
         if head.get("skip_trigrams"):
             table = Table(title=f"head {name} skip-trigrams: A ... B -> C", title_justify="left")
-            for column in ("A (query)", "B (key)", "C (raised)", "score"):
+            for column in ("A (query)", "B (key)", "C (raised)", "A->B attention", "B->C logit", "score"):
                 table.add_column(column, justify="right")
             for trigram in head["skip_trigrams"][:15]:
-                table.add_row(repr(trigram["a"]), repr(trigram["b"]), repr(trigram["c"]), f"{trigram['score']:.2f}")
+                table.add_row(repr(trigram["a"]), repr(trigram["b"]), repr(trigram["c"]),
+                              *(f"{trigram[part]:+.2f}" for part in ("qk", "ov")), f"{trigram['score']:.2f}")
             output.print(table)
 
 

@@ -437,7 +437,7 @@ def _token_tables(document: dict[str, Any]) -> str:
         )
 
     parts = [f'<p class="note">Read from the weights over the {document["frequent_tokens"]} most frequent training tokens '
-             "(LayerNorm gains folded in). OV: the output tokens a source token raises when attended to. QK (layer 0): the key "
+             "(each token embedding alone through the LayerNorms, so the numbers are logits and attention scores). OV: the output tokens a source token raises when attended to. QK (layer 0): the key "
              "tokens a query token attends to.</p>", '<div class="columns">']
     parts.append(f'<div><b>direct path (bigrams)</b><table><tr><th>token</th><th>raises next</th></tr>{rows(document["direct_path"])}</table></div>')
     for head in document["heads"]:

@@ -64,6 +64,34 @@ def test_token_tables_read_the_circuits_off_the_weights(ov_shift):
         assert trigram["b"] == f"t{(a + 3) % VOCAB}" and trigram["c"] == f"t{(a + 3 + ov_shift) % VOCAB}"
 
 
+def test_token_tables_see_the_embeddings_through_layernorm():
+    """Through a LayerNorm, the scale of the token embeddings changes neither what a token predicts directly nor
+    what it attends to; a head's output, though, meets the final norm beside the embeddings, so its share shrinks
+    as they grow: the OV table must scale by exactly that."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB * 8, d_model=32, n_heads=2, seq_len=8)).eval()
+    frequencies = torch.arange(VOCAB * 8, 0, -1)
+    with torch.no_grad():
+        model.embed.weight.mul_(50.0)  # embeddings of unit scale, where LayerNorm's eps no longer matters
+        for block in model.blocks:  # heads as sharp and loud as trained ones (QK and OV entries near 1)
+            block.attn.qkv.weight.mul_(10.0)
+            block.attn.out.weight.mul_(10.0)
+        before = token_tables(model, names, frequencies)
+        model.embed.weight.mul_(20.0)
+    after = token_tables(model, names, frequencies)
+
+    def values(rows, scale=1.0):
+        return [(row["token"], [(token, pytest.approx(value * scale, abs=2e-4)) for token, value in row["top"]]) for row in rows]
+
+    assert values(after["direct_path"]) == values(before["direct_path"])
+    for table in (before["direct_path"], before["heads"][0]["qk"], before["heads"][0]["ov"]):  # logits, not vanishing
+        assert max(abs(value) for row in table for _, value in row["top"]) > 0.1
+    for head_before, head_after in zip(before["heads"], after["heads"]):
+        assert values(head_after["qk"]) == values(head_before["qk"])
+        assert [[t for t, _ in row["top"]] for row in head_after["ov"]] == [[t for t, _ in row["top"]] for row in head_before["ov"]]
+        assert values(head_after["ov"]) == values(head_before["ov"], scale=1 / 20)
+
+
 def test_token_tables_stay_within_the_frequent_tokens():
     model = Transformer(ModelConfig(vocab_size=5000, d_model=32, n_heads=2, n_layers=2, seq_len=8))
     frequencies = token_frequencies(torch.randint(0, 300, (64, 9)), 5000)
