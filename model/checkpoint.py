@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .transformer import Transformer
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+# Every iteration's head scores up to this checkpoint, as the run that continues from it saw them.
+HISTORY_FILE = "history.json"
 # Written last into every checkpoint: the size of each other file. A checkpoint whose files
 # do not match it (a copy cut short by a full disk or a dropped connection) is incomplete.
 MANIFEST_FILE = "manifest.json"

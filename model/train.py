@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .analysis import AnalysisConfig, carry_ablation, head_history_entry, head_scores, repeat_prompt, score_summaries, write_analysis
-from .checkpoint import read_config, read_trainer_state, swap_in, write_manifest
+from .checkpoint import HISTORY_FILE, read_config, read_trainer_state, swap_in, write_manifest
 from .circuits import icl_score, token_frequencies, token_tables
 from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
 from .tokenizers import TextTokenizer
@@ -126,6 +126,9 @@ class Trainer:
         self._frequencies: torch.Tensor | None = None
         # tokens_seen at the first iteration whose score passed the label threshold (Olsson's phase change)
         self.formed_at: dict[str, int | None] = {"induction_formed_at": None, "prev_token_formed_at": None}
+        # Every iteration's head scores (history.json in each checkpoint): the run's own record of its
+        # history, which a report lost when a worker died still leaves whole.
+        self.history: list[dict[str, Any]] = []
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
@@ -209,6 +212,8 @@ class Trainer:
         }
         metrics.update(self.analyse())
         self.last_metrics = metrics
+        self.history.append({key: metrics[key] for key in ("tokens_seen", "test_loss", "icl_score")}
+                            | {"iteration": self.iteration, "heads": metrics["head_scores"]})
         return metrics
 
     def analyse(self) -> dict[str, Any]:
@@ -303,6 +308,7 @@ class Trainer:
             self.circuits_document = self.token_tables()
         write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg)
         (directory / "circuits.json").write_text(json.dumps(self.circuits_document))
+        (directory / HISTORY_FILE).write_text(json.dumps(self.history))
         write_manifest(directory)
         return directory
 
@@ -323,6 +329,8 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.last_metrics = dict(state.get("metrics", {}))
         self.formed_at.update(state.get("formed_at", {}))
+        history = directory / HISTORY_FILE
+        self.history = [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration] if history.is_file() else []
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from model.checkpoint import MANIFEST_FILE, manifest_problem
+from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, manifest_problem
 from model.config import ConfigError
 
 from .names import FINAL_FAILURES, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, metric_mode
@@ -141,9 +141,15 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
     for directory in trial_dirs:
         trial_files = {p[len(directory) + 1 :] for p in files if p.startswith(directory + "/")}
         state = states.get(directory, {})
-        last = state.get("last_result") or _last_result(storage, f"{root}/{directory}", trial_files)
+        last = state.get("last_result") or {}
+        if not last or not state_readable:
+            # The newest snapshot was cut short (a full disk): the trial's own result.json may be further along.
+            own = _last_result(storage, f"{root}/{directory}", trial_files)
+            last = own if own.get("training_iteration", 0) >= last.get("training_iteration", 0) else last
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
         status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
+        if any(last.get(reason) for reason in FINAL_FAILURES):
+            status = "ERROR"  # it reported a failure that ends it, whatever an older snapshot says
         error = _error_reason(storage, f"{root}/{directory}", trial_files, last) if status == "ERROR" else None
         config = _public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files))
         trials.append(
@@ -244,6 +250,20 @@ def _error_reason(storage: Storage, trial_path: str, trial_files: set[str], last
             return marker
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:200] if lines else "error"
+
+
+def _checkpoint_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
+    """The history.json of the trial's newest complete checkpoint, as result.json lines ([] if none)."""
+    from model.metrics import HEAD_HISTORY_KEY
+
+    if not trial.checkpoints:
+        return []
+    newest = max(trial.checkpoints)
+    if HISTORY_FILE not in trial.files.get(newest.rsplit("/", 1)[-1], []):
+        return []
+    rows = json.loads(read_text(storage, f"{newest}/{HISTORY_FILE}"))
+    return [{"training_iteration": row["iteration"], HEAD_HISTORY_KEY: row["heads"], **{k: row.get(k) for k in ("tokens_seen", "test_loss", "icl_score")}}
+            for row in rows]
 
 
 def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
@@ -397,9 +417,12 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
     else:
         experiment = load_experiment(storage, source)
         record = choose_trial(experiment, trial)
-        lines, title = trial_history(storage, record), f"{experiment.name} trial {record.trial_id}"
+        # The newest checkpoint's own history first: an iteration whose report was lost with its worker is there.
+        lines = _checkpoint_history(storage, record) + trial_history(storage, record)
+        title = f"{experiment.name} trial {record.trial_id}"
     # A trial restored from an older checkpoint reports the iterations after it again: the later report
-    # is the one its training went on from, so each iteration keeps its last row.
+    # is the one its training went on from, so each iteration keeps its last row (result.json's over a
+    # checkpoint's, which only fills the gaps).
     by_iteration = {
         line.get("training_iteration", line.get("iteration")): {
             "iteration": line.get("training_iteration", line.get("iteration")), "tokens_seen": line.get("tokens_seen"),

@@ -65,6 +65,9 @@ def test_resume_continues_exactly(small_data, tmp_path):
         resumed_metrics = resumed.train_iteration()
     assert resumed_metrics["train_loss"] == pytest.approx(straight_metrics["train_loss"], abs=1e-5)
     assert resumed_metrics["test_loss"] == pytest.approx(straight_metrics["test_loss"], abs=1e-5)
+    # the head history carried by the checkpoint goes on: every iteration once, as in the straight run
+    assert [row["iteration"] for row in resumed.history] == [row["iteration"] for row in straight.history] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "ckpt" / "history.json").read_text()) == first.history
 
 
 def test_checkpoint_round_trip_gives_the_same_loss(small_data, tmp_path):
