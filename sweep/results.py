@@ -253,17 +253,13 @@ def _error_reason(storage: Storage, trial_path: str, trial_files: set[str], last
 
 
 def _checkpoint_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
-    """The history.json of the trial's newest complete checkpoint, as result.json lines ([] if none)."""
-    from model.metrics import HEAD_HISTORY_KEY
-
+    """The history rows in the trial's newest complete checkpoint ([] if it holds none)."""
     if not trial.checkpoints:
         return []
     newest = max(trial.checkpoints)
     if HISTORY_FILE not in trial.files.get(newest.rsplit("/", 1)[-1], []):
         return []
-    rows = json.loads(read_text(storage, f"{newest}/{HISTORY_FILE}"))
-    return [{"training_iteration": row["iteration"], HEAD_HISTORY_KEY: row["heads"], **{k: row.get(k) for k in ("tokens_seen", "test_loss", "icl_score")}}
-            for row in rows]
+    return json.loads(read_text(storage, f"{newest}/{HISTORY_FILE}"))
 
 
 def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
@@ -407,6 +403,7 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
     """
     from model.metrics import HEAD_HISTORY_KEY
 
+    saved: list[dict[str, Any]] = []  # history rows a checkpoint carries
     if names_a_path(source):
         run = Path(source)
         if not (run / "metrics.jsonl").is_file() and (run.parent / "metrics.jsonl").is_file():
@@ -417,19 +414,16 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
     else:
         experiment = load_experiment(storage, source)
         record = choose_trial(experiment, trial)
-        # The newest checkpoint's own history first: an iteration whose report was lost with its worker is there.
-        lines = _checkpoint_history(storage, record) + trial_history(storage, record)
-        title = f"{experiment.name} trial {record.trial_id}"
-    # A trial restored from an older checkpoint reports the iterations after it again: the later report
-    # is the one its training went on from, so each iteration keeps its last row (result.json's over a
-    # checkpoint's, which only fills the gaps).
-    by_iteration = {
-        line.get("training_iteration", line.get("iteration")): {
-            "iteration": line.get("training_iteration", line.get("iteration")), "tokens_seen": line.get("tokens_seen"),
-            "test_loss": line.get("test_loss"), "icl_score": line.get("icl_score"), "heads": line[HEAD_HISTORY_KEY],
-        }
+        # The newest checkpoint's own history fills the gaps: an iteration whose report died with its worker is there.
+        saved, lines, title = _checkpoint_history(storage, record), trial_history(storage, record), f"{experiment.name} trial {record.trial_id}"
+    reported = [
+        {"iteration": line.get("training_iteration", line.get("iteration")), "heads": line[HEAD_HISTORY_KEY],
+         **{key: line.get(key) for key in ("tokens_seen", "test_loss", "icl_score")}}
         for line in lines if isinstance(line.get(HEAD_HISTORY_KEY), dict)
-    }
+    ]
+    # A trial restored from an older checkpoint reports the iterations after it again: the later report is
+    # the one its training went on from, so each iteration keeps its last row, a reported one over a saved one.
+    by_iteration = {row["iteration"]: row for row in saved + reported}
     rows = [by_iteration[iteration] for iteration in sorted(by_iteration)]
     if not rows:
         raise ConfigError(f"{title} has no head history: it was trained by a version that kept none")

@@ -114,3 +114,23 @@ def test_pickle_bomb_in_checkpoint_is_refused(small_data, tmp_path, monkeypatch)
 def test_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_an_iteration_whose_report_was_lost_is_read_from_the_checkpoint_history(small_data, tmp_path):
+    """A worker that dies after storing its checkpoint but before its report reaches the driver leaves a gap in
+    result.json; the trial resumes from that checkpoint, whose history.json still holds the iteration."""
+    from sweep.results import head_history
+    from sweep.storage import open_storage
+
+    trainer = make_trainer(small_data)
+    while not trainer.finished:
+        trainer.train_iteration()
+    trial = tmp_path / "lost" / "trial_a_00000"
+    trainer.save_checkpoint(trial / "checkpoint_000003")
+    (tmp_path / "lost" / "sweep.json").write_text(json.dumps({"created": "2026-11-28T00:00:00"}))
+    reported = [{"training_iteration": row["iteration"], "tokens_seen": row["tokens_seen"], "head_scores": row["heads"], "config": {}}
+                for row in trainer.history if row["iteration"] != 3]
+    (trial / "result.json").write_text("".join(json.dumps(line) + "\n" for line in reported))
+    _, rows = head_history("lost", "a_00000", open_storage(str(tmp_path)))
+    assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
+    assert rows[2]["heads"] == trainer.history[2]["heads"] and rows[2]["tokens_seen"] == 1536
