@@ -447,8 +447,9 @@ def _token_tables(document: dict[str, Any]) -> str:
             block.append(f"<b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>{rows(head['qk'], 5)}</table>")
         if head.get("skip_trigrams"):
             trigrams = "".join(f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; {_e(repr(t["c"]))}</code></td>'
-                               f'<td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
-            block.append(f"<b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>score</th></tr>{trigrams}</table>")
+                               f'<td>{t["qk"]:+.3g}</td><td>{t["ov"]:+.3g}</td><td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
+            block.append(f"<b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>A-&gt;B attention</th><th>B-&gt;C logit</th>"
+                         f"<th>score</th></tr>{trigrams}</table>")
         parts.append("".join(block) + "</div>")
     parts.append("</div>")
     return "".join(parts)
