@@ -105,6 +105,15 @@ class ModelConfig:
     def mlp_width(self) -> int:
         return self.d_mlp or 4 * self.d_model
 
+    @property
+    def parameter_count(self) -> int:
+        """Parameters of the Transformer of this shape (what a snapshot stores), counted without torch."""
+        d, norm = self.d_model, (2 * self.d_model if self.norm == "ln" else 0)
+        block = norm + 4 * d * d  # LayerNorm, then Q, K, V and O without biases
+        if self.mlp:
+            block += norm + 2 * d * self.mlp_width + self.mlp_width + d
+        return 2 * self.vocab_size * d + self.seq_len * d + norm + self.n_layers * block
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -150,6 +159,10 @@ class TrainConfig:
     """Wrap the model in torch.compile (--compile)."""
     threads: int = 0
     """CPU threads for torch (--threads); 0: the CPUs this process may run on."""
+    snapshots: str = "log"
+    """Snapshot schedule (--snapshots): log, log:N, every:TOKENS, token counts T1,T2,... or none (model.snapshots)."""
+    snapshot_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the snapshot weights (--snapshot-dtype): bfloat16 halves their bytes."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "{lr} must be positive", lr=self.lr)
@@ -167,6 +180,10 @@ class TrainConfig:
             "{device} must be auto, cpu, cuda or cuda:N", device=self.device,
         )
         _require(self.threads >= 0, "{threads} must be >= 0", threads=self.threads)
+        _require(self.snapshot_dtype in ("float32", "bfloat16"), "--snapshot-dtype must be float32 or bfloat16")
+        from .snapshots import parse_snapshots
+
+        parse_snapshots(self.snapshots)  # a ConfigError naming --snapshots when it is no schedule
 
     def schedule_for(self, seq_len: int) -> Schedule:
         """Steps and iterations of this run for windows of `seq_len` tokens."""
@@ -176,6 +193,12 @@ class TrainConfig:
             total_steps=max(1, -(-self.max_tokens // tokens_per_step)),
             steps_per_iteration=max(1, -(-self.eval_every_tokens // tokens_per_step)),
         )
+
+    def snapshot_steps(self, seq_len: int) -> list[int]:
+        """Steps after which the run writes a snapshot (0: before training); ConfigError if it cannot honour them."""
+        from .snapshots import parse_snapshots, snapshot_steps
+
+        return snapshot_steps(parse_snapshots(self.snapshots), self.schedule_for(seq_len))
 
     def cpu_threads(self) -> int:
         """Threads torch should use: --threads, else every CPU this process may run on (taskset, cgroups)."""

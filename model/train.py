@@ -9,6 +9,7 @@ checkpoint. Checkpoint files and loading live in `model.checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +29,7 @@ from .analysis import AnalysisConfig, carry_ablation, head_history_entry, head_s
 from .checkpoint import HISTORY_FILE, read_config, read_trainer_state, swap_in, write_manifest
 from .circuits import icl_score, token_frequencies, token_tables
 from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
+from .snapshots import FolderSnapshots, SnapshotWriter, snapshot_files, snapshot_name
 from .tokenizers import TextTokenizer
 from .transformer import PAD_ID, Transformer
 
@@ -129,6 +131,37 @@ class Trainer:
         # Every iteration's head scores (history.json in each checkpoint): the run's own record of its
         # history, which a report lost when a worker died still leaves whole.
         self.history: list[dict[str, Any]] = []
+        # Snapshots on the schedule fixed by the config, written through `snapshot_writer` when one is attached.
+        self.snapshot_steps = train_cfg.snapshot_steps(model_cfg.seq_len)
+        self._snapshot_set = frozenset(self.snapshot_steps)
+        self.snapshot_writer: SnapshotWriter | None = None
+
+    def attach_snapshots(self, writer: SnapshotWriter) -> None:
+        """Write this run's snapshots (and its tokenizer, once) through `writer` from now on."""
+        self.snapshot_writer = writer
+        if self.snapshot_steps:
+            writer.write_tokenizer(self.tokenizer.backend.to_str())
+
+    def _snapshot(self) -> None:
+        """Write the snapshot of the current step when it is scheduled and not already written.
+
+        Snapshots are written before the checkpoint that passes them, and a resumed run
+        trains the same weights again, so each is written exactly once with the same weights.
+        """
+        if self.snapshot_writer is None or self.step not in self._snapshot_set:
+            return
+        name = snapshot_name(self.step)
+        if not self.snapshot_writer.has(name):
+            self.snapshot_writer.write(
+                name, snapshot_files(self.model, self.step, self.tokens_seen, self.run_config(), self.train_cfg.snapshot_dtype)
+            )
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's model, train and data config, as config.json and every snapshot record it."""
+        config = {"model": asdict(self.model_cfg), "train": asdict(self.train_cfg)}
+        if self.data_cfg is not None:
+            config["data"] = asdict(self.data_cfg)
+        return config
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
@@ -180,6 +213,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
+        self._snapshot()  # step 0: the initialisation
         while self.step < last_step:
             windows = self.train_windows[self._batch_indices(self.step)].long()
             with self._autocast():
@@ -198,6 +232,7 @@ class Trainer:
             self.scheduler.step()
             loss_sum += loss.detach()
             self.step += 1
+            self._snapshot()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -247,35 +282,11 @@ class Trainer:
         decode = lambda i: self.tokenizer.token_strings([i])[0]  # noqa: E731
         return {"tokens_seen": self.tokens_seen, **token_tables(self.model, decode, self._frequencies)}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, top-1 next-token accuracy and perplexity on the fixed held-out sample."""
-        self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        position_loss = torch.zeros(self.model_cfg.seq_len, device=self.device)
-        position_count = torch.zeros(self.model_cfg.seq_len, device=self.device)
-        for batch in self.eval_windows.split(max(self.train_cfg.batch_size, 64)):
-            batch = batch.long()
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            with self._autocast():
-                logits = self.forward(inputs)
-            real = targets != PAD_ID
-            losses = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none"
-            )
-            loss_sum += float(losses[real].sum())
-            position_loss += (losses * real).sum(0)
-            position_count += real.sum(0)
-            correct += int((logits.argmax(-1) == targets)[real].sum())
-            count += int(real.sum())
+        """Loss, top-1 next-token accuracy, perplexity and icl_score on the fixed held-out sample."""
+        metrics = evaluate_model(self.model, self.eval_windows, max(self.train_cfg.batch_size, 64), self._autocast, self.forward)
         self.model.train()
-        test_loss = loss_sum / max(count, 1)
-        return {
-            "test_loss": test_loss,
-            "test_accuracy": correct / max(count, 1),
-            "test_perplexity": math.exp(min(test_loss, 50.0)),
-            "icl_score": icl_score(position_loss / position_count.clamp_min(1)),
-        }
+        return metrics
 
     # ------------------------------------------------------------ checkpoints
 
@@ -284,10 +295,7 @@ class Trainer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, directory / "model.safetensors")
-        config = {"model": asdict(self.model_cfg), "train": asdict(self.train_cfg)}
-        if self.data_cfg is not None:
-            config["data"] = asdict(self.data_cfg)
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        (directory / "config.json").write_text(json.dumps(self.run_config(), indent=2))
         self.tokenizer.save(directory / "tokenizer.json")
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -333,6 +341,42 @@ class Trainer:
         self.history = [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration] if history.is_file() else []
 
 
+@torch.no_grad()
+def evaluate_model(
+    model: Transformer, windows: torch.Tensor, batch_size: int = 64, autocast=contextlib.nullcontext, forward=None
+) -> dict[str, float]:
+    """Loss, top-1 next-token accuracy, perplexity and icl_score of `model` on windows [N, T+1] (PAD_ID: padding).
+
+    The trainer's evaluation each iteration and `sweep analyse` at every snapshot both measure with this.
+    """
+    model.eval()
+    forward = forward or model
+    seq_len = windows.shape[1] - 1
+    device = next(model.parameters()).device
+    loss_sum, correct, count = 0.0, 0, 0
+    position_loss = torch.zeros(seq_len, device=device)
+    position_count = torch.zeros(seq_len, device=device)
+    for batch in windows.split(batch_size):
+        batch = batch.to(device).long()
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast():
+            logits = forward(inputs)
+        real = targets != PAD_ID
+        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+        loss_sum += float(losses[real].sum())
+        position_loss += (losses * real).sum(0)
+        position_count += real.sum(0)
+        correct += int((logits.argmax(-1) == targets)[real].sum())
+        count += int(real.sum())
+    test_loss = loss_sum / max(count, 1)
+    return {
+        "test_loss": test_loss,
+        "test_accuracy": correct / max(count, 1),
+        "test_perplexity": math.exp(min(test_loss, 50.0)),
+        "icl_score": icl_score(position_loss / position_count.clamp_min(1)),
+    }
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Linear warmup, then constant or cosine decay to 10% of the peak."""
     if step < warmup:
@@ -373,7 +417,7 @@ def run_training(
     on_iteration=lambda metrics, trainer: None,
     log=lambda message: None,
 ) -> dict[str, Any]:
-    """One complete run into `out`: metrics.jsonl (a line per iteration) and checkpoint/."""
+    """One complete run into `out`: metrics.jsonl (a line per iteration), checkpoint/ and snapshots/."""
     from .data import check_data, prepare_data
 
     ModelConfig(**model_values)  # fail on bad shapes before any data is read
@@ -389,6 +433,9 @@ def run_training(
         f"{trainer.total_steps} steps in {trainer.schedule.iterations} iterations"
     )
     out.mkdir(parents=True, exist_ok=True)
+    trainer.attach_snapshots(FolderSnapshots(out / "snapshots"))
+    if trainer.snapshot_steps:
+        log(f"snapshots: {len(trainer.snapshot_steps)} into {out / 'snapshots'} ({train_cfg.snapshots})")
     with (out / "metrics.jsonl").open("w") as lines:
 
         def publish(metrics: dict[str, Any], directory: Path) -> None:

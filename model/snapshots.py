@@ -1,0 +1,249 @@
+"""Snapshots: a run's weights on a schedule fixed before training, every one kept.
+
+Tune's checkpoints rotate (they exist to resume); snapshots exist to be
+analysed later, so their schedule never depends on a validation loss and
+their count is known before the first step. A snapshot is a folder
+`step_NNNNNNN/` holding `model.safetensors` and `snapshot.json` (step,
+tokens_seen, config hash, the config, the weights' dtype and size), written
+last: a snapshot without it, or whose weights differ in size from what it
+records, is incomplete and never read. The run's tokenizer is written once
+beside the snapshots (`tokenizer.json`).
+
+Schedules (`--snapshots`), in optimizer steps of `tokens_per_step` tokens:
+- `log` (default) or `log:N`: step 0, the powers of two below the spacing
+  ceil(S / N) (N = 30), then every multiple of that spacing up to the last
+  step S, which is always included: about 30-40 snapshots, dense early where
+  circuits form fastest.
+- `every:TOKENS`: every multiple of TOKENS (rounded up to whole steps), plus
+  step 0 and the last step.
+- `T1,T2,...`: these token counts, each taken at the first step that reaches it.
+- `none`: no snapshots.
+
+Reading the schedule needs no torch; writing and loading weights import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .config import ConfigError, Schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from .transformer import Transformer
+
+SNAPSHOT_FILE = "snapshot.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+SNAPSHOT_PATTERN = re.compile(r"^step_(\d+)$")
+DEFAULT_EVEN_SNAPSHOTS = 30
+SNAPSHOT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A parsed `--snapshots` value."""
+
+    kind: str
+    """log, every, tokens or none."""
+    even: int = DEFAULT_EVEN_SNAPSHOTS
+    """log: snapshots spaced evenly after the powers of two."""
+    every_tokens: int = 0
+    tokens: tuple[int, ...] = ()
+
+    @property
+    def text(self) -> str:
+        if self.kind == "log":
+            return "log" if self.even == DEFAULT_EVEN_SNAPSHOTS else f"log:{self.even}"
+        if self.kind == "every":
+            return f"every:{self.every_tokens}"
+        if self.kind == "tokens":
+            return ",".join(str(t) for t in self.tokens)
+        return "none"
+
+
+def parse_snapshots(text: str) -> SnapshotSpec:
+    """`log`, `log:N`, `every:TOKENS`, `T1,T2,...` or `none`; ConfigError naming --snapshots otherwise."""
+    raw = str(text).strip().replace("_", "")
+    kind, _, value = raw.partition(":")
+    try:
+        if raw == "none":
+            return SnapshotSpec("none")
+        if kind == "log":
+            even = int(value) if value else DEFAULT_EVEN_SNAPSHOTS
+            if even < 1:
+                raise ValueError
+            return SnapshotSpec("log", even=even)
+        if kind == "every":
+            every = _token_count(value)
+            if every < 1:
+                raise ValueError
+            return SnapshotSpec("every", every_tokens=every)
+        tokens = tuple(_token_count(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--snapshots {text!r} is not a schedule: use log, log:N, every:TOKENS, a list of token counts (0,1e6,4e6) or none"
+        ) from None
+    if any(t < 0 for t in tokens):
+        raise ConfigError(f"--snapshots {text!r}: token counts must be >= 0")
+    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+        raise ConfigError(f"--snapshots {text!r}: token counts must increase")
+    return SnapshotSpec("tokens", tokens=tokens)
+
+
+def _token_count(text: str) -> int:
+    """An integer token count; `4e6` and `4M` read as 4,000,000."""
+    text = text.strip()
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1) if text else 1
+    number = float(text[:-1] if scale != 1 else text)
+    if not math.isfinite(number) or number != int(number * scale) / scale:
+        raise ValueError(text)
+    return int(round(number * scale))
+
+
+def snapshot_steps(spec: SnapshotSpec, schedule: Schedule) -> list[int]:
+    """The optimizer steps after which a run of `schedule` writes a snapshot (step 0: before training)."""
+    last, per_step = schedule.total_steps, schedule.tokens_per_step
+    if spec.kind == "none":
+        return []
+    if spec.kind == "log":
+        spacing = max(1, math.ceil(last / spec.even))
+        powers = [2**k for k in range(max(1, spacing).bit_length()) if 2**k < spacing]
+        return sorted({0, *powers, *range(spacing, last, spacing), last})
+    if spec.kind == "every":
+        spacing = max(1, math.ceil(spec.every_tokens / per_step))
+        return sorted({0, *range(spacing, last, spacing), last})
+    final_tokens = schedule.final_tokens
+    steps = []
+    for tokens in spec.tokens:
+        if tokens > final_tokens:
+            raise ConfigError(
+                f"--snapshots {spec.text}: {tokens:,} tokens is past the end of training ({final_tokens:,} tokens); "
+                "list counts up to max_tokens"
+            )
+        step = math.ceil(tokens / per_step)
+        if steps and step == steps[-1]:
+            raise ConfigError(
+                f"--snapshots {spec.text}: {tokens:,} tokens falls in the same step of {per_step:,} tokens as the count "
+                "before it; space the counts at least a step apart"
+            )
+        steps.append(step)
+    return steps
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short hash of a run's config: snapshots of the same run share it."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_bytes(parameters: int, dtype: str) -> int:
+    """Bytes of one snapshot's weights (the safetensors header aside)."""
+    return parameters * (2 if dtype == "bfloat16" else 4)
+
+
+def snapshot_files(model: Transformer, step: int, tokens_seen: int, config: dict[str, Any], dtype: str) -> dict[str, bytes]:
+    """The files of one snapshot, weights first: a writer must write SNAPSHOT_FILE last."""
+    import torch
+    from safetensors.torch import save
+
+    cast = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    tensors = {name: value.detach().to("cpu", cast).contiguous() for name, value in model.state_dict().items()}
+    weights = save(tensors)
+    record = {
+        "step": step, "tokens_seen": tokens_seen, "config_hash": config_hash(config), "dtype": dtype,
+        "files": {WEIGHTS_FILE: len(weights)}, "config": config,
+    }
+    return {WEIGHTS_FILE: weights, SNAPSHOT_FILE: json.dumps(record, indent=1).encode()}
+
+
+def snapshot_problem(record_text: str | None, sizes: dict[str, int]) -> str | None:
+    """Why a snapshot folder with these file sizes is incomplete, or None when it is whole."""
+    if record_text is None:
+        return f"{SNAPSHOT_FILE} is missing"
+    try:
+        expected = json.loads(record_text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{SNAPSHOT_FILE} is cut short"
+    for name, size in expected.items():
+        if sizes.get(name) != size:
+            return f"{name} is missing or cut short"
+    return None
+
+
+class SnapshotWriter(Protocol):
+    """Where a run writes its snapshots: a local folder (`sweep train`) or a trial's folder in storage."""
+
+    def has(self, name: str) -> bool:
+        """Whether snapshot `name` is already complete (a resumed run does not write it again)."""
+
+    def write(self, name: str, files: dict[str, bytes]) -> None:
+        """Write the files of snapshot `name` in order, each whole."""
+
+    def write_tokenizer(self, text: str) -> None:
+        """The run's tokenizer, once beside its snapshots."""
+
+
+class FolderSnapshots:
+    """Snapshots in a local folder: each file written whole (write, then rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def has(self, name: str) -> bool:
+        folder = self.root / name
+        record = folder / SNAPSHOT_FILE
+        sizes = {p.name: p.stat().st_size for p in folder.glob("*") if p.is_file()} if folder.is_dir() else {}
+        return snapshot_problem(record.read_text() if record.is_file() else None, sizes) is None
+
+    def write(self, name: str, files: dict[str, bytes]) -> None:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name, data in files.items():
+            _write_whole(folder / file_name, data)
+
+    def write_tokenizer(self, text: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / TOKENIZER_FILE).is_file():
+            _write_whole(self.root / TOKENIZER_FILE, text.encode())
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def list_snapshots(root: Path) -> list[dict[str, Any]]:
+    """The complete snapshots in a local folder, by step: their snapshot.json records plus `path` and `bytes`."""
+    found = []
+    for folder in sorted(Path(root).glob("step_*")):
+        if SNAPSHOT_PATTERN.match(folder.name) and FolderSnapshots(Path(root)).has(folder.name):
+            record = json.loads((folder / SNAPSHOT_FILE).read_text())
+            found.append({**record, "path": str(folder), "bytes": sum(record["files"].values())})
+    return sorted(found, key=lambda r: r["step"])
+
+
+def load_snapshot_model(folder: Path, device: str = "cpu") -> Transformer:
+    """The model of a local snapshot folder, in float32 and eval mode."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .config import ModelConfig, from_dict
+    from .transformer import Transformer
+
+    record = json.loads((Path(folder) / SNAPSHOT_FILE).read_text())
+    model = Transformer(from_dict(ModelConfig, record["config"]["model"]))
+    state = {k: v.to(torch.float32) for k, v in load_file(Path(folder) / WEIGHTS_FILE, device=device).items()}
+    model.load_state_dict(state)
+    return model.to(device).eval()
