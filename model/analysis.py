@@ -146,6 +146,14 @@ def composition_scores(model: Transformer) -> dict[str, list]:
 # ---------------------------------------------------------------- all scores of a model
 
 
+def repeated_tokens(model_cfg, cfg: AnalysisConfig = AnalysisConfig()) -> torch.Tensor:
+    """The repeated-token probe [probe_sequences, 2n]: random tokens r of length n = seq_len // 2, then r again."""
+    period = model_cfg.seq_len // 2
+    generator = torch.Generator().manual_seed(cfg.seed)
+    random_tokens = torch.randint(0, model_cfg.vocab_size, (cfg.probe_sequences, period), generator=generator)
+    return torch.cat([random_tokens, random_tokens], dim=1)  # (B, 2n)
+
+
 @torch.no_grad()
 def head_scores(
     model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig(), ablate: bool = False
@@ -164,9 +172,7 @@ def head_scores(
     per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
 
     period = model.cfg.seq_len // 2
-    generator = torch.Generator().manual_seed(cfg.seed)
-    random_tokens = torch.randint(0, model.cfg.vocab_size, (cfg.probe_sequences, period), generator=generator)
-    repeated = torch.cat([random_tokens, random_tokens], dim=1).to(device)  # (B, 2n)
+    repeated = repeated_tokens(model.cfg, cfg).to(device)
     _, repeat_patterns = model.run_with_patterns(repeated)
     for scores, pattern in zip(per_layer, repeat_patterns):
         scores.update(repeated_token_scores(pattern.float(), period))

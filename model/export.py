@@ -85,10 +85,36 @@ def transformer_lens_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().float().contiguous() if tensor.is_floating_point() else tensor.cpu() for name, tensor in state.items()}
 
 
-def export_transformer_lens(model: Transformer, out: str | Path) -> list[Path]:
-    """Write hooked_transformer_config.json and state_dict.pt into `out`."""
+LOADING_README = """# A circuit-sweep export for TransformerLens
+
+Load it with transformer-lens 3.x:
+
+```python
+import json, torch
+from tokenizers import Tokenizer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+cfg = HookedTransformerConfig(**json.load(open("hooked_transformer_config.json")))
+model = HookedTransformer(cfg)
+model.load_state_dict(torch.load("state_dict.pt", weights_only=True))
+tokenizer = Tokenizer.from_file("tokenizer.json")
+tokens = torch.tensor([tokenizer.encode("This movie is").ids])
+logits, cache = model.run_with_cache(tokens)  # cache["pattern", 0]: layer 0's attention patterns
+```
+
+The model has no BOS token: pass token ids as they are (`prepend_bos=False` for strings).
+"""
+
+
+def export_transformer_lens(model: Transformer, out: str | Path, tokenizer: Path | None = None) -> list[Path]:
+    """Write hooked_transformer_config.json, state_dict.pt, the tokenizer and a README on loading them into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(hooked_transformer_config(model), indent=2))
     torch.save(transformer_lens_state_dict(model), out / STATE_FILE)
-    return [out / CONFIG_FILE, out / STATE_FILE]
+    written = [out / CONFIG_FILE, out / STATE_FILE]
+    if tokenizer is not None and Path(tokenizer).is_file():
+        (out / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+        written.append(out / "tokenizer.json")
+    (out / "README.md").write_text(LOADING_README)
+    return [*written, out / "README.md"]

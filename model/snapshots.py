@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import ConfigError, Schedule
 
 if TYPE_CHECKING:
-    import torch
 
     from .transformer import Transformer
 
@@ -234,16 +233,21 @@ def list_snapshots(root: Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["step"])
 
 
-def load_snapshot_model(folder: Path, device: str = "cpu") -> Transformer:
-    """The model of a local snapshot folder, in float32 and eval mode."""
+def write_checkpoint_files(folder: Path) -> None:
+    """Make a local snapshot folder (with tokenizer.json copied in) readable as a checkpoint:
+    config.json from its record. `load_checkpoint` then loads it in float32 whatever its dtype."""
+    record = json.loads((Path(folder) / SNAPSHOT_FILE).read_text())
+    (Path(folder) / "config.json").write_text(json.dumps(record["config"], indent=2))
+
+
+def model_from_snapshot(record: dict[str, Any], weights: bytes) -> Transformer:
+    """The float32 model of a snapshot from its record and the bytes of its weights file, in eval mode."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from .config import ModelConfig, from_dict
     from .transformer import Transformer
 
-    record = json.loads((Path(folder) / SNAPSHOT_FILE).read_text())
     model = Transformer(from_dict(ModelConfig, record["config"]["model"]))
-    state = {k: v.to(torch.float32) for k, v in load_file(Path(folder) / WEIGHTS_FILE, device=device).items()}
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in load(weights).items()})
+    return model.eval()

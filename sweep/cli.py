@@ -70,6 +70,31 @@ def data_options(command):
     return command
 
 
+SNAPSHOTS_HELP = ("Snapshot schedule, fixed before training: log (step 0, powers of two, then 30 evenly spaced), log:N, "
+                  "every:TOKENS, token counts T1,T2,... or none.")
+
+
+def snapshot_options(command):
+    """--snapshots and --snapshot-dtype (train and launch)."""
+    command = click.option("--snapshot-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+                           help="Snapshot weights' dtype: bfloat16 halves their bytes.")(command)
+    return click.option("--snapshots", default="log", show_default=True, help=SNAPSHOTS_HELP)(command)
+
+
+def at_options(command):
+    """--step / --tokens-seen: read a run's snapshot instead of its latest checkpoint (--tokens already
+    names the token tables of `heads` and the sample length of `generate`)."""
+    command = click.option("--tokens-seen", "at_tokens", type=click.IntRange(0), default=None,
+                           help="The snapshot at this many training tokens (`sweep snapshots` lists them).")(command)
+    return click.option("--step", "at_step", type=click.IntRange(0), default=None, help="The snapshot after this optimizer step.")(command)
+
+
+def _address(at_step, at_tokens):
+    from .trajectory import SnapshotAddress
+
+    return None if at_step is None and at_tokens is None else SnapshotAddress(at_step, at_tokens)
+
+
 def trial_key_options(command):
     """One option per trial key of the model and training configs (the --grid keys of a sweep)."""
     for spec in reversed([s for s in TRIAL_KEYS.values() if s.key != "tokenizer"]):
@@ -90,10 +115,11 @@ def trial_key_options(command):
 @click.option("--compile/--no-compile", default=False, help="torch.compile the model.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads for torch (0: every CPU this process may use).")
 @click.option("--prompt", default="This movie is", show_default=True, help="Prompt for the sample and heatmaps.")
+@snapshot_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
-def train(dataset, device, dtype, compile, threads, prompt, out, as_json, **values):
-    """Train one model without Ray; write OUT/metrics.jsonl and OUT/checkpoint/.
+def train(dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_dtype, out, as_json, **values):
+    """Train one model without Ray; write OUT/metrics.jsonl, OUT/checkpoint/ and OUT/snapshots/.
 
     \b
     SWEEP_DATA_DIR=../shared/data sweep train imdb --tokenizer bpe:2048 \\
@@ -104,7 +130,8 @@ def train(dataset, device, dtype, compile, threads, prompt, out, as_json, **valu
 
     from .space import trial_configs
 
-    _, model_cfg, train_cfg = trial_configs({**values, "device": device, "compile": compile})
+    run_settings = {"device": device, "compile": compile, "snapshots": snapshots, "snapshot_dtype": snapshot_dtype}
+    _, model_cfg, train_cfg = trial_configs({**values, **run_settings})
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
     model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
     data_values = {k: v for k, v in values.items() if k in {"tokenizer", "text_column", "train_split", "test_split", "clean", "pack"}}
@@ -130,30 +157,46 @@ def _metrics_line(iteration: int, metrics: dict) -> str:
     )
 
 
-@main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--prompt", default="This movie is", show_default=True)
-@click.option("--tokens", default=7, show_default=True, type=click.IntRange(1, 10_000), help="Tokens to sample.")
-@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True)
-def generate(checkpoint, prompt, tokens, top_k, seed):
-    """Continue PROMPT with top-k sampling from a checkpoint folder."""
-    from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer
-    from model.generate import generate as sample
-
-    net = load_checkpoint(checkpoint)
-    tokenizer = load_checkpoint_tokenizer(checkpoint)
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise UserError("--prompt is empty after tokenization; give some text")
-    click.echo(tokenizer.decode(sample(net, prompt_ids, tokens, top_k, seed)))
-
-
 def storage_option(command):
     return click.option(
         "--storage", envvar="SWEEP_STORAGE", default=None,
         help="Local path or s3://bucket/prefix [env SWEEP_STORAGE; default ~/sweep-results].",
     )(command)
+
+
+def source_options(command):
+    command = click.option("--trial", default="best", show_default=True, help="best (by the sweep's metric) or a trial id.")(command)
+    return storage_option(command)
+
+
+SOURCE_HELP = ("SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; with --storage "
+               "and --trial); --step or --tokens-seen reads one of its snapshots instead of its latest checkpoint.")
+
+
+@main.command(help=f"Continue PROMPT with top-k sampling from a checkpoint or a snapshot.\n\n{SOURCE_HELP}")
+@click.argument("source", required=False)
+@source_options
+@at_options
+@click.option("--prompt", default="This movie is", show_default=True)
+@click.option("--tokens", "sample_tokens", default=7, show_default=True, type=click.IntRange(1, 10_000), help="Tokens to sample.")
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True)
+def generate(source, trial, storage, at_step, at_tokens, prompt, sample_tokens, top_k, seed):
+    import tempfile
+
+    from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+    from model.generate import generate as sample
+
+    from .results import local_checkpoint
+
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint, _ = local_checkpoint(source, trial, _open(storage), workdir, _address(at_step, at_tokens))
+        net = load_checkpoint(checkpoint)
+        tokenizer = load_checkpoint_tokenizer(checkpoint)
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise UserError("--prompt is empty after tokenization; give some text")
+    click.echo(tokenizer.decode(sample(net, prompt_ids, sample_tokens, top_k, seed)))
 
 
 METRIC_HELP = "Metric to rank by: " + ", ".join(REPORTED_METRICS) + "."
@@ -189,12 +232,13 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
 @click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').")
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
+@snapshot_options
 @data_options
 @click.pass_context
 def launch(
     ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples,
     metric, mode, search, scheduler, early_stopping, grace_tokens, grace_period, reduction_factor, max_iterations, max_failures, wandb,
-    compile_model, **data_values,
+    compile_model, snapshots, snapshot_dtype, **data_values,
 ):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
@@ -209,6 +253,7 @@ def launch(
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if compile_model is not None:
         explicit["compile"] = compile_model
+    explicit |= {"snapshots": snapshots, "snapshot_dtype": snapshot_dtype}
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
@@ -372,14 +417,6 @@ def resume(ctx, name, storage, address):
     _print_best(plan.name, storage, plan.launch.metric, plan.launch.mode, top=3)
 
 
-def source_options(command):
-    command = click.option("--trial", default="best", show_default=True, help="best (by the sweep's metric) or a trial id.")(command)
-    return storage_option(command)
-
-
-SOURCE_HELP = "SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; with --storage and --trial)."
-
-
 @main.command(help=f"""The head atlas: every head's scores, ablation and labels.
 
 \b
@@ -389,16 +426,20 @@ SOURCE_HELP = "SOURCE is a checkpoint folder, a `sweep train` run folder, or an 
 {SOURCE_HELP}""")
 @click.argument("source", required=False)
 @source_options
+@at_options
 @click.option("--history", is_flag=True, help="Every head's scores at every iteration of the run.")
 @click.option("--tokens", is_flag=True, help="What each head does in tokens, read from the weights.")
 @click.option("--head", "only_head", default=None, metavar="L.H", help="With --tokens or --history: one head, e.g. 1.0.")
 @click.option("--matters-threshold", type=float, default=None, help="Relabel `matters`: heads whose ablation raises a loss by more (nats) [default: as trained, 0.05].")
 @click.option("--json", "as_json", is_flag=True, help="Print the document as JSON.")
-def heads(source, trial, storage, history, tokens, only_head, matters_threshold, as_json):
+def heads(source, trial, storage, at_step, at_tokens, history, tokens, only_head, matters_threshold, as_json):
     import tempfile
 
     from .results import head_history, local_checkpoint
 
+    address = _address(at_step, at_tokens)
+    if history and address is not None:
+        raise UserError("--history covers the whole run; --step and --tokens-seen pick one snapshot")
     if history and tokens:
         raise UserError("--history and --tokens are separate views; pick one")
     if only_head is not None and not _is_head(only_head):
@@ -408,11 +449,16 @@ def heads(source, trial, storage, history, tokens, only_head, matters_threshold,
         _print_history(title, rows, only_head, as_json)
         return
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir, address)
         name = "circuits.json" if tokens else "heads.json"
-        if not (checkpoint / name).is_file():
+        if address is not None:  # a snapshot holds weights only: measure it now, on the run's own data
+            from model.measures import checkpoint_document
+
+            document = checkpoint_document(checkpoint, "circuits" if tokens else "heads")
+        elif not (checkpoint / name).is_file():
             raise UserError(f"{checkpoint} has no {name}; it was written by an older version")
-        document = json.loads((checkpoint / name).read_text())
+        else:
+            document = json.loads((checkpoint / name).read_text())
     if tokens:
         _print_tokens(title, document, only_head, as_json)
         return
@@ -434,6 +480,14 @@ def heads(source, trial, storage, history, tokens, only_head, matters_threshold,
     output.print(table)
     if ablated:
         output.print("ablate: rise in loss (nats) when the head's output is replaced by its mean", highlight=False)
+
+
+def _run_prompt(checkpoint: Path) -> str:
+    """The heatmap prompt of the run a checkpoint came from: the repeat task's own, else the default."""
+    from model.analysis import AnalysisConfig, repeat_prompt
+
+    data = json.loads((checkpoint / "config.json").read_text()).get("data", {})
+    return repeat_prompt(data.get("repeat_vocab", 64)) if data.get("dataset") == "repeat" else AnalysisConfig.prompt
 
 
 def _number(value, digits: int = 3) -> str:
@@ -502,16 +556,21 @@ def _print_tokens(title: str, document: dict, only_head: str | None, as_json: bo
 @main.command(help=f"Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt.\n\n{SOURCE_HELP}")
 @click.argument("source", required=False)
 @source_options
-@click.option("--prompt", default=None, help="Render new heatmaps for this prompt instead of copying the stored ones.")
+@at_options
+@click.option("--prompt", default=None, help="Render new heatmaps for this prompt instead of copying the stored ones "
+              "[default at a snapshot: the prompt the run was trained with].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("heatmaps"), show_default=True)
-def heatmaps(source, trial, storage, prompt, out):
+def heatmaps(source, trial, storage, at_step, at_tokens, prompt, out):
     import shutil
     import tempfile
 
     from .results import local_checkpoint
 
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
+        address = _address(at_step, at_tokens)
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir, address)
+        if prompt is None and address is not None:
+            prompt = _run_prompt(checkpoint)
         if prompt is None:
             if not (checkpoint / "heatmaps").is_dir():
                 raise UserError(f"{checkpoint} has no heatmaps/; pass --prompt to render them")
@@ -530,12 +589,13 @@ def heatmaps(source, trial, storage, prompt, out):
     console.print(f"heatmaps of {title} in {out}/: {len(list(out.glob('*.png')))} images")
 
 
-@main.command(help=f"Export a checkpoint for TransformerLens' HookedTransformer (transformer-lens 3.x).\n\n{SOURCE_HELP}")
+@main.command(help=f"Export a checkpoint or snapshot for TransformerLens (3.x HookedTransformer, 4.x TransformerBridge).\n\n{SOURCE_HELP}")
 @click.argument("source", required=False)
 @source_options
+@at_options
 @click.option("--format", "export_format", type=click.Choice(["transformer-lens"]), default="transformer-lens", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
-def export(source, trial, storage, export_format, out):
+def export(source, trial, storage, at_step, at_tokens, export_format, out):
     import tempfile
 
     from model.checkpoint import load_checkpoint
@@ -544,10 +604,93 @@ def export(source, trial, storage, export_format, out):
     from .results import local_checkpoint
 
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir)
+        checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir, _address(at_step, at_tokens))
         net = load_checkpoint(checkpoint)
-    written = export_transformer_lens(net, out)
+        written = export_transformer_lens(net, out, checkpoint / "tokenizer.json")
     console.print(f"{title}: wrote " + ", ".join(str(p) for p in written))
+
+
+@main.command()
+@click.argument("source", required=False)
+@storage_option
+@click.option("--trial", default=None, help="One trial's snapshots, each listed [default: a line per trial].")
+@click.option("--json", "as_json", is_flag=True, help="Print every trial's snapshots as JSON.")
+def snapshots(source, storage, trial, as_json):
+    """The stored snapshots of experiment SOURCE (default: the newest) or of a `sweep train` run folder.
+
+    \b
+    sweep snapshots induction-run --trial 5a2b1_00001
+    sweep heads induction-run --trial 5a2b1_00001 --step 1024
+    """
+    from .results import choose_trial, load_experiment, names_a_path
+    from .trajectory import human_bytes, run_folder_snapshots, snapshot_rows
+
+    if names_a_path(source):
+        listed = {str(source): run_folder_snapshots(Path(source))}
+        title = str(source)
+    else:
+        experiment = load_experiment(_open(storage), source)
+        chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
+        listed, title = {t.trial_id: t.snapshots for t in chosen}, experiment.name
+    if as_json:
+        click.echo(json.dumps({"source": title, "trials": {k: snapshot_rows(v) for k, v in listed.items()}}, indent=2))
+        return
+    if len(listed) == 1:
+        (name, items), = listed.items()
+        table = Table(title=f"snapshots of {title}" + (f" trial {name}" if name != title else ""))
+        for column in ("step", "tokens_seen", "size"):
+            table.add_column(column, justify="right")
+        for item in items:
+            table.add_row(f"{item.step:,}", f"{item.tokens_seen:,}", human_bytes(item.bytes))
+    else:
+        table = Table(title=f"snapshots of {title}")
+        for column in ("trial", "snapshots", "first step", "last step", "last tokens_seen", "size"):
+            table.add_column(column, justify="right")
+        for name, items in listed.items():
+            ends = [f"{items[0].step:,}", f"{items[-1].step:,}", f"{items[-1].tokens_seen:,}"] if items else ["-"] * 3
+            table.add_row(name, str(len(items)), *ends, human_bytes(sum(i.bytes for i in items)))
+    output.print(table)
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+@click.option("--what", default="loss,scores", show_default=True,
+              help="Measures to compute, comma-separated: loss, scores, ablation, composition, or all.")
+@click.option("--trials", default="", help="Trial ids, comma-separated [default: every trial].")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.pass_context
+def analyse(ctx, name, storage, what, trials, address):
+    """Measure every stored snapshot of experiment NAME (default: the newest) as Ray tasks, into its analysis table.
+
+    Only what the table lacks is computed: run it again after an interruption, or with a
+    new measure to backfill a finished sweep. The table is Parquet in NAME/analysis/:
+
+    \b
+    import pyarrow.dataset as ds
+    table = ds.dataset("~/sweep-results/NAME/analysis").to_table().to_pandas()
+    """
+    from model.measures import parse_measures
+
+    from .analyse import analyse_experiment, choose_trials, table_path
+    from .results import load_experiment
+
+    measures = parse_measures(what)
+    experiment = load_experiment(_open(storage), name)
+    chosen = choose_trials(experiment, tuple(t for t in trials.split(",") if t))
+    if not any(t.snapshots for t in chosen):
+        raise UserError(f"{experiment.name} has no snapshots to analyse (launched with --snapshots none, or before snapshots existed)")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        bar = progress.add_task(f"analysing {experiment.name}", total=None)
+        counts = analyse_experiment(experiment, measures, chosen, address, lambda done, total: progress.update(bar, completed=done, total=total),
+                                    console.print, ctx.find_root().params["verbose"])
+    if not counts["tasks"]:
+        console.print(f"{experiment.name}: the analysis table already holds {', '.join(measures)} for every snapshot; nothing to compute")
+        return
+    console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(measures)}), "
+                  f"{counts['rows']:,} rows in {experiment.storage.uri_of(table_path(experiment))}")
 
 
 @main.command()

@@ -21,8 +21,17 @@ from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, manifest_problem
 from model.config import ConfigError
 
 from .names import FINAL_FAILURES, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, metric_mode
-from .space import planned_iterations
+from .space import planned_iterations, trial_schedule
 from .storage import Storage, check_name, exists, read_text
+from .trajectory import (
+    SNAPSHOTS_FOLDER,
+    Snapshot,
+    SnapshotAddress,
+    fetch_snapshot,
+    find_snapshot,
+    run_folder_snapshots,
+    snapshots_in_listing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ class TrialRecord:
     files: dict[str, list[str]] = field(default_factory=dict)
     """Files of each complete checkpoint, relative to it."""
     error: str | None = None
+    snapshots: list[Snapshot] = field(default_factory=list)
+    """Complete snapshots, by step."""
 
     @property
     def checkpoint(self) -> str | None:
@@ -164,6 +175,9 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
                 checkpoints=[f"{root}/{directory}/{c}" for c in checkpoints],
                 files=checkpoint_files,
                 error=error,
+                snapshots=snapshots_in_listing(
+                    f"{root}/{directory}", {p: sizes[f"{directory}/{p}"] for p in trial_files}, _tokens_per_step(config)
+                ),
             )
         )
     return Experiment(name, storage, record, trials, state_readable, state_found)
@@ -171,6 +185,13 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RUN_SETTING_KEYS}
+
+
+def _tokens_per_step(config: dict[str, Any]) -> int | None:
+    try:
+        return trial_schedule(config).tokens_per_step
+    except (ConfigError, KeyError, TypeError):
+        return None
 
 
 def _planned(config: dict[str, Any], cap: int | None) -> int | None:
@@ -343,16 +364,25 @@ def names_a_path(source: str | None) -> bool:
     return bool(source) and ("/" in source or Path(source).exists())
 
 
-def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: str) -> tuple[Path, str]:
+def local_checkpoint(
+    source: str | None, trial: str, storage: Storage, workdir: str, at: SnapshotAddress | None = None
+) -> tuple[Path, str]:
     """A local folder holding the checkpoint SOURCE names, and a title for it.
 
     SOURCE is a checkpoint folder (taken as is), a `sweep train` run folder (its
     checkpoint/), or an experiment name (default: the newest), whose `trial` is fetched.
+    With `at`, the run's snapshot at that step or token count instead (a run folder or an experiment).
     """
     from model.checkpoint import check_complete, read_config
 
     if names_a_path(source):
         path = Path(source)
+        if at is not None:
+            run = path.parent if path.name == "checkpoint" else path
+            if not (run / SNAPSHOTS_FOLDER).is_dir():
+                raise ConfigError(f"{source} holds no snapshots/: --step and --tokens-seen read a `sweep train` run folder or an experiment")
+            snapshot = find_snapshot(run_folder_snapshots(run), at, str(run))
+            return fetch_snapshot(None, snapshot, Path(workdir)), f"{run} {_snapshot_title(snapshot)}"
         if path.is_dir() and (path / "checkpoint").is_dir() and not (path / "config.json").exists():
             path = path / "checkpoint"  # a `sweep train` run folder
         if not path.exists():
@@ -361,6 +391,10 @@ def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: 
         return path, str(path)
     experiment = load_experiment(storage, source)
     record = choose_trial(experiment, trial)
+    if at is not None:
+        snapshot = find_snapshot(record.snapshots, at, f"trial {record.trial_id} of {experiment.name}")
+        title = f"{experiment.name} trial {record.trial_id} {_snapshot_title(snapshot)}"
+        return fetch_snapshot(storage, snapshot, Path(workdir)), title
     if record.checkpoint is None:
         raise ConfigError(f"trial {record.trial_id} of {experiment.name} has no complete checkpoint yet")
     title = f"{experiment.name} trial {record.trial_id} ({record.checkpoint.rsplit('/', 1)[1]})"
@@ -370,6 +404,10 @@ def local_checkpoint(source: str | None, trial: str, storage: Storage, workdir: 
     pafs.copy_files(record.checkpoint, str(target), source_filesystem=storage.filesystem, destination_filesystem=pafs.LocalFileSystem())
     check_complete(target)  # the download itself may have been cut short
     return target, title
+
+
+def _snapshot_title(snapshot: Snapshot) -> str:
+    return f"(snapshot at step {snapshot.step:,}, {snapshot.tokens_seen:,} tokens)"
 
 
 def results_rows(experiment: Experiment) -> tuple[list[str], list[dict[str, Any]]]:

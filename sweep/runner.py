@@ -80,7 +80,8 @@ class LaunchConfig:
     max_failures: int = 3
     wandb: bool = False
     data: dict[str, Any] = field(default_factory=dict)
-    """Values held fixed for every trial: DataConfig fields other than dataset, and `compile`."""
+    """Values held fixed for every trial: DataConfig fields other than dataset, and the run settings
+    (`compile`, `snapshots`, `snapshot_dtype`)."""
 
     def __post_init__(self) -> None:
         if self.metric not in REPORTED_METRICS:
@@ -118,6 +119,9 @@ class TrialSettings:
     mode: str
     cpus_per_trial: float
     memory_per_trial_mb: float
+    storage_uri: str = ""
+    """Where trials write their snapshots: <storage>/<experiment>/trial_<id>/snapshots/."""
+    experiment: str = ""
 
     @property
     def threads(self) -> int:
@@ -137,6 +141,8 @@ class Plan:
     trials: list[dict[str, Any]]
     """The grid's trials, with each searched range at its probe values: validated, and their data prepared."""
     distributions: dict[str, Distribution] = field(default_factory=dict)
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+    """data_key -> the tokenizer's vocabulary, once the data is prepared."""
 
     @property
     def scheduler(self) -> str:
@@ -202,7 +208,13 @@ class Plan:
     @property
     def settings(self) -> TrialSettings:
         launch = self.launch
-        return TrialSettings(launch.metric, launch.mode, launch.cpus_per_trial, launch.memory_per_trial_mb)
+        return TrialSettings(launch.metric, launch.mode, launch.cpus_per_trial, launch.memory_per_trial_mb, self.storage.uri, self.name)
+
+    def snapshot_plan(self) -> list[dict[str, Any]]:
+        """Per distinct trial shape: its snapshot count and bytes (what launch says before any trial runs)."""
+        from .trajectory import trial_snapshot_plan
+
+        return trial_snapshot_plan(self.trials, self.vocab_sizes)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -211,6 +223,8 @@ class Plan:
             "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
             "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler in GRACE_TOKEN_SCHEDULERS else None,
             "trials": self.trial_count, "max_iterations": self.launch.max_iterations,
+            "snapshots": {"schedule": self.fixed.get("snapshots", "log"), "dtype": self.fixed.get("snapshot_dtype", "float32"),
+                          "per_trial": self.snapshot_plan()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -278,12 +292,12 @@ def preflight(plan: Plan) -> None:
         )
 
 
-def prepare_datasets(trials: list[dict[str, Any]], log_line: Callable[[str], None]) -> dict[str, Any]:
+def prepare_datasets(plan: Plan, log_line: Callable[[str], None]) -> dict[str, Any]:
     """Tokenize and pack once per distinct (tokenizer, seq_len); put each in the object store."""
     import ray
 
     refs = {}
-    for trial in trials:
+    for trial in plan.trials:
         key = data_key(trial)
         if key in refs:
             continue
@@ -292,6 +306,7 @@ def prepare_datasets(trials: list[dict[str, Any]], log_line: Callable[[str], Non
         data = prepare_data(data_cfg, trial["seq_len"], log_line)
         log_line(f"data {key}: {data.train.shape[0]:,} train / {data.test.shape[0]:,} test windows in {time.perf_counter() - started:.1f}s")
         refs[key] = ray.put((data.train, data.test, data.tokenizer.backend.to_str()))
+        plan.vocab_sizes[key] = data.tokenizer.vocab_size
     return refs
 
 
@@ -421,6 +436,7 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
             # A finished trial's worker process takes the next trial: no new Python, torch or
             # Ray worker start-up per trial (benchmarks/sweep_efficiency.py measures it).
             reuse_actors=True,
+            # sweep.trainable.trial_snapshots finds a trial's folder by this name
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
@@ -576,6 +592,20 @@ def grace_tokens_unused(plan: Plan) -> str | None:
             f"(its brackets set their own rungs, and may compare trials before a phase change); asha and halving use them")
 
 
+def snapshot_summary(plan: Plan) -> str:
+    """One line: how many snapshots each trial writes and their bytes, per trial and for the sweep."""
+    from .trajectory import human_bytes
+
+    rows = plan.snapshot_plan()
+    schedule = plan.fixed.get("snapshots", "log")
+    if not any(row["snapshots"] for row in rows):
+        return "snapshots: none (--snapshots none)"
+    per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} ({row['shape']})" for row in rows[:4])
+    more = f"; {len(rows) - 4} more shapes" if len(rows) > 4 else ""
+    total = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows) * plan.trial_count / len(plan.trials)
+    return f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): {per_trial}{more}; about {human_bytes(total)} for the sweep"
+
+
 def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
     """Preflight, start Ray, check the cluster, prepare data once, then run every trial to the end."""
     preflight(plan)
@@ -591,7 +621,8 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
                  f"reached by {', '.join(str(count) for _, count in plan.halving_rungs)} trials")
     if note := grace_tokens_unused(plan):
         log_line(note)
-    datasets = prepare_datasets(plan.trials, log_line)
+    datasets = prepare_datasets(plan, log_line)
+    log_line(snapshot_summary(plan))
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
@@ -663,7 +694,7 @@ def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
     init_ray(address, verbose)
     check_cluster(plan, address is None, log_line)
     log_line(f"resuming {plan.name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
-    datasets = prepare_datasets(plan.trials, log_line)
+    datasets = prepare_datasets(plan, log_line)
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()

@@ -263,8 +263,13 @@ def trial_configs(config: dict[str, Any], vocab_size: int = 2) -> tuple[DataConf
     """The dataclasses of one trial config dict; raises ConfigError naming the values."""
     data = data_config(config)
     model = ModelConfig(vocab_size=vocab_size, **_owned(config, ModelConfig))
-    train = TrainConfig(**_owned(config, TrainConfig), device=config.get("device", "auto"), compile=config.get("compile", False))
+    run_settings = {name: config[name] for name in RUN_SETTINGS if name in config}
+    train = TrainConfig(**_owned(config, TrainConfig), device=config.get("device", "auto"), **run_settings)
     return data, model, train
+
+
+# TrainConfig fields a sweep holds fixed for every trial (sweep launch flags, not --grid keys).
+RUN_SETTINGS = ("compile", "snapshots", "snapshot_dtype")
 
 
 def trial_schedule(config: dict[str, Any]) -> Schedule:
@@ -290,7 +295,8 @@ def validate_trials(trials: list[dict[str, Any]], axes: dict[str, Any], typed: d
 
     for trial in trials:
         try:
-            trial_configs(trial)
+            _, model, train = trial_configs(trial)
+            train.snapshot_steps(model.seq_len)  # a schedule this trial cannot honour fails here
         except ConfigError as error:
             varying = ", ".join(f"{k}={trial[k]}" for k in axes)
             where = f" (in the trial {varying})" if varying else ""

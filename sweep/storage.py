@@ -163,22 +163,38 @@ def read_text(storage: Storage, path: str) -> str:
 
 def write_text(storage: Storage, path: str, text: str) -> None:
     """Write a small file whole or not at all: an S3 PUT is atomic; locally, write then rename."""
+    write_bytes(storage, path, text.encode())
+
+
+def write_bytes(storage: Storage, path: str, data: bytes) -> None:
+    """`put_bytes`, with a failure said as one line about the storage (ConfigError)."""
+    try:
+        put_bytes(storage, path, data)
+    except OSError as error:
+        raise ConfigError(describe_storage_error(storage, error)) from None
+
+
+def put_bytes(storage: Storage, path: str, data: bytes) -> None:
+    """Write a file whole or not at all: an S3 upload lands complete or not at all; locally, write then rename.
+
+    Raises OSError (ENOSPC for a full disk) when it cannot; nothing partial is left behind.
+    """
     if storage.is_s3:
         with storage.filesystem.open_output_stream(path) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         return
     partial = f"{path}.partial-{uuid.uuid4().hex}"
     try:
         storage.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with storage.filesystem.open_output_stream(partial) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         storage.filesystem.move(partial, path)
-    except OSError as error:
+    except OSError:
         try:
             storage.filesystem.delete_file(partial)
         except OSError:
             pass
-        raise ConfigError(describe_storage_error(storage, error)) from None
+        raise
 
 
 def exists(storage: Storage, path: str) -> bool:

@@ -23,7 +23,8 @@ from model.train import Trainer, run_iterations
 from .names import FINAL_FAILURES
 from .runner import TrialSettings
 from .space import data_key, trial_configs
-from .storage import is_storage_full
+from .storage import is_storage_full, open_storage
+from .trajectory import SNAPSHOTS_FOLDER, StorageSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
     trainer = None
     try:
         trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
+        if settings.storage_uri:
+            trainer.attach_snapshots(trial_snapshots(settings))
         checkpoint = tune.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as directory:
@@ -82,6 +85,13 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
             f"(--memory-per-trial {settings.memory_per_trial_mb or 'unset'} MB); "
             f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
         ) from None
+
+
+def trial_snapshots(settings: TrialSettings) -> StorageSnapshots:
+    """This trial's snapshot folder in the experiment's storage (the trial folders are trial_<id>)."""
+    storage = open_storage(settings.storage_uri)
+    folder = storage.path(settings.experiment, f"trial_{tune.get_context().get_trial_id()}", SNAPSHOTS_FOLDER)
+    return StorageSnapshots(storage, folder)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -1,0 +1,159 @@
+"""Measures of one model's weights on a fixed probe: the rows of an experiment's analysis table.
+
+An analysis is a function of (weights, probe data, definition). Each entry of
+MEASURES turns a model and its probe into rows (layer, head, measure, value),
+layer and head -1 for what belongs to the whole model. `sweep analyse` maps
+them over every stored snapshot; the trainer's own per-iteration readings use
+the same functions (`evaluate_model`, `head_scores`, `mean_ablation`). A
+measure's `version` goes with every row: change a definition, raise its
+version, and `sweep analyse` computes it again for every snapshot.
+
+A measure added here next month backfills into last month's sweeps: name it in
+`sweep analyse --what`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .analysis import AnalysisConfig, composition_scores, head_scores, repeated_tokens
+from .circuits import mean_ablation
+from .config import DataConfig, ModelConfig, TrainConfig, from_dict
+from .metrics import SCORE_NAMES
+from .transformer import Transformer
+
+Row = tuple[int, int, str, float]  # (layer, head, measure, value); -1, -1 for the whole model
+WHOLE_MODEL = -1
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The fixed data every snapshot of a run is measured on."""
+
+    held_out: torch.Tensor
+    """[N, T+1] windows: the run's held-out sample of the test split (the trainer evaluates on the same)."""
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    def definition(self) -> dict[str, Any]:
+        """What the probe is, stored beside the measures it gave."""
+        return {"held_out_windows": int(self.held_out.shape[0]), "window_tokens": int(self.held_out.shape[1] - 1),
+                "probe_sequences": self.analysis.probe_sequences, "ablation_sequences": self.analysis.ablation_sequences,
+                "seed": self.analysis.seed}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One analysis of the table: its version, what it is, and how it is computed."""
+
+    name: str
+    version: int
+    description: str
+    compute: Callable[[Transformer, Probe], list[Row]]
+
+
+def _loss_rows(model: Transformer, probe: Probe) -> list[Row]:
+    from .train import evaluate_model
+
+    metrics = evaluate_model(model, probe.held_out)
+    return [(WHOLE_MODEL, WHOLE_MODEL, name, float(metrics[name])) for name in ("test_loss", "test_accuracy", "icl_score")]
+
+
+def _score_rows(model: Transformer, probe: Probe) -> list[Row]:
+    document = head_scores(model, probe.held_out, probe.analysis, ablate=False)
+    return [(h["layer"], h["head"], name, float(h["scores"][name])) for h in document["heads"] for name in SCORE_NAMES]
+
+
+def _ablation_rows(model: Transformer, probe: Probe) -> list[Row]:
+    cfg = probe.analysis
+    windows = probe.held_out[: cfg.ablation_sequences].long()
+    repeated = repeated_tokens(model.cfg, cfg)[: cfg.ablation_sequences]
+    rises = mean_ablation(model, windows, repeated, model.cfg.seq_len // 2)
+    return [(layer, head, f"ablation_{kind}", float(value))
+            for layer, row in enumerate(rises) for head, rise in enumerate(row) for kind, value in rise.items()]
+
+
+def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
+    """Rows of the later head: `k_composition_from_0.1` is the K-composition of head 0.1 into it."""
+    scores = composition_scores(model)
+    rows = []
+    for kind, nested in scores.items():
+        for layer1, heads1 in enumerate(nested):
+            for head1, later in enumerate(heads1):
+                for layer2, heads2 in enumerate(later):
+                    rows += [(layer2, head2, f"{kind}_composition_from_{layer1}.{head1}", float(value))
+                             for head2, value in enumerate(heads2) if value is not None]
+    return rows
+
+
+MEASURES: dict[str, Measure] = {
+    measure.name: measure
+    for measure in (
+        Measure("loss", 1, "test_loss, test_accuracy and icl_score on the held-out sample", _loss_rows),
+        Measure("scores", 1, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
+        Measure("ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows),
+        Measure("composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows),
+    )
+}
+DEFAULT_MEASURES = ("loss", "scores")
+
+
+def parse_measures(text: str) -> tuple[str, ...]:
+    """`--what a,b`: known measure names, in the table's order; `all` for every one."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["all"]:
+        return tuple(MEASURES)
+    unknown = [name for name in names if name not in MEASURES]
+    if unknown or not names:
+        from .config import ConfigError
+
+        raise ConfigError(f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: {', '.join(MEASURES)} or all")
+    return tuple(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def measure_model(model: Transformer, probe: Probe, names: tuple[str, ...]) -> dict[str, list[Row]]:
+    """Rows of each named measure for one model."""
+    model.eval()
+    return {name: MEASURES[name].compute(model, probe) for name in names}
+
+
+def run_probe(run_config: dict[str, Any], data=None) -> Probe:
+    """The probe of a run from its config (config.json or a snapshot's record): the trainer's held-out sample.
+
+    `data` is the run's prepared data when the caller has it; otherwise it is prepared (from the cache).
+    """
+    from .data import prepare_data
+    from .train import held_out_sample
+
+    model_cfg = from_dict(ModelConfig, run_config["model"])
+    train_cfg = from_dict(TrainConfig, run_config.get("train", {}))
+    data_cfg = from_dict(DataConfig, run_config.get("data", {}))
+    if data is None:
+        data = prepare_data(data_cfg, model_cfg.seq_len)
+    windows = held_out_sample(np.asarray(data.test), train_cfg.eval_tokens, model_cfg.seq_len)
+    return Probe(torch.as_tensor(windows))
+
+
+def checkpoint_document(checkpoint, which: str) -> dict[str, Any]:
+    """heads.json (`heads`: scores, ablation, labels, composition) or circuits.json (`circuits`: token tables)
+    of a checkpoint folder that does not hold it, such as a snapshot's: computed from its weights and run data."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
+    from .circuits import token_frequencies, token_tables
+    from .data import prepare_data
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    model = load_checkpoint(checkpoint)
+    data = prepare_data(from_dict(DataConfig, config.get("data", {})), model.cfg.seq_len)
+    if which == "heads":
+        probe = run_probe(config, data)
+        return head_scores(model, probe.held_out, probe.analysis, ablate=True)
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    frequencies = token_frequencies(torch.as_tensor(np.asarray(data.train)), model.cfg.vocab_size)
+    return token_tables(model, lambda i: tokenizer.token_strings([i])[0], frequencies)

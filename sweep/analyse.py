@@ -1,0 +1,222 @@
+"""`sweep analyse`: model/'s measures mapped over every (trial, snapshot) of an experiment as Ray tasks.
+
+Results go to one columnar table per experiment, `<experiment>/analysis/`: Parquet
+part files with the columns of SCHEMA, each written whole by one flush of one
+run, with the measures' definitions and the probe in its schema metadata. A
+reader opens every part (a handful per analyse run, never one per snapshot).
+A (trial, step, analysis, version) already in the table is never computed
+again, so a second run computes nothing, an interrupted run goes on where it
+stopped, and a measure added later backfills into a finished sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from model.config import ConfigError
+
+from .results import Experiment, TrialRecord
+from .storage import Storage, write_bytes
+from .trajectory import Snapshot
+
+TABLE_FOLDER = "analysis"
+SCHEMA = pa.schema([
+    ("trial", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("layer", pa.int16()), ("head", pa.int16()),
+    ("measure", pa.string()), ("value", pa.float64()), ("analysis", pa.string()), ("version", pa.int32()),
+])
+FLUSH_SECONDS = 20.0
+"""A run writes what it has computed at least this often: an interruption loses less than this."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One snapshot of one trial and the measures it still lacks."""
+
+    trial: TrialRecord
+    snapshot: Snapshot
+    measures: tuple[str, ...]
+
+
+def table_path(experiment: Experiment) -> str:
+    return f"{experiment.path}/{TABLE_FOLDER}"
+
+
+def table_parts(storage: Storage, folder: str) -> list[str]:
+    infos = storage.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+
+
+def read_table(experiment: Experiment, columns: list[str] | None = None) -> pa.Table | None:
+    """The experiment's analysis table (every part), or None when `sweep analyse` never ran on it."""
+    parts = table_parts(experiment.storage, table_path(experiment))
+    if not parts:
+        return None
+    tables = [pq.read_table(part, columns=columns, filesystem=experiment.storage.filesystem) for part in parts]
+    return pa.concat_tables(tables)
+
+
+def done_keys(table: pa.Table | None) -> set[tuple[str, int, str, int]]:
+    """(trial, step, analysis, version) units already in the table."""
+    if table is None or table.num_rows == 0:
+        return set()
+    units = table.select(["trial", "step", "analysis", "version"]).group_by(["trial", "step", "analysis", "version"]).aggregate([])
+    return set(zip(*(units.column(name).to_pylist() for name in ("trial", "step", "analysis", "version"))))
+
+
+def plan_tasks(experiment: Experiment, measures: tuple[str, ...], trials: list[TrialRecord]) -> list[Task]:
+    """Every (trial, snapshot) with the measures the table does not hold at their current version."""
+    from model.measures import MEASURES
+
+    done = done_keys(read_table(experiment, ["trial", "step", "analysis", "version"]))
+    tasks = []
+    for trial in trials:
+        for snapshot in trial.snapshots:
+            missing = tuple(m for m in measures if (trial.trial_id, snapshot.step, m, MEASURES[m].version) not in done)
+            if missing:
+                tasks.append(Task(trial, snapshot, missing))
+    return tasks
+
+
+def choose_trials(experiment: Experiment, wanted: tuple[str, ...]) -> list[TrialRecord]:
+    if not wanted:
+        return experiment.trials
+    known = {t.trial_id: t for t in experiment.trials}
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise ConfigError(f"--trials {','.join(unknown)}: no such trial in {experiment.name}; trials: {', '.join(known)}")
+    return [known[t] for t in wanted]
+
+
+def _probe_key(trial: TrialRecord) -> str:
+    from .space import trial_configs
+
+    data, model, train = trial_configs(trial.config)
+    return json.dumps([data.__dict__, model.seq_len, train.eval_tokens], sort_keys=True, default=str)
+
+
+def _run_config(trial: TrialRecord) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from .space import trial_configs
+
+    data, model, train = trial_configs(trial.config)
+    return {"model": asdict(model), "train": asdict(train), "data": asdict(data)}
+
+
+def measure_snapshot(storage_uri: str, snapshot_path: str, probe, measures: tuple[str, ...]) -> dict[str, list]:
+    """A Ray task: load one snapshot from storage and measure it (one thread: tasks run side by side)."""
+    import torch
+
+    from model.measures import measure_model
+    from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
+
+    from .storage import open_storage
+
+    torch.set_num_threads(1)
+    storage = open_storage(storage_uri)
+    with storage.filesystem.open_input_stream(f"{snapshot_path}/{SNAPSHOT_FILE}") as stream:
+        record = json.loads(stream.read())
+    with storage.filesystem.open_input_stream(f"{snapshot_path}/{WEIGHTS_FILE}") as stream:
+        weights = stream.read()
+    return measure_model(model_from_snapshot(record, weights), probe, measures)
+
+
+def analyse_experiment(
+    experiment: Experiment,
+    measures: tuple[str, ...],
+    trials: list[TrialRecord],
+    address: str | None = None,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+    log_line: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> dict[str, int]:
+    """Compute what the table lacks, as Ray tasks, flushing finished snapshots to the table as they come.
+
+    Returns counts: tasks planned and done, rows written, parts written.
+    """
+    import ray
+
+    from model.measures import MEASURES, run_probe
+
+    from .runner import init_ray
+
+    tasks = plan_tasks(experiment, measures, trials)
+    counts = {"tasks": len(tasks), "done": 0, "rows": 0, "parts": 0}
+    if not tasks:
+        return counts
+    init_ray(address, verbose)
+    probes: dict[str, Any] = {}
+    for trial in {t.trial.trial_id: t.trial for t in tasks}.values():
+        key = _probe_key(trial)
+        if key not in probes:
+            probes[key] = ray.put(run_probe(_run_config(trial)))
+    remote = ray.remote(num_cpus=1, max_retries=2)(measure_snapshot)
+    pending = {
+        remote.remote(experiment.storage.uri, task.snapshot.path, probes[_probe_key(task.trial)], task.measures): task
+        for task in tasks
+    }
+    definitions = {name: {"version": m.version, "description": m.description} for name, m in MEASURES.items() if name in measures}
+    buffer: list[tuple[Task, dict[str, list]]] = []
+    flushed_at = time.monotonic()
+    on_progress(0, len(tasks))
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                buffer.append((pending.pop(ref), ray.get(ref)))
+                counts["done"] += 1
+            on_progress(counts["done"], len(tasks))
+            if buffer and (not pending or time.monotonic() - flushed_at > FLUSH_SECONDS):
+                counts["rows"] += write_part(experiment, buffer, definitions)
+                counts["parts"] += 1
+                buffer, flushed_at = [], time.monotonic()
+    finally:
+        if buffer:  # an interrupted run keeps what it finished
+            counts["rows"] += write_part(experiment, buffer, definitions)
+            counts["parts"] += 1
+    return counts
+
+
+def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]]], definitions: dict[str, Any]) -> int:
+    """One Parquet part holding whole (trial, snapshot, measure) units, written whole; returns its rows."""
+    from model.measures import MEASURES
+
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for task, by_measure in results:
+        for name, rows in by_measure.items():
+            for layer, head, measure, value in rows:
+                for column, item in zip(SCHEMA.names, (task.trial.trial_id, task.snapshot.step, task.snapshot.tokens_seen, layer, head,
+                                                      measure, value, name, MEASURES[name].version)):
+                    columns[column].append(item)
+    table = pa.table(columns, schema=SCHEMA.with_metadata({"measures": json.dumps(definitions)}))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    path = f"{table_path(experiment)}/{name}"
+    write_bytes(experiment.storage, path, sink.getvalue().to_pybytes())
+    return table.num_rows
+
+
+def formed_at(table: pa.Table, thresholds: dict[str, float]) -> dict[str, dict[str, int | None]]:
+    """trial -> {induction_formed_at, prev_token_formed_at}: tokens_seen of the first snapshot whose
+    best head passes the label threshold (snapshot resolution; None: never)."""
+    import pyarrow.compute as pc
+
+    keys = {"induction_formed_at": "induction", "prev_token_formed_at": "previous_token"}
+    scores = table.filter(pc.and_(pc.equal(table["analysis"], "scores"), pc.is_in(table["measure"], pa.array(list(keys.values())))))
+    best = scores.group_by(["trial", "step", "tokens_seen", "measure"]).aggregate([("value", "max")]).to_pylist()
+    result: dict[str, dict[str, int | None]] = {}
+    for row in sorted(best, key=lambda r: r["step"]):
+        entry = result.setdefault(row["trial"], {key: None for key in keys})
+        for key, measure in keys.items():
+            if row["measure"] == measure and entry[key] is None and row["value_max"] > thresholds[measure]:
+                entry[key] = row["tokens_seen"]
+    return result
