@@ -17,7 +17,7 @@ import torch
 
 from .circuits import mean_ablation
 from .generate import generate
-from .metrics import SCORE_NAMES, SUMMARY_METRICS, label_matters
+from .metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD, SCORE_NAMES, SUMMARY_METRICS, label_matters
 from .tokenizers import TextTokenizer
 from .transformer import Transformer
 
@@ -36,8 +36,8 @@ class AnalysisConfig:
     """Seeds sampling and the random-token probes."""
     probe_sequences: int = 32
     """Sequences averaged over for every pattern score."""
-    induction_threshold: float = 0.4
-    previous_token_threshold: float = 0.4
+    induction_threshold: float = INDUCTION_THRESHOLD
+    previous_token_threshold: float = PREVIOUS_TOKEN_THRESHOLD
     first_token_threshold: float = 0.8
     copying_threshold: float = 0.7
     matters_threshold: float = 0.05

@@ -16,6 +16,10 @@ SUMMARY_METRICS = {
     "copying_score_max": "copying",
 }
 
+# A head is labelled induction / previous-token above these scores; the run's formed_at is when its best head first passes.
+INDUCTION_THRESHOLD = 0.4
+PREVIOUS_TOKEN_THRESHOLD = 0.4
+
 # Every metric a training iteration reports (the contract of DESIGN.md).
 REPORTED_METRICS = (
     "train_loss", "test_loss", "test_accuracy", "test_perplexity", "icl_score", "tokens_seen", "tokens_per_second", "epoch", "lr",

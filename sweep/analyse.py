@@ -205,6 +205,22 @@ def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]
     return table.num_rows
 
 
+def use_snapshot_formed_at(experiment: Experiment) -> bool:
+    """Replace each trial's induction_formed_at and prev_token_formed_at (first iteration past the threshold)
+    by the first snapshot past it, for the trials the analysis table scored; True if it did."""
+    from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
+
+    table = read_table(experiment, ["trial", "step", "tokens_seen", "measure", "value", "analysis"])
+    if table is None:
+        return False
+    formed = formed_at(table, {"induction": INDUCTION_THRESHOLD, "previous_token": PREVIOUS_TOKEN_THRESHOLD})
+    for trial in experiment.trials:
+        if trial.trial_id in formed:
+            trial.metrics.update(formed[trial.trial_id])
+    experiment.formed_at_resolution = "snapshots"
+    return bool(formed)
+
+
 def formed_at(table: pa.Table, thresholds: dict[str, float]) -> dict[str, dict[str, int | None]]:
     """trial -> {induction_formed_at, prev_token_formed_at}: tokens_seen of the first snapshot whose
     best head passes the label threshold (snapshot resolution; None: never)."""

@@ -64,6 +64,8 @@ class Atlas:
     """"axis1 x axis2" -> one entry per value pair (means only)."""
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     """axis -> score -> spread of the group means (max - min)."""
+    formed_at_resolution: str = "iterations"
+    """induction_formed_at is the first iteration, or (from the analysis table) the first snapshot, past the threshold."""
 
     def strongest(self, axis: str) -> tuple[str, float]:
         """The ranking score that depends most on `axis`, and its spread."""
@@ -73,7 +75,7 @@ class Atlas:
 
     def document(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread, "trials": [r.document() for r in self.rows],
-                "groups": self.groups, "pairs": self.pairs}
+                "groups": self.groups, "pairs": self.pairs, "formed_at_resolution": self.formed_at_resolution}
 
 
 def score_names() -> list[str]:
@@ -122,7 +124,11 @@ def _key(value: Any) -> str:
 
 
 def build_atlas(experiment: Experiment) -> Atlas:
-    """The atlas of an experiment: every trial's latest heads.json read in parallel (S3 round trips overlap)."""
+    """The atlas of an experiment: every trial's latest heads.json read in parallel (S3 round trips overlap);
+    formed_at at snapshot resolution where `sweep analyse` scored the snapshots."""
+    from .analyse import use_snapshot_formed_at
+
+    use_snapshot_formed_at(experiment)
     trials = experiment.trials
     with ThreadPoolExecutor(max_workers=16) as pool:
         documents = list(pool.map(lambda t: _heads_document(experiment, t), trials))
@@ -136,7 +142,7 @@ def build_atlas(experiment: Experiment) -> Atlas:
     )
     varying = [a for a in varying if len({_key(r.config.get(a)) for r in rows}) > 1]
     names = [*score_names(), *TRIAL_VALUES]
-    atlas = Atlas(experiment.name, [], rows)
+    atlas = Atlas(experiment.name, [], rows, formed_at_resolution=experiment.formed_at_resolution)
     for axis in varying:
         values = sorted({_key(r.config.get(axis)) for r in rows}, key=_sortable)
         entries = []

@@ -384,13 +384,15 @@ def best(name, storage, metric, mode, top, as_json):
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write every trial's last metrics as CSV.")
 def results(name, storage, csv_path):
     """Every trial of experiment NAME (default: the newest) with its config and last metrics."""
+    from .analyse import use_snapshot_formed_at
     from .results import load_experiment, results_rows
 
     experiment = load_experiment(_open(storage), name)
+    use_snapshot_formed_at(experiment)
     if csv_path:
         _write_csv(csv_path, *results_rows(experiment))
         return
-    table = Table(title=experiment.name)
+    table = Table(title=experiment.name, caption=f"formed_at: the first {experiment.formed_at_resolution[:-1]} past the threshold")
     shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
     for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
         table.add_column(column)
@@ -715,7 +717,8 @@ def atlas(name, storage, as_json, csv_path):
         _write_csv(csv_path, *atlas_rows_csv(result))
         return
     scores = GRID_SCORES
-    table = Table(title=f"{result.experiment}: {len(result.rows)} trials")
+    table = Table(title=f"{result.experiment}: {len(result.rows)} trials",
+                  caption=f"induction at: tokens_seen of the first {result.formed_at_resolution[:-1]} past the threshold")
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
         table.add_column(column, justify="right")
 

@@ -98,6 +98,9 @@ class Experiment:
     """False when Tune's newest state file was cut short: the experiment cannot be resumed."""
     state_found: bool = True
     """False when Tune never saved its state: the launch stopped before the sweep began."""
+    formed_at_resolution: str = "iterations"
+    """What induction_formed_at counts in: the first iteration past the threshold, or the first snapshot
+    (once `sweep analyse` has scored the snapshots: sweep.analyse.use_snapshot_formed_at)."""
 
     @property
     def path(self) -> str:
