@@ -75,10 +75,10 @@ SNAPSHOTS_HELP = ("Snapshot schedule, fixed before training: log (step 0, powers
 
 
 def snapshot_options(command):
-    """--snapshots and --snapshot-dtype (train and launch)."""
-    command = click.option("--snapshot-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
-                           help="Snapshot weights' dtype: bfloat16 halves their bytes.")(command)
-    return click.option("--snapshots", default="log", show_default=True, help=SNAPSHOTS_HELP)(command)
+    """--snapshots and --snapshot-dtype (train and launch; a preset may choose its own)."""
+    command = click.option("--snapshot-dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
+                           help="Snapshot weights' dtype: bfloat16 halves their bytes [default: float32, or the preset's].")(command)
+    return click.option("--snapshots", default=None, help=SNAPSHOTS_HELP + " [default: log, or the preset's]")(command)
 
 
 def at_options(command):
@@ -130,7 +130,7 @@ def train(dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_
 
     from .space import trial_configs
 
-    run_settings = {"device": device, "compile": compile, "snapshots": snapshots, "snapshot_dtype": snapshot_dtype}
+    run_settings = {"device": device, "compile": compile, "snapshots": snapshots or "log", "snapshot_dtype": snapshot_dtype or "float32"}
     _, model_cfg, train_cfg = trial_configs({**values, **run_settings})
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
     model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
@@ -253,7 +253,7 @@ def launch(
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if compile_model is not None:
         explicit["compile"] = compile_model
-    explicit |= {"snapshots": snapshots, "snapshot_dtype": snapshot_dtype}
+    explicit |= {key: value for key, value in (("snapshots", snapshots), ("snapshot_dtype", snapshot_dtype)) if value is not None}
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,

@@ -600,10 +600,17 @@ def snapshot_summary(plan: Plan) -> str:
     schedule = plan.fixed.get("snapshots", "log")
     if not any(row["snapshots"] for row in rows):
         return "snapshots: none (--snapshots none)"
-    per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} ({row['shape']})" for row in rows[:4])
-    more = f"; {len(rows) - 4} more shapes" if len(rows) > 4 else ""
     total = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows) * plan.trial_count / len(plan.trials)
-    return f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): {per_trial}{more}; about {human_bytes(total)} for the sweep"
+    head = f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): "
+    if len(rows) <= 2:
+        per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} a trial ({row['shape']})" for row in rows)
+        return f"{head}{per_trial}; about {human_bytes(total)} for the sweep"
+    counts = sorted(row["snapshots"] for row in rows)
+    sizes = sorted(row["bytes_each"] for row in rows)
+    trial_bytes = sorted(row["snapshots"] * row["bytes_each"] for row in rows)
+    return (f"{head}{counts[0]}-{counts[-1]} a trial of {human_bytes(sizes[0])}-{human_bytes(sizes[-1])} each "
+            f"({human_bytes(trial_bytes[0])}-{human_bytes(trial_bytes[-1])} a trial); about {human_bytes(total)} for the sweep"
+            + ("; --snapshot-dtype bfloat16 halves it, --snapshots log:10 or none cut it" if total > 50e9 else ""))
 
 
 def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:

@@ -85,7 +85,10 @@ PRESETS = {
         axes={"seq_len": [20, 50, 80], "lr": [1e-4, 1e-3], "heads": [4, 8], "d_model": [128, 256], "layers": [1, 2], "mlp": [False, True]},
         # No torch.compile by default: since the fused loss, compiled and eager steps run at the
         # same speed on CPU (benchmarks/RESULTS.md) and compiling costs ~15 s per trial; --compile turns it on.
-        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000},
+        # Snapshots at the GPT-2 vocabulary are 52-109 MB of float32 each: the default log schedule would
+        # be about 300 GB for the grid. 10 evenly spaced after the powers of two, in bf16: about 80 GB.
+        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000,
+               "snapshots": "log:10", "snapshot_dtype": "bfloat16"},
     ),
     "smoke": Preset(
         "4 tiny trials that finish in minutes on a laptop CPU",

@@ -51,7 +51,7 @@ def trial_snapshot_plan(trials: list[dict[str, Any]], vocab_sizes: dict[str, int
         _, model, train = trial_configs(trial, vocab_size=vocab)
         count = len(train.snapshot_steps(model.seq_len))
         size = weights_bytes(model.parameter_count, train.snapshot_dtype)
-        shape = " ".join(f"{k}={trial[k]}" for k in SHAPE_KEYS if k in trial) + f" vocab={vocab}"
+        shape = " ".join(f"{k}={trial[k]}" for k in SHAPE_KEYS if k in trial and k != "lr") + f" vocab={vocab}"
         row = rows.setdefault(shape, {"shape": shape, "snapshots": count, "bytes_each": size, "trials": 0})
         row["trials"] += 1
     return list(rows.values())
@@ -131,9 +131,10 @@ def find_snapshot(snapshots: list[Snapshot], address: SnapshotAddress, title: st
     for snapshot in snapshots:
         if key(snapshot) == wanted:
             return snapshot
-    nearest = sorted(snapshots, key=lambda s: abs(key(s) - wanted))[:3]
+    before = [s for s in snapshots if key(s) < wanted][-1:]
+    after = [s for s in snapshots if key(s) > wanted][:1]
     unit = "--step" if address.step is not None else "--tokens-seen"
-    named = ", ".join(f"{unit} {key(s)}" for s in sorted(nearest, key=key))
+    named = ", ".join(f"{unit} {key(s)}" for s in before + after)
     raise ConfigError(f"{title} has no snapshot at {address.text}; nearest: {named} (`sweep snapshots` lists them all)")
 
 

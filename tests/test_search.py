@@ -205,6 +205,25 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     formed = next(i for i, row in enumerate(history) if row["tokens_seen"] == best["metrics"]["induction_formed_at"])
     assert formed >= 1 and history[formed]["icl_score"] < history[formed - 1]["icl_score"] - 0.1, history
 
+    # The snapshots locate the phase change between two of them, inside the iteration the history names.
+    analysed = sweep("analyse", "ind", "--storage", storage, timeout=600)
+    assert "measured" in analysed.stderr
+    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    assert atlas["formed_at_resolution"] == "snapshots"
+    formed_at = {row["trial_id"]: row["induction_formed_at"] for row in atlas["trials"]}
+    iteration_tokens = history[1]["tokens_seen"] - history[0]["tokens_seen"]
+    at_iteration = best["metrics"]["induction_formed_at"]
+    assert at_iteration - iteration_tokens < formed_at[best["trial_id"]] <= at_iteration, (formed_at, at_iteration)
+    assert [value for trial, value in formed_at.items() if trial != best["trial_id"]] == [None]  # the 1-layer trial never
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(storage / "ind" / "analysis")).to_table().to_pandas()
+    induction = table[(table.trial == best["trial_id"]) & (table.measure == "induction")].groupby("tokens_seen").value.max()
+    jump = induction.diff().idxmax()  # the snapshot after the steepest rise of the best induction head
+    tokens = list(induction.index)
+    assert abs(tokens.index(jump) - tokens.index(formed_at[best["trial_id"]])) <= 1, induction.to_dict()
+    assert induction.loc[:formed_at[best["trial_id"]]].iloc[:-1].max() <= 0.4 < induction.loc[formed_at[best["trial_id"]]]
+
 
 @pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [
     (4, 2, [1, 2, 4], [16, 8, 4]),
