@@ -135,12 +135,11 @@ def analyse_experiment(
     trials: list[TrialRecord],
     address: str | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
-    log_line: Callable[[str], None] = print,
     verbose: bool = False,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Compute what the table lacks, as Ray tasks, flushing finished snapshots to the table as they come.
 
-    Returns counts: tasks planned and done, rows written, parts written.
+    Returns counts: tasks planned and done, rows written, parts written, and the measures computed.
     """
     import ray
 
@@ -149,7 +148,8 @@ def analyse_experiment(
     from .runner import init_ray
 
     tasks = plan_tasks(experiment, measures, trials)
-    counts = {"tasks": len(tasks), "done": 0, "rows": 0, "parts": 0}
+    computed = tuple(m for m in measures if any(m in task.measures for task in tasks))
+    counts = {"tasks": len(tasks), "done": 0, "rows": 0, "parts": 0, "measures": computed}
     if not tasks:
         return counts
     init_ray(address, verbose)

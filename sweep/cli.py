@@ -687,11 +687,11 @@ def analyse(ctx, name, storage, what, trials, address):
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         bar = progress.add_task(f"analysing {experiment.name}", total=None)
         counts = analyse_experiment(experiment, measures, chosen, address, lambda done, total: progress.update(bar, completed=done, total=total),
-                                    console.print, ctx.find_root().params["verbose"])
+                                    ctx.find_root().params["verbose"])
     if not counts["tasks"]:
         console.print(f"{experiment.name}: the analysis table already holds {', '.join(measures)} for every snapshot; nothing to compute")
         return
-    console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(measures)}), "
+    console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(counts['measures'])}), "
                   f"{counts['rows']:,} rows in {experiment.storage.uri_of(table_path(experiment))}")
 
 

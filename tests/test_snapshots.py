@@ -228,7 +228,8 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
     from sweep.storage import open_storage
 
     storage = tmp_path / "results"
-    sweep("launch", reviews_file, *TINY, "--grid", "heads=2,4", "--snapshots", "every:2048", "--storage", storage, "--name", "snap")
+    sweep("launch", reviews_file, *TINY, "--grid", "heads=2,4", "--snapshots", "every:2048", "--no-early-stopping",
+          "--storage", storage, "--name", "snap")
     experiment = load_experiment(open_storage(str(storage)), "snap")
     assert [[s.step for s in t.snapshots] for t in experiment.trials] == [[0, 8, 16, 24, 32]] * 2
 
