@@ -32,6 +32,17 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Interrupted(click.ClickException):
+    """One line; the exit status of the signal that stopped the sweep (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(self.message, err=True)
+
+
 class SweepGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -40,6 +51,15 @@ class SweepGroup(click.Group):
             raise UserError(str(error)) from None
         except NonFiniteLossError as error:
             raise click.ClickException(str(error)) from None
+        except Exception as error:
+            from .driver import SweepInterrupted
+            from .runner import RayLostError
+
+            if isinstance(error, SweepInterrupted):
+                raise Interrupted(str(error), error.exit_code) from None
+            if isinstance(error, RayLostError):
+                raise click.ClickException(str(error)) from None
+            raise
 
 
 @click.group(cls=SweepGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -293,9 +313,11 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def _open(storage_uri):
+    """Storage for the commands that read: an unreachable S3 endpoint fails in seconds (launch, resume and
+    trials retry for minutes instead)."""
     from .storage import open_storage
 
-    return open_storage(storage_uri)
+    return open_storage(storage_uri, patient=False)
 
 
 def _varying(config: dict) -> str:
@@ -359,6 +381,22 @@ def status(name, storage):
     best = best_trials(experiment, metric, mode, 1) if any(metric in t.metrics for t in experiment.trials) else []
     if best:
         click.echo(f"best {metric}: {best[0].metrics[metric]:.4f} ({best[0].trial_id})")
+    _say_how_it_stopped(experiment)
+
+
+def _say_how_it_stopped(experiment) -> None:
+    """Lines on stderr: how the sweep's last driver stopped, when it did not finish, and damaged records."""
+    from .driver import driver_alive, stopped_reason
+    from .names import INTERRUPTED
+
+    if driver_alive(experiment.driver):
+        console.print(f"running: a driver on {experiment.driver.get('host')} (pid {experiment.driver.get('pid')}) "
+                      f"updated it at {experiment.driver.get('updated')}", highlight=False)
+    elif reason := stopped_reason(experiment.driver):
+        unfinished = sum(t.status == INTERRUPTED for t in experiment.trials)
+        console.print(f"{reason}; {unfinished} trials unfinished: run `sweep resume {experiment.name}`", highlight=False)
+    if experiment.damaged:
+        console.print(f"damaged records, read around: {', '.join(experiment.damaged)}", highlight=False)
 
 
 @main.command()

@@ -13,6 +13,11 @@ FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
 # The public status of a trial Tune stopped before its last iteration (ASHA, or a stop rule).
 STOPPED_EARLY = "STOPPED_EARLY"
 
+# The public status of a trial that was running (or waiting) when its driver stopped: `sweep resume` continues it.
+INTERRUPTED = "INTERRUPTED"
+# Ray Tune's states of a trial that has not ended.
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+
 # --scheduler choices, as the CLI's help explains them.
 SCHEDULERS = {
     "asha": "asynchronous successive halving: a trial is compared with those that reached its rung before it",
@@ -24,4 +29,4 @@ SCHEDULERS = {
 # Schedulers whose first rung --grace-tokens (or a preset's) can set: HyperBand's brackets set their own.
 GRACE_TOKEN_SCHEDULERS = ("asha", "halving")
 
-__all__ = ["FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]
+__all__ = ["FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "INTERRUPTED", "UNFINISHED", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]

@@ -93,9 +93,20 @@ class ProgressCallback(tune.Callback):
         self._log(self._summary())
 
     def _summary(self) -> str:
+        from .driver import interruption
+
+        if interruption():  # Tune stopped the running trials: they did not finish, whatever their state says now
+            self.counts = self._interrupted_counts()
         counts = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"
         return f"[{time.time() - self.started:6.0f}s] {counts or 'starting'}; {best}"
+
+    def _interrupted_counts(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for state, n in self.counts.items():
+            key = "unfinished" if state in ("running", "stopped early", "pending") else state
+            merged[key] = merged.get(key, 0) + n
+        return merged
 
     def _render(self) -> Table:
         table = Table(title="sweep", show_header=True)

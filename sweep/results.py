@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, manifest_problem
 from model.config import ConfigError
 
-from .names import FINAL_FAILURES, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, metric_mode
+from .driver import DRIVER_FILE, stopped_reason
+from .names import FINAL_FAILURES, INTERRUPTED, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, UNFINISHED, metric_mode
 from .space import planned_iterations, trial_schedule
 from .storage import Storage, check_name, exists, read_text
 from .trajectory import (
@@ -98,6 +99,10 @@ class Experiment:
     """False when Tune's newest state file was cut short: the experiment cannot be resumed."""
     state_found: bool = True
     """False when Tune never saved its state: the launch stopped before the sweep began."""
+    driver: dict[str, Any] | None = None
+    """driver.json: whether a driver runs the sweep, or how the last one stopped (None: an older experiment)."""
+    damaged: list[str] = field(default_factory=list)
+    """Ray's trial records that were empty or cut short (a full disk): read around, from what else is there."""
     formed_at_resolution: str = "iterations"
     """What induction_formed_at counts in: the first iteration past the threshold, or the first snapshot
     (once `sweep analyse` has scored the snapshots: sweep.analyse.use_snapshot_formed_at)."""
@@ -139,17 +144,32 @@ def newest_experiment(storage: Storage) -> str:
 
 def load_experiment(storage: Storage, name: str | None) -> Experiment:
     """Every trial of an experiment with its state, last metrics and complete checkpoints."""
+    try:
+        return _load_experiment(storage, name)
+    except OSError as error:  # pyarrow's errors for an unreachable, refusing or vanished storage
+        from .storage import describe_storage_error
+
+        raise ConfigError(describe_storage_error(storage, error)) from None
+
+
+def _load_experiment(storage: Storage, name: str | None) -> Experiment:
     name = check_name(name) if name else newest_experiment(storage)
     root = storage.path(name)
     if not exists(storage, f"{root}/{SWEEP_FILE}"):
         raise ConfigError(f"no experiment {name!r} in {storage.uri}; `sweep list` shows the experiments there")
-    record = json.loads(read_text(storage, f"{root}/{SWEEP_FILE}"))
+    try:
+        record = json.loads(read_text(storage, f"{root}/{SWEEP_FILE}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{storage.uri_of(root)}/{SWEEP_FILE} is unreadable (cut short?); the experiment's record is lost") from None
     listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     sizes = {info.path[len(root) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
     files = set(sizes)
     states, state_readable = _trial_states(storage, root, files)
     state_found = any(re.match(r"^experiment_state-.*\.json$", f) for f in files)
     cap = (record.get("launch") or {}).get("max_iterations")
+    driver = _json_file(storage, f"{root}/{DRIVER_FILE}") if DRIVER_FILE in files else None
+    stopped = stopped_reason(driver)
+    damaged: list[str] = []
     trial_dirs = sorted({path.split("/")[0] for path in files if path.startswith("trial_") and "/" in path})
     trials = []
     for directory in trial_dirs:
@@ -164,8 +184,10 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
         status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
         if any(last.get(reason) for reason in FINAL_FAILURES):
             status = "ERROR"  # it reported a failure that ends it, whatever an older snapshot says
+        elif stopped and status in UNFINISHED:
+            status = INTERRUPTED  # no driver runs it: it is not running, whatever Tune last wrote
         error = _error_reason(storage, f"{root}/{directory}", trial_files, last) if status == "ERROR" else None
-        config = _public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files))
+        config = _public_config(last.get("config") or _params(storage, f"{root}/{directory}", trial_files, damaged))
         trials.append(
             TrialRecord(
                 trial_id=last.get("trial_id") or state.get("trial_id") or directory.removeprefix("trial_"),
@@ -183,7 +205,7 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
                 ),
             )
         )
-    return Experiment(name, storage, record, trials, state_readable, state_found)
+    return Experiment(name, storage, record, trials, state_readable, state_found, driver, damaged)
 
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -245,8 +267,23 @@ def _result_lines(text: str) -> list[dict[str, Any]]:
     return results
 
 
-def _params(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
-    return json.loads(read_text(storage, f"{trial_path}/params.json")) if "params.json" in trial_files else {}
+def _params(storage: Storage, trial_path: str, trial_files: set[str], damaged: list[str]) -> dict[str, Any]:
+    """The trial's params.json; an empty or cut-short one (a full disk) is noted in `damaged` and read as {}."""
+    if "params.json" not in trial_files:
+        return {}
+    config = _json_file(storage, f"{trial_path}/params.json")
+    if config is None:
+        damaged.append(f"{trial_path.rsplit('/', 1)[-1]}/params.json")
+    return config or {}
+
+
+def _json_file(storage: Storage, path: str) -> dict[str, Any] | None:
+    """A small JSON file, or None when it is empty or cut short."""
+    try:
+        value = json.loads(read_text(storage, path))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _complete_checkpoints(

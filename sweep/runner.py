@@ -339,7 +339,14 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if not verbose:
         # Ray announces its token authentication on every start; the README explains the token once.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
+    except (ConnectionError, RuntimeError) as error:
+        if address is None:
+            raise
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        token = " (is RAY_AUTH_MODE=token set, with the cluster's token in ~/.ray/auth_token?)" if "uth" in str(error) else ""
+        raise ConfigError(f"cannot join the Ray cluster at --address {address}: {first[:200]}{token}") from None
 
 
 def _describe(resources: dict[str, float]) -> str:
@@ -636,22 +643,80 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
     tuner = build_tuner(plan, datasets, failures, list(callbacks))
     # Written only now that every check has passed: a failed launch leaves nothing behind.
     write_text(plan.storage, plan.storage.path(plan.name, SWEEP_FILE), json.dumps(plan.record(), indent=2))
-    _fit(tuner, plan, failures)
+    _fit(tuner, plan, failures, verbose)
     return plan
 
 
-def _fit(tuner, plan: Plan, failures: FinalFailureCallback) -> None:
-    """Run the sweep; a sweep that ran out of storage ends in one clear error, not half-results."""
-    try:
-        tuner.fit()
-    except Exception as error:
-        # With the disk full, Ray's own state, result and error files are cut short too (EOFError, bad JSON,
-        # a truncated pickle): any failure once a trial reported storage_full is that, not a second problem.
-        if failures.saw("storage_full") or is_storage_full(error):
-            raise StorageFullError(storage_full_message(plan)) from None
-        raise
-    if failures.saw("storage_full"):
-        raise StorageFullError(storage_full_message(plan))
+def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = False) -> None:
+    """Run the sweep under the driver's record; every way it can stop ends in one line and a record saying it.
+
+    Ray's own output (state dumps, trial tracebacks, Tune's hints) goes to a log file unless `verbose`.
+    """
+    from .driver import DriverRecord, ray_output_to
+
+    log_path = None if verbose else driver_log_path(plan.name)
+    with DriverRecord(plan.storage, plan.name) as driver, ray_output_to(log_path):
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            raise driver.interrupted(driver.signal or "SIGINT") from None
+        except Exception as error:
+            # With the disk full, Ray's own state, result and error files are cut short too (EOFError, bad JSON,
+            # a truncated pickle): any failure once a trial reported storage_full is that, not a second problem.
+            if failures.saw("storage_full") or is_storage_full(error):
+                driver.write("interrupted", "storage full")
+                raise StorageFullError(storage_full_message(plan)) from None
+            if lost := ray_lost(error):
+                driver.write("interrupted", f"Ray {lost}")
+                details = f" (Ray's messages: {log_path})" if log_path else ""
+                raise RayLostError(f"interrupted: the Ray {lost}; every trial's last checkpoint is kept; "
+                                   f"run `sweep resume {plan.name}` once Ray is back{details}") from None
+            driver.write("failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+            raise
+        if failures.saw("storage_full"):
+            driver.write("interrupted", "storage full")
+            raise StorageFullError(storage_full_message(plan))
+        if driver.signal:
+            raise driver.interrupted(driver.signal)
+        if lost := trials_lost_with_their_node(plan):
+            driver.write("interrupted", f"Ray node lost under {lost} trials")
+            raise RayLostError(f"interrupted: the Ray node under {lost} trials was lost (their workers died with it); "
+                               f"every trial's last checkpoint is kept; run `sweep resume {plan.name}`")
+        driver.write("finished")
+
+
+class RayLostError(RuntimeError):
+    """The Ray cluster (or the local Ray node) went away under the sweep; `sweep resume` continues it."""
+
+
+def ray_lost(error: BaseException) -> str | None:
+    """What was lost, when `error` says the Ray node or cluster went away under the driver."""
+    text = f"{type(error).__name__}: {error}"
+    for marker, what in (("raylet", "node lost: its raylet died"), ("GCS", "cluster lost: its GCS is unreachable"),
+                         ("gcs_server", "cluster lost: its GCS is unreachable"), ("RaySystemError", "node lost"),
+                         ("node has been marked dead", "node lost"), ("Failed to connect", "cluster unreachable")):
+        if marker in text:
+            return what
+    return None
+
+
+# What Ray's error says when a trial's worker went away with its node, not through the trial's own fault.
+NODE_LOSS_MARKERS = ("actor is unavailable", "ActorUnavailableError", "RpcError", "raylet", "node died", "Node died",
+                     "was marked dead", "ActorDiedError")
+
+
+def trials_lost_with_their_node(plan: Plan) -> int:
+    """How many trials ended in an error that says their worker or node went away (0: none)."""
+    from .results import load_experiment
+
+    experiment = load_experiment(plan.storage, plan.name)
+    return sum(1 for t in experiment.trials if t.status == "ERROR" and t.error and any(m in t.error for m in NODE_LOSS_MARKERS))
+
+
+def driver_log_path(name: str) -> Path:
+    from model.data import cache_dir
+
+    return cache_dir() / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def storage_full_message(plan: Plan) -> str:
@@ -666,6 +731,7 @@ def load_plan(name: str | None, storage_uri: str | None) -> Plan:
     from .results import newest_experiment
 
     storage = open_storage(storage_uri)
+    check_writable(storage)  # an unreachable or full storage fails here in seconds, before Ray starts
     name = check_name(name) if name else newest_experiment(storage)
     record_path = storage.path(name, SWEEP_FILE)
     if not exists(storage, record_path):
@@ -705,5 +771,5 @@ def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
-    _fit(build_tuner(plan, datasets, failures, list(callbacks), restore=True), plan, failures)
+    _fit(build_tuner(plan, datasets, failures, list(callbacks), restore=True), plan, failures, verbose)
     return plan

@@ -1,0 +1,181 @@
+"""The driver's own record of a sweep, and how it stops.
+
+`<experiment>/driver.json` says whether a driver is running the sweep, and if
+not, how the last one ended: finished, interrupted (SIGINT, SIGTERM, the Ray
+node lost, the storage full) or failed, with the reason and time. A running
+driver refreshes it every HEARTBEAT_SECONDS, so a driver killed outright
+(`kill -9`, a lost machine) reads as interrupted once its record is older
+than STALE_SECONDS: the readers never show a trial RUNNING that nothing runs.
+
+Signals: the first Ctrl-C (or SIGTERM) asks Ray Tune to stop gracefully
+(through SIGUSR1, Tune's own stop signal: it saves the experiment state one
+last time, and every trial's last checkpoint is already in storage); a second
+one stops at once. Either way the experiment stays resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from model.config import ConfigError
+
+from .storage import Storage, write_text
+
+DRIVER_FILE = "driver.json"
+# A running driver refreshes driver.json this often; one silent for STALE_SECONDS is gone (tests shorten both).
+HEARTBEAT_SECONDS = float(os.environ.get("SWEEP_HEARTBEAT_SECONDS", 30))
+STALE_SECONDS = float(os.environ.get("SWEEP_DRIVER_STALE_SECONDS", 120))
+# The exit status of a process ended by a signal, as shells report it.
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class SweepInterrupted(Exception):
+    """The driver stopped before the sweep finished; the experiment can be resumed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DriverRecord:
+    """driver.json of one running driver: written at start, refreshed, and closed with how it ended."""
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self.path = storage.path(name, DRIVER_FILE)
+        self.started = time.time()
+        self.signal: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    def write(self, state: str, reason: str | None = None) -> None:
+        record = {"state": state, "reason": reason, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": _iso(self.started), "updated": _iso(time.time()), "heartbeat": time.time()}
+        write_text(self.storage, self.path, json.dumps(record, indent=1))
+
+    def __enter__(self) -> DriverRecord:
+        global _ACTIVE
+        _ACTIVE = self
+        self.write("running")
+        self._thread = threading.Thread(target=self._beat, name="driver-heartbeat", daemon=True)
+        self._thread.start()
+        self._install_signal_handlers()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        global _ACTIVE
+        _ACTIVE = None
+        self._stop.set()
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.write("running")
+            except ConfigError:
+                pass  # a full or unreachable storage: the sweep itself says so
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Tune's own SIGINT handler would swallow the first Ctrl-C without a word; ours asks it to stop through SIGUSR1.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[number] = signal.getsignal(number)
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame) -> None:
+        if self.signal is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        if hasattr(signal, "SIGUSR1"):
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune: save the state once more and stop the trials
+        else:
+            raise KeyboardInterrupt
+
+    def interrupted(self, reason: str) -> SweepInterrupted:
+        """Record the interruption and the error that says it (exit 130 for SIGINT, 143 for SIGTERM, else 1)."""
+        try:
+            self.write("interrupted", reason)
+        except ConfigError:
+            pass
+        what = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}.get(reason, reason)
+        return SweepInterrupted(
+            f"interrupted ({what}): every trial's last checkpoint is kept; run `sweep resume {self.name}` "
+            f"(storage {self.storage.uri}) to finish it", SIGNAL_EXIT.get(reason, 1))
+
+
+_ACTIVE: DriverRecord | None = None
+
+
+def interruption() -> str | None:
+    """The signal that is stopping this process's sweep, if one is (the progress view words its summary by it)."""
+    return _ACTIVE.signal if _ACTIVE is not None else None
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def driver_alive(record: dict[str, Any] | None, now: float | None = None) -> bool:
+    """Whether a driver runs the sweep: it says so and refreshed its record within STALE_SECONDS."""
+    if not record or record.get("state") != "running":
+        return False
+    return (now or time.time()) - float(record.get("heartbeat", 0)) < STALE_SECONDS
+
+
+def stopped_reason(record: dict[str, Any] | None, now: float | None = None) -> str | None:
+    """Why no driver runs the sweep, or None when one does (or the experiment predates driver records)."""
+    if not record or driver_alive(record, now):
+        return None
+    if record.get("state") == "running":
+        return f"driver lost (no heartbeat since {record.get('updated')})"
+    if record.get("state") in ("interrupted", "failed"):
+        return f"{record['state']}: {record.get('reason')} at {record.get('updated')}"
+    return None
+
+
+@contextlib.contextmanager
+def ray_output_to(log_path: Path | None):
+    """Send Ray's output to `log_path` while the sweep runs: what its C++ core writes to the process's
+    stderr (state dumps of a lost node) and its Python loggers (Tune's hints, trial tracebacks, which
+    error.txt in storage keeps too). Python's sys.stderr, where the sweep's own lines go, keeps the
+    terminal. None: leave everything as it is (-v)."""
+    if log_path is None:
+        yield
+        return
+    import logging
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    previous = sys.stderr
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(previous, "encoding", None) or "utf-8")
+    ray_logger = logging.getLogger("ray")
+    handlers, propagate = list(ray_logger.handlers), ray_logger.propagate
+    with open(log_path, "ab") as log:
+        file_handler = logging.StreamHandler(open(log_path, "a", encoding="utf-8"))  # noqa: SIM115 (closed below)
+        os.dup2(log.fileno(), 2)
+        sys.stderr = terminal
+        ray_logger.handlers, ray_logger.propagate = [file_handler], False
+        try:
+            yield
+        finally:
+            ray_logger.handlers, ray_logger.propagate = handlers, propagate
+            file_handler.stream.close()
+            terminal.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sys.stderr = previous
+            terminal.close()
