@@ -393,8 +393,10 @@ def _say_how_it_stopped(experiment) -> None:
         console.print(f"running: a driver on {experiment.driver.get('host')} (pid {experiment.driver.get('pid')}) "
                       f"updated it at {experiment.driver.get('updated')}", highlight=False)
     elif reason := stopped_reason(experiment.driver):
-        unfinished = sum(t.status == INTERRUPTED for t in experiment.trials)
-        console.print(f"{reason}; {unfinished} trials unfinished: run `sweep resume {experiment.name}`", highlight=False)
+        interrupted = sum(t.status == INTERRUPTED for t in experiment.trials)
+        errored = sum(t.status == "ERROR" for t in experiment.trials)
+        left = ", ".join(part for part in (f"{interrupted} interrupted" * bool(interrupted), f"{errored} errored" * bool(errored)) if part)
+        console.print(f"{reason}" + (f"; {left}: `sweep resume {experiment.name}` continues them" if left else ""), highlight=False)
     if experiment.damaged:
         console.print(f"damaged records, read around: {', '.join(experiment.damaged)}", highlight=False)
 

@@ -104,12 +104,25 @@ class DriverRecord:
         else:
             raise KeyboardInterrupt
 
+    def close(self, state: str, reason: str | None = None) -> None:
+        """Record how the driver stopped. On a full local disk the record is rewritten in place (its pages
+        are already there); where even that fails, readers see the driver gone (its process, or its heartbeat)."""
+        try:
+            self.write(state, reason)
+        except ConfigError:
+            if self.storage.is_s3:
+                return
+            record = {"state": state, "reason": reason, "updated": _iso(time.time()), "heartbeat": time.time()}
+            try:
+                with open(self.path, "r+b") as handle:
+                    handle.write(json.dumps(record).encode())
+                    handle.truncate()
+            except OSError:
+                pass
+
     def interrupted(self, reason: str) -> SweepInterrupted:
         """Record the interruption and the error that says it (exit 130 for SIGINT, 143 for SIGTERM, else 1)."""
-        try:
-            self.write("interrupted", reason)
-        except ConfigError:
-            pass
+        self.close("interrupted", reason)
         what = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}.get(reason, reason)
         return SweepInterrupted(
             f"interrupted ({what}): every trial's last checkpoint is kept; run `sweep resume {self.name}` "
@@ -129,10 +142,25 @@ def _iso(seconds: float) -> str:
 
 
 def driver_alive(record: dict[str, Any] | None, now: float | None = None) -> bool:
-    """Whether a driver runs the sweep: it says so and refreshed its record within STALE_SECONDS."""
+    """Whether a driver runs the sweep: it says so, refreshed its record within STALE_SECONDS, and, when
+    it ran on this machine, its process is still there."""
     if not record or record.get("state") != "running":
         return False
+    if record.get("host") == socket.gethostname() and not _process_exists(int(record.get("pid", 0))):
+        return False
     return (now or time.time()) - float(record.get("heartbeat", 0)) < STALE_SECONDS
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stopped_reason(record: dict[str, Any] | None, now: float | None = None) -> str | None:
@@ -140,7 +168,7 @@ def stopped_reason(record: dict[str, Any] | None, now: float | None = None) -> s
     if not record or driver_alive(record, now):
         return None
     if record.get("state") == "running":
-        return f"driver lost (no heartbeat since {record.get('updated')})"
+        return f"driver lost (its process is gone; last heard of at {record.get('updated')})"
     if record.get("state") in ("interrupted", "failed"):
         return f"{record['state']}: {record.get('reason')} at {record.get('updated')}"
     return None

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from model.config import ConfigError
 
+from .names import FINAL_FAILURES
 from .space import planned_iterations
 
 
@@ -47,10 +48,13 @@ class ProgressCallback(tune.Callback):
             if better:
                 self.best = (value, trial.trial_id)
         if self._live is None:
-            self._log(
-                f"{trial.trial_id} iter {result.get('training_iteration')} {self.metric} {value:.4f}"
-                if isinstance(value, float) else f"{trial.trial_id} iter {result.get('training_iteration')}"
-            )
+            failure = next((reason for reason in FINAL_FAILURES if result.get(reason)), None)
+            if failure:  # the report that ends the trial carries a sentinel metric (inf), not a measurement
+                self._log(f"{trial.trial_id} {failure} at tokens_seen {result.get('tokens_seen', 0):,}")
+            elif isinstance(value, float):
+                self._log(f"{trial.trial_id} iter {result.get('training_iteration')} {self.metric} {value:.4f}")
+            else:
+                self._log(f"{trial.trial_id} iter {result.get('training_iteration')}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if self._live is None:

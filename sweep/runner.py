@@ -664,25 +664,25 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = Fals
             # With the disk full, Ray's own state, result and error files are cut short too (EOFError, bad JSON,
             # a truncated pickle): any failure once a trial reported storage_full is that, not a second problem.
             if failures.saw("storage_full") or is_storage_full(error):
-                driver.write("interrupted", "storage full")
+                driver.close("interrupted", "storage full")
                 raise StorageFullError(storage_full_message(plan)) from None
             if lost := ray_lost(error):
-                driver.write("interrupted", f"Ray {lost}")
+                driver.close("interrupted", f"Ray {lost}")
                 details = f" (Ray's messages: {log_path})" if log_path else ""
                 raise RayLostError(f"interrupted: the Ray {lost}; every trial's last checkpoint is kept; "
                                    f"run `sweep resume {plan.name}` once Ray is back{details}") from None
-            driver.write("failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+            driver.close("failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
             raise
         if failures.saw("storage_full"):
-            driver.write("interrupted", "storage full")
+            driver.close("interrupted", "storage full")
             raise StorageFullError(storage_full_message(plan))
         if driver.signal:
             raise driver.interrupted(driver.signal)
         if lost := trials_lost_with_their_node(plan):
-            driver.write("interrupted", f"Ray node lost under {lost} trials")
+            driver.close("interrupted", f"Ray node lost under {lost} trials")
             raise RayLostError(f"interrupted: the Ray node under {lost} trials was lost (their workers died with it); "
                                f"every trial's last checkpoint is kept; run `sweep resume {plan.name}`")
-        driver.write("finished")
+        driver.close("finished")
 
 
 class RayLostError(RuntimeError):
