@@ -207,3 +207,56 @@ def ray_output_to(log_path: Path | None):
             os.close(saved)
             sys.stderr = previous
             terminal.close()
+
+
+class RayWatch:
+    """Watches the Ray the sweep runs on. When its GCS stops answering (the cluster or the local node is gone),
+    or the local node's raylet dies, Ray's own core would end this process a minute later from C++, with
+    nothing but a state dump; the watch says it first, in one line, records it, and exits with status 1."""
+
+    def __init__(self, record: DriverRecord, say, interval: float = 1.0, misses: int = 3) -> None:
+        self.record, self.say, self.interval, self.misses = record, say, interval, misses
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RayWatch:
+        import ray
+
+        worker = ray._private.worker.global_worker
+        node = getattr(worker, "node", None)
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        self.gcs = (host, int(port))
+        # a local Ray started by this driver: its processes are ours to watch
+        self.node = node if getattr(node, "head", False) and getattr(node, "all_processes", None) else None
+        self.local = {name: [info.process for info in infos] for name, infos in self.node.all_processes.items()
+                      if name in ("raylet", "gcs_server")} if self.node is not None else {}
+        threading.Thread(target=self._watch, name="ray-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+
+    def lost(self) -> str | None:
+        for name, processes in self.local.items():
+            if any(process is not None and process.poll() is not None for process in processes):
+                return f"local node is gone (its {name} died)"
+        try:
+            socket.create_connection(self.gcs, timeout=2).close()
+        except OSError:
+            return f"cluster is gone (its GCS at {self.gcs[0]}:{self.gcs[1]} does not answer)"
+        return None
+
+    def _watch(self) -> None:
+        missed = 0
+        while not self._stop.wait(self.interval):
+            what = self.lost()
+            missed = missed + 1 if what else 0
+            if missed >= self.misses and not self._stop.is_set():
+                self.record.close("interrupted", f"Ray's {what}")
+                self.say(f"interrupted: Ray's {what}; every trial's last checkpoint is kept; "
+                         f"run `sweep resume {self.record.name}` once Ray is back")
+                if self.node is not None:  # leave no orphan of the local Ray this driver started
+                    try:
+                        self.node.kill_all_processes(check_alive=False, allow_graceful=False)
+                    except Exception:  # noqa: BLE001 (exiting anyway)
+                        pass
+                os._exit(1)

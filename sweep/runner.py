@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -652,10 +653,11 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = Fals
 
     Ray's own output (state dumps, trial tracebacks, Tune's hints) goes to a log file unless `verbose`.
     """
-    from .driver import DriverRecord, ray_output_to
+    from .driver import DriverRecord, RayWatch, ray_output_to
 
     log_path = None if verbose else driver_log_path(plan.name)
-    with DriverRecord(plan.storage, plan.name) as driver, ray_output_to(log_path):
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 (the terminal, even while Ray's output is logged)
+    with DriverRecord(plan.storage, plan.name) as driver, ray_output_to(log_path), RayWatch(driver, say):
         try:
             tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once

@@ -1,0 +1,162 @@
+"""Interruptions that lose nothing and say so: Ctrl-C, SIGTERM, a killed driver, a lost Ray node, a full
+disk and an unreachable bucket, each one line and an experiment every command still reads and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, run_env, write_reviews
+
+TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
+        "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3", "--no-early-stopping", "--snapshots", "every:4096"]
+
+
+def sweep(*args, check=True, timeout=300, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True,
+                            env=env or run_env(), timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def reviews(tmp_path) -> Path:
+    path = tmp_path / "reviews.jsonl"
+    write_reviews(path, count=600)
+    return path
+
+
+def start(reviews, storage, name, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=24576", "--grid", "heads=2,4",
+         "--storage", str(storage), "--name", name, *extra],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def wait_for_checkpoint(storage: Path, name: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not list(storage.glob(f"{name}/trial_*/checkpoint_000002/heads.json")):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no trial reached its third checkpoint"
+        time.sleep(0.2)
+
+
+def final_losses(storage: Path, name: str) -> dict:
+    rows = json.loads(sweep("best", name, "--storage", storage, "--metric", "test_loss", "--top", "10", "--json").stdout)["trials"]
+    return {(row["config"]["heads"]): (row["status"], row["iterations"], round(row["metrics"]["test_loss"], 4)) for row in rows}
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.parametrize("signals, exit_code", [((signal.SIGINT,), 130), ((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)])
+def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_uninterrupted(reviews, tmp_path, signals, exit_code):
+    storage = tmp_path / "results"
+    process = start(reviews, storage, "sig")
+    try:
+        wait_for_checkpoint(storage, "sig", process)
+        for number in signals:
+            os.kill(process.pid, number)
+            time.sleep(0.3)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == exit_code, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted (") and "run `sweep resume sig`" in last, stderr
+    assert "Tuner.restore" not in stderr and "Traceback" not in stderr and "stopped early" not in stderr, stderr
+    status = sweep("status", "sig", "--storage", storage)
+    assert "interrupted" in status.stdout and "running" not in status.stdout.lower(), status.stdout
+    assert "`sweep resume sig` continues them" in status.stderr
+    assert json.loads((storage / "sig" / "driver.json").read_text())["state"] == "interrupted"
+
+    sweep("resume", "sig", "--storage", storage, timeout=400)
+    sweep("launch", reviews, *TINY, "--grid", "max_tokens=24576", "--grid", "heads=2,4", "--storage", storage, "--name", "straight",
+          timeout=400)
+    assert final_losses(storage, "sig") == final_losses(storage, "straight")
+    assert all(state == "TERMINATED" for state, _, _ in final_losses(storage, "sig").values())
+    snapshots = json.loads(sweep("snapshots", "sig", "--storage", storage, "--json").stdout)["trials"]
+    assert all([row["tokens_seen"] for row in rows] == [0, 4096, 8192, 12288, 16384, 20480, 24576] for rows in snapshots.values())
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_a_killed_driver_reads_as_interrupted_not_running(reviews, tmp_path):
+    storage = tmp_path / "results"
+    process = start(reviews, storage, "killed")
+    try:
+        wait_for_checkpoint(storage, "killed", process)
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert json.loads((storage / "killed" / "driver.json").read_text())["state"] == "running"  # it had no chance to say
+    status = sweep("status", "killed", "--storage", storage)
+    assert "running" not in status.stdout.lower() and "interrupted" in status.stdout, status.stdout
+    assert "driver lost" in status.stderr
+    # on another machine its process cannot be seen: its heartbeat going stale says the same
+    env = run_env(SWEEP_DRIVER_STALE_SECONDS="0.5")
+    record = json.loads((storage / "killed" / "driver.json").read_text())
+    (storage / "killed" / "driver.json").write_text(json.dumps(record | {"host": "elsewhere"}))
+    time.sleep(1)
+    assert "interrupted" in sweep("status", "killed", "--storage", storage, env=env).stdout
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_the_local_ray_node_lost_under_a_sweep_is_one_line_then_resume_finishes(reviews, tmp_path):
+    storage = tmp_path / "results"
+    process = start(reviews, storage, "lost")
+    try:
+        wait_for_checkpoint(storage, "lost", process)
+        raylets = [pid for pid in _descendants(process.pid) if b"raylet" in _cmdline(pid)]
+        assert raylets, "the sweep's own raylet was not found"
+        for pid in raylets:  # only the Ray this sweep started: never another Ray on the machine
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: Ray's local node is gone") and "sweep resume lost" in last, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) < 30, stderr
+    sweep("resume", "lost", "--storage", storage, timeout=400)
+    assert all(state == "TERMINATED" and iterations == 12 for state, iterations, _ in final_losses(storage, "lost").values())
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_reading_an_s3_storage_with_no_server_fails_in_seconds():
+    env = run_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    for command in (["best", "--metric", "test_loss"], ["status"], ["results"], ["atlas"], ["snapshots"]):
+        started = time.monotonic()
+        result = sweep(*command, "--storage", "s3://bucket/prefix", check=False, env=env, timeout=60)
+        assert time.monotonic() - started < 15, command
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"Error: cannot reach the S3 endpoint {env['AWS_ENDPOINT_URL']} for s3://bucket/prefix: check AWS_ENDPOINT_URL and the network"
+        ], result.stderr
