@@ -147,11 +147,54 @@ def composition_scores(model: Transformer) -> dict[str, list]:
 
 
 def repeated_tokens(model_cfg, cfg: AnalysisConfig = AnalysisConfig()) -> torch.Tensor:
-    """The repeated-token probe [probe_sequences, 2n]: random tokens r of length n = seq_len // 2, then r again."""
+    """The repeated-token probe [probe_sequences, 2n]: random tokens r of length n = seq_len // 2, then r again.
+
+    r is drawn without replacement when the vocabulary has n tokens, so every token of the second copy
+    occurs once before it and an ideal induction or duplicate-token head scores 1.0 (with repeats inside r
+    it would split its attention among them: 0.77 at the repeat task's vocabulary of 66).
+    """
     period = model_cfg.seq_len // 2
     generator = torch.Generator().manual_seed(cfg.seed)
-    random_tokens = torch.randint(0, model_cfg.vocab_size, (cfg.probe_sequences, period), generator=generator)
+    if model_cfg.vocab_size >= period:
+        random_tokens = torch.stack([torch.randperm(model_cfg.vocab_size, generator=generator)[:period]
+                                     for _ in range(cfg.probe_sequences)])
+    else:
+        random_tokens = torch.randint(0, model_cfg.vocab_size, (cfg.probe_sequences, period), generator=generator)
     return torch.cat([random_tokens, random_tokens], dim=1)  # (B, 2n)
+
+
+def ideal_repeated_scores(tokens: torch.Tensor, period: int) -> dict[str, float]:
+    """What an ideal head scores on this probe: it attends equally to every earlier match of its query token
+    (duplicate-token: the same token; induction: the token after it), so 1.0 when r has no repeats."""
+    batch, length = tokens.shape
+    queries = torch.arange(period, length)
+    same = tokens[:, queries, None] == tokens[:, None, :]  # (B, n, 2n): key k holds the query's token
+    before = torch.arange(length)[None, :] < queries[:, None]  # (n, 2n)
+    duplicate_matches = (same & before).sum(-1).clamp_min(1)
+    follows = torch.zeros_like(same)
+    follows[:, :, 1:] = same[:, :, :-1]  # key k follows an occurrence of the query's token
+    induction_matches = (follows & (torch.arange(length)[None, :] <= queries[:, None])).sum(-1).clamp_min(1)
+    return {"duplicate_token": float((1 / duplicate_matches.float()).mean()), "induction": float((1 / induction_matches.float()).mean())}
+
+
+PROBE_VERSION = 2
+"""Version of the head-score definitions and probes: 2 draws r without replacement (an ideal head scores 1.0)."""
+
+
+def probe_record(model_cfg, cfg: AnalysisConfig, held_out_sequences: int, ideal: dict[str, float]) -> dict[str, Any]:
+    """How the scores of a heads.json were measured: stored beside them."""
+    period = model_cfg.seq_len // 2
+    return {
+        "version": PROBE_VERSION,
+        "held_out": {"sequences": held_out_sequences, "tokens": model_cfg.seq_len,
+                     "scores": ["previous_token", "current_token", "first_token"]},
+        "repeated": {"sequences": cfg.probe_sequences, "period": period, "vocabulary": model_cfg.vocab_size, "seed": cfg.seed,
+                     "distinct": model_cfg.vocab_size >= period, "ideal_head": ideal,
+                     "scores": ["duplicate_token", "induction"],
+                     "scaled": "raw" if min(ideal.values()) > 0.999 else "fraction of the ideal head's score on this probe"},
+        "copying": "Re(sum of eigenvalues) / sum of |eigenvalues| of W_V W_O W_U W_E (Elhage et al. 2021)",
+        "thresholds": cfg.thresholds(),
+    }
 
 
 @torch.no_grad()
@@ -173,9 +216,11 @@ def head_scores(
 
     period = model.cfg.seq_len // 2
     repeated = repeated_tokens(model.cfg, cfg).to(device)
+    ideal = ideal_repeated_scores(repeated.cpu(), period)
     _, repeat_patterns = model.run_with_patterns(repeated)
     for scores, pattern in zip(per_layer, repeat_patterns):
-        scores.update(repeated_token_scores(pattern.float(), period))
+        # where r had to repeat tokens (a tiny vocabulary), as a fraction of what an ideal head scores here
+        scores.update({name: value / ideal[name] for name, value in repeated_token_scores(pattern.float(), period).items()})
     copying = copying_scores(model)
     ablation = mean_ablation(model, windows, repeated[: cfg.ablation_sequences], period) if ablate else None
     model.train(was_training)
@@ -192,7 +237,7 @@ def head_scores(
             if ablation is not None:
                 entry["ablation"] = {k: round(v, 5) for k, v in ablation[layer][head].items()}
             heads.append(entry)
-    document = {"heads": heads, "composition": composition_scores(model)}
+    document = {"heads": heads, "composition": composition_scores(model), "probe": probe_record(model.cfg, cfg, int(tokens.shape[0]), ideal)}
     return label_matters(document, cfg.matters_threshold) if ablation is not None else document
 
 

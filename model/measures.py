@@ -93,7 +93,7 @@ MEASURES: dict[str, Measure] = {
     measure.name: measure
     for measure in (
         Measure("loss", 1, "test_loss, test_accuracy and icl_score on the held-out sample", _loss_rows),
-        Measure("scores", 1, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
+        Measure("scores", 2, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
         Measure("ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows),
         Measure("composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows),
     )

@@ -136,3 +136,47 @@ def test_labels_follow_thresholds():
     assert all("previous_token" in h["labels"] for h in low["heads"])
     high = head_scores(model, torch.randint(0, 50, (4, 8)), AnalysisConfig(previous_token_threshold=2.0))
     assert not any("previous_token" in h["labels"] for h in high["heads"])
+
+
+def ideal_patterns(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B, 1, 2n, 2n]: a head that attends equally to every earlier match of its query's token (duplicate_token)
+    or to every token that follows one (induction), and to itself where nothing matches."""
+    batch, length = tokens.shape
+    pattern = torch.zeros(batch, 1, length, length)
+    for b in range(batch):
+        for i in range(length):
+            keys = [k for k in range(i) if tokens[b, k] == tokens[b, i]] if kind == "duplicate_token" else \
+                   [k for k in range(1, i + 1) if tokens[b, k - 1] == tokens[b, i]]
+            for k in keys or [i]:
+                pattern[b, 0, i, k] = 1 / len(keys or [i])
+    return pattern
+
+
+@pytest.mark.parametrize("vocab", [8, 66, 50257])  # 8 < n: r must repeat tokens; 66: the repeat task; 50257: gpt2
+@pytest.mark.parametrize("kind", ["induction", "duplicate_token"])
+def test_an_ideal_head_scores_one_on_the_probe_of_every_vocabulary(vocab, kind):
+    from model.analysis import AnalysisConfig, ideal_repeated_scores, repeated_tokens
+
+    model_cfg = ModelConfig(vocab_size=vocab, d_model=8, n_heads=1, n_layers=1, seq_len=64)
+    tokens = repeated_tokens(model_cfg, AnalysisConfig(probe_sequences=8))
+    period = 32
+    raw = repeated_token_scores(ideal_patterns(tokens, kind), period)[kind].item()
+    ideal = ideal_repeated_scores(tokens, period)[kind]
+    assert raw / ideal == pytest.approx(1.0, abs=0.01)  # what heads.json reports
+    if vocab >= period:  # r without repeats: the raw score itself is 1.0
+        assert raw == pytest.approx(1.0, abs=0.01) and ideal == 1.0
+    else:
+        assert ideal < 0.9
+
+
+def test_heads_json_records_how_its_scores_were_measured():
+    from model.analysis import PROBE_VERSION, head_scores
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=66, d_model=16, n_heads=2, n_layers=1, seq_len=64))
+    held_out = torch.randint(0, 66, (8, 65))
+    probe = head_scores(model, held_out)["probe"]
+    assert probe["version"] == PROBE_VERSION
+    assert probe["repeated"] | {"ideal_head": None} == {"sequences": 32, "period": 32, "vocabulary": 66, "seed": 0, "distinct": True,
+                                                        "ideal_head": None, "scores": ["duplicate_token", "induction"], "scaled": "raw"}
+    assert probe["held_out"]["sequences"] == 8 and probe["thresholds"]["induction"] == 0.4

@@ -198,9 +198,9 @@ def test_the_wired_induction_circuit_is_read_back_by_the_head_scores_ablation_an
     document = head_scores(trainer.model, trainer.eval_windows, ablate=True)
     previous_token, induction = document["heads"]
     assert previous_token["scores"]["previous_token"] > 0.95 and {"previous_token", "matters"} <= set(previous_token["labels"])
-    # The probe's random tokens repeat within r (a vocabulary of 34), which splits the head's attention
-    # between the earlier occurrences: short of 1.0, but far above any other head type.
-    assert induction["scores"]["induction"] > 0.6 and {"induction", "matters"} <= set(induction["labels"])
+    # The probe draws r without repeats, so the hand-wired head scores near what an ideal one does (1.0; its
+    # softmax is finite).
+    assert induction["scores"]["induction"] > 0.95 and {"induction", "matters"} <= set(induction["labels"])
     assert induction["ablation"]["repeated"] > 1.0  # removing it costs the copy
     # The previous-token head feeds the induction head's keys only: K-composition, no Q or V path.
     composition = document["composition"]
