@@ -5,7 +5,8 @@
     model.load_state_dict(torch.load("state_dict.pt", weights_only=True))
 
 gives the same logits and attention patterns as the checkpoint (tested with
-transformer-lens 3.9; 4.x removed HookedTransformer).
+transformer-lens 3.9); in 4.x, which removed HookedTransformer, the same files load
+into `TransformerBridge.boot_native` through `convert_tl_checkpoint` (tested with 4.3).
 """
 
 from __future__ import annotations
@@ -100,6 +101,19 @@ model.load_state_dict(torch.load("state_dict.pt", weights_only=True))
 tokenizer = Tokenizer.from_file("tokenizer.json")
 tokens = torch.tensor([tokenizer.encode("This movie is").ids])
 logits, cache = model.run_with_cache(tokens)  # cache["pattern", 0]: layer 0's attention patterns
+```
+
+With transformer-lens 4.x (HookedTransformer is gone; the same files load into a native TransformerBridge):
+
+```python
+import json, torch
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+cfg = TransformerBridgeConfig(**json.load(open("hooked_transformer_config.json")))
+model = TransformerBridge.boot_native(cfg)
+model.load_state_dict(convert_tl_checkpoint(torch.load("state_dict.pt", weights_only=True), cfg), strict=True)
 ```
 
 The model has no BOS token: pass token ids as they are (`prepend_bos=False` for strings).

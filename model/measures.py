@@ -89,6 +89,36 @@ def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
     return rows
 
 
+def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
+    """The local learning coefficient at the snapshot's weights, by SGLD on the held-out windows, with its
+    standard error, every chain's estimate, the diverged chains and the settings (the same for every snapshot)."""
+    from .llc import LLCConfig, estimate_llc
+
+    config = LLCConfig(seed=probe.analysis.seed)
+    windows = probe.held_out.long()
+    seq_len = windows.shape[1] - 1
+
+    def sample(generator: torch.Generator) -> torch.Tensor:
+        return windows[torch.randint(0, windows.shape[0], (config.batch_size,), generator=generator)]
+
+    def loss(net: Transformer, batch: torch.Tensor) -> torch.Tensor:
+        return net.training_loss(batch[:, :-1], batch[:, 1:])
+
+    estimate = estimate_llc(model, loss, sample, config.batch_size * seq_len, config)
+    rows: list[Row] = [(WHOLE_MODEL, WHOLE_MODEL, "llc", _or_nan(estimate.llc)),
+                       (WHOLE_MODEL, WHOLE_MODEL, "llc_std_error", _or_nan(estimate.std_error)),
+                       (WHOLE_MODEL, WHOLE_MODEL, "llc_init_loss", estimate.init_loss),
+                       (WHOLE_MODEL, WHOLE_MODEL, "llc_diverged_chains", float(len(estimate.diverged)))]
+    rows += [(WHOLE_MODEL, chain, "llc_chain", _or_nan(value)) for chain, value in enumerate(estimate.chain_llcs)]
+    rows += [(WHOLE_MODEL, WHOLE_MODEL, f"llc_setting_{name}", float(value)) for name, value in estimate.settings.items()
+             if isinstance(value, (int, float))]
+    return rows
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
 MEASURES: dict[str, Measure] = {
     measure.name: measure
     for measure in (
@@ -96,6 +126,8 @@ MEASURES: dict[str, Measure] = {
         Measure("scores", 2, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
         Measure("ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows),
         Measure("composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows),
+        Measure("llc", 1, "local learning coefficient by SGLD at the snapshot (model.llc.LLCConfig), on the held-out windows",
+                _llc_rows),
     )
 }
 DEFAULT_MEASURES = ("loss", "scores")

@@ -185,16 +185,20 @@ def analyse_experiment(
     return counts
 
 
-def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]]], definitions: dict[str, Any]) -> int:
-    """One Parquet part holding whole (trial, snapshot, measure) units, written whole; returns its rows."""
+def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]]], definitions: dict[str, Any],
+               versions: dict[str, int] | None = None) -> int:
+    """One Parquet part holding whole (trial, snapshot, measure) units, written whole; returns its rows.
+
+    `versions`: of analyses that are not per-snapshot measures (essential dynamics); MEASURES' own otherwise."""
     from model.measures import MEASURES
 
+    versions = versions or {}
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     for task, by_measure in results:
         for name, rows in by_measure.items():
             for layer, head, measure, value in rows:
                 for column, item in zip(SCHEMA.names, (task.trial.trial_id, task.snapshot.step, task.snapshot.tokens_seen, layer, head,
-                                                      measure, value, name, MEASURES[name].version)):
+                                                      measure, value, name, versions.get(name) or MEASURES[name].version)):
                     columns[column].append(item)
     table = pa.table(columns, schema=SCHEMA.with_metadata({"measures": json.dumps(definitions)}))
     sink = pa.BufferOutputStream()

@@ -738,6 +738,48 @@ def analyse(ctx, name, storage, what, trials, address):
 @main.command()
 @click.argument("name", required=False)
 @storage_option
+@click.option("--trial", default=None, help="One trial [default: every trial].")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print every trial's stages as JSON.")
+@click.pass_context
+def stages(ctx, name, storage, trial, address, as_json):
+    """Developmental stages of experiment NAME (default: newest): LLC stage boundaries, essential-dynamics
+    turning points, and the stage each named circuit formed in.
+
+    \b
+    sweep analyse NAME --what loss,scores,llc     # the LLC at every snapshot, first
+    sweep stages NAME
+    """
+    from .analyse import read_table
+    from .results import choose_trial, load_experiment
+    from .stages import ensure_essential_dynamics, trial_stages
+
+    experiment = load_experiment(_open(storage), name)
+    chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
+    ensure_essential_dynamics(experiment, chosen, address, ctx.find_root().params["verbose"])
+    table = read_table(experiment)
+    documents = [d for d in trial_stages(experiment, table) if d["trial_id"] in {t.trial_id for t in chosen}]
+    if not any(d["llc"] for d in documents):
+        raise UserError(f"{experiment.name} has no LLC in its analysis table: run `sweep analyse {experiment.name} --what llc` first")
+    if as_json:
+        click.echo(json.dumps({"experiment": experiment.name, "trials": documents}, indent=2))
+        return
+    table_view = Table(title=f"{experiment.name}: developmental stages")
+    for column in ("trial", *SHAPE_KEYS, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points", "circuits (tokens, stage)"):
+        table_view.add_column(column)
+    for document in documents:
+        boundaries = ", ".join(f"{b['tokens']:,}: {b['kind']}" for b in document["llc_boundaries"]) or "-"
+        turns = ", ".join(f"{t:,}" for t in document["essential_dynamics_turning_points"]) or "-"
+        circuits = ", ".join(f"{name.removesuffix('_formed_at')} {c['tokens_seen']:,} (stage {c['stage']})"
+                             for name, c in document["circuits"].items()) or "-"
+        table_view.add_row(document["trial_id"], *(str(document["config"].get(k, "")) for k in SHAPE_KEYS), str(document["stages"]),
+                           boundaries, turns, circuits)
+    output.print(table_view)
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per trial as CSV.")
 def atlas(name, storage, as_json, csv_path):

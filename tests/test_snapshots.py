@@ -200,6 +200,38 @@ def test_the_export_at_a_snapshot_gives_transformer_lens_the_snapshot_logits(tra
     assert torch.allclose(hooked(tokens), ours(tokens), atol=1e-4)
 
 
+TL4_LOAD = """
+import json, sys, torch
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+folder, expected = sys.argv[1], torch.load(sys.argv[2])
+cfg = TransformerBridgeConfig(**json.load(open(f"{folder}/hooked_transformer_config.json")))
+bridge = TransformerBridge.boot_native(cfg)
+bridge.load_state_dict(convert_tl_checkpoint(torch.load(f"{folder}/state_dict.pt", weights_only=True), cfg), strict=True)
+with torch.no_grad():
+    print(float((bridge(expected["tokens"]) - expected["logits"]).abs().max()))
+"""
+
+
+def test_the_export_at_a_snapshot_loads_in_transformer_lens_4_with_our_logits(trained_run, tmp_path):
+    """TransformerLens 4.x cannot share an environment with 3.9: tests/setup gives it .venv-tl4."""
+    from model.snapshots import model_from_snapshot
+
+    python = Path(__file__).resolve().parent.parent / ".venv-tl4" / "bin" / "python"
+    assert python.is_file(), "tests/setup makes .venv-tl4 with transformer-lens 4.x"
+    assert CliRunner().invoke(main, ["export", str(trained_run), "--tokens-seen", "2048", "--out", str(tmp_path / "tl")]).exit_code == 0
+    folder = trained_run / "snapshots" / "step_0000008"
+    ours = model_from_snapshot(json.loads((folder / "snapshot.json").read_text()), (folder / "model.safetensors").read_bytes())
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"tokens": tokens, "logits": ours(tokens)}, tmp_path / "ours.pt")
+    result = subprocess.run([str(python), "-c", TL4_LOAD, str(tmp_path / "tl"), str(tmp_path / "ours.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 1e-4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--step", "5"], "no snapshot at --step 5; nearest: --step 4, --step 8 ("),
     (["--tokens-seen", "1500"], "nearest: --tokens-seen 1024, --tokens-seen 2048 ("),
@@ -242,8 +274,13 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
         if finished >= 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        analyse_experiment(experiment, ("loss", "scores"), experiment.trials, on_progress=interrupt)
+    import ray
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyse_experiment(experiment, ("loss", "scores"), experiment.trials, on_progress=interrupt)
+    finally:
+        ray.shutdown()  # this process's Ray: left running, it would die with the next test's cleanup, and take pytest along
     partial = _table_rows(storage / "snap" / "analysis")
     assert 3 <= len({(r[0], r[1]) for r in partial}) < 10
     resumed = sweep("analyse", "snap", "--storage", storage, "--what", "loss,scores")

@@ -1,0 +1,93 @@
+"""The local learning coefficient by SGLD, essential dynamics and stage boundaries, checked where the answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.llc import LLCConfig, calibrate, essential_dynamics, estimate_llc, stage_boundaries
+
+D, N = 10, 10_000
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """Linear regression with D parameters at its least-squares solution: a regular model, LLC = D / 2."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=generator)
+    y = x @ torch.randn(D, 1, generator=generator) + torch.randn(N, 1, generator=generator)
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+
+    def loss(net, batch):  # the negative log-likelihood per sample of unit-variance Gaussian noise, up to a constant
+        inputs, targets = batch
+        return 0.5 * ((net(inputs) - targets) ** 2).mean()
+
+    return model, loss, lambda generator: (x, y)
+
+
+def test_a_regular_model_has_llc_half_its_dimension(regression):
+    model, loss, batches = regression
+    before = model.weight.detach().clone()
+    estimate = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=4, draws=2000, burn_in=500))
+    assert not estimate.diverged and estimate.warning is None
+    assert abs(estimate.llc - D / 2) < 3 * estimate.std_error, (estimate.llc, estimate.std_error)
+    assert estimate.settings["n_beta"] == pytest.approx(N / math.log(N)) and estimate.settings["chains"] == 4
+    assert len(estimate.traces) == 4 and all(len(trace) == 2500 for trace in estimate.traces)
+    assert torch.equal(model.weight, before)  # the weights the chains started from are given back
+
+
+def test_estimates_are_reproducible_and_leave_the_training_rng_alone(regression):
+    model, loss, batches = regression
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    config = LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=100, burn_in=20, seed=7)
+    first = estimate_llc(model, loss, batches, N, config)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = estimate_llc(model, loss, batches, N, config)
+    assert first.chain_llcs == second.chain_llcs and first.traces == second.traces
+    other = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=100, burn_in=20, seed=8))
+    assert other.chain_llcs != first.chain_llcs
+
+
+def test_too_large_a_step_is_flagged_as_divergent_not_averaged_into_a_number(regression):
+    model, loss, batches = regression
+    estimate = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1.0, gamma=1.0, chains=3, draws=50, burn_in=10))
+    assert estimate.llc is None and estimate.diverged == [0, 1, 2]
+    assert estimate.warning.startswith("3 of 3 SGLD chains diverged (eps 1.0, gamma 1.0)") and "\n" not in estimate.warning
+    partly = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=50, burn_in=10))
+    assert partly.diverged == [] and partly.llc is not None
+
+
+def test_calibration_prefers_the_largest_step_whose_estimate_no_longer_depends_on_it(regression):
+    model, loss, batches = regression
+    rows = calibrate(model, loss, batches, N, epsilons=(3e-5, 1e-4, 1.0), gammas=(1.0,),
+                     config=LLCConfig(chains=2, draws=400, burn_in=100))
+    by_epsilon = {row["epsilon"]: row for row in rows}
+    assert by_epsilon[1.0]["diverged"] == 2 and not by_epsilon[1.0]["stable"]
+    assert by_epsilon[1e-4]["stable"] and by_epsilon[1e-4]["agrees_with_smaller_eps"]
+
+
+def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens():
+    tokens = [2 ** k for k in range(1, 21)]
+    # flat, a steep rise between 2^8 and 2^12, flat again, then a fall from 2^16
+    curve = [10.0 if k < 8 else 10 + 40 * (k - 8) / 4 if k < 12 else 50.0 if k < 16 else 50 - 5 * (k - 16) for k in range(1, 21)]
+    boundaries = stage_boundaries(tokens, curve)
+    kinds = [b["kind"] for b in boundaries]
+    assert kinds == ["plateau", "rising", "plateau", "falling"][: len(kinds)] and "rising" in kinds
+    rise_end = next(b for b in boundaries if b["kind"] == "rising")
+    assert 2 ** 11 <= rise_end["tokens"] <= 2 ** 13  # the rise ends where the curve turns flat
+    assert stage_boundaries(tokens, [5.0] * 20) == []  # a curve that never changes has one stage
+    assert stage_boundaries(tokens[:3], curve[:3]) == []
+
+
+def test_essential_dynamics_finds_the_turn_of_a_trajectory():
+    # outputs moving along one direction, then turning back along another: a cusp at snapshot 5
+    direction_a, direction_b = np.eye(20)[0], np.eye(20)[1]
+    outputs = [direction_a * t for t in range(6)] + [direction_a * 5 - direction_a * (t - 5) * 0.5 + direction_b * (t - 5) for t in range(6, 12)]
+    result = essential_dynamics(outputs)
+    assert len(result["trajectory"]) == 12 and len(result["trajectory"][0]) == 3
+    assert sum(result["explained_variance"]) == pytest.approx(1.0)
+    assert 5 in result["turning_points"] or 6 in result["turning_points"]
