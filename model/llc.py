@@ -189,7 +189,7 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) 
     where it enters a plateau (|slope| below `flat` times the curve's largest |slope|). Each boundary closes
     the stage before it, labelled by whether the curve rose or fell through that stage (Hoogland et al. 2024).
 
-    Returns [{"tokens": boundary, "stage_end": True, "kind": "rising"|"falling", "start": tokens}...].
+    Returns [{"tokens": the stage's last snapshot, "kind": "rising"|"falling"|"plateau", "start": its first}, ...].
     """
     points = [(t, v) for t, v in zip(tokens, values) if t > 0 and v is not None and math.isfinite(v)]
     if len(points) < 4:
@@ -204,7 +204,8 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) 
     for index in range(1, len(state)):
         if state[index] != state[index - 1]:
             kind = {1: "rising", -1: "falling", 0: "plateau"}[int(state[index - 1])]
-            boundaries.append({"tokens": int(points[index][0]), "kind": kind, "start": int(points[start][0])})
+            # the last snapshot of the stage that ends (smoothing widens a change by a snapshot on each side)
+            boundaries.append({"tokens": int(points[index - 1][0]), "kind": kind, "start": int(points[start][0])})
             start = index
     return boundaries
 
