@@ -196,8 +196,10 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) 
         return []
     x = np.log(np.array([t for t, _ in points], dtype=float))
     y = smooth(np.array([v for _, v in points], dtype=float))
+    if float(np.ptp(y)) <= 1e-9 * (1.0 + float(np.max(np.abs(y)))):
+        return []  # a curve that does not change has one stage
     slope = np.gradient(y, x)
-    scale = float(np.max(np.abs(slope))) or 1.0
+    scale = float(np.max(np.abs(slope)))
     state = np.where(np.abs(slope) < flat * scale, 0, np.sign(slope)).astype(int)  # 1 rising, -1 falling, 0 plateau
     boundaries = []
     start = 0
