@@ -42,9 +42,9 @@ class LLCConfig:
     n_beta: float | None = None
     """Inverse temperature times sample size; None: n / ln(n) with n the tokens (or samples) of one batch."""
     chains: int = 2
-    draws: int = 100
+    draws: int = 60
     """Losses recorded per chain after the burn-in."""
-    burn_in: int = 50
+    burn_in: int = 40
     batch_size: int = 32
     """Windows (or samples) per SGLD step."""
     init_batches: int = 8
@@ -175,19 +175,19 @@ def _settled(trace: list[float], init_loss: float) -> bool:
 
 
 def smooth(values: np.ndarray, width: int = 3) -> np.ndarray:
-    """A centred moving average (edges averaged over what exists)."""
-    if len(values) < 3 or width < 2:
+    """A running median: single noisy estimates go, the edges of a real jump stay where they are."""
+    if len(values) < width or width < 2:
         return values.astype(float)
-    kernel = np.ones(width)
-    sums = np.convolve(values, kernel, mode="same")
-    counts = np.convolve(np.ones_like(values, dtype=float), kernel, mode="same")
-    return sums / counts
+    half = width // 2
+    padded = np.pad(values.astype(float), half, mode="edge")
+    return np.array([np.median(padded[i:i + width]) for i in range(len(values))])
 
 
-def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) -> list[dict[str, Any]]:
-    """Critical points of `values` (an LLC curve) over log tokens: where the smoothed slope changes sign, or
-    where it enters a plateau (|slope| below `flat` times the curve's largest |slope|). Each boundary closes
-    the stage before it, labelled by whether the curve rose or fell through that stage (Hoogland et al. 2024).
+def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.5) -> list[dict[str, Any]]:
+    """Critical points of `values` (an LLC curve) over log tokens (Hoogland et al. 2024): the curve, smoothed by a
+    running median, is on a plateau where it changes by less than `flat` times its mean level per e-fold of tokens
+    (|dLLC / d ln t| < flat * mean |LLC|), and rising or falling elsewhere; a boundary is where that changes.
+    Each boundary closes the stage before it, labelled by what the curve did through that stage.
 
     Returns [{"tokens": the stage's last snapshot, "kind": "rising"|"falling"|"plateau", "start": its first}, ...].
     """
@@ -196,17 +196,16 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) 
         return []
     x = np.log(np.array([t for t, _ in points], dtype=float))
     y = smooth(np.array([v for _, v in points], dtype=float))
-    if float(np.ptp(y)) <= 1e-9 * (1.0 + float(np.max(np.abs(y)))):
+    level = float(np.mean(np.abs(y)))
+    if float(np.ptp(y)) <= 1e-9 * (1.0 + level):
         return []  # a curve that does not change has one stage
-    slope = np.gradient(y, x)
-    scale = float(np.max(np.abs(slope)))
-    state = np.where(np.abs(slope) < flat * scale, 0, np.sign(slope)).astype(int)  # 1 rising, -1 falling, 0 plateau
+    slope = np.gradient(y, x) / max(level, 1e-12)
+    state = np.where(np.abs(slope) < flat, 0, np.sign(slope)).astype(int)  # 1 rising, -1 falling, 0 plateau
     boundaries = []
     start = 0
     for index in range(1, len(state)):
         if state[index] != state[index - 1]:
             kind = {1: "rising", -1: "falling", 0: "plateau"}[int(state[index - 1])]
-            # the last snapshot of the stage that ends (smoothing widens a change by a snapshot on each side)
             boundaries.append({"tokens": int(points[index - 1][0]), "kind": kind, "start": int(points[start][0])})
             start = index
     return boundaries
@@ -214,8 +213,9 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.1) 
 
 def essential_dynamics(outputs: list[np.ndarray], components: int = 3) -> dict[str, Any]:
     """PCA of the model's outputs (flattened log-probs on a fixed probe batch) across snapshots: the trajectory
-    in the first `components` principal components, their explained variance, and the trajectory's turning
-    points (where its direction in those components turns by more than 90 degrees, or its speed has a minimum)."""
+    in the first `components` principal components, their explained variance, and the trajectory's cusps:
+    snapshots where it turns by more than 90 degrees between two steps of more than 5% of its largest step
+    (the tiny early steps of log-spaced snapshots say nothing)."""
     matrix = np.stack([o.reshape(-1) for o in outputs]).astype(np.float64)  # (snapshots, features)
     centred = matrix - matrix.mean(0, keepdims=True)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
@@ -225,12 +225,11 @@ def essential_dynamics(outputs: list[np.ndarray], components: int = 3) -> dict[s
     turns = []
     steps = np.diff(trajectory, axis=0)
     speeds = np.linalg.norm(steps, axis=1)
+    large = 0.05 * float(speeds.max()) if len(speeds) else 0.0
     for index in range(1, len(steps)):
         a, b = steps[index - 1], steps[index]
-        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-        slow = 0 < index < len(speeds) - 1 and speeds[index] < speeds[index - 1] and speeds[index] < speeds[index + 1]
-        if cosine < 0 or slow:
-            turns.append(index)  # the snapshot between step index-1 and step index
+        if speeds[index - 1] > large and speeds[index] > large and float(a @ b) < 0:
+            turns.append(index)  # the snapshot between two real steps that point more than 90 degrees apart: a cusp
     return {"trajectory": trajectory.tolist(), "explained_variance": explained, "turning_points": turns}
 
 

@@ -126,7 +126,7 @@ MEASURES: dict[str, Measure] = {
         Measure("scores", 2, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
         Measure("ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows),
         Measure("composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows),
-        Measure("llc", 1, "local learning coefficient by SGLD at the snapshot (model.llc.LLCConfig), on the held-out windows",
+        Measure("llc", 2, "local learning coefficient by SGLD at the snapshot (model.llc.LLCConfig), on the held-out windows",
                 _llc_rows),
     )
 }

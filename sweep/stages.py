@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from .analyse import Task, formed_at, read_table, write_part
 from .results import Experiment, TrialRecord
 
-ED_VERSION = 1
+ED_VERSION = 2
 ED_PROBE_WINDOWS = 16
 
 
@@ -97,6 +97,7 @@ def ensure_essential_dynamics(experiment: Experiment, trials: list[TrialRecord],
 def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[str, Any]]:
     """Per trial: LLC at each snapshot, stage boundaries (LLC and essential dynamics), and where the named circuits fall."""
     from model.llc import stage_boundaries
+    from model.measures import MEASURES
     from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
 
     if table is None:
@@ -105,8 +106,8 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
     documents = []
     for trial in experiment.trials:
         mine = table.filter(pc.equal(table["trial"], trial.trial_id))
-        llc = _series(mine, "llc", "llc")
-        turning = sorted(_series(mine, "essential_dynamics", "ed_turning_point"))
+        llc = _series(mine, "llc", "llc", MEASURES["llc"].version)
+        turning = _series(mine, "essential_dynamics", "ed_turning_point", ED_VERSION)
         boundaries = stage_boundaries([t for t, _ in llc], [v for _, v in llc])
         circuits = {name: tokens for name, tokens in (formed.get(trial.trial_id) or {}).items() if tokens is not None}
         ends = [b["tokens"] for b in boundaries]
@@ -122,8 +123,10 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
     return documents
 
 
-def _series(table: pa.Table, analysis: str, measure: str) -> list[tuple[int, float]]:
-    rows = table.filter(pc.and_(pc.equal(table["analysis"], analysis), pc.equal(table["measure"], measure)))
+def _series(table: pa.Table, analysis: str, measure: str, version: int) -> list[tuple[int, float]]:
+    """(tokens_seen, value) of one measure at its current version, by tokens."""
+    rows = table.filter(pc.and_(pc.and_(pc.equal(table["analysis"], analysis), pc.equal(table["measure"], measure)),
+                                pc.equal(table["version"], version)))
     values = {}
     for tokens, value in zip(rows["tokens_seen"].to_pylist(), rows["value"].to_pylist()):
         if value is not None and math.isfinite(value):

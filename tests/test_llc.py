@@ -72,14 +72,15 @@ def test_calibration_prefers_the_largest_step_whose_estimate_no_longer_depends_o
 
 def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens():
     tokens = [2 ** k for k in range(1, 21)]
-    # flat, a steep rise between 2^8 and 2^12, flat again, then a fall from 2^16
-    curve = [10.0 if k < 8 else 10 + 40 * (k - 8) / 4 if k < 12 else 50.0 if k < 16 else 50 - 5 * (k - 16) for k in range(1, 21)]
+    # flat at 40, a jump to 120 between 2^9 and 2^11 (an induction bump), flat again, then a fall from 2^16
+    curve = [40.0 if k <= 9 else 80.0 if k == 10 else 120.0 if k < 16 else 120.0 - 25 * (k - 15) for k in range(1, 21)]
+    curve[4] += 3.0  # one noisy estimate on the first plateau: no stage of its own
     boundaries = stage_boundaries(tokens, curve)
-    kinds = [b["kind"] for b in boundaries]
-    assert kinds == ["plateau", "rising", "plateau", "falling"][: len(kinds)] and "rising" in kinds
-    rise_end = next(b for b in boundaries if b["kind"] == "rising")
-    assert 2 ** 11 <= rise_end["tokens"] <= 2 ** 13  # the rise ends where the curve turns flat
+    assert [b["kind"] for b in boundaries] == ["plateau", "rising", "plateau"]
+    assert boundaries[1]["tokens"] == boundaries[1]["start"] == 2 ** 10  # the jump's middle snapshot
+    assert boundaries[2]["tokens"] == 2 ** 15  # the last snapshot before the fall (a stage that never ends)
     assert stage_boundaries(tokens, [5.0] * 20) == []  # a curve that never changes has one stage
+    assert stage_boundaries(tokens, [50.0 + 0.5 * k for k in range(20)]) == []  # a slow drift is no stage
     assert stage_boundaries(tokens[:3], curve[:3]) == []
 
 
