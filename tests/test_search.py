@@ -224,6 +224,19 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     assert abs(tokens.index(jump) - tokens.index(formed_at[best["trial_id"]])) <= 1, induction.to_dict()
     assert induction.loc[:formed_at[best["trial_id"]]].iloc[:-1].max() <= 0.4 < induction.loc[formed_at[best["trial_id"]]]
 
+    # Developmental stages: the LLC at every snapshot has a stage boundary at the induction phase change of the
+    # 2-layer trial (within one snapshot of its formed_at) and none there for the 1-layer trial.
+    sweep("analyse", "ind", "--storage", storage, "--what", "llc", timeout=900)
+    stages = {t["trial_id"]: t for t in json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=600).stdout)["trials"]}
+    two = stages[best["trial_id"]]
+    snapshot_tokens = [row["tokens_seen"] for row in two["llc"]]
+    formed_index = snapshot_tokens.index(formed_at[best["trial_id"]])
+    assert any(abs(snapshot_tokens.index(b["tokens"]) - formed_index) <= 1 for b in two["llc_boundaries"]), two["llc_boundaries"]
+    assert two["circuits"]["induction_formed_at"]["tokens_seen"] == formed_at[best["trial_id"]]
+    (one,) = [t for trial, t in stages.items() if trial != best["trial_id"]]
+    near = [b for b in one["llc_boundaries"] if abs(b["tokens"] - formed_at[best["trial_id"]]) <= 2 * 401_408]
+    assert not near, one["llc_boundaries"]
+
 
 @pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [
     (4, 2, [1, 2, 4], [16, 8, 4]),
