@@ -42,8 +42,12 @@ def trainer_for(shape: tuple, threads: int) -> Trainer:
     vocab, d_model, heads, layers, seq_len, batch, max_tokens = shape
     windows = np.random.default_rng(0).integers(0, vocab, size=(4096, seq_len + 1), dtype=np.int32)
     tokenizer = TextTokenizer(byte_tokenizer(), "bytes")
-    model_cfg = ModelConfig(vocab_size=max(vocab, tokenizer.vocab_size), d_model=d_model, n_heads=heads, n_layers=layers, seq_len=seq_len)
-    train_cfg = TrainConfig(batch_size=batch, max_tokens=max_tokens, eval_every_tokens=max_tokens, threads=threads, snapshots="none")
+    model_cfg = ModelConfig(
+        vocab_size=max(vocab, tokenizer.vocab_size), d_model=d_model, n_heads=heads, n_layers=layers, seq_len=seq_len
+    )
+    train_cfg = TrainConfig(
+        batch_size=batch, max_tokens=max_tokens, eval_every_tokens=max_tokens, threads=threads, snapshots="none"
+    )
     return Trainer(model_cfg, train_cfg, windows, windows[:1024], tokenizer)
 
 
@@ -80,9 +84,11 @@ def overhead(name: str, shape: tuple, steps: int, writes: int, threads: int) -> 
         per_write = (time.perf_counter() - started) / writes
         size = sum(p.stat().st_size for p in Path(folder, "step_0000000").iterdir())
     training = per_step * schedule.total_steps
-    print(f"{name:22s} {schedule.total_steps:6d} steps x {per_step * 1e3:7.2f} ms = {training:8.1f} s training; "
-          f"{count} snapshots x {per_write * 1e3:6.1f} ms = {count * per_write:5.2f} s "
-          f"(ratio {count * per_write / training:.4f}); {size / 1e6:7.2f} MB each, {count * size / 1e6:8.1f} MB a trial")
+    print(
+        f"{name:22s} {schedule.total_steps:6d} steps x {per_step * 1e3:7.2f} ms = {training:8.1f} s training; "
+        f"{count} snapshots x {per_write * 1e3:6.1f} ms = {count * per_write:5.2f} s "
+        f"(ratio {count * per_write / training:.4f}); {size / 1e6:7.2f} MB each, {count * size / 1e6:8.1f} MB a trial"
+    )
 
 
 def analyse_rate(repeats: int) -> None:
@@ -96,7 +102,9 @@ def analyse_rate(repeats: int) -> None:
         for _ in range(repeats):
             measure_model(trainer.model, probe, names)
         per = (time.perf_counter() - started) / repeats
-        print(f"analyse {'+'.join(names):34s} {per:.3f} s a snapshot on 1 thread: {2 / per:.1f} snapshots/s with 2 tasks at once")
+        print(
+            f"analyse {'+'.join(names):34s} {per:.3f} s a snapshot on 1 thread: {2 / per:.1f} snapshots/s with 2 tasks at once"
+        )
 
 
 def table_read(trials: int, snapshots: int, parts: int) -> None:
@@ -112,30 +120,40 @@ def table_read(trials: int, snapshots: int, parts: int) -> None:
             trial = np.repeat(np.arange(part * per_part, (part + 1) * per_part), snapshots * heads * len(names))
             step = np.tile(np.repeat(np.arange(snapshots) * 100, heads * len(names)), per_part)
             columns = {
-                "trial": pa.array([f"t{t:05d}" for t in trial]), "step": step, "tokens_seen": step * 2048,
+                "trial": pa.array([f"t{t:05d}" for t in trial]),
+                "step": step,
+                "tokens_seen": step * 2048,
                 "layer": np.tile(np.repeat(np.arange(heads) // 4, len(names)), per_part * snapshots).astype(np.int16),
                 "head": np.tile(np.repeat(np.arange(heads) % 4, len(names)), per_part * snapshots).astype(np.int16),
-                "measure": pa.array(np.tile(np.array(names), per_part * snapshots * heads)), "value": rng.random(count),
-                "analysis": pa.array(["scores"] * count), "version": np.ones(count, dtype=np.int32),
+                "measure": pa.array(np.tile(np.array(names), per_part * snapshots * heads)),
+                "value": rng.random(count),
+                "analysis": pa.array(["scores"] * count),
+                "version": np.ones(count, dtype=np.int32),
             }
             pq.write_table(pa.table(columns, schema=SCHEMA), f"{folder}/part-{part:03d}.parquet", compression="zstd")
         written = time.perf_counter() - started
         size = sum(p.stat().st_size for p in Path(folder).iterdir())
         started = time.perf_counter()
-        table = pa.concat_tables(pq.read_table(p, columns=["trial", "step", "tokens_seen", "measure", "value", "analysis"])
-                                 for p in sorted(Path(folder).iterdir()))
+        table = pa.concat_tables(
+            pq.read_table(p, columns=["trial", "step", "tokens_seen", "measure", "value", "analysis"])
+            for p in sorted(Path(folder).iterdir())
+        )
         read = time.perf_counter() - started
         started = time.perf_counter()
         formed = formed_at(table, {"induction": 0.4, "previous_token": 0.4})
         reduced = time.perf_counter() - started
-    print(f"table of {trials} trials x {snapshots} snapshots: {table.num_rows:,} rows in {parts} parts, {size / 1e6:.1f} MB "
-          f"(written in {written:.1f} s); read {read:.2f} s, formed_at of {len(formed)} trials {reduced:.2f} s")
+    print(
+        f"table of {trials} trials x {snapshots} snapshots: {table.num_rows:,} rows in {parts} parts, {size / 1e6:.1f} MB "
+        f"(written in {written:.1f} s); read {read:.2f} s, formed_at of {len(formed)} trials {reduced:.2f} s"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke-test", action="store_true", help="A few steps of each, to check the script runs.")
-    parser.add_argument("--threads", type=int, default=1, help="Torch threads a trial uses (1: two trials share 2 cores).")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="Torch threads a trial uses (1: two trials share 2 cores)."
+    )
     args = parser.parse_args()
     steps, writes, repeats = (2, 2, 1) if args.smoke_test else (30, 10, 5)
     torch.set_num_threads(args.threads)

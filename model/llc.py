@@ -79,12 +79,19 @@ class LLCEstimate:
     def warning(self) -> str | None:
         if not self.diverged:
             return None
-        return (f"{len(self.diverged)} of {len(self.chain_llcs)} SGLD chains diverged (eps {self.settings['epsilon']}, "
-                f"gamma {self.settings['gamma']}); lower --llc-epsilon or raise --llc-gamma")
+        return (
+            f"{len(self.diverged)} of {len(self.chain_llcs)} SGLD chains diverged (eps {self.settings['epsilon']}, "
+            f"gamma {self.settings['gamma']}); lower --llc-epsilon or raise --llc-gamma"
+        )
 
 
-def estimate_llc(model: torch.nn.Module, loss: LossFunction, sample_batch: Callable[[torch.Generator], Batch],
-                 samples_per_batch: int, config: LLCConfig = LLCConfig()) -> LLCEstimate:
+def estimate_llc(
+    model: torch.nn.Module,
+    loss: LossFunction,
+    sample_batch: Callable[[torch.Generator], Batch],
+    samples_per_batch: int,
+    config: LLCConfig = LLCConfig(),
+) -> LLCEstimate:
     """The LLC of `model` at its current weights (left unchanged).
 
     `loss(model, batch)` is the mean loss of a batch (per token or per sample); `sample_batch(generator)`
@@ -126,7 +133,7 @@ def estimate_llc(model: torch.nn.Module, loss: LossFunction, sample_batch: Calla
                 diverged.append(chain)
                 chain_llcs.append(None)
             else:
-                chain_llcs.append(n_beta * (float(np.mean(trace[config.burn_in:])) - init_loss))
+                chain_llcs.append(n_beta * (float(np.mean(trace[config.burn_in :])) - init_loss))
     finally:
         torch.set_grad_enabled(grad_was_enabled)
         with torch.no_grad():
@@ -140,9 +147,15 @@ def estimate_llc(model: torch.nn.Module, loss: LossFunction, sample_batch: Calla
     return LLCEstimate(llc, std_error, chain_llcs, init_loss, traces, diverged, settings)
 
 
-def calibrate(model: torch.nn.Module, loss: LossFunction, sample_batch: Callable[[torch.Generator], Batch], samples_per_batch: int,
-              epsilons: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2), gammas: tuple[float, ...] = (10.0, 100.0, 1000.0),
-              config: LLCConfig = LLCConfig()) -> list[dict[str, Any]]:
+def calibrate(
+    model: torch.nn.Module,
+    loss: LossFunction,
+    sample_batch: Callable[[torch.Generator], Batch],
+    samples_per_batch: int,
+    epsilons: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2),
+    gammas: tuple[float, ...] = (10.0, 100.0, 1000.0),
+    config: LLCConfig = LLCConfig(),
+) -> list[dict[str, Any]]:
     """An estimate for every (eps, gamma), each judged as devinterp advises: stable when no chain diverged, the
     trace settles above L(w0) (its last half's mean above L(w0) and within 20% of its second quarter's), and the
     estimate stops depending on eps (within 20% of the next smaller eps). The largest stable eps is the pick."""
@@ -152,13 +165,28 @@ def calibrate(model: torch.nn.Module, loss: LossFunction, sample_batch: Callable
     for gamma in gammas:
         previous = None
         for epsilon in sorted(epsilons):
-            estimate = estimate_llc(model, loss, sample_batch, samples_per_batch, replace(config, epsilon=epsilon, gamma=gamma))
+            estimate = estimate_llc(
+                model, loss, sample_batch, samples_per_batch, replace(config, epsilon=epsilon, gamma=gamma)
+            )
             settled = all(_settled(trace, estimate.init_loss) for trace in estimate.traces) and not estimate.diverged
-            agrees = previous is not None and estimate.llc is not None and previous.llc is not None and \
-                abs(estimate.llc - previous.llc) <= 0.2 * max(abs(previous.llc), 1e-9)
-            rows.append({"epsilon": epsilon, "gamma": gamma, "llc": estimate.llc, "std_error": estimate.std_error,
-                         "diverged": len(estimate.diverged), "settled": settled, "agrees_with_smaller_eps": agrees,
-                         "stable": settled and (agrees or previous is None)})
+            agrees = (
+                previous is not None
+                and estimate.llc is not None
+                and previous.llc is not None
+                and abs(estimate.llc - previous.llc) <= 0.2 * max(abs(previous.llc), 1e-9)
+            )
+            rows.append(
+                {
+                    "epsilon": epsilon,
+                    "gamma": gamma,
+                    "llc": estimate.llc,
+                    "std_error": estimate.std_error,
+                    "diverged": len(estimate.diverged),
+                    "settled": settled,
+                    "agrees_with_smaller_eps": agrees,
+                    "stable": settled and (agrees or previous is None),
+                }
+            )
             previous = estimate
     return rows
 
@@ -166,7 +194,7 @@ def calibrate(model: torch.nn.Module, loss: LossFunction, sample_batch: Callable
 def _settled(trace: list[float], init_loss: float) -> bool:
     if len(trace) < 8:
         return False
-    half, quarter = trace[len(trace) // 2:], trace[len(trace) // 4: len(trace) // 2]
+    half, quarter = trace[len(trace) // 2 :], trace[len(trace) // 4 : len(trace) // 2]
     late, middle = float(np.mean(half)), float(np.mean(quarter))
     return late > init_loss and abs(late - middle) <= 0.2 * max(abs(middle - init_loss), 1e-9) + 1e-12
 
@@ -180,7 +208,7 @@ def smooth(values: np.ndarray, width: int = 3) -> np.ndarray:
         return values.astype(float)
     half = width // 2
     padded = np.pad(values.astype(float), half, mode="edge")
-    return np.array([np.median(padded[i:i + width]) for i in range(len(values))])
+    return np.array([np.median(padded[i : i + width]) for i in range(len(values))])
 
 
 def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.5) -> list[dict[str, Any]]:
@@ -221,7 +249,7 @@ def essential_dynamics(outputs: list[np.ndarray], components: int = 3) -> dict[s
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     k = min(components, len(singular))
     trajectory = centred @ vt[:k].T  # (snapshots, k)
-    explained = (singular[:k] ** 2 / max(float((singular ** 2).sum()), 1e-30)).tolist()
+    explained = (singular[:k] ** 2 / max(float((singular**2).sum()), 1e-30)).tolist()
     turns = []
     steps = np.diff(trajectory, axis=0)
     speeds = np.linalg.norm(steps, axis=1)

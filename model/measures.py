@@ -40,9 +40,13 @@ class Probe:
 
     def definition(self) -> dict[str, Any]:
         """What the probe is, stored beside the measures it gave."""
-        return {"held_out_windows": int(self.held_out.shape[0]), "window_tokens": int(self.held_out.shape[1] - 1),
-                "probe_sequences": self.analysis.probe_sequences, "ablation_sequences": self.analysis.ablation_sequences,
-                "seed": self.analysis.seed}
+        return {
+            "held_out_windows": int(self.held_out.shape[0]),
+            "window_tokens": int(self.held_out.shape[1] - 1),
+            "probe_sequences": self.analysis.probe_sequences,
+            "ablation_sequences": self.analysis.ablation_sequences,
+            "seed": self.analysis.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ def _loss_rows(model: Transformer, probe: Probe) -> list[Row]:
     from .train import evaluate_model
 
     metrics = evaluate_model(model, probe.held_out)
-    return [(WHOLE_MODEL, WHOLE_MODEL, name, float(metrics[name])) for name in ("test_loss", "test_accuracy", "icl_score")]
+    return [
+        (WHOLE_MODEL, WHOLE_MODEL, name, float(metrics[name])) for name in ("test_loss", "test_accuracy", "icl_score")
+    ]
 
 
 def _score_rows(model: Transformer, probe: Probe) -> list[Row]:
@@ -72,8 +78,12 @@ def _ablation_rows(model: Transformer, probe: Probe) -> list[Row]:
     windows = probe.held_out[: cfg.ablation_sequences].long()
     repeated = repeated_tokens(model.cfg, cfg)[: cfg.ablation_sequences]
     rises = mean_ablation(model, windows, repeated, model.cfg.seq_len // 2)
-    return [(layer, head, f"ablation_{kind}", float(value))
-            for layer, row in enumerate(rises) for head, rise in enumerate(row) for kind, value in rise.items()]
+    return [
+        (layer, head, f"ablation_{kind}", float(value))
+        for layer, row in enumerate(rises)
+        for head, rise in enumerate(row)
+        for kind, value in rise.items()
+    ]
 
 
 def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
@@ -84,8 +94,11 @@ def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
         for layer1, heads1 in enumerate(nested):
             for head1, later in enumerate(heads1):
                 for layer2, heads2 in enumerate(later):
-                    rows += [(layer2, head2, f"{kind}_composition_from_{layer1}.{head1}", float(value))
-                             for head2, value in enumerate(heads2) if value is not None]
+                    rows += [
+                        (layer2, head2, f"{kind}_composition_from_{layer1}.{head1}", float(value))
+                        for head2, value in enumerate(heads2)
+                        if value is not None
+                    ]
     return rows
 
 
@@ -105,13 +118,18 @@ def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
         return net.training_loss(batch[:, :-1], batch[:, 1:])
 
     estimate = estimate_llc(model, loss, sample, config.batch_size * seq_len, config)
-    rows: list[Row] = [(WHOLE_MODEL, WHOLE_MODEL, "llc", _or_nan(estimate.llc)),
-                       (WHOLE_MODEL, WHOLE_MODEL, "llc_std_error", _or_nan(estimate.std_error)),
-                       (WHOLE_MODEL, WHOLE_MODEL, "llc_init_loss", estimate.init_loss),
-                       (WHOLE_MODEL, WHOLE_MODEL, "llc_diverged_chains", float(len(estimate.diverged)))]
+    rows: list[Row] = [
+        (WHOLE_MODEL, WHOLE_MODEL, "llc", _or_nan(estimate.llc)),
+        (WHOLE_MODEL, WHOLE_MODEL, "llc_std_error", _or_nan(estimate.std_error)),
+        (WHOLE_MODEL, WHOLE_MODEL, "llc_init_loss", estimate.init_loss),
+        (WHOLE_MODEL, WHOLE_MODEL, "llc_diverged_chains", float(len(estimate.diverged))),
+    ]
     rows += [(WHOLE_MODEL, chain, "llc_chain", _or_nan(value)) for chain, value in enumerate(estimate.chain_llcs)]
-    rows += [(WHOLE_MODEL, WHOLE_MODEL, f"llc_setting_{name}", float(value)) for name, value in estimate.settings.items()
-             if isinstance(value, (int, float))]
+    rows += [
+        (WHOLE_MODEL, WHOLE_MODEL, f"llc_setting_{name}", float(value))
+        for name, value in estimate.settings.items()
+        if isinstance(value, (int, float))
+    ]
     return rows
 
 
@@ -124,10 +142,18 @@ MEASURES: dict[str, Measure] = {
     for measure in (
         Measure("loss", 1, "test_loss, test_accuracy and icl_score on the held-out sample", _loss_rows),
         Measure("scores", 2, "every head's pattern and copying scores (DESIGN.md, Head scores)", _score_rows),
-        Measure("ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows),
-        Measure("composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows),
-        Measure("llc", 2, "local learning coefficient by SGLD at the snapshot (model.llc.LLCConfig), on the held-out windows",
-                _llc_rows),
+        Measure(
+            "ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows
+        ),
+        Measure(
+            "composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows
+        ),
+        Measure(
+            "llc",
+            2,
+            "local learning coefficient by SGLD at the snapshot (model.llc.LLCConfig), on the held-out windows",
+            _llc_rows,
+        ),
     )
 }
 DEFAULT_MEASURES = ("loss", "scores")
@@ -142,7 +168,9 @@ def parse_measures(text: str) -> tuple[str, ...]:
     if unknown or not names:
         from .config import ConfigError
 
-        raise ConfigError(f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: {', '.join(MEASURES)} or all")
+        raise ConfigError(
+            f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: {', '.join(MEASURES)} or all"
+        )
     return tuple(dict.fromkeys(names))
 
 

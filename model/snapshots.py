@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import ConfigError, Schedule
 
 if TYPE_CHECKING:
-
     from .transformer import Transformer
 
 SNAPSHOT_FILE = "snapshot.json"
@@ -151,7 +150,9 @@ def weights_bytes(parameters: int, dtype: str) -> int:
     return parameters * (2 if dtype == "bfloat16" else 4)
 
 
-def snapshot_files(model: Transformer, step: int, tokens_seen: int, config: dict[str, Any], dtype: str) -> dict[str, bytes]:
+def snapshot_files(
+    model: Transformer, step: int, tokens_seen: int, config: dict[str, Any], dtype: str
+) -> dict[str, bytes]:
     """The files of one snapshot, weights first: a writer must write SNAPSHOT_FILE last."""
     import torch
     from safetensors.torch import save
@@ -160,8 +161,12 @@ def snapshot_files(model: Transformer, step: int, tokens_seen: int, config: dict
     tensors = {name: value.detach().to("cpu", cast).contiguous() for name, value in model.state_dict().items()}
     weights = save(tensors)
     record = {
-        "step": step, "tokens_seen": tokens_seen, "config_hash": config_hash(config), "dtype": dtype,
-        "files": {WEIGHTS_FILE: len(weights)}, "config": config,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "config_hash": config_hash(config),
+        "dtype": dtype,
+        "files": {WEIGHTS_FILE: len(weights)},
+        "config": config,
     }
     return {WEIGHTS_FILE: weights, SNAPSHOT_FILE: json.dumps(record, indent=1).encode()}
 

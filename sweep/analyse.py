@@ -28,10 +28,19 @@ from .storage import Storage, write_bytes
 from .trajectory import Snapshot
 
 TABLE_FOLDER = "analysis"
-SCHEMA = pa.schema([
-    ("trial", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("layer", pa.int16()), ("head", pa.int16()),
-    ("measure", pa.string()), ("value", pa.float64()), ("analysis", pa.string()), ("version", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("trial", pa.string()),
+        ("step", pa.int64()),
+        ("tokens_seen", pa.int64()),
+        ("layer", pa.int16()),
+        ("head", pa.int16()),
+        ("measure", pa.string()),
+        ("value", pa.float64()),
+        ("analysis", pa.string()),
+        ("version", pa.int32()),
+    ]
+)
 FLUSH_SECONDS = 20.0
 """A run writes what it has computed at least this often: an interruption loses less than this."""
 
@@ -67,7 +76,11 @@ def done_keys(table: pa.Table | None) -> set[tuple[str, int, str, int]]:
     """(trial, step, analysis, version) units already in the table."""
     if table is None or table.num_rows == 0:
         return set()
-    units = table.select(["trial", "step", "analysis", "version"]).group_by(["trial", "step", "analysis", "version"]).aggregate([])
+    units = (
+        table.select(["trial", "step", "analysis", "version"])
+        .group_by(["trial", "step", "analysis", "version"])
+        .aggregate([])
+    )
     return set(zip(*(units.column(name).to_pylist() for name in ("trial", "step", "analysis", "version"))))
 
 
@@ -91,7 +104,9 @@ def choose_trials(experiment: Experiment, wanted: tuple[str, ...]) -> list[Trial
     known = {t.trial_id: t for t in experiment.trials}
     unknown = [t for t in wanted if t not in known]
     if unknown:
-        raise ConfigError(f"--trials {','.join(unknown)}: no such trial in {experiment.name}; trials: {', '.join(known)}")
+        raise ConfigError(
+            f"--trials {','.join(unknown)}: no such trial in {experiment.name}; trials: {', '.join(known)}"
+        )
     return [known[t] for t in wanted]
 
 
@@ -163,7 +178,9 @@ def analyse_experiment(
         remote.remote(experiment.storage.uri, task.snapshot.path, probes[_probe_key(task.trial)], task.measures): task
         for task in tasks
     }
-    definitions = {name: {"version": m.version, "description": m.description} for name, m in MEASURES.items() if name in measures}
+    definitions = {
+        name: {"version": m.version, "description": m.description} for name, m in MEASURES.items() if name in measures
+    }
     buffer: list[tuple[Task, dict[str, list]]] = []
     flushed_at = time.monotonic()
     on_progress(0, len(tasks))
@@ -185,8 +202,12 @@ def analyse_experiment(
     return counts
 
 
-def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]]], definitions: dict[str, Any],
-               versions: dict[str, int] | None = None) -> int:
+def write_part(
+    experiment: Experiment,
+    results: list[tuple[Task, dict[str, list]]],
+    definitions: dict[str, Any],
+    versions: dict[str, int] | None = None,
+) -> int:
     """One Parquet part holding whole (trial, snapshot, measure) units, written whole; returns its rows.
 
     `versions`: of analyses that are not per-snapshot measures (essential dynamics); MEASURES' own otherwise."""
@@ -197,8 +218,20 @@ def write_part(experiment: Experiment, results: list[tuple[Task, dict[str, list]
     for task, by_measure in results:
         for name, rows in by_measure.items():
             for layer, head, measure, value in rows:
-                for column, item in zip(SCHEMA.names, (task.trial.trial_id, task.snapshot.step, task.snapshot.tokens_seen, layer, head,
-                                                      measure, value, name, versions.get(name) or MEASURES[name].version)):
+                for column, item in zip(
+                    SCHEMA.names,
+                    (
+                        task.trial.trial_id,
+                        task.snapshot.step,
+                        task.snapshot.tokens_seen,
+                        layer,
+                        head,
+                        measure,
+                        value,
+                        name,
+                        versions.get(name) or MEASURES[name].version,
+                    ),
+                ):
                     columns[column].append(item)
     table = pa.table(columns, schema=SCHEMA.with_metadata({"measures": json.dumps(definitions)}))
     sink = pa.BufferOutputStream()
@@ -231,7 +264,9 @@ def formed_at(table: pa.Table, thresholds: dict[str, float]) -> dict[str, dict[s
     import pyarrow.compute as pc
 
     keys = {"induction_formed_at": "induction", "prev_token_formed_at": "previous_token"}
-    scores = table.filter(pc.and_(pc.equal(table["analysis"], "scores"), pc.is_in(table["measure"], pa.array(list(keys.values())))))
+    scores = table.filter(
+        pc.and_(pc.equal(table["analysis"], "scores"), pc.is_in(table["measure"], pa.array(list(keys.values()))))
+    )
     best = scores.group_by(["trial", "step", "tokens_seen", "measure"]).aggregate([("value", "max")]).to_pylist()
     result: dict[str, dict[str, int | None]] = {}
     for row in sorted(best, key=lambda r: r["step"]):

@@ -59,8 +59,15 @@ class DriverRecord:
         self._previous_handlers: dict[int, Any] = {}
 
     def write(self, state: str, reason: str | None = None) -> None:
-        record = {"state": state, "reason": reason, "pid": os.getpid(), "host": socket.gethostname(),
-                  "started": _iso(self.started), "updated": _iso(time.time()), "heartbeat": time.time()}
+        record = {
+            "state": state,
+            "reason": reason,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _iso(self.started),
+            "updated": _iso(time.time()),
+            "heartbeat": time.time(),
+        }
         write_text(self.storage, self.path, json.dumps(record, indent=1))
 
     def __enter__(self) -> DriverRecord:
@@ -126,7 +133,9 @@ class DriverRecord:
         what = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}.get(reason, reason)
         return SweepInterrupted(
             f"interrupted ({what}): every trial's last checkpoint is kept; run `sweep resume {self.name}` "
-            f"(storage {self.storage.uri}) to finish it", SIGNAL_EXIT.get(reason, 1))
+            f"(storage {self.storage.uri}) to finish it",
+            SIGNAL_EXIT.get(reason, 1),
+        )
 
 
 _ACTIVE: DriverRecord | None = None
@@ -227,8 +236,15 @@ class RayWatch:
         self.gcs = (host, int(port))
         # a local Ray started by this driver: its processes are ours to watch
         self.node = node if getattr(node, "head", False) and getattr(node, "all_processes", None) else None
-        self.local = {name: [info.process for info in infos] for name, infos in self.node.all_processes.items()
-                      if name in ("raylet", "gcs_server")} if self.node is not None else {}
+        self.local = (
+            {
+                name: [info.process for info in infos]
+                for name, infos in self.node.all_processes.items()
+                if name in ("raylet", "gcs_server")
+            }
+            if self.node is not None
+            else {}
+        )
         threading.Thread(target=self._watch, name="ray-watch", daemon=True).start()
         return self
 
@@ -252,8 +268,10 @@ class RayWatch:
             missed = missed + 1 if what else 0
             if missed >= self.misses and not self._stop.is_set():
                 self.record.close("interrupted", f"Ray's {what}")
-                self.say(f"interrupted: Ray's {what}; every trial's last checkpoint is kept; "
-                         f"run `sweep resume {self.record.name}` once Ray is back")
+                self.say(
+                    f"interrupted: Ray's {what}; every trial's last checkpoint is kept; "
+                    f"run `sweep resume {self.record.name}` once Ray is back"
+                )
                 if self.node is not None:  # leave no orphan of the local Ray this driver started
                     try:
                         self.node.kill_all_processes(check_alive=False, allow_graceful=False)

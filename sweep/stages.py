@@ -48,8 +48,13 @@ def essential_dynamics_task(storage_uri: str, snapshot_paths: list[str], probe) 
     return essential_dynamics(features)
 
 
-def ensure_essential_dynamics(experiment: Experiment, trials: list[TrialRecord], address: str | None, verbose: bool = False,
-                              on_progress: Callable[[int, int], None] = lambda done, total: None) -> int:
+def ensure_essential_dynamics(
+    experiment: Experiment,
+    trials: list[TrialRecord],
+    address: str | None,
+    verbose: bool = False,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> int:
     """Compute essential dynamics for the trials the table lacks it for (or whose snapshots grew); returns how many."""
     import ray
 
@@ -61,7 +66,9 @@ def ensure_essential_dynamics(experiment: Experiment, trials: list[TrialRecord],
     table = read_table(experiment, ["trial", "step", "analysis", "version"])
     done: dict[str, int] = {}
     if table is not None:
-        rows = table.filter(pc.and_(pc.equal(table["analysis"], "essential_dynamics"), pc.equal(table["version"], ED_VERSION)))
+        rows = table.filter(
+            pc.and_(pc.equal(table["analysis"], "essential_dynamics"), pc.equal(table["version"], ED_VERSION))
+        )
         for entry in rows.group_by("trial").aggregate([("step", "count_distinct")]).to_pylist():
             done[entry["trial"]] = entry["step_count_distinct"]
     missing = [t for t in trials if len(t.snapshots) >= 4 and done.get(t.trial_id, 0) < len(t.snapshots)]
@@ -88,9 +95,17 @@ def ensure_essential_dynamics(experiment: Experiment, trials: list[TrialRecord],
             rows += [(-1, -1, "ed_turning_point", 1.0)] if trial.snapshots.index(snapshot) in turning else []
             finished.append((Task(trial, snapshot, ("essential_dynamics",)), {"essential_dynamics": rows}))
         on_progress(len(missing) - len(pending), len(missing))
-    write_part(experiment, finished, {"essential_dynamics": {"version": ED_VERSION, "description":
-               "PCA of the log-probs on 16 held-out windows across a trial's snapshots (Hoogland et al. 2024)"}},
-               versions={"essential_dynamics": ED_VERSION})
+    write_part(
+        experiment,
+        finished,
+        {
+            "essential_dynamics": {
+                "version": ED_VERSION,
+                "description": "PCA of the log-probs on 16 held-out windows across a trial's snapshots (Hoogland et al. 2024)",
+            }
+        },
+        versions={"essential_dynamics": ED_VERSION},
+    )
     return len(missing)
 
 
@@ -111,22 +126,31 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
         boundaries = stage_boundaries([t for t, _ in llc], [v for _, v in llc])
         circuits = {name: tokens for name, tokens in (formed.get(trial.trial_id) or {}).items() if tokens is not None}
         ends = [b["tokens"] for b in boundaries]
-        documents.append({
-            "trial_id": trial.trial_id, "config": trial.config,
-            "llc": [{"tokens_seen": t, "llc": v} for t, v in llc],
-            "llc_boundaries": boundaries,
-            "essential_dynamics_turning_points": [t for t, _ in turning],
-            "circuits": {name: {"tokens_seen": tokens, "stage": sum(1 for end in ends if end < tokens) + 1}
-                         for name, tokens in circuits.items()},
-            "stages": len(boundaries) + 1 if llc else 0,
-        })
+        documents.append(
+            {
+                "trial_id": trial.trial_id,
+                "config": trial.config,
+                "llc": [{"tokens_seen": t, "llc": v} for t, v in llc],
+                "llc_boundaries": boundaries,
+                "essential_dynamics_turning_points": [t for t, _ in turning],
+                "circuits": {
+                    name: {"tokens_seen": tokens, "stage": sum(1 for end in ends if end < tokens) + 1}
+                    for name, tokens in circuits.items()
+                },
+                "stages": len(boundaries) + 1 if llc else 0,
+            }
+        )
     return documents
 
 
 def _series(table: pa.Table, analysis: str, measure: str, version: int) -> list[tuple[int, float]]:
     """(tokens_seen, value) of one measure at its current version, by tokens."""
-    rows = table.filter(pc.and_(pc.and_(pc.equal(table["analysis"], analysis), pc.equal(table["measure"], measure)),
-                                pc.equal(table["version"], version)))
+    rows = table.filter(
+        pc.and_(
+            pc.and_(pc.equal(table["analysis"], analysis), pc.equal(table["measure"], measure)),
+            pc.equal(table["version"], version),
+        )
+    )
     values = {}
     for tokens, value in zip(rows["tokens_seen"].to_pylist(), rows["value"].to_pylist()):
         if value is not None and math.isfinite(value):

@@ -103,7 +103,9 @@ def snapshots_in_listing(trial_path: str, sizes: dict[str, int], tokens_per_step
 
 def run_folder_snapshots(run: Path) -> list[Snapshot]:
     """The complete snapshots of a `sweep train` run folder."""
-    return [Snapshot(r["step"], r["tokens_seen"], r["bytes"], r["path"]) for r in list_snapshots(run / SNAPSHOTS_FOLDER)]
+    return [
+        Snapshot(r["step"], r["tokens_seen"], r["bytes"], r["path"]) for r in list_snapshots(run / SNAPSHOTS_FOLDER)
+    ]
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,11 @@ def fetch_snapshot(storage: Storage | None, snapshot: Snapshot, workdir: Path) -
     target = Path(workdir) / snapshot_name(snapshot.step)
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = snapshot.path.rsplit("/", 1)[0] + f"/{TOKENIZER_FILE}"
-    for source, name in ((f"{snapshot.path}/{WEIGHTS_FILE}", WEIGHTS_FILE), (f"{snapshot.path}/{SNAPSHOT_FILE}", SNAPSHOT_FILE),
-                         (tokenizer, TOKENIZER_FILE)):
+    for source, name in (
+        (f"{snapshot.path}/{WEIGHTS_FILE}", WEIGHTS_FILE),
+        (f"{snapshot.path}/{SNAPSHOT_FILE}", SNAPSHOT_FILE),
+        (tokenizer, TOKENIZER_FILE),
+    ):
         if storage is None:
             shutil.copyfile(source, target / name)
         else:
@@ -166,4 +171,4 @@ def snapshot_rows(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
 def storage_listing(storage: Storage, folder: str) -> dict[str, int]:
     """Relative path -> size of every file under `folder` (one recursive listing)."""
     infos = storage.filesystem.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
-    return {info.path[len(folder) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
+    return {info.path[len(folder) + 1 :]: info.size for info in infos if info.type == pafs.FileType.File}

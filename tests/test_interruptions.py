@@ -13,13 +13,33 @@ import pytest
 
 from conftest import free_port, run_env, write_reviews
 
-TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
-        "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3", "--no-early-stopping", "--snapshots", "every:4096"]
+TINY = [
+    "--tokenizer",
+    "bytes",
+    "--grid",
+    "d_model=16",
+    "--grid",
+    "seq_len=16",
+    "--grid",
+    "batch_size=16",
+    "--grid",
+    "eval_every_tokens=2048",
+    "--grid",
+    "lr=3e-3",
+    "--no-early-stopping",
+    "--snapshots",
+    "every:4096",
+]
 
 
 def sweep(*args, check=True, timeout=300, env=None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True,
-                            env=env or run_env(), timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or run_env(),
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -34,9 +54,28 @@ def reviews(tmp_path) -> Path:
 
 def start(reviews, storage, name, *extra) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=24576", "--grid", "heads=2,4",
-         "--storage", str(storage), "--name", name, *extra],
-        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "sweep.cli",
+            "launch",
+            str(reviews),
+            *TINY,
+            "--grid",
+            "max_tokens=24576",
+            "--grid",
+            "heads=2,4",
+            "--storage",
+            str(storage),
+            "--name",
+            name,
+            *extra,
+        ],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -49,13 +88,22 @@ def wait_for_checkpoint(storage: Path, name: str, process: subprocess.Popen, tim
 
 
 def final_losses(storage: Path, name: str) -> dict:
-    rows = json.loads(sweep("best", name, "--storage", storage, "--metric", "test_loss", "--top", "10", "--json").stdout)["trials"]
-    return {(row["config"]["heads"]): (row["status"], row["iterations"], round(row["metrics"]["test_loss"], 4)) for row in rows}
+    rows = json.loads(
+        sweep("best", name, "--storage", storage, "--metric", "test_loss", "--top", "10", "--json").stdout
+    )["trials"]
+    return {
+        (row["config"]["heads"]): (row["status"], row["iterations"], round(row["metrics"]["test_loss"], 4))
+        for row in rows
+    }
 
 
 @pytest.mark.usefixtures("no_stray_ray")
-@pytest.mark.parametrize("signals, exit_code", [((signal.SIGINT,), 130), ((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)])
-def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_uninterrupted(reviews, tmp_path, signals, exit_code):
+@pytest.mark.parametrize(
+    "signals, exit_code", [((signal.SIGINT,), 130), ((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)]
+)
+def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_uninterrupted(
+    reviews, tmp_path, signals, exit_code
+):
     storage = tmp_path / "results"
     process = start(reviews, storage, "sig")
     try:
@@ -76,12 +124,27 @@ def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_unint
     assert json.loads((storage / "sig" / "driver.json").read_text())["state"] == "interrupted"
 
     sweep("resume", "sig", "--storage", storage, timeout=400)
-    sweep("launch", reviews, *TINY, "--grid", "max_tokens=24576", "--grid", "heads=2,4", "--storage", storage, "--name", "straight",
-          timeout=400)
+    sweep(
+        "launch",
+        reviews,
+        *TINY,
+        "--grid",
+        "max_tokens=24576",
+        "--grid",
+        "heads=2,4",
+        "--storage",
+        storage,
+        "--name",
+        "straight",
+        timeout=400,
+    )
     assert final_losses(storage, "sig") == final_losses(storage, "straight")
     assert all(state == "TERMINATED" for state, _, _ in final_losses(storage, "sig").values())
     snapshots = json.loads(sweep("snapshots", "sig", "--storage", storage, "--json").stdout)["trials"]
-    assert all([row["tokens_seen"] for row in rows] == [0, 4096, 8192, 12288, 16384, 20480, 24576] for rows in snapshots.values())
+    assert all(
+        [row["tokens_seen"] for row in rows] == [0, 4096, 8192, 12288, 16384, 20480, 24576]
+        for rows in snapshots.values()
+    )
 
 
 @pytest.mark.usefixtures("no_stray_ray")
@@ -124,7 +187,9 @@ def test_the_local_ray_node_lost_under_a_sweep_is_one_line_then_resume_finishes(
     assert last.startswith("interrupted: Ray's local node is gone") and "sweep resume lost" in last, stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) < 30, stderr
     sweep("resume", "lost", "--storage", storage, timeout=400)
-    assert all(state == "TERMINATED" and iterations == 12 for state, iterations, _ in final_losses(storage, "lost").values())
+    assert all(
+        state == "TERMINATED" and iterations == 12 for state, iterations, _ in final_losses(storage, "lost").values()
+    )
 
 
 def _descendants(pid: int) -> list[int]:

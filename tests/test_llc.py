@@ -31,7 +31,9 @@ def regression():
 def test_a_regular_model_has_llc_half_its_dimension(regression):
     model, loss, batches = regression
     before = model.weight.detach().clone()
-    estimate = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=4, draws=2000, burn_in=500))
+    estimate = estimate_llc(
+        model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=4, draws=2000, burn_in=500)
+    )
     assert not estimate.diverged and estimate.warning is None
     assert abs(estimate.llc - D / 2) < 3 * estimate.std_error, (estimate.llc, estimate.std_error)
     assert estimate.settings["n_beta"] == pytest.approx(N / math.log(N)) and estimate.settings["chains"] == 4
@@ -48,7 +50,9 @@ def test_estimates_are_reproducible_and_leave_the_training_rng_alone(regression)
     assert torch.equal(torch.get_rng_state(), state)
     second = estimate_llc(model, loss, batches, N, config)
     assert first.chain_llcs == second.chain_llcs and first.traces == second.traces
-    other = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=100, burn_in=20, seed=8))
+    other = estimate_llc(
+        model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=100, burn_in=20, seed=8)
+    )
     assert other.chain_llcs != first.chain_llcs
 
 
@@ -56,29 +60,38 @@ def test_too_large_a_step_is_flagged_as_divergent_not_averaged_into_a_number(reg
     model, loss, batches = regression
     estimate = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1.0, gamma=1.0, chains=3, draws=50, burn_in=10))
     assert estimate.llc is None and estimate.diverged == [0, 1, 2]
-    assert estimate.warning.startswith("3 of 3 SGLD chains diverged (eps 1.0, gamma 1.0)") and "\n" not in estimate.warning
+    assert (
+        estimate.warning.startswith("3 of 3 SGLD chains diverged (eps 1.0, gamma 1.0)") and "\n" not in estimate.warning
+    )
     partly = estimate_llc(model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=2, draws=50, burn_in=10))
     assert partly.diverged == [] and partly.llc is not None
 
 
 def test_calibration_prefers_the_largest_step_whose_estimate_no_longer_depends_on_it(regression):
     model, loss, batches = regression
-    rows = calibrate(model, loss, batches, N, epsilons=(3e-5, 1e-4, 1.0), gammas=(1.0,),
-                     config=LLCConfig(chains=2, draws=400, burn_in=100))
+    rows = calibrate(
+        model,
+        loss,
+        batches,
+        N,
+        epsilons=(3e-5, 1e-4, 1.0),
+        gammas=(1.0,),
+        config=LLCConfig(chains=2, draws=400, burn_in=100),
+    )
     by_epsilon = {row["epsilon"]: row for row in rows}
     assert by_epsilon[1.0]["diverged"] == 2 and not by_epsilon[1.0]["stable"]
     assert by_epsilon[1e-4]["stable"] and by_epsilon[1e-4]["agrees_with_smaller_eps"]
 
 
 def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens():
-    tokens = [2 ** k for k in range(1, 21)]
+    tokens = [2**k for k in range(1, 21)]
     # flat at 40, a jump to 120 between 2^9 and 2^11 (an induction bump), flat again, then a fall from 2^16
     curve = [40.0 if k <= 9 else 80.0 if k == 10 else 120.0 if k < 16 else 120.0 - 25 * (k - 15) for k in range(1, 21)]
     curve[4] += 3.0  # one noisy estimate on the first plateau: no stage of its own
     boundaries = stage_boundaries(tokens, curve)
     assert [b["kind"] for b in boundaries] == ["plateau", "rising", "plateau"]
-    assert boundaries[1]["tokens"] == boundaries[1]["start"] == 2 ** 10  # the jump's middle snapshot
-    assert boundaries[2]["tokens"] == 2 ** 15  # the last snapshot before the fall (a stage that never ends)
+    assert boundaries[1]["tokens"] == boundaries[1]["start"] == 2**10  # the jump's middle snapshot
+    assert boundaries[2]["tokens"] == 2**15  # the last snapshot before the fall (a stage that never ends)
     assert stage_boundaries(tokens, [5.0] * 20) == []  # a curve that never changes has one stage
     assert stage_boundaries(tokens, [50.0 + 0.5 * k for k in range(20)]) == []  # a slow drift is no stage
     assert stage_boundaries(tokens[:3], curve[:3]) == []
@@ -87,7 +100,9 @@ def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens()
 def test_essential_dynamics_finds_the_turn_of_a_trajectory():
     # outputs moving along one direction, then turning back along another: a cusp at snapshot 5
     direction_a, direction_b = np.eye(20)[0], np.eye(20)[1]
-    outputs = [direction_a * t for t in range(6)] + [direction_a * 5 - direction_a * (t - 5) * 0.5 + direction_b * (t - 5) for t in range(6, 12)]
+    outputs = [direction_a * t for t in range(6)] + [
+        direction_a * 5 - direction_a * (t - 5) * 0.5 + direction_b * (t - 5) for t in range(6, 12)
+    ]
     result = essential_dynamics(outputs)
     assert len(result["trajectory"]) == 12 and len(result["trajectory"][0]) == 3
     assert sum(result["explained_variance"]) == pytest.approx(1.0)

@@ -22,12 +22,32 @@ from sweep.space import PRESETS, trial_schedule
 
 from conftest import run_env
 
-TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
-        "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3"]
+TINY = [
+    "--tokenizer",
+    "bytes",
+    "--grid",
+    "d_model=16",
+    "--grid",
+    "seq_len=16",
+    "--grid",
+    "batch_size=16",
+    "--grid",
+    "max_tokens=8192",
+    "--grid",
+    "eval_every_tokens=2048",
+    "--grid",
+    "lr=3e-3",
+]
 
 
 def sweep(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True, env=run_env(), timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -53,19 +73,27 @@ def test_the_log_schedule_is_step_zero_powers_of_two_then_even_spacing_to_the_la
 def test_every_tokens_lists_and_none():
     schedule = trial_schedule({"seq_len": 16, "batch_size": 16, "max_tokens": 8192})  # 256 tokens a step, 32 steps
     assert snapshot_steps(parse_snapshots("every:2048"), schedule) == [0, 8, 16, 24, 32]
-    assert snapshot_steps(parse_snapshots("0,1000,4096,8192"), schedule) == [0, 4, 16, 32]  # the first step reaching each count
+    assert snapshot_steps(parse_snapshots("0,1000,4096,8192"), schedule) == [
+        0,
+        4,
+        16,
+        32,
+    ]  # the first step reaching each count
     assert snapshot_steps(parse_snapshots("1k,4k"), schedule) == [4, 16]
     assert snapshot_steps(parse_snapshots("none"), schedule) == []
 
 
-@pytest.mark.parametrize("text, message", [
-    ("sometimes", "is not a schedule"),
-    ("every:0", "is not a schedule"),
-    ("log:0", "is not a schedule"),
-    ("4096,1024", "must increase"),
-    ("0,9000", "past the end of training"),
-    ("100,200", "falls in the same step"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sometimes", "is not a schedule"),
+        ("every:0", "is not a schedule"),
+        ("log:0", "is not a schedule"),
+        ("4096,1024", "must increase"),
+        ("0,9000", "past the end of training"),
+        ("100,200", "falls in the same step"),
+    ],
+)
 def test_a_schedule_that_cannot_be_honoured_is_refused(text, message):
     schedule = trial_schedule({"seq_len": 16, "batch_size": 16, "max_tokens": 8192})
     with pytest.raises(ConfigError, match=message):
@@ -74,11 +102,16 @@ def test_a_schedule_that_cannot_be_honoured_is_refused(text, message):
 
 def test_launch_refuses_a_bad_schedule_in_one_line_and_writes_nothing(reviews_file, tmp_path):
     storage = tmp_path / "results"
-    result = CliRunner().invoke(main, ["launch", str(reviews_file), *TINY, "--storage", str(storage), "--snapshots", "0,100000"])
+    result = CliRunner().invoke(
+        main, ["launch", str(reviews_file), *TINY, "--storage", str(storage), "--snapshots", "0,100000"]
+    )
     assert result.exit_code == 2, result.output
     assert "past the end of training" in result.output and len(result.output.strip().splitlines()) == 1
     assert not storage.exists() or not any(storage.iterdir())
-    trained = CliRunner().invoke(main, ["train", str(reviews_file), "--tokenizer", "bytes", "--snapshots", "every:x", "--out", str(tmp_path / "r")])
+    trained = CliRunner().invoke(
+        main,
+        ["train", str(reviews_file), "--tokenizer", "bytes", "--snapshots", "every:x", "--out", str(tmp_path / "r")],
+    )
     assert trained.exit_code == 2 and "--snapshots 'every:x' is not a schedule" in trained.output
     assert not (tmp_path / "r").exists()
 
@@ -98,8 +131,16 @@ class CountingSnapshots(FolderSnapshots):
 
 def _trainer(data, snapshots="every:512"):
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2, seq_len=16)
-    train_cfg = TrainConfig(lr=3e-3, batch_size=8, max_tokens=4096, eval_every_tokens=1024, eval_tokens=512, dtype="float32",
-                            snapshots=snapshots, threads=1)
+    train_cfg = TrainConfig(
+        lr=3e-3,
+        batch_size=8,
+        max_tokens=4096,
+        eval_every_tokens=1024,
+        eval_tokens=512,
+        dtype="float32",
+        snapshots=snapshots,
+        threads=1,
+    )
     return Trainer(model_cfg, train_cfg, data.train, data.test, data.tokenizer)
 
 
@@ -132,13 +173,39 @@ def test_a_killed_and_resumed_run_writes_every_snapshot_once_with_the_uninterrup
     for step in expected:
         name = f"step_{step:07d}"
         for file in ("model.safetensors", "snapshot.json"):
-            assert (tmp_path / "resumed" / name / file).read_bytes() == (tmp_path / "straight" / name / file).read_bytes(), (name, file)
+            assert (tmp_path / "resumed" / name / file).read_bytes() == (
+                tmp_path / "straight" / name / file
+            ).read_bytes(), (name, file)
 
 
 def test_snapshot_records_and_bfloat16_weights(reviews_file, tmp_path):
-    result = CliRunner().invoke(main, ["train", str(reviews_file), "--tokenizer", "bytes", "--d-model", "16", "--heads", "2",
-                                       "--seq-len", "16", "--batch-size", "16", "--max-tokens", "4096", "--eval-every-tokens", "2048",
-                                       "--snapshots", "0,1024,4096", "--snapshot-dtype", "bfloat16", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(reviews_file),
+            "--tokenizer",
+            "bytes",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "16",
+            "--max-tokens",
+            "4096",
+            "--eval-every-tokens",
+            "2048",
+            "--snapshots",
+            "0,1024,4096",
+            "--snapshot-dtype",
+            "bfloat16",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = list_snapshots(tmp_path / "run" / "snapshots")
     assert [(r["step"], r["tokens_seen"]) for r in records] == [(0, 0), (4, 1024), (16, 4096)]
@@ -156,9 +223,35 @@ def test_snapshot_records_and_bfloat16_weights(reviews_file, tmp_path):
 @pytest.fixture
 def trained_run(reviews_file, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", str(reviews_file), "--tokenizer", "bytes", "--d-model", "16", "--heads", "2", "--layers", "2",
-                                       "--seq-len", "16", "--batch-size", "16", "--max-tokens", "4096", "--eval-every-tokens", "2048",
-                                       "--snapshots", "every:1024", "--prompt", "the movie", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(reviews_file),
+            "--tokenizer",
+            "bytes",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "16",
+            "--max-tokens",
+            "4096",
+            "--eval-every-tokens",
+            "2048",
+            "--snapshots",
+            "every:1024",
+            "--prompt",
+            "the movie",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -168,7 +261,9 @@ def test_every_command_reads_a_snapshot_by_step_or_tokens(trained_run, tmp_path)
     listed = json.loads(runner.invoke(main, ["snapshots", str(trained_run), "--json"]).output)
     (rows,) = listed["trials"].values()
     assert [(r["step"], r["tokens_seen"]) for r in rows] == [(0, 0), (4, 1024), (8, 2048), (12, 3072), (16, 4096)]
-    heads = json.loads(runner.invoke(main, ["heads", str(trained_run), "--step", "8", "--json"], catch_exceptions=False).output)
+    heads = json.loads(
+        runner.invoke(main, ["heads", str(trained_run), "--step", "8", "--json"], catch_exceptions=False).output
+    )
     assert len(heads["heads"]) == 4 and all("ablation" in h for h in heads["heads"])
     at_init = json.loads(runner.invoke(main, ["heads", str(trained_run), "--tokens-seen", "0", "--json"]).output)
     assert at_init["heads"] != heads["heads"]
@@ -177,13 +272,20 @@ def test_every_command_reads_a_snapshot_by_step_or_tokens(trained_run, tmp_path)
     final = json.loads((trained_run / "checkpoint" / "heads.json").read_text())
     for ours, recorded in zip(last["heads"], final["heads"]):
         assert ours["scores"] == pytest.approx(recorded["scores"], abs=1e-3)
-    sample = runner.invoke(main, ["generate", str(trained_run), "--step", "4", "--prompt", "the movie", "--tokens", "5"])
+    sample = runner.invoke(
+        main, ["generate", str(trained_run), "--step", "4", "--prompt", "the movie", "--tokens", "5"]
+    )
     assert sample.exit_code == 0 and sample.output.startswith("the movie")
     pictures = runner.invoke(main, ["heatmaps", str(trained_run), "--step", "4", "--out", str(tmp_path / "maps")])
     assert pictures.exit_code == 0 and len(list((tmp_path / "maps").glob("layer*_head*.png"))) == 4
     exported = runner.invoke(main, ["export", str(trained_run), "--step", "8", "--out", str(tmp_path / "tl")])
     assert exported.exit_code == 0, exported.output
-    assert {p.name for p in (tmp_path / "tl").iterdir()} >= {"hooked_transformer_config.json", "state_dict.pt", "tokenizer.json", "README.md"}
+    assert {p.name for p in (tmp_path / "tl").iterdir()} >= {
+        "hooked_transformer_config.json",
+        "state_dict.pt",
+        "tokenizer.json",
+        "README.md",
+    }
 
 
 def test_the_export_at_a_snapshot_gives_transformer_lens_the_snapshot_logits(trained_run, tmp_path):
@@ -191,11 +293,18 @@ def test_the_export_at_a_snapshot_gives_transformer_lens_the_snapshot_logits(tra
 
     from model.snapshots import model_from_snapshot
 
-    assert CliRunner().invoke(main, ["export", str(trained_run), "--step", "8", "--out", str(tmp_path / "tl")]).exit_code == 0
-    hooked = HookedTransformer(HookedTransformerConfig(**json.loads((tmp_path / "tl" / "hooked_transformer_config.json").read_text())))
+    assert (
+        CliRunner().invoke(main, ["export", str(trained_run), "--step", "8", "--out", str(tmp_path / "tl")]).exit_code
+        == 0
+    )
+    hooked = HookedTransformer(
+        HookedTransformerConfig(**json.loads((tmp_path / "tl" / "hooked_transformer_config.json").read_text()))
+    )
     hooked.load_state_dict(torch.load(tmp_path / "tl" / "state_dict.pt", weights_only=True))
     folder = trained_run / "snapshots" / "step_0000008"
-    ours = model_from_snapshot(json.loads((folder / "snapshot.json").read_text()), (folder / "model.safetensors").read_bytes())
+    ours = model_from_snapshot(
+        json.loads((folder / "snapshot.json").read_text()), (folder / "model.safetensors").read_bytes()
+    )
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(hooked(tokens), ours(tokens), atol=1e-4)
 
@@ -220,24 +329,38 @@ def test_the_export_at_a_snapshot_loads_in_transformer_lens_4_with_our_logits(tr
 
     python = Path(__file__).resolve().parent.parent / ".venv-tl4" / "bin" / "python"
     assert python.is_file(), "tests/setup makes .venv-tl4 with transformer-lens 4.x"
-    assert CliRunner().invoke(main, ["export", str(trained_run), "--tokens-seen", "2048", "--out", str(tmp_path / "tl")]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["export", str(trained_run), "--tokens-seen", "2048", "--out", str(tmp_path / "tl")])
+        .exit_code
+        == 0
+    )
     folder = trained_run / "snapshots" / "step_0000008"
-    ours = model_from_snapshot(json.loads((folder / "snapshot.json").read_text()), (folder / "model.safetensors").read_bytes())
+    ours = model_from_snapshot(
+        json.loads((folder / "snapshot.json").read_text()), (folder / "model.safetensors").read_bytes()
+    )
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.save({"tokens": tokens, "logits": ours(tokens)}, tmp_path / "ours.pt")
-    result = subprocess.run([str(python), "-c", TL4_LOAD, str(tmp_path / "tl"), str(tmp_path / "ours.pt")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(python), "-c", TL4_LOAD, str(tmp_path / "tl"), str(tmp_path / "ours.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) < 1e-4
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--step", "5"], "no snapshot at --step 5; nearest: --step 4, --step 8 ("),
-    (["--tokens-seen", "1500"], "nearest: --tokens-seen 1024, --tokens-seen 2048 ("),
-    (["--step", "99"], "nearest: --step 16 ("),
-    (["--step", "4", "--tokens-seen", "1024"], "--step and --tokens-seen both name a snapshot; give one"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--step", "5"], "no snapshot at --step 5; nearest: --step 4, --step 8 ("),
+        (["--tokens-seen", "1500"], "nearest: --tokens-seen 1024, --tokens-seen 2048 ("),
+        (["--step", "99"], "nearest: --step 16 ("),
+        (["--step", "4", "--tokens-seen", "1024"], "--step and --tokens-seen both name a snapshot; give one"),
+    ],
+)
 def test_an_address_that_does_not_exist_names_the_nearest_snapshots(trained_run, args, message):
     result = CliRunner().invoke(main, ["heads", str(trained_run), *args])
     assert result.exit_code == 2 and message in result.output.replace("\n", " ")
@@ -249,7 +372,12 @@ def test_an_address_that_does_not_exist_names_the_nearest_snapshots(trained_run,
 
 def _table_rows(folder: Path) -> list[tuple]:
     table = pq.ParquetDataset(str(folder)).read()
-    rows = zip(*(table.column(c).to_pylist() for c in ("trial", "step", "tokens_seen", "layer", "head", "measure", "value", "analysis", "version")))
+    rows = zip(
+        *(
+            table.column(c).to_pylist()
+            for c in ("trial", "step", "tokens_seen", "layer", "head", "measure", "value", "analysis", "version")
+        )
+    )
     return sorted(rows)
 
 
@@ -260,8 +388,20 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
     from sweep.storage import open_storage
 
     storage = tmp_path / "results"
-    sweep("launch", reviews_file, *TINY, "--grid", "heads=2,4", "--snapshots", "every:2048", "--no-early-stopping",
-          "--storage", storage, "--name", "snap")
+    sweep(
+        "launch",
+        reviews_file,
+        *TINY,
+        "--grid",
+        "heads=2,4",
+        "--snapshots",
+        "every:2048",
+        "--no-early-stopping",
+        "--storage",
+        storage,
+        "--name",
+        "snap",
+    )
     experiment = load_experiment(open_storage(str(storage)), "snap")
     assert [[s.step for s in t.snapshots] for t in experiment.trials] == [[0, 8, 16, 24, 32]] * 2
 
@@ -308,7 +448,19 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_analyse_on_s3_and_snapshots_listed_from_storage_alone(s3_server, reviews_file):
-    sweep("launch", reviews_file, *TINY, "--grid", "heads=2", "--snapshots", "every:4096", "--storage", "s3://bucket/exp", "--name", "s3snap")
+    sweep(
+        "launch",
+        reviews_file,
+        *TINY,
+        "--grid",
+        "heads=2",
+        "--snapshots",
+        "every:4096",
+        "--storage",
+        "s3://bucket/exp",
+        "--name",
+        "s3snap",
+    )
     listed = json.loads(sweep("snapshots", "s3snap", "--storage", "s3://bucket/exp", "--json").stdout)
     (rows,) = listed["trials"].values()
     assert [r["tokens_seen"] for r in rows] == [0, 4096, 8192]
@@ -316,7 +468,11 @@ def test_analyse_on_s3_and_snapshots_listed_from_storage_alone(s3_server, review
     assert "measured 3 snapshots" in first.stderr
     second = sweep("analyse", "s3snap", "--storage", "s3://bucket/exp")
     assert "nothing to compute" in second.stderr
-    keys = [item["Key"] for item in s3_server.list_objects_v2(Bucket="bucket", Prefix="exp/s3snap/analysis/")["Contents"]]
+    keys = [
+        item["Key"] for item in s3_server.list_objects_v2(Bucket="bucket", Prefix="exp/s3snap/analysis/")["Contents"]
+    ]
     assert len(keys) == 1 and keys[0].endswith(".parquet")
-    heads = json.loads(sweep("heads", "s3snap", "--storage", "s3://bucket/exp", "--tokens-seen", "4096", "--json").stdout)
+    heads = json.loads(
+        sweep("heads", "s3snap", "--storage", "s3://bucket/exp", "--tokens-seen", "4096", "--json").stdout
+    )
     assert len(heads["heads"]) == 2
