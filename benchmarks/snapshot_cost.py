@@ -103,7 +103,8 @@ def analyse_rate(repeats: int) -> None:
             measure_model(trainer.model, probe, names)
         per = (time.perf_counter() - started) / repeats
         print(
-            f"analyse {'+'.join(names):34s} {per:.3f} s a snapshot on 1 thread: {2 / per:.1f} snapshots/s with 2 tasks at once"
+            f"analyse {'+'.join(names):34s} {per:.3f} s a snapshot on 1 thread: "
+            f"{2 / per:.1f} snapshots/s with 2 tasks at once"
         )
 
 
@@ -143,7 +144,8 @@ def table_read(trials: int, snapshots: int, parts: int) -> None:
         formed = formed_at(table, {"induction": 0.4, "previous_token": 0.4})
         reduced = time.perf_counter() - started
     print(
-        f"table of {trials} trials x {snapshots} snapshots: {table.num_rows:,} rows in {parts} parts, {size / 1e6:.1f} MB "
+        f"table of {trials} trials x {snapshots} snapshots: {table.num_rows:,} rows in {parts} parts, "
+        f"{size / 1e6:.1f} MB "
         f"(written in {written:.1f} s); read {read:.2f} s, formed_at of {len(formed)} trials {reduced:.2f} s"
     )
 

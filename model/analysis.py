@@ -174,7 +174,8 @@ def ideal_repeated_scores(tokens: torch.Tensor, period: int) -> dict[str, float]
     follows = torch.zeros_like(same)
     follows[:, :, 1:] = same[:, :, :-1]  # key k follows an occurrence of the query's token
     induction_matches = (follows & (torch.arange(length)[None, :] <= queries[:, None])).sum(-1).clamp_min(1)
-    return {"duplicate_token": float((1 / duplicate_matches.float()).mean()), "induction": float((1 / induction_matches.float()).mean())}
+    return {"duplicate_token": float((1 / duplicate_matches.float()).mean()),
+            "induction": float((1 / induction_matches.float()).mean())}
 
 
 PROBE_VERSION = 2
@@ -188,10 +189,12 @@ def probe_record(model_cfg, cfg: AnalysisConfig, held_out_sequences: int, ideal:
         "version": PROBE_VERSION,
         "held_out": {"sequences": held_out_sequences, "tokens": model_cfg.seq_len,
                      "scores": ["previous_token", "current_token", "first_token"]},
-        "repeated": {"sequences": cfg.probe_sequences, "period": period, "vocabulary": model_cfg.vocab_size, "seed": cfg.seed,
+        "repeated": {"sequences": cfg.probe_sequences, "period": period, "vocabulary": model_cfg.vocab_size,
+                     "seed": cfg.seed,
                      "distinct": model_cfg.vocab_size >= period, "ideal_head": ideal,
                      "scores": ["duplicate_token", "induction"],
-                     "scaled": "raw" if min(ideal.values()) > 0.999 else "fraction of the ideal head's score on this probe"},
+                     "scaled": "raw" if min(ideal.values()) > 0.999
+                     else "fraction of the ideal head's score on this probe"},
         "copying": "Re(sum of eigenvalues) / sum of |eigenvalues| of W_V W_O W_U W_E (Elhage et al. 2021)",
         "thresholds": cfg.thresholds(),
     }
@@ -220,7 +223,8 @@ def head_scores(
     _, repeat_patterns = model.run_with_patterns(repeated)
     for scores, pattern in zip(per_layer, repeat_patterns):
         # where r had to repeat tokens (a tiny vocabulary), as a fraction of what an ideal head scores here
-        scores.update({name: value / ideal[name] for name, value in repeated_token_scores(pattern.float(), period).items()})
+        raw = repeated_token_scores(pattern.float(), period)
+        scores.update({name: value / ideal[name] for name, value in raw.items()})
     copying = copying_scores(model)
     ablation = mean_ablation(model, windows, repeated[: cfg.ablation_sequences], period) if ablate else None
     model.train(was_training)
@@ -237,7 +241,8 @@ def head_scores(
             if ablation is not None:
                 entry["ablation"] = {k: round(v, 5) for k, v in ablation[layer][head].items()}
             heads.append(entry)
-    document = {"heads": heads, "composition": composition_scores(model), "probe": probe_record(model.cfg, cfg, int(tokens.shape[0]), ideal)}
+    probe = probe_record(model.cfg, cfg, int(tokens.shape[0]), ideal)
+    document = {"heads": heads, "composition": composition_scores(model), "probe": probe}
     return label_matters(document, cfg.matters_threshold) if ablation is not None else document
 
 

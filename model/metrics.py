@@ -16,7 +16,8 @@ SUMMARY_METRICS = {
     "copying_score_max": "copying",
 }
 
-# A head is labelled induction / previous-token above these scores; the run's formed_at is when its best head first passes.
+# A head is labelled induction / previous-token above these scores; the run's formed_at is when
+# its best head first passes.
 INDUCTION_THRESHOLD = 0.4
 PREVIOUS_TOKEN_THRESHOLD = 0.4
 

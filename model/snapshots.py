@@ -87,7 +87,8 @@ def parse_snapshots(text: str) -> SnapshotSpec:
         tokens = tuple(_token_count(part) for part in raw.split(","))
     except ValueError:
         raise ConfigError(
-            f"--snapshots {text!r} is not a schedule: use log, log:N, every:TOKENS, a list of token counts (0,1e6,4e6) or none"
+            f"--snapshots {text!r} is not a schedule: use log, log:N, every:TOKENS, "
+            "a list of token counts (0,1e6,4e6) or none"
         ) from None
     if any(t < 0 for t in tokens):
         raise ConfigError(f"--snapshots {text!r}: token counts must be >= 0")
@@ -129,7 +130,8 @@ def snapshot_steps(spec: SnapshotSpec, schedule: Schedule) -> list[int]:
         step = math.ceil(tokens / per_step)
         if steps and step == steps[-1]:
             raise ConfigError(
-                f"--snapshots {spec.text}: {tokens:,} tokens falls in the same step of {per_step:,} tokens as the count "
+                f"--snapshots {spec.text}: {tokens:,} tokens falls in the same step of {per_step:,} tokens "
+                "as the count "
                 "before it; space the counts at least a step apart"
             )
         steps.append(step)

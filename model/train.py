@@ -152,9 +152,9 @@ class Trainer:
             return
         name = snapshot_name(self.step)
         if not self.snapshot_writer.has(name):
-            self.snapshot_writer.write(
-                name, snapshot_files(self.model, self.step, self.tokens_seen, self.run_config(), self.train_cfg.snapshot_dtype)
-            )
+            dtype = self.train_cfg.snapshot_dtype
+            files = snapshot_files(self.model, self.step, self.tokens_seen, self.run_config(), dtype)
+            self.snapshot_writer.write(name, files)
 
     def run_config(self) -> dict[str, Any]:
         """The run's model, train and data config, as config.json and every snapshot record it."""
@@ -284,7 +284,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Loss, top-1 next-token accuracy, perplexity and icl_score on the fixed held-out sample."""
-        metrics = evaluate_model(self.model, self.eval_windows, max(self.train_cfg.batch_size, 64), self._autocast, self.forward)
+        batch = max(self.train_cfg.batch_size, 64)
+        metrics = evaluate_model(self.model, self.eval_windows, batch, self._autocast, self.forward)
         self.model.train()
         return metrics
 
@@ -362,7 +363,9 @@ def evaluate_model(
         with autocast():
             logits = forward(inputs)
         real = targets != PAD_ID
-        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none"
+        )
         loss_sum += float(losses[real].sum())
         position_loss += (losses * real).sum(0)
         position_count += real.sum(0)

@@ -65,7 +65,8 @@ class Atlas:
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     """axis -> score -> spread of the group means (max - min)."""
     formed_at_resolution: str = "iterations"
-    """induction_formed_at is the first iteration, or (from the analysis table) the first snapshot, past the threshold."""
+    """induction_formed_at is the first iteration, or (from the analysis table) the first snapshot,
+    past the threshold."""
 
     def strongest(self, axis: str) -> tuple[str, float]:
         """The ranking score that depends most on `axis`, and its spread."""

@@ -90,14 +90,15 @@ def data_options(command):
     return command
 
 
-SNAPSHOTS_HELP = ("Snapshot schedule, fixed before training: log (step 0, powers of two, then 30 evenly spaced), log:N, "
-                  "every:TOKENS, token counts T1,T2,... or none.")
+SNAPSHOTS_HELP = ("Snapshot schedule, fixed before training: log (step 0, powers of two, then 30 evenly spaced), "
+                  "log:N, every:TOKENS, token counts T1,T2,... or none.")
 
 
 def snapshot_options(command):
     """--snapshots and --snapshot-dtype (train and launch; a preset may choose its own)."""
     command = click.option("--snapshot-dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
-                           help="Snapshot weights' dtype: bfloat16 halves their bytes [default: float32, or the preset's].")(command)
+                           help="Snapshot weights' dtype: bfloat16 halves their bytes "
+                                "[default: float32, or the preset's].")(command)
     return click.option("--snapshots", default=None, help=SNAPSHOTS_HELP + " [default: log, or the preset's]")(command)
 
 
@@ -106,7 +107,8 @@ def at_options(command):
     names the token tables of `heads` and the sample length of `generate`)."""
     command = click.option("--tokens-seen", "at_tokens", type=click.IntRange(0), default=None,
                            help="The snapshot at this many training tokens (`sweep snapshots` lists them).")(command)
-    return click.option("--step", "at_step", type=click.IntRange(0), default=None, help="The snapshot after this optimizer step.")(command)
+    return click.option("--step", "at_step", type=click.IntRange(0), default=None,
+                        help="The snapshot after this optimizer step.")(command)
 
 
 def _address(at_step, at_tokens):
@@ -150,7 +152,8 @@ def train(dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_
 
     from .space import trial_configs
 
-    run_settings = {"device": device, "compile": compile, "snapshots": snapshots or "log", "snapshot_dtype": snapshot_dtype or "float32"}
+    run_settings = {"device": device, "compile": compile, "snapshots": snapshots or "log",
+                    "snapshot_dtype": snapshot_dtype or "float32"}
     _, model_cfg, train_cfg = trial_configs({**values, **run_settings})
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
     model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
@@ -185,12 +188,14 @@ def storage_option(command):
 
 
 def source_options(command):
-    command = click.option("--trial", default="best", show_default=True, help="best (by the sweep's metric) or a trial id.")(command)
+    command = click.option("--trial", default="best", show_default=True,
+                           help="best (by the sweep's metric) or a trial id.")(command)
     return storage_option(command)
 
 
-SOURCE_HELP = ("SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; with --storage "
-               "and --trial); --step or --tokens-seen reads one of its snapshots instead of its latest checkpoint.")
+SOURCE_HELP = ("SOURCE is a checkpoint folder, a `sweep train` run folder, or an experiment name (default: the newest; "
+               "with --storage and --trial); --step or --tokens-seen reads one of its snapshots instead of its latest "
+               "checkpoint.")
 
 
 @main.command(help=f"Continue PROMPT with top-k sampling from a checkpoint or a snapshot.\n\n{SOURCE_HELP}")
@@ -198,7 +203,8 @@ SOURCE_HELP = ("SOURCE is a checkpoint folder, a `sweep train` run folder, or an
 @source_options
 @at_options
 @click.option("--prompt", default="This movie is", show_default=True)
-@click.option("--tokens", "sample_tokens", default=7, show_default=True, type=click.IntRange(1, 10_000), help="Tokens to sample.")
+@click.option("--tokens", "sample_tokens", default=7, show_default=True, type=click.IntRange(1, 10_000),
+              help="Tokens to sample.")
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True)
 def generate(source, trial, storage, at_step, at_tokens, prompt, sample_tokens, top_k, seed):
@@ -273,7 +279,9 @@ def launch(
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if compile_model is not None:
         explicit["compile"] = compile_model
-    explicit |= {key: value for key, value in (("snapshots", snapshots), ("snapshot_dtype", snapshot_dtype)) if value is not None}
+    for key, value in (("snapshots", snapshots), ("snapshot_dtype", snapshot_dtype)):
+        if value is not None:
+            explicit[key] = value
     config = LaunchConfig(
         dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
@@ -395,8 +403,9 @@ def _say_how_it_stopped(experiment) -> None:
     elif reason := stopped_reason(experiment.driver):
         interrupted = sum(t.status == INTERRUPTED for t in experiment.trials)
         errored = sum(t.status == "ERROR" for t in experiment.trials)
-        left = ", ".join(part for part in (f"{interrupted} interrupted" * bool(interrupted), f"{errored} errored" * bool(errored)) if part)
-        console.print(f"{reason}" + (f"; {left}: `sweep resume {experiment.name}` continues them" if left else ""), highlight=False)
+        parts = [f"{interrupted} interrupted"] * bool(interrupted) + [f"{errored} errored"] * bool(errored)
+        advice = f"; {', '.join(parts)}: `sweep resume {experiment.name}` continues them" if parts else ""
+        console.print(f"{reason}{advice}", highlight=False)
     if experiment.damaged:
         console.print(f"damaged records, read around: {', '.join(experiment.damaged)}", highlight=False)
 
@@ -432,7 +441,8 @@ def results(name, storage, csv_path):
     if csv_path:
         _write_csv(csv_path, *results_rows(experiment))
         return
-    table = Table(title=experiment.name, caption=f"formed_at: the first {experiment.formed_at_resolution[:-1]} past the threshold")
+    caption = f"formed_at: the first {experiment.formed_at_resolution[:-1]} past the threshold"
+    table = Table(title=experiment.name, caption=caption)
     shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
     for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
         table.add_column(column)
@@ -631,7 +641,8 @@ def heatmaps(source, trial, storage, at_step, at_tokens, prompt, out):
     console.print(f"heatmaps of {title} in {out}/: {len(list(out.glob('*.png')))} images")
 
 
-@main.command(help=f"Export a checkpoint or snapshot for TransformerLens (3.x HookedTransformer, 4.x TransformerBridge).\n\n{SOURCE_HELP}")
+@main.command(help="Export a checkpoint or snapshot for TransformerLens (3.x HookedTransformer, 4.x TransformerBridge)."
+                   f"\n\n{SOURCE_HELP}")
 @click.argument("source", required=False)
 @source_options
 @at_options
@@ -721,15 +732,18 @@ def analyse(ctx, name, storage, what, trials, address):
     experiment = load_experiment(_open(storage), name)
     chosen = choose_trials(experiment, tuple(t for t in trials.split(",") if t))
     if not any(t.snapshots for t in chosen):
-        raise UserError(f"{experiment.name} has no snapshots to analyse (launched with --snapshots none, or before snapshots existed)")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"), TimeElapsedColumn(),
-               TimeRemainingColumn())
+        raise UserError(f"{experiment.name} has no snapshots to analyse "
+                        "(launched with --snapshots none, or before snapshots existed)")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
+               TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         bar = progress.add_task(f"analysing {experiment.name}", total=None)
-        counts = analyse_experiment(experiment, measures, chosen, address, lambda done, total: progress.update(bar, completed=done, total=total),
+        counts = analyse_experiment(experiment, measures, chosen, address,
+                                    lambda done, total: progress.update(bar, completed=done, total=total),
                                     ctx.find_root().params["verbose"])
     if not counts["tasks"]:
-        console.print(f"{experiment.name}: the analysis table already holds {', '.join(measures)} for every snapshot; nothing to compute")
+        console.print(f"{experiment.name}: the analysis table already holds {', '.join(measures)} for every snapshot; "
+                      "nothing to compute")
         return
     console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(counts['measures'])}), "
                   f"{counts['rows']:,} rows in {experiment.storage.uri_of(table_path(experiment))}")
@@ -760,20 +774,22 @@ def stages(ctx, name, storage, trial, address, as_json):
     table = read_table(experiment)
     documents = [d for d in trial_stages(experiment, table) if d["trial_id"] in {t.trial_id for t in chosen}]
     if not any(d["llc"] for d in documents):
-        raise UserError(f"{experiment.name} has no LLC in its analysis table: run `sweep analyse {experiment.name} --what llc` first")
+        raise UserError(f"{experiment.name} has no LLC in its analysis table: "
+                        f"run `sweep analyse {experiment.name} --what llc` first")
     if as_json:
         click.echo(json.dumps({"experiment": experiment.name, "trials": documents}, indent=2))
         return
     table_view = Table(title=f"{experiment.name}: developmental stages")
-    for column in ("trial", *SHAPE_KEYS, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points", "circuits (tokens, stage)"):
+    for column in ("trial", *SHAPE_KEYS, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points",
+                   "circuits (tokens, stage)"):
         table_view.add_column(column)
     for document in documents:
         boundaries = ", ".join(f"{b['tokens']:,}: {b['kind']}" for b in document["llc_boundaries"]) or "-"
         turns = ", ".join(f"{t:,}" for t in document["essential_dynamics_turning_points"]) or "-"
         circuits = ", ".join(f"{name.removesuffix('_formed_at')} {c['tokens_seen']:,} (stage {c['stage']})"
                              for name, c in document["circuits"].items()) or "-"
-        table_view.add_row(document["trial_id"], *(str(document["config"].get(k, "")) for k in SHAPE_KEYS), str(document["stages"]),
-                           boundaries, turns, circuits)
+        shape = (str(document["config"].get(k, "")) for k in SHAPE_KEYS)
+        table_view.add_row(document["trial_id"], *shape, str(document["stages"]), boundaries, turns, circuits)
     output.print(table_view)
 
 
@@ -800,7 +816,8 @@ def atlas(name, storage, as_json, csv_path):
         return
     scores = GRID_SCORES
     table = Table(title=f"{result.experiment}: {len(result.rows)} trials",
-                  caption=f"induction at: tokens_seen of the first {result.formed_at_resolution[:-1]} past the threshold")
+                  caption="induction at: tokens_seen of the first "
+                          f"{result.formed_at_resolution[:-1]} past the threshold")
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
         table.add_column(column, justify="right")
 

@@ -29,4 +29,7 @@ SCHEDULERS = {
 # Schedulers whose first rung --grace-tokens (or a preset's) can set: HyperBand's brackets set their own.
 GRACE_TOKEN_SCHEDULERS = ("asha", "halving")
 
-__all__ = ["FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "INTERRUPTED", "UNFINISHED", "REPORTED_METRICS", "SCHEDULERS", "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode"]
+__all__ = [
+    "FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "INTERRUPTED", "UNFINISHED", "REPORTED_METRICS", "SCHEDULERS",
+    "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode",
+]

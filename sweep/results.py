@@ -160,7 +160,9 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
     try:
         record = json.loads(read_text(storage, f"{root}/{SWEEP_FILE}"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{storage.uri_of(root)}/{SWEEP_FILE} is unreadable (cut short?); the experiment's record is lost") from None
+        raise ConfigError(
+            f"{storage.uri_of(root)}/{SWEEP_FILE} is unreadable (cut short?); the experiment's record is lost"
+        ) from None
     listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     sizes = {info.path[len(root) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
     files = set(sizes)
@@ -420,7 +422,10 @@ def local_checkpoint(
         if at is not None:
             run = path.parent if path.name == "checkpoint" else path
             if not (run / SNAPSHOTS_FOLDER).is_dir():
-                raise ConfigError(f"{source} holds no snapshots/: --step and --tokens-seen read a `sweep train` run folder or an experiment")
+                raise ConfigError(
+                    f"{source} holds no snapshots/: --step and --tokens-seen read a `sweep train` run folder "
+                    "or an experiment"
+                )
             snapshot = find_snapshot(run_folder_snapshots(run), at, str(run))
             return fetch_snapshot(None, snapshot, Path(workdir)), f"{run} {_snapshot_title(snapshot)}"
         if path.is_dir() and (path / "checkpoint").is_dir() and not (path / "config.json").exists():

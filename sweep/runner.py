@@ -209,7 +209,8 @@ class Plan:
     @property
     def settings(self) -> TrialSettings:
         launch = self.launch
-        return TrialSettings(launch.metric, launch.mode, launch.cpus_per_trial, launch.memory_per_trial_mb, self.storage.uri, self.name)
+        return TrialSettings(launch.metric, launch.mode, launch.cpus_per_trial, launch.memory_per_trial_mb,
+                             self.storage.uri, self.name)
 
     def snapshot_plan(self) -> list[dict[str, Any]]:
         """Per distinct trial shape: its snapshot count and bytes (what launch says before any trial runs)."""
@@ -224,8 +225,8 @@ class Plan:
             "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
             "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler in GRACE_TOKEN_SCHEDULERS else None,
             "trials": self.trial_count, "max_iterations": self.launch.max_iterations,
-            "snapshots": {"schedule": self.fixed.get("snapshots", "log"), "dtype": self.fixed.get("snapshot_dtype", "float32"),
-                          "per_trial": self.snapshot_plan()},
+            "snapshots": {"schedule": self.fixed.get("snapshots", "log"),
+                          "dtype": self.fixed.get("snapshot_dtype", "float32"), "per_trial": self.snapshot_plan()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -346,7 +347,8 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         if address is None:
             raise
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        token = " (is RAY_AUTH_MODE=token set, with the cluster's token in ~/.ray/auth_token?)" if "uth" in str(error) else ""
+        token = (" (is RAY_AUTH_MODE=token set, with the cluster's token in ~/.ray/auth_token?)"
+                 if "uth" in str(error) else "")
         raise ConfigError(f"cannot join the Ray cluster at --address {address}: {first[:200]}{token}") from None
 
 
@@ -608,16 +610,19 @@ def snapshot_summary(plan: Plan) -> str:
     schedule = plan.fixed.get("snapshots", "log")
     if not any(row["snapshots"] for row in rows):
         return "snapshots: none (--snapshots none)"
-    total = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows) * plan.trial_count / len(plan.trials)
+    planned = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows)
+    total = planned * plan.trial_count / len(plan.trials)  # the probe trials stand for the sweep's trials
     head = f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): "
     if len(rows) <= 2:
-        per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} a trial ({row['shape']})" for row in rows)
+        per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} a trial ({row['shape']})"
+                              for row in rows)
         return f"{head}{per_trial}; about {human_bytes(total)} for the sweep"
     counts = sorted(row["snapshots"] for row in rows)
     sizes = sorted(row["bytes_each"] for row in rows)
     trial_bytes = sorted(row["snapshots"] * row["bytes_each"] for row in rows)
     return (f"{head}{counts[0]}-{counts[-1]} a trial of {human_bytes(sizes[0])}-{human_bytes(sizes[-1])} each "
-            f"({human_bytes(trial_bytes[0])}-{human_bytes(trial_bytes[-1])} a trial); about {human_bytes(total)} for the sweep"
+            f"({human_bytes(trial_bytes[0])}-{human_bytes(trial_bytes[-1])} a trial); "
+            f"about {human_bytes(total)} for the sweep"
             + ("; --snapshot-dtype bfloat16 halves it, --snapshots log:10 or none cut it" if total > 50e9 else ""))
 
 
@@ -656,7 +661,8 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = Fals
     from .driver import DriverRecord, RayWatch, ray_output_to
 
     log_path = None if verbose else driver_log_path(plan.name)
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 (the terminal, even while Ray's output is logged)
+    # the terminal, even while Ray's output is logged
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with DriverRecord(plan.storage, plan.name) as driver, ray_output_to(log_path), RayWatch(driver, say):
         try:
             tuner.fit()
@@ -673,7 +679,8 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = Fals
                 details = f" (Ray's messages: {log_path})" if log_path else ""
                 raise RayLostError(f"interrupted: the Ray {lost}; every trial's last checkpoint is kept; "
                                    f"run `sweep resume {plan.name}` once Ray is back{details}") from None
-            driver.close("failed", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            driver.close("failed", f"{type(error).__name__}: {first_line}")
             raise
         if failures.saw("storage_full"):
             driver.close("interrupted", "storage full")
@@ -712,7 +719,8 @@ def trials_lost_with_their_node(plan: Plan) -> int:
     from .results import load_experiment
 
     experiment = load_experiment(plan.storage, plan.name)
-    return sum(1 for t in experiment.trials if t.status == "ERROR" and t.error and any(m in t.error for m in NODE_LOSS_MARKERS))
+    return sum(1 for t in experiment.trials
+               if t.status == "ERROR" and t.error and any(m in t.error for m in NODE_LOSS_MARKERS))
 
 
 def driver_log_path(name: str) -> Path:

@@ -101,7 +101,8 @@ def ensure_essential_dynamics(
         {
             "essential_dynamics": {
                 "version": ED_VERSION,
-                "description": "PCA of the log-probs on 16 held-out windows across a trial's snapshots (Hoogland et al. 2024)",
+                "description": "PCA of the log-probs on 16 held-out windows across a trial's snapshots "
+                "(Hoogland et al. 2024)",
             }
         },
         versions={"essential_dynamics": ED_VERSION},
@@ -110,7 +111,8 @@ def ensure_essential_dynamics(
 
 
 def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[str, Any]]:
-    """Per trial: LLC at each snapshot, stage boundaries (LLC and essential dynamics), and where the named circuits fall."""
+    """Per trial: LLC at each snapshot, stage boundaries (LLC and essential dynamics), and where the named
+    circuits fall."""
     from model.llc import stage_boundaries
     from model.measures import MEASURES
     from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +70,15 @@ def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def sweep(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """Run the `sweep` CLI in a fresh process, as a user would."""
+    result = subprocess.run([sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True,
+                            env=env or run_env(), timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def ray_process_ids() -> set[int]:

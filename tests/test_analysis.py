@@ -177,6 +177,7 @@ def test_heads_json_records_how_its_scores_were_measured():
     held_out = torch.randint(0, 66, (8, 65))
     probe = head_scores(model, held_out)["probe"]
     assert probe["version"] == PROBE_VERSION
-    assert probe["repeated"] | {"ideal_head": None} == {"sequences": 32, "period": 32, "vocabulary": 66, "seed": 0, "distinct": True,
-                                                        "ideal_head": None, "scores": ["duplicate_token", "induction"], "scaled": "raw"}
+    expected = {"sequences": 32, "period": 32, "vocabulary": 66, "seed": 0, "distinct": True, "ideal_head": None,
+                "scores": ["duplicate_token", "induction"], "scaled": "raw"}
+    assert probe["repeated"] | {"ideal_head": None} == expected
     assert probe["held_out"]["sequences"] == 8 and probe["thresholds"]["induction"] == 0.4

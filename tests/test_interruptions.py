@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, run_env, write_reviews
+from conftest import free_port, run_env, sweep, write_reviews
 
 TINY = [
     "--tokenizer",
@@ -30,19 +30,6 @@ TINY = [
     "--snapshots",
     "every:4096",
 ]
-
-
-def sweep(*args, check=True, timeout=300, env=None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env or run_env(),
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture
@@ -223,5 +210,6 @@ def test_reading_an_s3_storage_with_no_server_fails_in_seconds():
         result = sweep(*command, "--storage", "s3://bucket/prefix", check=False, env=env, timeout=60)
         assert time.monotonic() - started < 15, command
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-            f"Error: cannot reach the S3 endpoint {env['AWS_ENDPOINT_URL']} for s3://bucket/prefix: check AWS_ENDPOINT_URL and the network"
+            f"Error: cannot reach the S3 endpoint {env['AWS_ENDPOINT_URL']} for s3://bucket/prefix: "
+            "check AWS_ENDPOINT_URL and the network"
         ], result.stderr

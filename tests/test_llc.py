@@ -1,4 +1,5 @@
-"""The local learning coefficient by SGLD, essential dynamics and stage boundaries, checked where the answer is known."""
+"""The local learning coefficient by SGLD, essential dynamics and stage boundaries, checked where the answer
+is known."""
 
 import math
 

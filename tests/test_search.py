@@ -214,24 +214,29 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     iteration_tokens = history[1]["tokens_seen"] - history[0]["tokens_seen"]
     at_iteration = best["metrics"]["induction_formed_at"]
     assert at_iteration - iteration_tokens < formed_at[best["trial_id"]] <= at_iteration, (formed_at, at_iteration)
-    assert [value for trial, value in formed_at.items() if trial != best["trial_id"]] == [None]  # the 1-layer trial never
+    # the 1-layer trial never forms induction heads
+    assert [value for trial, value in formed_at.items() if trial != best["trial_id"]] == [None]
     import pyarrow.dataset as ds
 
     table = ds.dataset(str(storage / "ind" / "analysis")).to_table().to_pandas()
-    induction = table[(table.trial == best["trial_id"]) & (table.measure == "induction")].groupby("tokens_seen").value.max()
+    scores = table[(table.trial == best["trial_id"]) & (table.measure == "induction")]
+    induction = scores.groupby("tokens_seen").value.max()
     jump = induction.diff().idxmax()  # the snapshot after the steepest rise of the best induction head
     tokens = list(induction.index)
     assert abs(tokens.index(jump) - tokens.index(formed_at[best["trial_id"]])) <= 1, induction.to_dict()
-    assert induction.loc[:formed_at[best["trial_id"]]].iloc[:-1].max() <= 0.4 < induction.loc[formed_at[best["trial_id"]]]
+    formed = formed_at[best["trial_id"]]
+    assert induction.loc[:formed].iloc[:-1].max() <= 0.4 < induction.loc[formed]
 
     # Developmental stages: the LLC at every snapshot has a stage boundary at the induction phase change of the
     # 2-layer trial (within one snapshot of its formed_at) and none there for the 1-layer trial.
     sweep("analyse", "ind", "--storage", storage, "--what", "llc", timeout=900)
-    stages = {t["trial_id"]: t for t in json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=600).stdout)["trials"]}
+    listed = json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=600).stdout)["trials"]
+    stages = {t["trial_id"]: t for t in listed}
     two = stages[best["trial_id"]]
     snapshot_tokens = [row["tokens_seen"] for row in two["llc"]]
     formed_index = snapshot_tokens.index(formed_at[best["trial_id"]])
-    assert any(abs(snapshot_tokens.index(b["tokens"]) - formed_index) <= 1 for b in two["llc_boundaries"]), two["llc_boundaries"]
+    boundaries = two["llc_boundaries"]
+    assert any(abs(snapshot_tokens.index(b["tokens"]) - formed_index) <= 1 for b in boundaries), boundaries
     assert two["circuits"]["induction_formed_at"]["tokens_seen"] == formed_at[best["trial_id"]]
     (one,) = [t for trial, t in stages.items() if trial != best["trial_id"]]
     near = [b for b in one["llc_boundaries"] if abs(b["tokens"] - formed_at[best["trial_id"]]) <= 2 * 401_408]

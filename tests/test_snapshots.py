@@ -4,7 +4,6 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ from model.transformer import Transformer
 from sweep.cli import main
 from sweep.space import PRESETS, trial_schedule
 
-from conftest import run_env
+from conftest import sweep
 
 TINY = [
     "--tokenizer",
@@ -38,19 +37,6 @@ TINY = [
     "--grid",
     "lr=3e-3",
 ]
-
-
-def sweep(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=run_env(),
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 # ---------------------------------------------------------------- the schedule
@@ -317,7 +303,8 @@ from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_check
 folder, expected = sys.argv[1], torch.load(sys.argv[2])
 cfg = TransformerBridgeConfig(**json.load(open(f"{folder}/hooked_transformer_config.json")))
 bridge = TransformerBridge.boot_native(cfg)
-bridge.load_state_dict(convert_tl_checkpoint(torch.load(f"{folder}/state_dict.pt", weights_only=True), cfg), strict=True)
+state = convert_tl_checkpoint(torch.load(f"{folder}/state_dict.pt", weights_only=True), cfg)
+bridge.load_state_dict(state, strict=True)
 with torch.no_grad():
     print(float((bridge(expected["tokens"]) - expected["logits"]).abs().max()))
 """
@@ -420,7 +407,8 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
         with pytest.raises(KeyboardInterrupt):
             analyse_experiment(experiment, ("loss", "scores"), experiment.trials, on_progress=interrupt)
     finally:
-        ray.shutdown()  # this process's Ray: left running, it would die with the next test's cleanup, and take pytest along
+        # this process's Ray: left running, it would die with the next test's cleanup, and take pytest along
+        ray.shutdown()
     partial = _table_rows(storage / "snap" / "analysis")
     assert 3 <= len({(r[0], r[1]) for r in partial}) < 10
     resumed = sweep("analyse", "snap", "--storage", storage, "--what", "loss,scores")

@@ -11,21 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_SECRET, run_env, s3_objects, write_reviews
+from conftest import S3_SECRET, run_env, s3_objects, sweep, write_reviews
 
 # Tiny trials on a small local file: seconds each.
 TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
         "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048"]
-
-
-def sweep(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Run the `sweep` CLI in a fresh process, as a user would."""
-    result = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *map(str, args)], capture_output=True, text=True, env=env or run_env(), timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture
