@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -26,14 +27,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from model.config import ConfigError
 
-from .storage import Storage, write_text
+from .storage import Storage, put_bytes, read_text, write_text
 
 DRIVER_FILE = "driver.json"
 # A running driver refreshes driver.json this often; one silent for STALE_SECONDS is gone (tests shorten both).
 HEARTBEAT_SECONDS = float(os.environ.get("SWEEP_HEARTBEAT_SECONDS", 30))
 STALE_SECONDS = float(os.environ.get("SWEEP_DRIVER_STALE_SECONDS", 120))
+# Copies of Tune's state files as they last read whole: a full disk cuts Tune's own copy short, and
+# `sweep resume` then restores from these (sweep.driver.restore_tune_state).
+TUNE_STATE_COPIES = ".tune-state"
+TUNE_STATE_FILE = re.compile(r"^(experiment_state|basic-variant-state|searcher-state)-.*\.(json|pkl)$")
+STATE_COPY_SECONDS = 2.0
 # The exit status of a process ended by a signal, as shells report it.
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -87,7 +95,13 @@ class DriverRecord:
             signal.signal(number, handler)
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        copies = TuneStateCopies(self.storage, self.name)
+        last_beat = time.monotonic()
+        while not self._stop.wait(min(HEARTBEAT_SECONDS, STATE_COPY_SECONDS)):
+            copies.refresh()
+            if time.monotonic() - last_beat < HEARTBEAT_SECONDS:
+                continue
+            last_beat = time.monotonic()
             try:
                 self.write("running")
             except ConfigError:
@@ -278,3 +292,66 @@ class RayWatch:
                     except Exception:  # noqa: BLE001 (exiting anyway)
                         pass
                 os._exit(1)
+
+
+class TuneStateCopies:
+    """Keeps `<experiment>/.tune-state/` a copy of Tune's state files as they last read whole.
+
+    Tune rewrites its experiment_state file in place; a full disk cuts it short and Tune cannot restore
+    from it. A copy is written whole or not at all (put_bytes), so the last good one survives the disk
+    filling up."""
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage, self.root = storage, storage.path(name)
+        self.copied: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) when copied
+
+    def refresh(self) -> None:
+        try:
+            listing = self.storage.filesystem.get_file_info(pafs.FileSelector(self.root))
+        except OSError:
+            return
+        for info in listing:
+            name = info.path.rsplit("/", 1)[-1]
+            stamp = (info.size, info.mtime_ns or 0)
+            if info.type != pafs.FileType.File or not TUNE_STATE_FILE.match(name) or self.copied.get(name) == stamp:
+                continue
+            try:
+                with self.storage.filesystem.open_input_stream(info.path) as stream:
+                    data = stream.read()
+                if name.startswith("experiment_state"):  # (the searchers' ".json" files are pickles)
+                    json.loads(data)  # a file caught mid-write (or cut short) is not a copy worth keeping
+                put_bytes(self.storage, f"{self.root}/{TUNE_STATE_COPIES}/{name}", data)
+                self.copied[name] = stamp
+            except (OSError, ValueError):
+                continue  # the disk is full or the file was being written: the last copy stands
+
+
+def restore_tune_state(storage: Storage, name: str) -> list[str]:
+    """Put the kept copy in place of each of Tune's state files that no longer reads whole (the damaged
+    file is kept beside the copies, never deleted). Returns the files restored; [] when a damaged file
+    has no copy, which leaves the experiment as it was."""
+    root = storage.path(name)
+    copies_root = f"{root}/{TUNE_STATE_COPIES}"
+    try:
+        kept = {info.path.rsplit("/", 1)[-1] for info in storage.filesystem.get_file_info(pafs.FileSelector(copies_root))
+                if info.type == pafs.FileType.File}
+        current = [info.path.rsplit("/", 1)[-1] for info in storage.filesystem.get_file_info(pafs.FileSelector(root))
+                   if info.type == pafs.FileType.File]
+    except (OSError, FileNotFoundError):
+        return []
+    damaged = [file for file in current if file.startswith("experiment_state-") and file.endswith(".json")
+               and not _reads_whole(storage, f"{root}/{file}")]
+    if not damaged or any(file not in kept for file in damaged):
+        return []
+    for file in damaged:
+        storage.filesystem.move(f"{root}/{file}", f"{copies_root}/damaged-{int(time.time())}-{file}")
+        storage.filesystem.copy_file(f"{copies_root}/{file}", f"{root}/{file}")
+    return damaged
+
+
+def _reads_whole(storage: Storage, path: str) -> bool:
+    try:
+        json.loads(read_text(storage, path))
+        return True
+    except (OSError, ValueError):
+        return False

@@ -731,8 +731,8 @@ def driver_log_path(name: str) -> Path:
 
 def storage_full_message(plan: Plan) -> str:
     return (
-        f"--storage {plan.storage.uri} is full: trials stopped with storage_full; free space or pick another --storage "
-        f"and launch again (`sweep results {plan.name}` lists what finished; incomplete checkpoints are never used)"
+        f"--storage {plan.storage.uri} is full: trials stopped with storage_full; free space and run `sweep resume "
+        f"{plan.name}` (`sweep results {plan.name}` lists what finished; incomplete checkpoints are never used)"
     )
 
 
@@ -758,14 +758,20 @@ def load_plan(name: str | None, storage_uri: str | None) -> Plan:
 
 def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False, address: str | None = None) -> Plan:
     """Restore an interrupted sweep: unfinished and errored trials go on from their checkpoints."""
+    from .driver import TUNE_STATE_COPIES, restore_tune_state
     from .results import load_experiment
 
     experiment = load_experiment(plan.storage, plan.name)
     if not experiment.state_readable:
-        raise ConfigError(
-            f"experiment {plan.name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
-            "(the storage filled up?); launch it again under a new --name"
-        )
+        restored = restore_tune_state(plan.storage, plan.name)
+        if not restored:
+            raise ConfigError(
+                f"experiment {plan.name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
+                "(the storage filled up?) and no whole copy of it was kept; launch it again under a new --name"
+            )
+        log_line(f"{', '.join(restored)} was cut short: resuming from the copy the driver kept "
+                 f"(the damaged file is kept in {TUNE_STATE_COPIES}/)")
+        experiment = load_experiment(plan.storage, plan.name)
     if not experiment.state_found:
         raise ConfigError(
             f"experiment {plan.name!r} cannot be resumed: Ray Tune never saved its state (the launch stopped "

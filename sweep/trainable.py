@@ -11,11 +11,13 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 from tokenizers import Tokenizer
 
+from model.checkpoint import MANIFEST_FILE, manifest_problem
 from model.config import NonFiniteLossError
 from model.tokenizers import TextTokenizer
 from model.train import Trainer, run_iterations
@@ -57,7 +59,7 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
         trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
         if settings.storage_uri:
             trainer.attach_snapshots(trial_snapshots(settings))
-        checkpoint = tune.get_checkpoint()
+        checkpoint = resume_point(settings)
         if checkpoint:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(directory)
@@ -92,6 +94,39 @@ def trial_snapshots(settings: TrialSettings) -> StorageSnapshots:
     storage = open_storage(settings.storage_uri)
     folder = storage.path(settings.experiment, f"trial_{tune.get_context().get_trial_id()}", SNAPSHOTS_FOLDER)
     return StorageSnapshots(storage, folder)
+
+
+def resume_point(settings: TrialSettings) -> tune.Checkpoint | None:
+    """Tune's checkpoint for this trial; when that one is gone (Tune's state was restored from the copy kept
+    before the disk filled, and the checkpoint it names was replaced since), the trial's newest whole one."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None or _whole(checkpoint.filesystem, checkpoint.path):
+        return checkpoint
+    filesystem = checkpoint.filesystem
+    trial_folder = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    candidates = sorted(
+        (info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_folder))
+         if info.type == pafs.FileType.Directory and re.match(r"checkpoint_\d+$", info.base_name)),
+        reverse=True,
+    )
+    for path in candidates:
+        if _whole(filesystem, path):
+            log.warning("checkpoint %s is gone; resuming from %s", checkpoint.path, path)
+            return tune.Checkpoint(path, filesystem)
+    log.warning("checkpoint %s is gone and no other whole checkpoint is kept; the trial starts over", checkpoint.path)
+    return None
+
+
+def _whole(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether a checkpoint folder holds every file its manifest lists, at the listed sizes."""
+    try:
+        listing = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        sizes = {info.path[len(path.rstrip("/")) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
+        with filesystem.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
+            manifest = stream.read().decode()
+    except (OSError, FileNotFoundError):
+        return False
+    return manifest_problem(manifest, sizes) is None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -138,6 +138,15 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
                                 env=run_env(), capture_output=True, text=True, timeout=60)
         assert "running" not in status.stdout.lower(), status.stdout
 
+    # With room again, `sweep resume` finishes the sweep from the copy of Tune's state kept before the disk filled.
+    resumed = subprocess.run([sys.executable, "-m", "sweep.cli", "resume", "full", "--storage", str(roomy)],
+                             env=run_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = load_experiment(open_storage(str(roomy)), "full")
+    assert [(t.status, t.iterations) for t in finished.trials] == [("TERMINATED", 20)] * 2, finished.trials
+    for trial in finished.trials:
+        assert sorted(p.name for p in Path(trial.path).glob("checkpoint_*"))[-1] == "checkpoint_000019"
+
 
 def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
