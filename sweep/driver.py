@@ -41,7 +41,7 @@ STALE_SECONDS = float(os.environ.get("SWEEP_DRIVER_STALE_SECONDS", 120))
 # `sweep resume` then restores from these (sweep.driver.restore_tune_state).
 TUNE_STATE_COPIES = ".tune-state"
 TUNE_STATE_FILE = re.compile(r"^(experiment_state|basic-variant-state|searcher-state)-.*\.(json|pkl)$")
-STATE_COPY_SECONDS = 2.0
+STATE_COPY_SECONDS = 2.0  # after the first minute; every 0.5 s before it (a small disk fills in seconds)
 # The exit status of a process ended by a signal, as shells report it.
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -97,7 +97,7 @@ class DriverRecord:
     def _beat(self) -> None:
         copies = TuneStateCopies(self.storage, self.name)
         last_beat = time.monotonic()
-        while not self._stop.wait(min(HEARTBEAT_SECONDS, STATE_COPY_SECONDS)):
+        while not self._stop.wait(min(HEARTBEAT_SECONDS, STATE_COPY_SECONDS if self._age() > 60 else 0.5)):
             copies.refresh()
             if time.monotonic() - last_beat < HEARTBEAT_SECONDS:
                 continue
@@ -106,6 +106,9 @@ class DriverRecord:
                 self.write("running")
             except ConfigError:
                 pass  # a full or unreachable storage: the sweep itself says so
+
+    def _age(self) -> float:
+        return time.time() - self.started
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -59,11 +59,13 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
         trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
         if settings.storage_uri:
             trainer.attach_snapshots(trial_snapshots(settings))
-        checkpoint = resume_point(settings)
+        checkpoint, reported = resume_point()
         if checkpoint:
             with checkpoint.as_directory() as directory:
                 trainer.load_checkpoint(directory)
             log.info("resumed at tokens_seen=%d", trainer.tokens_seen)
+        while trainer.iteration < reported and not trainer.finished:
+            trainer.train_iteration()  # reported (and checkpointed) before the disk filled
         run_iterations(trainer, lambda metrics, directory: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory)))
     except OSError as error:
         if not is_storage_full(error):
@@ -96,25 +98,31 @@ def trial_snapshots(settings: TrialSettings) -> StorageSnapshots:
     return StorageSnapshots(storage, folder)
 
 
-def resume_point(settings: TrialSettings) -> tune.Checkpoint | None:
-    """Tune's checkpoint for this trial; when that one is gone (Tune's state was restored from the copy kept
-    before the disk filled, and the checkpoint it names was replaced since), the trial's newest whole one."""
+def resume_point() -> tuple[tune.Checkpoint | None, int]:
+    """Tune's checkpoint for this trial, and 0. When that one is gone (Tune's state was restored from the copy
+    kept before the disk filled, and the checkpoint it names was replaced since): the newest whole one before
+    it (or none: the start), and the iterations Tune counts as done, which the trial retraces unreported, so
+    its iterations stay Tune's (training is seeded: the retraced steps are the same)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None or _whole(checkpoint.filesystem, checkpoint.path):
-        return checkpoint
+        return checkpoint, 0
     filesystem = checkpoint.filesystem
-    trial_folder = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    trial_folder, named = checkpoint.path.rstrip("/").rsplit("/", 1)
+    index = _checkpoint_index(named)
     candidates = sorted(
         (info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_folder))
-         if info.type == pafs.FileType.Directory and re.match(r"checkpoint_\d+$", info.base_name)),
+         if info.type == pafs.FileType.Directory and -1 < _checkpoint_index(info.base_name) < index),
         reverse=True,
     )
-    for path in candidates:
-        if _whole(filesystem, path):
-            log.warning("checkpoint %s is gone; resuming from %s", checkpoint.path, path)
-            return tune.Checkpoint(path, filesystem)
-    log.warning("checkpoint %s is gone and no other whole checkpoint is kept; the trial starts over", checkpoint.path)
-    return None
+    earlier = next((tune.Checkpoint(path, filesystem) for path in candidates if _whole(filesystem, path)), None)
+    log.warning("checkpoint %s is gone; retracing its iterations from %s", checkpoint.path,
+                earlier.path if earlier else "the start")
+    return earlier, index + 1
+
+
+def _checkpoint_index(name: str) -> int:
+    match = re.fullmatch(r"checkpoint_(\d+)", name)
+    return int(match.group(1)) if match else -1
 
 
 def _whole(filesystem: pafs.FileSystem, path: str) -> bool:
