@@ -7,6 +7,8 @@ and Olsson et al. 2022. Patterns come from the model's explicit-softmax path
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,70 @@ def composition_scores(model: Transformer) -> dict[str, list]:
     return results
 
 
+# Random draws behind the composition baseline, and how many of its standard deviations above its mean a path
+# must stand to count: the random scores' 99.9th percentile is 3.0-3.5 sd above the mean (skewed right), so 4 sd
+# keeps the 48 paths of a random 2-layer, 4-head model below it.
+BASELINE_DRAWS = 512
+COMPOSITION_SIGMAS = 4.0
+
+
+def composition_baseline(model: Transformer, draws: int = BASELINE_DRAWS, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Elhage et al.'s baseline for the composition scores of `model`: see `random_composition`."""
+    attention = model.blocks[0].attn
+    return random_composition(attention.W_Q.shape[1], attention.W_Q.shape[2], draws, seed)
+
+
+def random_composition(d_model: int, d_head: int, draws: int = BASELINE_DRAWS, seed: int = 0) -> dict[str, dict[str, float]]:
+    """`_random_composition`, computed once per shape in a process (heads.json is written every iteration)."""
+    return copy.deepcopy(_random_composition(d_model, d_head, draws, seed))
+
+
+@functools.lru_cache(maxsize=16)
+@torch.no_grad()
+def _random_composition(d_model: int, d_head: int, draws: int = BASELINE_DRAWS, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The composition score of random matrices with a model's shapes (one head's W_Q, W_K, W_V, W_O in each
+    layer), over `draws` Gaussian draws: mean and standard deviation per kind. The score is a ratio of norms,
+    unchanged by scaling either matrix, so matching the shapes matches the norms too. A trained path means
+    something only well above it (COMPOSITION_SIGMAS).
+
+    The d_model x d_model products are never formed: ||V1 (O1 Q2) K2^T||_F^2 = tr(V1^T V1 M K2^T K2 M^T) with
+    M = O1 Q2, all d_head x d_head, so the draws cost little at any width."""
+    generator = torch.Generator().manual_seed(seed)
+    scores: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+    for start in range(0, draws, 128):
+        count = min(128, draws - start)
+
+        def gaussian(*shape: int) -> torch.Tensor:
+            return torch.randn(count, *shape, generator=generator, dtype=torch.float64)
+
+        V1, O1, Q2, K2, V2, O2 = (gaussian(d_model, d_head), gaussian(d_head, d_model), gaussian(d_model, d_head),
+                                  gaussian(d_model, d_head), gaussian(d_model, d_head), gaussian(d_head, d_model))
+        gram = lambda m: m.transpose(1, 2) @ m  # noqa: E731  (d_head x d_head)
+        trace = lambda m: m.diagonal(dim1=1, dim2=2).sum(-1)  # noqa: E731
+        v1, o1, o2 = gram(V1), O1 @ O1.transpose(1, 2), O2 @ O2.transpose(1, 2)
+        q2, k2 = gram(Q2), gram(K2)
+        ov1_norm2 = trace(v1 @ o1)
+        for kind, middle, right, second_norm2 in (
+            ("q", O1 @ Q2, k2, trace(q2 @ k2)),
+            ("k", O1 @ K2, q2, trace(q2 @ k2)),
+            ("v", O1 @ V2, o2, trace(gram(V2) @ o2)),
+        ):
+            product_norm2 = trace(v1 @ middle @ right @ middle.transpose(1, 2))
+            scores[kind].append((product_norm2 / (ov1_norm2 * second_norm2)).sqrt())
+    result = {}
+    for kind, chunks in scores.items():
+        values = torch.cat(chunks)
+        result[kind] = {"mean": float(values.mean()), "std": float(values.std()), "draws": draws}
+    return result
+
+
+def composition_excess(score: float, baseline: dict[str, float]) -> float | None:
+    """How far a path's score stands above its kind's random baseline, or None when within COMPOSITION_SIGMAS
+    of it (indistinguishable from random matrices of these shapes)."""
+    excess = score - baseline["mean"]
+    return excess if excess > COMPOSITION_SIGMAS * baseline["std"] else None
+
+
 # ---------------------------------------------------------------- all scores of a model
 
 
@@ -243,6 +309,8 @@ def head_scores(
             heads.append(entry)
     probe = probe_record(model.cfg, cfg, int(tokens.shape[0]), ideal)
     document = {"heads": heads, "composition": composition_scores(model), "probe": probe}
+    if model.cfg.n_layers > 1:
+        document["composition_baseline"] = composition_baseline(model)
     return label_matters(document, cfg.matters_threshold) if ablation is not None else document
 
 

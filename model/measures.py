@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .analysis import AnalysisConfig, composition_scores, head_scores, repeated_tokens
+from .analysis import AnalysisConfig, composition_baseline, composition_scores, head_scores, repeated_tokens
 from .circuits import mean_ablation
 from .config import DataConfig, ModelConfig, TrainConfig, from_dict
 from .metrics import SCORE_NAMES
@@ -99,13 +99,17 @@ def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
                         for head2, value in enumerate(heads2)
                         if value is not None
                     ]
+    if model.cfg.n_layers > 1:  # the random baseline each score is read against (Elhage et al.)
+        for kind, baseline in composition_baseline(model).items():
+            rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{kind}_composition_baseline_{stat}", baseline[stat])
+                     for stat in ("mean", "std")]
     return rows
 
 
-def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
-    """The local learning coefficient at the snapshot's weights, by SGLD on the held-out windows, with its
-    standard error, every chain's estimate, the diverged chains and the settings (the same for every snapshot)."""
-    from .llc import LLCConfig, estimate_llc
+def llc_problem(probe: Probe):
+    """The LLC's batches and loss for a snapshot: next-token loss on the probe's held-out windows, with the
+    settings every snapshot of an experiment shares. Returns (loss, sample_batch, samples_per_batch, config)."""
+    from .llc import LLCConfig
 
     config = LLCConfig(seed=probe.analysis.seed)
     windows = probe.held_out.long()
@@ -117,7 +121,16 @@ def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
     def loss(net: Transformer, batch: torch.Tensor) -> torch.Tensor:
         return net.training_loss(batch[:, :-1], batch[:, 1:])
 
-    estimate = estimate_llc(model, loss, sample, config.batch_size * seq_len, config)
+    return loss, sample, config.batch_size * seq_len, config
+
+
+def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
+    """The local learning coefficient at the snapshot's weights, by SGLD on the held-out windows, with its
+    standard error, every chain's estimate, the diverged chains and the settings (the same for every snapshot)."""
+    from .llc import estimate_llc
+
+    loss, sample, samples_per_batch, config = llc_problem(probe)
+    estimate = estimate_llc(model, loss, sample, samples_per_batch, config)
     rows: list[Row] = [
         (WHOLE_MODEL, WHOLE_MODEL, "llc", _or_nan(estimate.llc)),
         (WHOLE_MODEL, WHOLE_MODEL, "llc_std_error", _or_nan(estimate.std_error)),
@@ -146,7 +159,11 @@ MEASURES: dict[str, Measure] = {
             "ablation", 1, "each head's mean-ablation rise in held-out and repeated-token loss (nats)", _ablation_rows
         ),
         Measure(
-            "composition", 1, "Q-, K- and V-composition of every earlier head into every later one", _composition_rows
+            "composition",
+            2,
+            "Q-, K- and V-composition of every earlier head into every later one, and each kind's random baseline "
+            "(mean, std over random matrices of the same shapes)",
+            _composition_rows,
         ),
         Measure(
             "llc",

@@ -3,7 +3,8 @@
 One row per trial (its varying config, state, final losses, counts of heads by
 label, the max of every head score, when induction heads formed), then for
 every axis of the grid each score's mean and max grouped by the axis value,
-and by pairs of axes. Axes are ranked by how strongly the pattern scores
+and by pairs of axes; where `sweep analyse --what llc` ran, each trial's developmental stages (count and
+boundary tokens) and their grouping by axis. Axes are ranked by how strongly the pattern scores
 depend on them (RANK_SCORES: the largest spread of their group means), so
 "induction heads formed only with layers = 2" comes first when it is true.
 """
@@ -45,11 +46,16 @@ class AtlasRow:
     label_counts: dict[str, int]
     induction_formed_at: int | None
     prev_token_formed_at: int | None
+    stages: int | None = None
+    """Developmental stages from the LLC curve (`sweep analyse --what llc`); None without an LLC."""
+    stage_boundaries: list[int] = field(default_factory=list)
+    """Tokens of each stage's last snapshot."""
 
     def document(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "config": self.config, "status": self.status, **self.values,
                 "heads_by_label": self.label_counts, "induction_formed_at": self.induction_formed_at,
-                "prev_token_formed_at": self.prev_token_formed_at}
+                "prev_token_formed_at": self.prev_token_formed_at, "stages": self.stages,
+                "stage_boundaries": self.stage_boundaries}
 
 
 @dataclass
@@ -117,6 +123,9 @@ def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
         summary[name] = {"mean": sum(present) / len(present), "max": max(present)} if present else {"mean": None, "max": None}
     induction = [r.label_counts["induction"] for r in rows]
     summary["induction_heads"] = {"mean": sum(induction) / len(induction), "max": max(induction)}
+    stages = [r.stages for r in rows if r.stages is not None]
+    summary["stages"] = {"mean": sum(stages) / len(stages), "max": max(stages)} if stages else {"mean": None, "max": None}
+    summary["stage_boundaries"] = sorted(b for r in rows for b in r.stage_boundaries)
     return summary
 
 
@@ -134,6 +143,7 @@ def build_atlas(experiment: Experiment) -> Atlas:
     with ThreadPoolExecutor(max_workers=16) as pool:
         documents = list(pool.map(lambda t: _heads_document(experiment, t), trials))
     rows = [_row(trial, heads) for trial, heads in zip(trials, documents)]
+    _add_stages(experiment, rows)
     declared = [*(experiment.record.get("axes") or {}), *(experiment.record.get("space") or {})]
     for key in experiment.record.get("space") or {}:
         rows = _binned(rows, key)
@@ -163,9 +173,22 @@ def build_atlas(experiment: Experiment) -> Atlas:
             if group:
                 summary = _summary(group, names)
                 entries.append({first: group[0].config.get(first), second: group[0].config.get(second), "trials": len(group),
-                                **{name: summary[name]["mean"] for name in names}, "induction_heads": summary["induction_heads"]["mean"]})
+                                **{name: summary[name]["mean"] for name in names}, "induction_heads": summary["induction_heads"]["mean"],
+                                "stages": summary["stages"]["mean"]})
         atlas.pairs[f"{first} x {second}"] = entries
     return atlas
+
+
+def _add_stages(experiment: Experiment, rows: list[AtlasRow]) -> None:
+    """Each trial's LLC stages, where the analysis table holds its LLC curve."""
+    from .analyse import read_table
+    from .stages import trial_stages
+
+    by_trial = {d["trial_id"]: d for d in trial_stages(experiment, read_table(experiment)) if d["llc"]}
+    for row in rows:
+        if document := by_trial.get(row.trial_id):
+            row.stages = document["stages"]
+            row.stage_boundaries = [b["tokens"] for b in document["llc_boundaries"]]
 
 
 def _binned(rows: list[AtlasRow], key: str) -> list[AtlasRow]:
@@ -192,10 +215,11 @@ def _sortable(text: str) -> tuple:
 def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of `sweep atlas --csv`: a row per trial."""
     columns = ["trial_id", *atlas.axes, "status", *TRIAL_VALUES, *score_names(), *(f"{label}_heads" for label in LABELS),
-               "induction_formed_at", "prev_token_formed_at"]
+               "induction_formed_at", "prev_token_formed_at", "stages", "stage_boundaries"]
     rows = []
     for row in atlas.rows:
         rows.append({"trial_id": row.trial_id, **{a: row.config.get(a) for a in atlas.axes}, "status": row.status, **row.values,
                      **{f"{label}_heads": n for label, n in row.label_counts.items()},
-                     "induction_formed_at": row.induction_formed_at, "prev_token_formed_at": row.prev_token_formed_at})
+                     "induction_formed_at": row.induction_formed_at, "prev_token_formed_at": row.prev_token_formed_at,
+                     "stages": row.stages, "stage_boundaries": " ".join(str(b) for b in row.stage_boundaries)})
     return columns, rows

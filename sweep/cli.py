@@ -709,11 +709,13 @@ def snapshots(source, storage, trial, as_json):
 @click.argument("name", required=False)
 @storage_option
 @click.option("--what", default="loss,scores", show_default=True,
-              help="Measures to compute, comma-separated: loss, scores, ablation, composition, or all.")
+              help="Measures to compute, comma-separated: loss, scores, ablation, composition, llc, or all; "
+              "or llc-calibrate: the LLC's eps x gamma calibration on one snapshot (printed, not stored).")
 @click.option("--trials", default="", help="Trial ids, comma-separated [default: every trial].")
+@click.option("--step", type=int, default=None, help="With llc-calibrate: the snapshot's step [default: the last].")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.pass_context
-def analyse(ctx, name, storage, what, trials, address):
+def analyse(ctx, name, storage, what, trials, step, address):
     """Measure every stored snapshot of experiment NAME (default: the newest) as Ray tasks, into its analysis table.
 
     Only what the table lacks is computed: run it again after an interruption, or with a
@@ -728,6 +730,10 @@ def analyse(ctx, name, storage, what, trials, address):
     from .analyse import analyse_experiment, choose_trials, table_path
     from .results import load_experiment
 
+    if what == "llc-calibrate":
+        return _calibrate_llc(name, storage, trials, step)
+    if step is not None:
+        raise UserError("--step goes with --what llc-calibrate; the measures run on every snapshot")
     measures = parse_measures(what)
     experiment = load_experiment(_open(storage), name)
     chosen = choose_trials(experiment, tuple(t for t in trials.split(",") if t))
@@ -747,6 +753,45 @@ def analyse(ctx, name, storage, what, trials, address):
         return
     console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(counts['measures'])}), "
                   f"{counts['rows']:,} rows in {experiment.storage.uri_of(table_path(experiment))}")
+    if "llc" in counts["measures"]:
+        from .analyse import read_table
+        from .stages import store_llc_stages
+
+        store_llc_stages(experiment, read_table(experiment))
+
+
+def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int | None) -> None:
+    from .results import choose_trial, load_experiment
+    from .stages import calibrate_llc
+
+    experiment = load_experiment(_open(storage), name)
+    wanted = [t for t in trials.split(",") if t]
+    if len(wanted) > 1:
+        raise UserError("--what llc-calibrate runs on one trial's snapshot: give one --trials id (or none: the first)")
+    trial = choose_trial(experiment, wanted[0]) if wanted else next((t for t in experiment.trials if t.snapshots), None)
+    if trial is None:
+        raise UserError(f"{experiment.name} has no snapshots to calibrate on")
+    with console.status(f"calibrating the LLC on trial {trial.trial_id} (12 settings, about a minute on CPU)"):
+        result = calibrate_llc(experiment, trial, step)
+    current = result["current"]
+    view = Table(title=f"{experiment.name}: LLC calibration on trial {trial.trial_id}, step {result['step']:,} "
+                       f"({result['tokens_seen']:,} tokens), n_beta {current['n_beta']:.1f}")
+    for column in ("eps", "gamma", "LLC", "std error", "diverged chains", "trace settles", "agrees with smaller eps",
+                   "stable"):
+        view.add_column(column, justify="right")
+    for row in result["rows"]:
+        llc = "-" if row["llc"] is None else f"{row['llc']:.2f}"
+        error = "-" if row["std_error"] is None else f"{row['std_error']:.2f}"
+        view.add_row(f"{row['epsilon']:g}", f"{row['gamma']:g}", llc, error, str(row["diverged"]),
+                     "yes" if row["settled"] else "no", "yes" if row["agrees_with_smaller_eps"] else "-",
+                     "[green]yes[/]" if row["stable"] else "no")
+    output.print(view)
+    pick = result["largest_stable"]
+    in_use = f"in use: eps {current['epsilon']:g}, gamma {current['gamma']:g}"
+    if pick is None:
+        output.print(f"no setting is stable on this snapshot ({in_use}); its LLC estimates are not to be trusted")
+    else:
+        output.print(f"largest stable eps: {pick['epsilon']:g} at gamma {pick['gamma']:g} ({in_use})")
 
 
 @main.command()
@@ -766,11 +811,12 @@ def stages(ctx, name, storage, trial, address, as_json):
     """
     from .analyse import read_table
     from .results import choose_trial, load_experiment
-    from .stages import ensure_essential_dynamics, trial_stages
+    from .stages import ensure_essential_dynamics, store_llc_stages, trial_stages
 
     experiment = load_experiment(_open(storage), name)
     chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
     ensure_essential_dynamics(experiment, chosen, address, ctx.find_root().params["verbose"])
+    store_llc_stages(experiment, read_table(experiment))  # kept in the table beside the LLC, for its other readers
     table = read_table(experiment)
     documents = [d for d in trial_stages(experiment, table) if d["trial_id"] in {t.trial_id for t in chosen}]
     if not any(d["llc"] for d in documents):
@@ -818,24 +864,29 @@ def atlas(name, storage, as_json, csv_path):
     table = Table(title=f"{result.experiment}: {len(result.rows)} trials",
                   caption="induction at: tokens_seen of the first "
                           f"{result.formed_at_resolution[:-1]} past the threshold")
-    for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.", "matters", "induction at"):
+    staged = any(row.stages is not None for row in result.rows)
+    stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
+    for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
+                   "matters", "induction at", *stage_columns):
         table.add_column(column, justify="right")
 
     for row in result.rows:
+        stage_cells = (_number(row.stages), _millions(row.stage_boundaries)) if staged else ()
         table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), row.status.lower().replace("_", " "),
                       _number(row.values["test_loss"]), _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"], 2) for s in scores),
                       str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
-                      _number(row.induction_formed_at))
+                      _number(row.induction_formed_at), *stage_cells)
     output.print(table)
     for axis in result.axes:
         score, spread = result.strongest(axis)
         group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})", title_justify="left")
-        for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss"):
+        for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss", *stage_columns):
             group_table.add_column(column, justify="right")
         for entry in result.groups[axis]:
             cells = [f"{entry[f'{s}_max']['mean']:.2f}/{entry[f'{s}_max']['max']:.2f}" if entry[f"{s}_max"]["mean"] is not None else "-" for s in scores]
+            stage_cells = (_number(entry["stages"]["mean"], 1), _millions(entry["stage_boundaries"])) if staged else ()
             group_table.add_row(str(entry["value"]), str(entry["trials"]), *cells, f"{entry['induction_heads']['mean']:.1f}",
-                                _number(entry["test_loss"]["mean"]))
+                                _number(entry["test_loss"]["mean"]), *stage_cells)
         output.print(group_table)
     for pair, entries in list(result.pairs.items())[:3]:
         first, second = pair.split(" x ")
@@ -846,6 +897,10 @@ def atlas(name, storage, as_json, csv_path):
             pair_table.add_row(str(entry[first]), str(entry[second]), str(entry["trials"]),
                                *(_number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
         output.print(pair_table)
+
+
+def _millions(tokens: list[int]) -> str:
+    return " ".join(f"{t / 1e6:.2g}" for t in tokens) or "-"
 
 
 @main.command()

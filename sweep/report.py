@@ -105,6 +105,7 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
         ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories)),
+        *((("stages", "Developmental stages", stages),) if (stages := _stages_section(experiment)) else ()),
         ("leaderboard", "Leaderboard", _leaderboard(experiment, ranked, metric)),
         *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}", _trial_section(experiment, trial, rank, metric, histories[trial.trial_id]))
           for rank, trial in enumerate(leaders, 1)),
@@ -294,6 +295,75 @@ def _dynamics_figure(experiment: Experiment, histories: dict[str, list[dict]]) -
     return _png(figure)
 
 
+# ---------------------------------------------------------------- developmental stages
+
+STAGE_TRIALS = 10  # curves drawn; more are unreadable on one panel (`sweep stages` lists them all)
+
+
+def _stages_section(experiment: Experiment) -> str | None:
+    """The LLC curve of every trial with its stage boundaries and circuits, and its essential-dynamics
+    trajectory; None where `sweep analyse --what llc` never ran."""
+    from .analyse import read_table
+    from .stages import trial_stages
+
+    documents = [d for d in trial_stages(experiment, read_table(experiment)) if d["llc"]]
+    if not documents:
+        return None
+    shown = documents[:STAGE_TRIALS]
+    note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training tokens, after '
+            "Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: the end of each "
+            "stage). Markers: where induction heads (triangle) and previous-token heads (square) formed. Right: the "
+            "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
+            "principal components across snapshots (circle: the first snapshot, x: a turning point)."
+            + (f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all." if len(documents) > len(shown) else "")
+            + "</p>")
+    by_id = {t.trial_id: t for t in experiment.trials}
+    return note + _image(_stages_figure(shown, by_id), "LLC and essential dynamics of every trial")
+
+
+def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecord]) -> bytes:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 4.8), dpi=90, layout="constrained")
+    llc_axes, ed_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for index, document in enumerate(documents):
+        color = f"C{index % 10}"
+        tokens = [p["tokens_seen"] for p in document["llc"]]
+        values = [p["llc"] for p in document["llc"]]
+        positive = [(t, v) for t, v in zip(tokens, values) if t > 0]
+        llc_axes.plot([t for t, _ in positive], [v for _, v in positive], color=color, marker=".", linewidth=1.4,
+                      label=_trial_label(trials[document["trial_id"]]) if document["trial_id"] in trials else document["trial_id"])
+        for boundary in document["llc_boundaries"]:
+            llc_axes.axvline(boundary["tokens"], color=color, linestyle="--", linewidth=0.9, alpha=0.7)
+        for name, marker in (("induction_formed_at", "^"), ("prev_token_formed_at", "s")):
+            circuit = document["circuits"].get(name)
+            if circuit and positive:
+                nearest = min(positive, key=lambda p: abs(math.log(p[0]) - math.log(max(circuit["tokens_seen"], 1))))
+                llc_axes.plot([circuit["tokens_seen"]], [nearest[1]], marker=marker, color=color, markersize=9,
+                              markeredgecolor="black", linestyle="none")
+        trajectory = [p for p in document.get("essential_dynamics", []) if None not in p["pc"][:2]]
+        if trajectory:
+            xs, ys = [p["pc"][0] for p in trajectory], [p["pc"][1] for p in trajectory]
+            ed_axes.plot(xs, ys, color=color, linewidth=1.2, marker=".", markersize=4)
+            ed_axes.plot(xs[:1], ys[:1], marker="o", color=color, markersize=8, markeredgecolor="black", linestyle="none")
+            turning = set(document["essential_dynamics_turning_points"])
+            turns = [(x, y) for x, y, p in zip(xs, ys, trajectory) if p["tokens_seen"] in turning]
+            if turns:
+                ed_axes.plot([x for x, _ in turns], [y for _, y in turns], marker="x", color="black", markersize=8,
+                             linestyle="none")
+    llc_axes.set_xscale("log")
+    llc_axes.set_xlabel("training tokens (log)", fontsize=9)
+    llc_axes.set_ylabel("LLC", fontsize=9)
+    llc_axes.set_title("local learning coefficient", fontsize=10)
+    ed_axes.set_xlabel("PC 1", fontsize=9)
+    ed_axes.set_ylabel("PC 2", fontsize=9)
+    ed_axes.set_title("essential dynamics", fontsize=10)
+    for axes in (llc_axes, ed_axes):
+        axes.tick_params(labelsize=8)
+    figure.legend(loc="outside right upper", fontsize=7)
+    return _png(figure)
+
+
 def _trial_label(trial: TrialRecord) -> str:
     varying = " ".join(f"{k}={trial.config[k]}" for k in SHAPE_KEYS if k in trial.config)
     return f"{trial.trial_id} {varying}"
@@ -336,7 +406,7 @@ def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric
     if any("ablation" in h for h in heads["heads"]):
         charts.append("<div><h3>Ablation</h3>" + _image(_ablation_figure(heads), f"ablation of {trial.trial_id}") + "</div>")
     if len({h["layer"] for h in heads["heads"]}) > 1:
-        charts.append("<div><h3>Composition</h3>" + _composition_svg(heads) + "</div>")
+        charts.append("<div><h3>Composition</h3>" + _composition_svg(heads, trial.config) + "</div>")
     if charts:
         parts.append('<div class="columns">' + "".join(charts) + "</div>")
     if "circuits.json" in files:
@@ -387,32 +457,38 @@ def _ablation_figure(document: dict[str, Any]) -> bytes:
     return _png(figure)
 
 
-def _composition_svg(document: dict[str, Any]) -> str:
-    """Earlier-layer heads -> later-layer heads; edge width = composition score (Q blue, K red, V green)."""
+def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
+    """Earlier-layer heads -> later-layer heads: the paths whose composition score stands above the score of
+    random matrices of the same shapes (Elhage et al.), width = the excess over that baseline, on one scale for
+    Q (blue), K (red) and V (green)."""
+    from model.analysis import COMPOSITION_SIGMAS, composition_excess, random_composition
+
     layers = sorted({h["layer"] for h in document["heads"]})
     heads = max(h["head"] for h in document["heads"]) + 1
+    baseline = document.get("composition_baseline") or random_composition(
+        int(config["d_model"]), int(config["d_model"]) // heads)  # (heads.json written before baselines were)
     width, height = 120 + 150 * (len(layers) - 1), 40 + 34 * heads
     x = {layer: 60 + 150 * i for i, layer in enumerate(layers)}
     y = {head: 30 + 34 * head for head in range(heads)}
     colors = {"q": "#4477aa", "k": "#ee6677", "v": "#228833"}
     composition = document.get("composition", {})
+    paths = []
+    for kind in colors:
+        for l1, by_head in enumerate(composition.get(kind, [])):
+            for h1, by_layer in enumerate(by_head):
+                for l2, row in enumerate(by_layer):
+                    for h2, value in enumerate(row):
+                        if value is not None and (excess := composition_excess(value, baseline[kind])) is not None:
+                            paths.append((excess, kind, l1, h1, l2, h2, value))
+    strongest = max((p[0] for p in paths), default=0.0)
     edges = []
-    for kind, color in colors.items():
-        scores = composition.get(kind, [])
-        values = [(l1, h1, l2, h2, v) for l1, by_head in enumerate(scores) for h1, by_layer in enumerate(by_head)
-                  for l2, row in enumerate(by_layer) for h2, v in enumerate(row) if v is not None]
-        if not values:
-            continue
-        # the strongest quarter of this kind's pairs (at least 3): composition scores of random
-        # weights are far from 0, so an absolute cut shows either everything or nothing
-        cut = sorted((v for *_, v in values), reverse=True)[max(3, len(values) // 4) - 1 if len(values) >= 3 else -1]
-        low, high = min(v for *_, v in values), max(v for *_, v in values)
-        for l1, h1, l2, h2, value in values:
-            if value >= cut:
-                offset = {"q": -4, "k": 0, "v": 4}[kind]
-                edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" stroke="{color}" '
-                             f'stroke-width="{1 + 7 * (value - low) / max(high - low, 1e-9):.1f}" stroke-opacity="0.7"><title>{kind.upper()}-composition '
-                             f'{l1}.{h1} -> {l2}.{h2}: {value:.3f}</title></line>')
+    for excess, kind, l1, h1, l2, h2, value in sorted(paths):  # the strongest drawn last, on top
+        offset = {"q": -4, "k": 0, "v": 4}[kind]
+        edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" '
+                     f'stroke="{colors[kind]}" stroke-width="{1.5 + 8 * excess / max(strongest, 1e-9):.1f}" '
+                     f'stroke-opacity="0.75"><title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
+                     f'(random {baseline[kind]["mean"]:.3f} &#177; {baseline[kind]["std"]:.3f}; '
+                     f'excess {excess:+.3f})</title></line>')
     labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
     nodes = []
     for layer in layers:
@@ -422,10 +498,17 @@ def _composition_svg(document: dict[str, Any]) -> str:
             nodes.append(f'<circle cx="{x[layer]}" cy="{y[head]}" r="13" fill="{fill}" stroke="#555"><title>{layer}.{head}: '
                          f'{", ".join(tags) or "no label"}</title></circle><text x="{x[layer]}" y="{y[head] + 4}" font-size="10" '
                          f'text-anchor="middle">{layer}.{head}</text>')
-    legend = ('<p class="note">Lines: the strongest quarter of each kind of composition, <span style="color:#4477aa">Q</span>, '
-              '<span style="color:#ee6677">K</span>, <span style="color:#228833">V</span>; width grows with the score (hover for it). Nodes: '
+    top = sorted(paths, reverse=True)[:3]
+    listed = "; ".join(f"{kind.upper()} {l1}.{h1}&#8594;{l2}.{h2} {value:.3f} (+{excess:.3f})"
+                       for excess, kind, l1, h1, l2, h2, value in top) or "none"
+    random_line = ", ".join(f"{kind.upper()} {b['mean']:.3f} &#177; {b['std']:.3f}" for kind, b in baseline.items())
+    legend = (f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} standard '
+              f'deviations above random matrices of the same shapes ({random_line}), <span style="color:#4477aa">Q</span>, '
+              '<span style="color:#ee6677">K</span>, <span style="color:#228833">V</span>; width: the excess over random, '
+              f'one scale for all three (hover a line for its numbers). Strongest: {listed}. Nodes: '
               '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
-    return f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}{"".join(nodes)}</svg>{legend}'
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}'
+            f'{"".join(nodes)}</svg>{legend}')
 
 
 def _token_tables(document: dict[str, Any]) -> str:

@@ -24,6 +24,22 @@ from .results import Experiment, TrialRecord
 
 ED_VERSION = 2
 ED_PROBE_WINDOWS = 16
+# Stored LLC stage boundaries (analysis "llc_stages"): one unit per trial at its last LLC snapshot, so a
+# trial whose LLC grew (a resumed trial, a backfill) gets its boundaries again at the new last snapshot.
+STAGES_VERSION = 1
+BOUNDARY_MEASURES = {"rising": "llc_stage_rising_until", "falling": "llc_stage_falling_until",
+                     "plateau": "llc_stage_plateau_until"}
+
+
+def load_snapshot_model(storage, path: str):
+    """The model of one stored snapshot folder."""
+    from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
+
+    with storage.filesystem.open_input_stream(f"{path}/{SNAPSHOT_FILE}") as stream:
+        record = json.loads(stream.read())
+    with storage.filesystem.open_input_stream(f"{path}/{WEIGHTS_FILE}") as stream:
+        weights = stream.read()
+    return model_from_snapshot(record, weights)
 
 
 def essential_dynamics_task(storage_uri: str, snapshot_paths: list[str], probe) -> dict[str, Any]:
@@ -31,21 +47,45 @@ def essential_dynamics_task(storage_uri: str, snapshot_paths: list[str], probe) 
     import torch
 
     from model.llc import essential_dynamics, output_features
-    from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
 
     from .storage import open_storage
 
     torch.set_num_threads(1)
     storage = open_storage(storage_uri)
     windows = probe.held_out[:ED_PROBE_WINDOWS]
-    features = []
-    for path in snapshot_paths:
-        with storage.filesystem.open_input_stream(f"{path}/{SNAPSHOT_FILE}") as stream:
-            record = json.loads(stream.read())
-        with storage.filesystem.open_input_stream(f"{path}/{WEIGHTS_FILE}") as stream:
-            weights = stream.read()
-        features.append(output_features(model_from_snapshot(record, weights), windows))
+    features = [output_features(load_snapshot_model(storage, path), windows) for path in snapshot_paths]
     return essential_dynamics(features)
+
+
+def calibrate_llc(experiment: Experiment, trial: TrialRecord, step: int | None = None) -> dict[str, Any]:
+    """devinterp's calibration on one snapshot (default: the trial's last): the LLC for a grid of eps and
+    gamma, each judged stable or not (model.llc.calibrate), with the settings `--what llc` uses now."""
+    from dataclasses import asdict
+
+    from model.config import ConfigError
+    from model.llc import calibrate
+    from model.measures import llc_problem, run_probe
+
+    from .analyse import _run_config
+
+    if not trial.snapshots:
+        raise ConfigError(f"trial {trial.trial_id} has no snapshots to calibrate on")
+    if step is None:
+        snapshot = trial.snapshots[-1]
+    else:
+        matches = [s for s in trial.snapshots if s.step == step]
+        if not matches:
+            steps = ", ".join(str(s.step) for s in trial.snapshots)
+            raise ConfigError(f"--step {step}: trial {trial.trial_id} has no snapshot there; its steps: {steps}")
+        snapshot = matches[0]
+    model = load_snapshot_model(experiment.storage, snapshot.path)
+    loss, sample, samples_per_batch, config = llc_problem(run_probe(_run_config(trial)))
+    rows = calibrate(model, loss, sample, samples_per_batch, config=config)
+    stable = [row for row in rows if row["stable"]]
+    pick = max(stable, key=lambda row: (row["epsilon"], -row["gamma"])) if stable else None
+    return {"trial_id": trial.trial_id, "step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
+            "current": asdict(config) | {"n_beta": config.resolved_n_beta(samples_per_batch)}, "rows": rows,
+            "largest_stable": pick}
 
 
 def ensure_essential_dynamics(
@@ -110,6 +150,35 @@ def ensure_essential_dynamics(
     return len(missing)
 
 
+def store_llc_stages(experiment: Experiment, table: pa.Table | None) -> int:
+    """Write every trial's LLC stage boundaries into the analysis table where it lacks them at the trial's
+    last LLC snapshot (one row per boundary: measure llc_stage_<kind>_until, value its tokens, plus
+    llc_stages, the count); returns the trials written."""
+    from .analyse import done_keys
+
+    if table is None:
+        return 0
+    done = done_keys(table)
+    results = []
+    for document in trial_stages(experiment, table):
+        trial = next(t for t in experiment.trials if t.trial_id == document["trial_id"])
+        if len(document["llc"]) < 4:
+            continue
+        last = max((s for s in trial.snapshots if s.tokens_seen == document["llc"][-1]["tokens_seen"]),
+                   key=lambda s: s.step, default=None)
+        if last is None or (trial.trial_id, last.step, "llc_stages", STAGES_VERSION) in done:
+            continue
+        rows = [(-1, -1, BOUNDARY_MEASURES[b["kind"]], float(b["tokens"])) for b in document["llc_boundaries"]]
+        rows.append((-1, -1, "llc_stages", float(document["stages"])))
+        results.append((Task(trial, last, ("llc_stages",)), {"llc_stages": rows}))
+    if results:
+        description = ("critical points of the LLC over log tokens (model.llc.stage_boundaries): each row a stage's "
+                       "last snapshot (value: tokens) by what the LLC did through it, and llc_stages, the count")
+        write_part(experiment, results, {"llc_stages": {"version": STAGES_VERSION, "description": description}},
+                   versions={"llc_stages": STAGES_VERSION})
+    return len(results)
+
+
 def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[str, Any]]:
     """Per trial: LLC at each snapshot, stage boundaries (LLC and essential dynamics), and where the named
     circuits fall."""
@@ -125,6 +194,8 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
         mine = table.filter(pc.equal(table["trial"], trial.trial_id))
         llc = _series(mine, "llc", "llc", MEASURES["llc"].version)
         turning = _series(mine, "essential_dynamics", "ed_turning_point", ED_VERSION)
+        components = [dict(_series(mine, "essential_dynamics", f"ed_pc{k}", ED_VERSION)) for k in (1, 2, 3)]
+        trajectory = [{"tokens_seen": t, "pc": [c.get(t) for c in components]} for t in sorted(components[0])]
         boundaries = stage_boundaries([t for t, _ in llc], [v for _, v in llc])
         circuits = {name: tokens for name, tokens in (formed.get(trial.trial_id) or {}).items() if tokens is not None}
         ends = [b["tokens"] for b in boundaries]
@@ -135,6 +206,7 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
                 "llc": [{"tokens_seen": t, "llc": v} for t, v in llc],
                 "llc_boundaries": boundaries,
                 "essential_dynamics_turning_points": [t for t, _ in turning],
+                "essential_dynamics": trajectory,
                 "circuits": {
                     name: {"tokens_seen": tokens, "stage": sum(1 for end in ends if end < tokens) + 1}
                     for name, tokens in circuits.items()

@@ -1,12 +1,15 @@
 """Head scores on hand-built inputs, and heads.json for a real model."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from model.analysis import (
     AnalysisConfig,
+    composition_baseline,
+    composition_excess,
     composition_scores,
     copying_scores,
     head_scores,
@@ -104,6 +107,46 @@ def test_composition_scores_detect_a_wired_path():
     assert scores["q"][0][0][1][1] == pytest.approx(0.0)
     assert scores["k"][0][1][1][1] == 0.0  # a head that writes nothing composes with nothing
     assert scores["k"][1][0][0][0] is None  # later -> earlier is not a composition
+
+
+def _wired_k_composition(d_model: int = 64, heads: int = 4) -> Transformer:
+    """Head 0.0 writes its residual dims 0..h-1 into h..2h-1; head 1.1 reads its keys from h..2h-1: a perfect
+    K-composition path of rank h (score 1/sqrt(h)), and no other path."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8, d_model=d_model, n_heads=heads, n_layers=2, seq_len=4, norm="none")
+    model = Transformer(cfg)
+    h = d_model // heads
+    with torch.no_grad():
+        first, second = model.blocks[0].attn, model.blocks[1].attn
+        for attention in (first, second):
+            attention.qkv.weight.zero_()
+            attention.out.weight.zero_()
+        first.qkv.weight[2 * d_model : 2 * d_model + h, 0:h] = torch.eye(h)  # W_V of head 0
+        first.out.weight[h : 2 * h, 0:h] = torch.eye(h)  # W_O of head 0
+        second.qkv.weight[h : 2 * h, 0:h] = torch.eye(h)  # W_Q of head 1 reads dims 0..h-1
+        second.qkv.weight[d_model + h : d_model + 2 * h, h : 2 * h] = torch.eye(h)  # W_K of head 1 reads h..2h-1
+    return model
+
+
+def test_a_wired_composition_path_stands_far_above_the_random_baseline_and_a_random_models_do_not():
+    wired = _wired_k_composition()
+    baseline = composition_baseline(wired)
+    scores = composition_scores(wired)
+    assert scores["k"][0][0][1][1] == pytest.approx(1 / math.sqrt(16))  # rank 16: the score's ceiling is 0.25
+    assert baseline["k"]["mean"] == pytest.approx(0.125, abs=0.01)  # random 64 x 64 products of rank 16
+    excess = composition_excess(scores["k"][0][0][1][1], baseline["k"])
+    assert excess is not None and excess > 10 * baseline["k"]["std"]
+    standing = [(kind, l1, h1, h2) for kind, nested in scores.items() for l1, by_head in enumerate(nested)
+                for h1, by_layer in enumerate(by_head) for h2, value in enumerate(by_layer[1])
+                if value is not None and composition_excess(value, baseline[kind]) is not None]
+    assert standing == [("k", 0, 0, 1)]  # the one wired path, nothing else
+    torch.manual_seed(0)
+    random_model = Transformer(ModelConfig(vocab_size=66, d_model=64, n_heads=4, n_layers=2, seq_len=16))
+    random_scores = composition_scores(random_model)
+    paths = [(value, kind) for kind, nested in random_scores.items() for by_head in nested[0] for value in by_head[1]]
+    assert len(paths) == 48 and all(composition_excess(v, baseline[kind]) is None for v, kind in paths)
+    # the baseline is a property of the shapes alone: it goes into heads.json and the measure's rows
+    assert head_scores(random_model, torch.randint(0, 66, (4, 17)))["composition_baseline"] == baseline
 
 
 def test_heads_document_and_files(tmp_path):
