@@ -365,7 +365,7 @@ def write_analysis(
     directory = Path(directory)
     (directory / "heads.json").write_text(json.dumps(heads_document, indent=1))
     ids, patterns = sample_and_patterns(model, tokenizer, cfg)
-    (directory / "sample.txt").write_text(tokenizer.decode(ids) + "\n")
+    (directory / "sample.txt").write_text(tokenizer.readable(ids) + "\n")
     write_heatmaps(directory / "heatmaps", ids, tokenizer.token_strings(ids), patterns)
 
 

@@ -236,6 +236,9 @@ class DataConfig:
         _require(bool(self.dataset), "DATASET must not be empty")
         _require(bool(self.text_column), "--text-column must not be empty")
         _require(self.repeat_vocab >= 8, "{repeat_vocab} must be >= 8", repeat_vocab=self.repeat_vocab)
+        if self.dataset == "repeat":
+            # the task brings its own vocabulary: records say so rather than a tokenizer it never used
+            object.__setattr__(self, "tokenizer", f"repeat:{self.repeat_vocab}")
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, DataConfig
-from .tokenizers import TextTokenizer, load_tokenizer, synthetic_tokenizer
+from .tokenizers import TextTokenizer, bpe_vocab_size, load_tokenizer, synthetic_tokenizer
 from .transformer import PAD_ID
 
 CACHE_FORMAT = 1  # bump when the window layout changes
@@ -301,6 +301,21 @@ class PreparedData:
     tokenizer: TextTokenizer
 
 
+# Passes over the training text past which a small model memorises it rather than learns the language.
+MANY_EPOCHS = 10
+
+
+def repetition_warning(cfg: DataConfig, train_windows: np.ndarray, max_tokens: int) -> str | None:
+    """A line when training would pass over a small training text many times, or None."""
+    tokens = int(train_windows.shape[0]) * max(int(train_windows.shape[1]) - 1, 1)
+    epochs = max_tokens / max(tokens, 1)
+    if cfg.dataset == SYNTHETIC or epochs < MANY_EPOCHS:
+        return None
+    return (f"warning: {cfg.dataset} has {tokens:,} training tokens, so {max_tokens:,} tokens of training pass over "
+            f"it about {epochs:.0f} times: expect the model to memorise it (held-out loss rising again); "
+            "give more text or lower max_tokens")
+
+
 def prepare_data(cfg: DataConfig, seq_len: int, log=lambda message: None) -> PreparedData:
     """Load, clean, tokenize and window both splits, through the on-disk cache."""
     if cfg.dataset == SYNTHETIC:
@@ -316,6 +331,10 @@ def prepare_data(cfg: DataConfig, seq_len: int, log=lambda message: None) -> Pre
     if not train_texts:
         raise ConfigError(f"the {cfg.train_split} split of {cfg.dataset} holds no text")
     tokenizer = load_tokenizer(cfg.tokenizer, train_texts, cache_dir())
+    asked = bpe_vocab_size(cfg.tokenizer)
+    if asked and tokenizer.vocab_size < asked:
+        log(f"--tokenizer {cfg.tokenizer}: the training text yields only {tokenizer.vocab_size:,} tokens (bytes, "
+            f"every merge it supports, and the special tokens); the model's vocabulary is {tokenizer.vocab_size:,}")
     windows = []
     for split, texts in ((cfg.train_split, train_texts), (cfg.test_split, None)):
         windows.append(_cached_windows(cfg, split, texts, tokenizer, seq_len, log))

@@ -24,6 +24,21 @@ EOT = "<|endoftext|>"
 HUB_TOKENIZERS = {"gpt2": "gpt2", "bert": "bert-base-cased"}
 # Tokens that already mean "end of document" in common vocabularies, best first.
 _EOT_CANDIDATES = (EOT, "</s>", "[SEP]", "<eos>", "<|eos|>")
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: each byte as the printable character that stands for it in token strings."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+_BYTE_OF_CHAR = _gpt2_byte_alphabet()
 OFFLINE_HINT = "use --tokenizer bpe:N (trained locally), bytes, or a path to a tokenizer.json or tokenizer folder"
 
 
@@ -54,9 +69,38 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def readable(self, ids: Iterable[int]) -> str:
+        """Text for people: the end-of-document token (`<|endoftext|>`) as the blank line between documents."""
+        ids = list(ids)
+        if self.eot_id is None:
+            return self.decode(ids)
+        documents, current = [], []
+        for token in ids:
+            if token == self.eot_id:
+                documents.append(current)
+                current = []
+            else:
+                current.append(token)
+        documents.append(current)
+        return "\n\n".join(self.decode(document) for document in documents)
+
     def token_strings(self, ids: Iterable[int]) -> list[str]:
-        """Each id decoded on its own: tick labels for heatmaps."""
-        return [self.backend.decode([i], skip_special_tokens=False) for i in ids]
+        """Each id decoded on its own: tick labels for heatmaps and token tables. A byte-level token holding
+        part of a multi-byte character shows its bytes (`\\xe2\\x80`), not the replacement character."""
+        strings = []
+        for token in ids:
+            text = self.backend.decode([token], skip_special_tokens=False)
+            if "\ufffd" in text and (raw := self._byte_level_bytes(token)) is not None:
+                text = raw.decode("utf-8", errors="backslashreplace")
+            strings.append(text)
+        return strings
+
+    def _byte_level_bytes(self, token: int) -> bytes | None:
+        """The bytes of a byte-level BPE token (GPT-2's printable stand-ins mapped back), or None."""
+        piece = self.backend.id_to_token(token)
+        if piece is None or any(ch not in _BYTE_OF_CHAR for ch in piece):
+            return None
+        return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
 
     def save(self, path: str | os.PathLike) -> None:
         self.backend.save(str(path))

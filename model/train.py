@@ -421,7 +421,7 @@ def run_training(
     log=lambda message: None,
 ) -> dict[str, Any]:
     """One complete run into `out`: metrics.jsonl (a line per iteration), checkpoint/ and snapshots/."""
-    from .data import check_data, prepare_data
+    from .data import check_data, prepare_data, repetition_warning
 
     ModelConfig(**model_values)  # fail on bad shapes before any data is read
     check_data(data_cfg)
@@ -431,6 +431,8 @@ def run_training(
     data = prepare_data(data_cfg, model_values.get("seq_len", ModelConfig.seq_len), log)
     model_cfg = ModelConfig(**(model_values | {"vocab_size": data.tokenizer.vocab_size}))
     trainer = Trainer(model_cfg, train_cfg, data.train, data.test, data.tokenizer, data_cfg, analysis_cfg)
+    if warning := repetition_warning(data_cfg, data.train, train_cfg.max_tokens):
+        log(warning)
     log(
         f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}, {torch.get_num_threads()} threads), "
         f"{trainer.total_steps} steps in {trainer.schedule.iterations} iterations"

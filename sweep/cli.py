@@ -16,7 +16,7 @@ from rich.table import Table
 from model.config import CheckpointError, ConfigError, NonFiniteLossError
 from model.metrics import REPORTED_METRICS
 
-from .names import SCHEDULERS
+from .names import SCHEDULERS, display_state
 from .space import SHAPE_KEYS, TRIAL_KEYS, data_config
 
 console = Console(stderr=True, soft_wrap=True)
@@ -140,7 +140,8 @@ def trial_key_options(command):
 @snapshot_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
-def train(dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_dtype, out, as_json, **values):
+@click.pass_context
+def train(ctx, dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_dtype, out, as_json, **values):
     """Train one model without Ray; write OUT/metrics.jsonl, OUT/checkpoint/ and OUT/snapshots/.
 
     \b
@@ -150,7 +151,11 @@ def train(dataset, device, dtype, compile, threads, prompt, snapshots, snapshot_
     from model.analysis import AnalysisConfig
     from model.train import run_training
 
+    from .runner import REPEAT_TOKENIZER
     from .space import trial_configs
+
+    if dataset == "repeat" and ctx.get_parameter_source("tokenizer") != click.core.ParameterSource.DEFAULT:
+        raise UserError(REPEAT_TOKENIZER)
 
     run_settings = {"device": device, "compile": compile, "snapshots": snapshots or "log",
                     "snapshot_dtype": snapshot_dtype or "float32"}
@@ -222,7 +227,7 @@ def generate(source, trial, storage, at_step, at_tokens, prompt, sample_tokens, 
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt is empty after tokenization; give some text")
-    click.echo(tokenizer.decode(sample(net, prompt_ids, sample_tokens, top_k, seed)))
+    click.echo(tokenizer.readable(sample(net, prompt_ids, sample_tokens, top_k, seed)))
 
 
 METRIC_HELP = "Metric to rank by: " + ", ".join(REPORTED_METRICS) + "."
@@ -343,18 +348,32 @@ def _print_best(name, storage_uri, metric, mode, top):
     for trial in document["trials"]:
         table.add_row(
             trial["trial_id"], _status_text(trial["status"], trial["iterations"], trial["planned_iterations"]), str(trial["iterations"]),
-            f"{trial['metrics'][metric]:.4f}", *(f"{trial['metrics'].get(m, float('nan')):.4f}" for m in extra), _varying(trial["config"]),
+            _metric_text(trial["metrics"][metric]), *(_metric_text(trial["metrics"].get(m)) for m in extra),
+            _varying(trial["config"]),
         )
     output.print(table)
+    if unranked := document["unranked"]:
+        why = "the circuit never formed" if metric.endswith("_formed_at") else "no finite value"
+        output.print(f"not ranked ({why}): {len(unranked)} trial{'s' if len(unranked) > 1 else ''}, "
+                     f"{', '.join(unranked[:8])}{' ...' if len(unranked) > 8 else ''}", highlight=False)
     if document["trials"] and document["trials"][0]["checkpoint"]:
         output.print(f"best checkpoint: {document['trials'][0]['checkpoint']}", highlight=False)
     return document
 
 
+def _metric_text(value) -> str:
+    """Token counts (formed_at, tokens_seen) as whole numbers, everything else to 4 decimals."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    if isinstance(value, int) or (value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    return f"{value:.4f}"
+
+
 def _status_text(status: str, iterations: int, planned: int | None) -> str:
     from .names import STOPPED_EARLY
 
-    return f"stopped early at {iterations}/{planned}" if status == STOPPED_EARLY else status
+    return f"stopped early at {iterations}/{planned}" if status == STOPPED_EARLY else display_state(status)
 
 
 @main.command(name="list")
@@ -380,7 +399,7 @@ def status(name, storage):
 
     experiment = load_experiment(_open(storage), name)
     metric, mode = experiment.record["metric"], experiment.record.get("mode")
-    counts = ", ".join(f"{n} {state.lower().replace('_', ' ')}" for state, n in sorted(status_counts(experiment).items()))
+    counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
     iterations = sum(t.iterations for t in experiment.trials)
     click.echo(f"{experiment.name}: {len(experiment.trials)} of {experiment.record['trials']} trials started ({counts or 'none yet'}); {iterations} iterations done")
     for trial in experiment.trials:
@@ -872,7 +891,7 @@ def atlas(name, storage, as_json, csv_path):
 
     for row in result.rows:
         stage_cells = (_number(row.stages), _millions(row.stage_boundaries)) if staged else ()
-        table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), row.status.lower().replace("_", " "),
+        table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
                       _number(row.values["test_loss"]), _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"], 2) for s in scores),
                       str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
                       _number(row.induction_formed_at), *stage_cells)

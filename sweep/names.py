@@ -15,6 +15,14 @@ STOPPED_EARLY = "STOPPED_EARLY"
 
 # The public status of a trial that was running (or waiting) when its driver stopped: `sweep resume` continues it.
 INTERRUPTED = "INTERRUPTED"
+
+
+def display_state(state: str) -> str:
+    """A trial state as every table and summary line shows it (`terminated`, `stopped early`, `interrupted`);
+    --json keeps Tune's names (`TERMINATED`)."""
+    return state.lower().replace("_", " ")
+
+
 # Ray Tune's states of a trial that has not ended.
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
@@ -31,5 +39,5 @@ GRACE_TOKEN_SCHEDULERS = ("asha", "halving")
 
 __all__ = [
     "FINAL_FAILURES", "GRACE_TOKEN_SCHEDULERS", "INTERRUPTED", "UNFINISHED", "REPORTED_METRICS", "SCHEDULERS",
-    "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "metric_mode",
+    "STOPPED_EARLY", "SUMMARY_METRICS", "SWEEP_FILE", "display_state", "metric_mode",
 ]

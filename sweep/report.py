@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .atlas import GRID_SCORES, Atlas, build_atlas
-from .names import metric_mode
+from .names import display_state, metric_mode
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
 from .storage import read_text
@@ -101,7 +101,7 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     atlas = build_atlas(experiment)
     with ThreadPoolExecutor(max_workers=16) as pool:
         histories = dict(zip((t.trial_id for t in experiment.trials), pool.map(lambda t: trial_history(experiment.storage, t), experiment.trials)))
-    counts = ", ".join(f"{n} {state.lower().replace('_', ' ')}" for state, n in sorted(status_counts(experiment).items()))
+    counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
         ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories)),

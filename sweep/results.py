@@ -21,7 +21,16 @@ from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, manifest_problem
 from model.config import ConfigError
 
 from .driver import DRIVER_FILE, stopped_reason
-from .names import FINAL_FAILURES, INTERRUPTED, REPORTED_METRICS, STOPPED_EARLY, SWEEP_FILE, UNFINISHED, metric_mode
+from .names import (
+    FINAL_FAILURES,
+    INTERRUPTED,
+    REPORTED_METRICS,
+    STOPPED_EARLY,
+    SWEEP_FILE,
+    UNFINISHED,
+    display_state,
+    metric_mode,
+)
 from .space import planned_iterations, trial_schedule
 from .storage import Storage, check_name, exists, read_text
 from .trajectory import (
@@ -86,7 +95,7 @@ class TrialRecord:
         """For tables: `stopped early at 2/4` instead of a bare state."""
         if self.stopped_early:
             return f"stopped early at {self.iterations}/{self.planned_iterations}"
-        return self.tune_status
+        return display_state(self.tune_status)
 
 
 @dataclass
@@ -361,8 +370,13 @@ def best_document(experiment: Experiment, metric: str, mode: str | None = None, 
     """The `sweep best --json` document: the best trials with config, metrics and artifacts."""
     mode = mode or metric_mode(metric)
     storage = experiment.storage
+    if metric.endswith("_formed_at"):
+        from .analyse import use_snapshot_formed_at
+
+        use_snapshot_formed_at(experiment)  # as `results` and `atlas` show it, where snapshots were scored
     trials = []
-    for trial in best_trials(experiment, metric, mode, top):
+    ranked = best_trials(experiment, metric, mode, len(experiment.trials))
+    for trial in ranked[:top]:
         checkpoint = trial.checkpoint
         heatmaps = []
         if checkpoint:
@@ -378,7 +392,9 @@ def best_document(experiment: Experiment, metric: str, mode: str | None = None, 
             "checkpoint": storage.uri_of(checkpoint) if checkpoint else None,
             "heatmaps": heatmaps,
         })
-    return {"experiment": experiment.name, "storage": storage.uri, "metric": metric, "mode": mode, "trials": trials}
+    unranked = [t.trial_id for t in experiment.trials if t not in ranked]
+    return {"experiment": experiment.name, "storage": storage.uri, "metric": metric, "mode": mode, "trials": trials,
+            "unranked": unranked}
 
 
 def status_counts(experiment: Experiment) -> dict[str, int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from model.config import ConfigError
-from model.data import check_data, prepare_data
+from model.data import check_data, prepare_data, repetition_warning
 
 from .names import GRACE_TOKEN_SCHEDULERS, REPORTED_METRICS, SCHEDULERS, SWEEP_FILE, metric_mode
 from .space import (
@@ -237,6 +237,9 @@ def default_name(dataset: str, preset: str) -> str:
     return f"{stem}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+REPEAT_TOKENIZER = "--tokenizer does not apply to the repeat task: it has its own vocabulary of random tokens"
+
+
 def plan_sweep(launch: LaunchConfig) -> Plan:
     """Validate everything that can be checked without Ray; nothing is written yet."""
     preset = PRESETS.get(launch.preset)
@@ -253,6 +256,10 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
         base["device"] = "cpu"
     overrides = parse_grid(launch.grid)
     axes, distributions, fixed = build_grid(launch.preset, overrides, base)
+    if dataset == "repeat":  # its own vocabulary: the trials record repeat:N, and a --tokenizer is refused
+        if "tokenizer" in launch.data or "tokenizer" in overrides:
+            raise ConfigError(REPEAT_TOKENIZER)
+        fixed["tokenizer"] = data_config(fixed).tokenizer
     if distributions and launch.search == "grid":
         first = next(iter(distributions.values()))
         raise ConfigError(f"--grid {first.key}={first.text} is a range to sample: add --search random or --search optuna (and --num-samples N)")
@@ -307,6 +314,9 @@ def prepare_datasets(plan: Plan, log_line: Callable[[str], None]) -> dict[str, A
         started = time.perf_counter()
         data = prepare_data(data_cfg, trial["seq_len"], log_line)
         log_line(f"data {key}: {data.train.shape[0]:,} train / {data.test.shape[0]:,} test windows in {time.perf_counter() - started:.1f}s")
+        longest = max(int(t.get("max_tokens", 0)) for t in plan.trials if data_key(t) == key)
+        if warning := repetition_warning(data_cfg, data.train, longest):
+            log_line(warning)
         refs[key] = ray.put((data.train, data.test, data.tokenizer.backend.to_str()))
         plan.vocab_sizes[key] = data.tokenizer.vocab_size
     return refs

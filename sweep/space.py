@@ -170,9 +170,13 @@ class Distribution:
     key: str
     kind: str
     values: tuple
+    typed: str = field(default="", compare=False)
+    """As the user wrote it (`loguniform:1e-4:1e-2`), so messages echo that rather than 0.0001."""
 
     @property
     def text(self) -> str:
+        if self.typed:
+            return self.typed
         separator = "," if self.kind == "choice" else ":"
         return f"{self.kind}:{separator.join(str(v) for v in self.values)}"
 
@@ -211,7 +215,7 @@ def parse_distribution(key: str, raw: str) -> Distribution:
             raise ConfigError(f"{typed}: every choice must be {spec.kind_name}") from None
         if not values:
             raise ConfigError(f"{typed}: give choice:a,b,c")
-        return Distribution(key, kind, values)
+        return Distribution(key, kind, values, raw)
     if key in DATA_KEYS:
         raise ConfigError(f"{typed}: {key} takes a list or choice:a,b (its data is prepared once per value before the sweep)")
     parts = rest.split(":")
@@ -233,7 +237,7 @@ def parse_distribution(key: str, raw: str) -> Distribution:
         raise ConfigError(f"{typed}: LOW must be below HIGH")
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"{typed}: loguniform needs LOW > 0")
-    return Distribution(key, kind, (low, high))
+    return Distribution(key, kind, (low, high), raw)
 
 
 def probe_trials(axes: dict[str, list[Any]], distributions: dict[str, Distribution], fixed: dict[str, Any], limit: int = 5000) -> list[dict[str, Any]]:

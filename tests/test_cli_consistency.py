@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from model.config import TrainConfig
+from model.config import ConfigError, TrainConfig
 from sweep.cli import main
 from sweep.runner import LaunchConfig, plan_sweep
 from sweep.space import TRIAL_KEYS, planned_iterations
@@ -32,7 +32,8 @@ def fake_experiment(storage: Path, name: str, trials: dict[str, dict], created: 
         for iteration, loss in enumerate(spec["losses"], 1):
             lines.append({"trial_id": trial_id, "config": config, "training_iteration": iteration, "test_loss": loss, "train_loss": loss + 0.1, "tokens_seen": iteration * 256,
                           "induction_score_max": spec["induction"], "time_this_iter_s": 0.5, "iterations_since_restore": iteration,
-                          "time_total_s": iteration * 0.5, "done": iteration == len(spec["losses"])})
+                          "time_total_s": iteration * 0.5, "done": iteration == len(spec["losses"]),
+                          "induction_formed_at": spec.get("formed_at")})
         (root / f"trial_{trial_id}").mkdir()
         (root / f"trial_{trial_id}" / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
@@ -64,7 +65,8 @@ def test_every_read_command_defaults_to_the_newest_experiment(storage, tmp_path)
 
 
 def test_trials_stopped_early_show_as_stopped_early_with_their_iteration(storage, tmp_path):
-    assert "stopped early at 1/4" in invoke("results", "--storage", storage).output
+    table = invoke("results", "--storage", storage).output
+    assert "stopped early at 1/4" in table and "terminated" in table and "TERMINATED" not in table  # one spelling
     assert "1 stopped early, 1 terminated" in invoke("status", "--storage", storage).output
     assert "b stopped early at 1/4" in invoke("status", "--storage", storage).output
     document = json.loads(invoke("best", "--storage", storage, "--metric", "induction_score_max", "--json").output)
@@ -191,3 +193,34 @@ def test_an_output_path_that_cannot_be_written_is_one_line(storage, tmp_path):
         result = invoke(*command, target, "--storage", storage)
         assert result.exit_code == 2, (command, result.output)
         assert result.stderr.strip() == f"Error: cannot write {target}: No such file or directory; pick a writable path"
+
+
+def test_best_by_when_a_circuit_formed_shows_token_counts_and_names_the_trials_it_could_not_rank(tmp_path):
+    fake_experiment(tmp_path, "formed", {
+        "early": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512},
+        "late": {"lr": 1e-3, "losses": [3.0, 2.1], "induction": 0.5, "formed_at": 4_005_888.0},
+        "never": {"lr": 1e-6, "losses": [4.0, 3.9], "induction": 0.1},
+    })
+    shown = invoke("best", "formed", "--storage", tmp_path, "--metric", "induction_formed_at", "--top", "5").output
+    assert "4,005,888" in shown and "4005888.0000" not in shown
+    assert shown.index("early") < shown.index("late")  # formed_at ranks earliest first
+    assert "not ranked (the circuit never formed): 1 trial, never" in shown
+    document = json.loads(invoke("best", "formed", "--storage", tmp_path, "--metric", "induction_formed_at", "--json").output)
+    assert document["unranked"] == ["never"]
+
+
+def test_a_searched_range_is_echoed_as_typed(tmp_path):
+    result = invoke("launch", "repeat", "--preset", "smoke", "--grid", "lr=loguniform:1e-4:1e-2", "--storage", tmp_path)
+    assert result.exit_code == 2 and "lr=loguniform:1e-4:1e-2" in result.output and "0.0001" not in result.output
+
+
+def test_the_repeat_task_records_its_own_vocabulary_and_refuses_a_tokenizer(tmp_path):
+    plan = plan_sweep(LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path)))
+    assert plan.record()["fixed"]["tokenizer"] == "repeat:64" and {t["tokenizer"] for t in plan.trials} == {"repeat:64"}
+    for launch in (LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path), data={"tokenizer": "bytes"}),
+                   LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path), grid=("tokenizer=bytes,gpt2",))):
+        with pytest.raises(ConfigError, match="does not apply to the repeat task"):
+            plan_sweep(launch)
+    refused = invoke("train", "repeat", "--tokenizer", "bpe:512", "--out", tmp_path / "run")
+    assert refused.exit_code == 2 and "does not apply to the repeat task" in refused.output
+    assert not (tmp_path / "run").exists()

@@ -211,3 +211,28 @@ def test_missing_splits_are_caught_before_any_data_is_read(data_mirror, tmp_path
         check_data(DataConfig(dataset=str(folder), tokenizer="bytes", test_split="validation"))
     with pytest.raises(ConfigError, match="the repeat task has no split 'dev'"):
         check_data(DataConfig(dataset="repeat", test_split="dev"))
+
+
+def test_text_for_people_shows_document_breaks_and_the_bytes_of_split_characters(data_mirror):
+    tokenizer = load_tokenizer("gpt2")
+    assert tokenizer.readable(tokenizer.encode("one<|endoftext|>two")) == "one\n\ntwo"  # not a raw <|endoftext|>
+    ids = tokenizer.encode("“quote”")  # each curly quote is three bytes, split over two byte-level tokens
+    strings = tokenizer.token_strings(ids)
+    assert "\ufffd" not in "".join(strings)
+    assert strings[0] == "\\xe2\\x80" and strings[-1] == "\\x9d"
+    assert tokenizer.token_strings(tokenizer.encode(" café")) == [" café"]  # whole characters stay as they are
+
+
+def test_a_bpe_vocabulary_the_text_cannot_fill_and_a_text_trained_over_many_times_are_said(reviews_file):
+    from model.data import repetition_warning
+
+    lines = []
+    data = prepare_data(DataConfig(dataset=str(reviews_file), tokenizer="bpe:5000"), 16, lines.append)
+    assert data.tokenizer.vocab_size < 5000
+    assert any(f"yields only {data.tokenizer.vocab_size:,} tokens" in line for line in lines), lines
+    cfg = DataConfig(dataset=str(reviews_file))
+    tokens = data.train.shape[0] * 16
+    assert repetition_warning(cfg, data.train, 2 * tokens) is None
+    warning = repetition_warning(cfg, data.train, 100 * tokens)
+    assert "about 100 times" in warning and "memorise" in warning
+    assert repetition_warning(DataConfig(dataset="repeat"), data.train, 100 * tokens) is None
