@@ -340,18 +340,25 @@ def score_summaries(heads_document: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------- heatmaps
 
 
+# Next-token predictions kept per position of the sample (the report's viewer shows them on hover).
+TOP_PREDICTIONS = 5
+
+
 @torch.no_grad()
 def sample_and_patterns(
     model: Transformer, tokenizer: TextTokenizer, cfg: AnalysisConfig
-) -> tuple[list[int], list[np.ndarray]]:
-    """Continue the prompt by top-k sampling; patterns of the whole sequence, one [heads, q, k] per layer."""
+) -> tuple[list[int], list[np.ndarray], list[list[tuple[int, float]]]]:
+    """Continue the prompt by top-k sampling; patterns of the whole sequence, one [heads, q, k] per layer, and
+    the model's top next-token predictions (id, probability) at every position."""
     prompt_ids = tokenizer.encode(cfg.prompt)[: model.cfg.seq_len - 1]
     if not prompt_ids:
         raise ValueError("--prompt is empty after tokenization; give some text")
     ids = generate(model, prompt_ids, cfg.sample_tokens, cfg.top_k, cfg.seed)[-model.cfg.seq_len :]
     device = next(model.parameters()).device
-    _, patterns = model.run_with_patterns(torch.tensor([ids], device=device))
-    return ids, [p[0].float().cpu().numpy() for p in patterns]
+    logits, patterns = model.run_with_patterns(torch.tensor([ids], device=device))
+    top = logits[0].float().softmax(-1).topk(min(TOP_PREDICTIONS, logits.shape[-1]), dim=-1)
+    predictions = [list(zip(i.tolist(), [round(v, 4) for v in p.tolist()])) for i, p in zip(top.indices, top.values)]
+    return ids, [p[0].float().cpu().numpy() for p in patterns], predictions
 
 
 def write_analysis(
@@ -364,26 +371,41 @@ def write_analysis(
     """heads.json, sample.txt and heatmaps/ (PNGs + patterns.json) inside a checkpoint folder."""
     directory = Path(directory)
     (directory / "heads.json").write_text(json.dumps(heads_document, indent=1))
-    ids, patterns = sample_and_patterns(model, tokenizer, cfg)
+    ids = render_heatmaps(model, tokenizer, directory / "heatmaps", cfg)
     (directory / "sample.txt").write_text(tokenizer.readable(ids) + "\n")
-    write_heatmaps(directory / "heatmaps", ids, tokenizer.token_strings(ids), patterns)
 
 
-def write_heatmaps(directory: Path, ids: list[int], labels: list[str], patterns: list[np.ndarray]) -> list[Path]:
-    """One PNG per layer and head, one grid PNG per layer, and patterns.json for re-plotting."""
+def render_heatmaps(model: Transformer, tokenizer: TextTokenizer, directory: Path, cfg: AnalysisConfig) -> list[int]:
+    """The prompt continued by sampling, its attention heatmaps and patterns.json (with the model's top
+    next-token predictions at each position) in `directory`; returns the sample's token ids."""
+    ids, patterns, predictions = sample_and_patterns(model, tokenizer, cfg)
+    named = [[(tokenizer.token_strings([token])[0], probability) for token, probability in position]
+             for position in predictions]
+    write_heatmaps(directory, ids, tokenizer.token_strings(ids), patterns, named)
+    return ids
+
+
+def write_heatmaps(
+    directory: Path,
+    ids: list[int],
+    labels: list[str],
+    patterns: list[np.ndarray],
+    predictions: list[list[tuple[str, float]]] | None = None,
+) -> list[Path]:
+    """One PNG per layer and head, one grid PNG per layer, and patterns.json for re-plotting (with the top
+    next-token predictions at every position, when given)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "patterns.json").write_text(
-        json.dumps(
-            {
-                "token_ids": ids,
-                "tokens": labels,
-                "patterns": [np.round(p, 5).tolist() for p in patterns],  # [layer][head][q][k]
-            }
-        )
-    )
+    document = {
+        "token_ids": ids,
+        "tokens": labels,
+        "patterns": [np.round(p, 5).tolist() for p in patterns],  # [layer][head][q][k]
+    }
+    if predictions is not None:
+        document["predictions"] = predictions  # [position][rank] = [token, probability]
+    (directory / "patterns.json").write_text(json.dumps(document))
     shown = [repr(label)[1:-1] for label in labels]  # newlines and tabs stay visible
     written = []
     for layer, layer_patterns in enumerate(patterns):
@@ -396,26 +418,29 @@ def write_heatmaps(directory: Path, ids: list[int], labels: list[str], patterns:
             path = directory / f"layer{layer}_head{head}.png"
             FigureCanvasAgg(figure).print_png(str(path))
             written.append(path)
-        columns = min(heads, 4)
+        # Two heads a row, each large enough to read its token labels, and one colour bar for the layer.
+        columns = min(heads, 2)
         rows = -(-heads // columns)
-        figure = Figure(figsize=(3.2 * columns, 3.0 * rows), dpi=70)
+        side = min(6.5, max(4.2, 0.16 * len(labels)))
+        figure = Figure(figsize=(side * columns + 0.9, side * rows), dpi=80, layout="constrained")
         for head in range(heads):
             axes = figure.add_subplot(rows, columns, head + 1)
-            _draw_pattern(figure, axes, layer_patterns[head], shown, f"L{layer} H{head}", colorbar=False)
-        figure.tight_layout()
+            image = _draw_pattern(figure, axes, layer_patterns[head], shown, f"layer {layer} head {head}", colorbar=False)
+        figure.colorbar(image, ax=figure.axes, fraction=0.03, pad=0.02, label="attention weight")
         path = directory / f"layer{layer}.png"
         FigureCanvasAgg(figure).print_png(str(path))
         written.append(path)
     return written
 
 
-def _draw_pattern(figure, axes, pattern: np.ndarray, labels: list[str], title: str, colorbar: bool) -> None:
+def _draw_pattern(figure, axes, pattern: np.ndarray, labels: list[str], title: str, colorbar: bool):
     image = axes.imshow(pattern, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ticks = range(len(labels))
-    axes.set_xticks(ticks, labels, rotation=90, fontsize=7)
-    axes.set_yticks(ticks, labels, fontsize=7)
-    axes.set_xlabel("key", fontsize=8)
-    axes.set_ylabel("query", fontsize=8)
-    axes.set_title(title, fontsize=9)
+    axes.set_xticks(ticks, labels, rotation=90, fontsize=8)
+    axes.set_yticks(ticks, labels, fontsize=8)
+    axes.set_xlabel("key", fontsize=9)
+    axes.set_ylabel("query", fontsize=9)
+    axes.set_title(title, fontsize=10)
     if colorbar:
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    return image

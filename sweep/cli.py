@@ -647,16 +647,15 @@ def heatmaps(source, trial, storage, at_step, at_tokens, prompt, out):
                 raise UserError(f"{checkpoint} has no heatmaps/; pass --prompt to render them")
             shutil.copytree(checkpoint / "heatmaps", out, dirs_exist_ok=True)
         else:
-            from model.analysis import AnalysisConfig, sample_and_patterns, write_heatmaps
+            from model.analysis import AnalysisConfig, render_heatmaps
             from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer
 
             net = load_checkpoint(checkpoint)
             tokenizer = load_checkpoint_tokenizer(checkpoint)
             try:
-                ids, patterns = sample_and_patterns(net, tokenizer, AnalysisConfig(prompt=prompt))
+                render_heatmaps(net, tokenizer, out, AnalysisConfig(prompt=prompt))
             except ValueError as error:
                 raise UserError(str(error)) from None
-            write_heatmaps(out, ids, tokenizer.token_strings(ids), patterns)
     console.print(f"heatmaps of {title} in {out}/: {len(list(out.glob('*.png')))} images")
 
 

@@ -17,6 +17,8 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from .atlas import GRID_SCORES, Atlas, build_atlas
 from .names import display_state, metric_mode
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
@@ -27,10 +29,11 @@ VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
     "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
 )
-DYNAMICS = (("test_loss", "test loss"), ("induction_score_max", "induction score (max over heads)"),
-            ("prev_token_score_max", "previous-token score (max)"), ("icl_score", "in-context-learning score"))
+DYNAMICS = (("test_loss", "test loss", "nats per token"), ("induction_score_max", "induction score (max over heads)", "score"),
+            ("prev_token_score_max", "previous-token score (max over heads)", "score"),
+            ("icl_score", "in-context-learning score", "nats (late minus early tokens)"))
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5rem 2rem; color: #222; max-width: 72rem; line-height: 1.45; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5rem 2rem; color: #222; max-width: 84rem; line-height: 1.45; }
 h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 2px solid #444; padding-bottom: 0.2rem; margin-top: 2.5rem; }
 nav.toc { background: #f6f6f6; padding: 0.6rem 1rem; border-radius: 0.4rem; }
 nav.toc ol { margin: 0.3rem 0; } nav.toc a { text-decoration: none; }
@@ -38,6 +41,9 @@ table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; } td.text { text-align: left; }
 .wide { overflow-x: auto; max-width: 100%; max-height: 32rem; overflow-y: auto; }
+.wide td:first-child, .wide th:first-child { position: sticky; left: 0; background: #fff; z-index: 1; white-space: nowrap; }
+.wide th:first-child { background: #f3f3f3; z-index: 2; }
+td.labels { white-space: nowrap; }
 pre { background: #f7f7f7; padding: 0.8rem; white-space: pre-wrap; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.3rem 0; }
 section.trial { border-top: 1px dashed #888; margin-top: 2rem; }
@@ -50,6 +56,8 @@ section.trial { border-top: 1px dashed #888; margin-top: 2rem; }
 .viewer .tok.query { outline: 2px solid #c00; }
 .viewer .readout { font-size: 0.9rem; color: #333; min-height: 1.3rem; }
 .columns { display: flex; flex-wrap: wrap; gap: 1.5rem; } .columns > div { flex: 1 1 22rem; }
+.masonry { column-width: 24rem; column-gap: 1.5rem; } .masonry > div { break-inside: avoid; margin-bottom: 0.8rem; }
+.masonry table { width: 100%; }
 """
 # Counts the images that decoded, so a headless browser can tell the report rendered whole,
 # and runs every attention viewer: click (or hover) a token to see where a head attends from it.
@@ -76,8 +84,11 @@ function initViewer(root) {
       span.title = 'attention ' + weight.toFixed(3);
       span.classList.toggle('query', key === query);
     });
+    var predicted = data.predictions ? ' \u00b7 the model predicts next: ' + data.predictions[query].map(function (p) {
+      return JSON.stringify(p[0]) + ' ' + (100 * p[1]).toFixed(0) + '%'; }).join(', ') : '';
     readout.textContent = 'head ' + select.value + ', query ' + JSON.stringify(data.tokens[query]) + ' (position ' + query +
-      '): attends most to ' + JSON.stringify(data.tokens[best]) + ' (position ' + best + ', ' + row[best].toFixed(2) + ')';
+      '): attends most to ' + JSON.stringify(data.tokens[best]) + ' (position ' + best + ', ' + row[best].toFixed(2) + ')' +
+      predicted;
     root.setAttribute('data-query', String(query));
   }
   render();
@@ -238,13 +249,16 @@ def _group_tables(atlas: Atlas) -> str:
 
 def _atlas_table(atlas: Atlas) -> str:
     labels = ("induction", "previous_token", "matters")
-    columns = ("trial", *atlas.axes, "status", "test_loss", "icl_score", *(f"{s} max" for s in GRID_SCORES), *(f"{label} heads" for label in labels),
-               "induction formed at")
+    staged = any(row.stages is not None for row in atlas.rows)
+    columns = ("trial", *atlas.axes, "induction formed at", *(("stages",) if staged else ()), "status", "test_loss",
+               "icl_score", *(f"{s} max" for s in GRID_SCORES), *(f"{label} heads" for label in labels))
     rows = []
     for row in atlas.rows:
-        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _e(row.status), _number(row.values["test_loss"]),
+        stages = (_number(row.stages),) if staged else ()
+        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _number(row.induction_formed_at), *stages,
+                 _e(display_state(row.status)), _number(row.values["test_loss"]),
                  _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"]) for s in GRID_SCORES),
-                 *(str(row.label_counts[label]) for label in labels), _number(row.induction_formed_at)]
+                 *(str(row.label_counts[label]) for label in labels)]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     return f'<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
@@ -265,34 +279,57 @@ def _dynamics_section(experiment: Experiment, histories: dict[str, list[dict]]) 
 def _dynamics_figure(experiment: Experiment, histories: dict[str, list[dict]]) -> bytes:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 6.4), dpi=80)
+    figure = Figure(figsize=(12, 7.2), dpi=80, layout="constrained")
     panels = [figure.add_subplot(2, 2, i + 1) for i in range(len(DYNAMICS))]
     many = len(histories) > 12
+    labels = _short_labels(experiment.trials)
     for index, trial in enumerate(experiment.trials):
         history = [r for r in histories[trial.trial_id] if isinstance(r.get("tokens_seen"), (int, float))]
         if not history:
             continue
         tokens = [r["tokens_seen"] for r in history]
         color = f"C{index % 10}"
-        for axes, (key, _) in zip(panels, DYNAMICS):
+        for axes, (key, _, _) in zip(panels, DYNAMICS):
             values = [r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else math.nan for r in history]
             axes.plot(tokens, values, color=color, linewidth=0.9 if many else 1.4, alpha=0.6 if many else 0.9,
-                      label=None if many else _trial_label(trial))
+                      label=None if many else labels[trial.trial_id])
         formed = trial.metrics.get("induction_formed_at")
-        if isinstance(formed, (int, float)):
-            at = [r for r in history if r["tokens_seen"] == formed]
-            if at and isinstance(at[0].get("induction_score_max"), (int, float)):
-                panels[1].plot([formed], [at[0]["induction_score_max"]], marker="o", color=color, markersize=6)
-    for axes, (key, title) in zip(panels, DYNAMICS):
+        scores = [(t, r.get("induction_score_max")) for t, r in zip(tokens, history)
+                  if isinstance(r.get("induction_score_max"), (int, float))]
+        if isinstance(formed, (int, float)) and scores:  # (formed_at may fall between iterations: a snapshot's)
+            at = float(np.interp(formed, [t for t, _ in scores], [v for _, v in scores]))
+            panels[1].plot([formed], [at], marker="o", color=color, markersize=7, markeredgecolor="black")
+    for axes, (key, title, unit) in zip(panels, DYNAMICS):
         if key.endswith("_score_max"):
             axes.set_ylim(0, 1)  # scores live in [0, 1]: noise should look like noise
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("training tokens", fontsize=8)
+        axes.set_ylabel(unit, fontsize=8)
+        axes.xaxis.set_major_formatter(_token_formatter())
         axes.tick_params(labelsize=8)
-    if not many and experiment.trials:
-        panels[0].legend(fontsize=7)
-    figure.tight_layout()
+    if not many and experiment.trials:  # below the panels: never over the curves it names
+        handles, names = panels[0].get_legend_handles_labels()  # one entry a trial, not one a panel
+        figure.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize=8, frameon=False)
     return _png(figure)
+
+
+def _token_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    def tokens(value: float, _position) -> str:
+        for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+            if abs(value) >= size:
+                return f"{value / size:g}{suffix}"
+        return f"{value:g}"
+
+    return FuncFormatter(tokens)
+
+
+def _short_labels(trials: list[TrialRecord]) -> dict[str, str]:
+    """Legend labels: the trial id and only the config keys that differ between these trials."""
+    keys = [k for k in (*SHAPE_KEYS, "tokenizer", "batch_size", "seed")
+            if len({json.dumps(t.config.get(k), default=str) for t in trials}) > 1]
+    return {t.trial_id: " ".join([t.trial_id, *(f"{k}={t.config.get(k)}" for k in keys)]) for t in trials}
 
 
 # ---------------------------------------------------------------- developmental stages
@@ -324,15 +361,16 @@ def _stages_section(experiment: Experiment) -> str | None:
 def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecord]) -> bytes:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 4.8), dpi=90, layout="constrained")
+    figure = Figure(figsize=(12, 5.4), dpi=80, layout="constrained")
     llc_axes, ed_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    labels = _short_labels([trials[d["trial_id"]] for d in documents if d["trial_id"] in trials])
     for index, document in enumerate(documents):
         color = f"C{index % 10}"
         tokens = [p["tokens_seen"] for p in document["llc"]]
         values = [p["llc"] for p in document["llc"]]
         positive = [(t, v) for t, v in zip(tokens, values) if t > 0]
         llc_axes.plot([t for t, _ in positive], [v for _, v in positive], color=color, marker=".", linewidth=1.4,
-                      label=_trial_label(trials[document["trial_id"]]) if document["trial_id"] in trials else document["trial_id"])
+                      label=labels.get(document["trial_id"], document["trial_id"]))
         for boundary in document["llc_boundaries"]:
             llc_axes.axvline(boundary["tokens"], color=color, linestyle="--", linewidth=0.9, alpha=0.7)
         for name, marker in (("induction_formed_at", "^"), ("prev_token_formed_at", "s")):
@@ -352,6 +390,7 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
                 ed_axes.plot([x for x, _ in turns], [y for _, y in turns], marker="x", color="black", markersize=8,
                              linestyle="none")
     llc_axes.set_xscale("log")
+    llc_axes.xaxis.set_major_formatter(_token_formatter())
     llc_axes.set_xlabel("training tokens (log)", fontsize=9)
     llc_axes.set_ylabel("LLC", fontsize=9)
     llc_axes.set_title("local learning coefficient", fontsize=10)
@@ -360,7 +399,7 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
     ed_axes.set_title("essential dynamics", fontsize=10)
     for axes in (llc_axes, ed_axes):
         axes.tick_params(labelsize=8)
-    figure.legend(loc="outside right upper", fontsize=7)
+    figure.legend(loc="outside lower center", ncols=min(4, len(documents)), fontsize=8, frameon=False)
     return _png(figure)
 
 
@@ -375,10 +414,10 @@ def _trial_label(trial: TrialRecord) -> str:
 def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str) -> str:
     unranked = [t for t in experiment.trials if t not in ranked]
     metrics = [metric, *(m for m in LEADERBOARD_METRICS if m != metric)]
-    head = "".join(f"<th>{_e(c)}</th>" for c in ("#", "trial", "status", "iterations", *metrics, *VARYING, "error"))
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("# trial", "status", "iterations", *metrics, *VARYING, "error"))
     rows = []
     for rank, trial in enumerate([*ranked, *unranked], 1):
-        cells = [str(rank) if trial in ranked else "-", trial.trial_id, _e(trial.status_text), str(trial.iterations)]
+        cells = [f"{rank if trial in ranked else '-'}&nbsp;{trial.trial_id}", _e(trial.status_text), str(trial.iterations)]
         cells += [_number(trial.metrics.get(m, "")) for m in metrics]
         cells += [_e(trial.config.get(k, "")) for k in VARYING]
         cells.append(_e(trial.error or ""))
@@ -427,14 +466,16 @@ def _heads_table(document: dict[str, Any]) -> str:
     names = list(document["heads"][0]["scores"])
     ablated = any("ablation" in h for h in document["heads"])
     extra = ["ablate: held-out", "ablate: repeated"] if ablated else []
-    head = "".join(f"<th>{_e(c)}</th>" for c in ("layer", "head", *names, *extra, "labels"))
+    # the head and its labels first: what a reader looks for, visible without scrolling
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("head", "labels", *(n.replace("_", " ") for n in names), *extra))
     rows = []
     for entry in document["heads"]:
         labels = "".join(f'<span class="label {_e(label)}">{_e(label)}</span>' for label in entry["labels"]) or "-"
-        cells = [str(entry["layer"]), str(entry["head"]), *(f"{entry['scores'][n]:.2f}" for n in names)]
+        cells = [f"{entry['layer']}.{entry['head']}", *(f"{entry['scores'][n]:.2f}" for n in names)]
         if ablated:
             cells += [f"{entry['ablation'][k]:+.3f}" if "ablation" in entry else "-" for k in ("held_out", "repeated")]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f'<td class="text">{labels}</td></tr>')
+        rows.append(f"<tr><td>{cells[0]}</td><td class=\"text labels\">{labels}</td>"
+                    + "".join(f"<td>{c}</td>" for c in cells[1:]) + "</tr>")
     return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
@@ -485,8 +526,8 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
     for excess, kind, l1, h1, l2, h2, value in sorted(paths):  # the strongest drawn last, on top
         offset = {"q": -4, "k": 0, "v": 4}[kind]
         edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" '
-                     f'stroke="{colors[kind]}" stroke-width="{1.5 + 8 * excess / max(strongest, 1e-9):.1f}" '
-                     f'stroke-opacity="0.75"><title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
+                     f'stroke="{colors[kind]}" stroke-width="{1 + 8 * excess / max(strongest, 1e-9):.1f}" '
+                     f'stroke-opacity="{0.15 + 0.75 * excess / max(strongest, 1e-9):.2f}"><title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
                      f'(random {baseline[kind]["mean"]:.3f} &#177; {baseline[kind]["std"]:.3f}; '
                      f'excess {excess:+.3f})</title></line>')
     labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
@@ -521,19 +562,21 @@ def _token_tables(document: dict[str, Any]) -> str:
 
     parts = [f'<p class="note">Read from the weights over the {document["frequent_tokens"]} most frequent training tokens '
              "(each token embedding alone through the LayerNorms, so the numbers are logits and attention scores). OV: the output tokens a source token raises when attended to. QK (layer 0): the key "
-             "tokens a query token attends to.</p>", '<div class="columns">']
+             "tokens a query token attends to.</p>", '<div class="masonry">']
     parts.append(f'<div><b>direct path (bigrams)</b><table><tr><th>token</th><th>raises next</th></tr>{rows(document["direct_path"])}</table></div>')
     for head in document["heads"]:
         name = f"{head['layer']}.{head['head']}"
-        block = [f"<div><b>head {name} OV</b><table><tr><th>source</th><th>raises</th></tr>{rows(head['ov'])}</table>"]
+        # each table its own block: the page flows them into columns without gaps
+        block = [f"<div><b>head {name} OV</b><table><tr><th>source</th><th>raises</th></tr>{rows(head['ov'])}</table></div>"]
         if "qk" in head:
-            block.append(f"<b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>{rows(head['qk'], 5)}</table>")
+            block.append(f"<div><b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>{rows(head['qk'], 5)}"
+                         "</table></div>")
         if head.get("skip_trigrams"):
             trigrams = "".join(f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; {_e(repr(t["c"]))}</code></td>'
                                f'<td>{t["qk"]:+.3g}</td><td>{t["ov"]:+.3g}</td><td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
-            block.append(f"<b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>A-&gt;B attention</th><th>B-&gt;C logit</th>"
-                         f"<th>score</th></tr>{trigrams}</table>")
-        parts.append("".join(block) + "</div>")
+            block.append(f"<div><b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>A-&gt;B attention</th>"
+                         f"<th>B-&gt;C logit</th><th>score</th></tr>{trigrams}</table></div>")
+        parts.append("".join(block))
     parts.append("</div>")
     return "".join(parts)
 
@@ -544,10 +587,12 @@ def _viewer(patterns: dict[str, Any], heads: dict[str, Any]) -> str:
         f'{" (" + ", ".join(h["labels"]) + ")" if h["labels"] else ""}</option>'
         for h in heads["heads"]
     )
-    data = json.dumps({"tokens": patterns["tokens"], "patterns": patterns["patterns"]}).replace("</", "<\\/")
+    data = json.dumps({"tokens": patterns["tokens"], "patterns": patterns["patterns"],
+                       "predictions": patterns.get("predictions")}).replace("</", "<\\/")
     return (
         '<div class="viewer"><label>Head <select>' + options + '</select></label>'
-        '<span class="note"> &middot; click or hover a token: the shading shows where the head attends from it</span>'
+        '<span class="note"> &middot; click or hover a token: the shading shows where the head attends from it, and '
+        'below, what the model predicts after it</span>'
         '<div class="tokens"></div><div class="readout"></div>'
         f'<script type="application/json">{data}</script></div>'
     )

@@ -99,10 +99,17 @@ def test_report_in_a_real_browser(tmp_path, reviews_file):
         tokens[2].click()
         assert viewer.get_attribute("data-query") == "2"
         assert readout.text != before and "position 2" in readout.text
+        predicted = re.search(r"the model predicts next: (.*)", readout.text)  # CircuitsVis-style top predictions
+        assert predicted and len(predicted.group(1).split(", ")) == 5 and predicted.group(1).endswith("%")
         assert [t.value_of_css_property("background-color") for t in tokens] != shading_before
         clicked = readout.text
         Select(viewer.find_element(By.TAG_NAME, "select")).select_by_index(1)
         assert readout.text != clicked and readout.text.startswith("head 0.1")
+        # the head atlas leads with the head and its labels; wide tables keep their first column in view
+        atlas = driver.find_element(By.CSS_SELECTOR, ".trial .wide table")
+        assert [th.text for th in atlas.find_elements(By.TAG_NAME, "th")][:2] == ["head", "labels"]
+        first = atlas.find_element(By.CSS_SELECTOR, "td")
+        assert first.value_of_css_property("position") == "sticky" and first.text == "0.0"
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors
         shots = Path(os.environ.get("SWEEP_SCREENSHOT_DIR", tmp_path))

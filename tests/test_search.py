@@ -241,6 +241,17 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     (one,) = [t for trial, t in stages.items() if trial != best["trial_id"]]
     near = [b for b in one["llc_boundaries"] if abs(b["tokens"] - formed_at[best["trial_id"]]) <= 2 * 401_408]
     assert not near, one["llc_boundaries"]
+    # the boundaries are kept in the analysis table, the atlas groups them by axis, the report draws them
+    table = ds.dataset(str(storage / "ind" / "analysis")).to_table().to_pandas()
+    stored = table[(table.analysis == "llc_stages") & (table.trial == best["trial_id"])]
+    kept = sorted(int(v) for v in stored[stored.measure.str.startswith("llc_stage_")].value)
+    assert kept == sorted(b["tokens"] for b in boundaries)
+    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    by_layers = {group["value"]: group for group in atlas["groups"]["layers"]}
+    assert by_layers[2]["stages"]["mean"] == two["stages"] and by_layers[2]["stage_boundaries"] == kept
+    sweep("report", "ind", "--storage", storage, "--out", tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="stages"' in html and "LLC and essential dynamics of every trial" in html
 
 
 @pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [

@@ -433,6 +433,14 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
         for name, value in head["scores"].items():
             assert last[(head["layer"], head["head"], name)] == pytest.approx(value, abs=1e-4), name
 
+    # the LLC's eps x gamma calibration on one stored snapshot, printed, with the setting to pick
+    calibration = sweep("analyse", "snap", "--storage", storage, "--what", "llc-calibrate", "--trials",
+                        trial.trial_id, "--step", "16").stdout
+    assert f"LLC calibration on trial {trial.trial_id}, step 16" in calibration
+    assert calibration.count("\n") >= 12 and ("largest stable eps" in calibration or "no setting is stable" in calibration)
+    refused = sweep("analyse", "snap", "--storage", storage, "--what", "llc-calibrate", "--step", "5", check=False)
+    assert refused.returncode == 2 and "no snapshot there; its steps: 0, 8, 16, 24, 32" in refused.stderr
+
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_analyse_on_s3_and_snapshots_listed_from_storage_alone(s3_server, reviews_file):
