@@ -66,11 +66,13 @@ def test_the_plan_records_the_space_and_resume_reads_it_back(tmp_path):
     plan = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), name="ranges", search="random", num_samples=5,
                                    grid=("lr=loguniform:1e-4:1e-2", "heads=choice:2,4", "batch_size=randint:16:32")))
     record = plan.record()
-    assert record["space"] == {"lr": "loguniform:0.0001:0.01", "heads": "choice:2,4", "batch_size": "randint:16:32"}
+    # as typed (messages echo it too); it parses back to the same values
+    assert record["space"] == {"lr": "loguniform:1e-4:1e-2", "heads": "choice:2,4", "batch_size": "randint:16:32"}
     assert record["trials"] == 5 and "lr" not in record["fixed"] and record["search"] == "random"
     write_text(plan.storage, plan.storage.path("ranges", "sweep.json"), json.dumps(record))
     again = load_plan("ranges", str(tmp_path))
     assert {k: d.text for k, d in again.distributions.items()} == record["space"] and again.trial_count == 5
+    assert again.distributions["lr"].values == (1e-4, 1e-2) and again.distributions == plan.distributions
 
 
 def test_grace_tokens_make_asha_compare_on_tokens(tmp_path):
