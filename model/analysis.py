@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,57 +368,64 @@ def write_analysis(
     directory: Path,
     heads_document: dict[str, Any],
     cfg: AnalysisConfig = AnalysisConfig(),
+    pngs: bool = True,
 ) -> None:
-    """heads.json, sample.txt and heatmaps/ (PNGs + patterns.json) inside a checkpoint folder."""
+    """heads.json, sample.txt and heatmaps/ (patterns.json, and with `pngs` the PNGs) inside a checkpoint folder.
+
+    Drawing the PNGs is most of a small model's checkpoint time (about 2 s at the induction shape, 40% of an
+    iteration): trials draw them on the heavy-analysis schedule, and readers draw them from patterns.json
+    when a checkpoint has none (`png_heatmaps`)."""
     directory = Path(directory)
     (directory / "heads.json").write_text(json.dumps(heads_document, indent=1))
-    ids = render_heatmaps(model, tokenizer, directory / "heatmaps", cfg)
+    ids = render_heatmaps(model, tokenizer, directory / "heatmaps", cfg, pngs)
     (directory / "sample.txt").write_text(tokenizer.readable(ids) + "\n")
 
 
-def render_heatmaps(model: Transformer, tokenizer: TextTokenizer, directory: Path, cfg: AnalysisConfig) -> list[int]:
-    """The prompt continued by sampling, its attention heatmaps and patterns.json (with the model's top
-    next-token predictions at each position) in `directory`; returns the sample's token ids."""
+def render_heatmaps(
+    model: Transformer, tokenizer: TextTokenizer, directory: Path, cfg: AnalysisConfig, pngs: bool = True
+) -> list[int]:
+    """The prompt continued by sampling, its patterns.json (with the model's top next-token predictions at each
+    position) and, with `pngs`, its attention heatmaps in `directory`; returns the sample's token ids."""
     ids, patterns, predictions = sample_and_patterns(model, tokenizer, cfg)
     named = [[(tokenizer.token_strings([token])[0], probability) for token, probability in position]
              for position in predictions]
-    write_heatmaps(directory, ids, tokenizer.token_strings(ids), patterns, named)
+    document = {
+        "token_ids": ids,
+        "tokens": tokenizer.token_strings(ids),
+        "patterns": [np.round(p, 5).tolist() for p in patterns],  # [layer][head][q][k]
+        "predictions": named,  # [position][rank] = [token, probability]
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "patterns.json").write_text(json.dumps(document))
+    if pngs:
+        for name, png in png_heatmaps(document).items():
+            (directory / name).write_bytes(png)
     return ids
 
 
-def write_heatmaps(
-    directory: Path,
-    ids: list[int],
-    labels: list[str],
-    patterns: list[np.ndarray],
-    predictions: list[list[tuple[str, float]]] | None = None,
-) -> list[Path]:
-    """One PNG per layer and head, one grid PNG per layer, and patterns.json for re-plotting (with the top
-    next-token predictions at every position, when given)."""
+def png_heatmaps(document: dict[str, Any], per_head: bool = True) -> dict[str, bytes]:
+    """File name -> PNG of a patterns.json document: one grid a layer (`layer0.png`), and with `per_head` one a
+    head (`layer0_head1.png`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    directory.mkdir(parents=True, exist_ok=True)
-    document = {
-        "token_ids": ids,
-        "tokens": labels,
-        "patterns": [np.round(p, 5).tolist() for p in patterns],  # [layer][head][q][k]
-    }
-    if predictions is not None:
-        document["predictions"] = predictions  # [position][rank] = [token, probability]
-    (directory / "patterns.json").write_text(json.dumps(document))
+    labels = document["tokens"]
     shown = [repr(label)[1:-1] for label in labels]  # newlines and tabs stay visible
-    written = []
-    for layer, layer_patterns in enumerate(patterns):
+    pngs = {}
+
+    def png(figure) -> bytes:
+        buffer = io.BytesIO()
+        FigureCanvasAgg(figure).print_png(buffer)
+        return buffer.getvalue()
+
+    for layer, layer_patterns in enumerate(np.asarray(p, dtype=np.float32) for p in document["patterns"]):
         heads = layer_patterns.shape[0]
-        for head in range(heads):
+        for head in range(heads if per_head else 0):
             figure = Figure(figsize=(4.2, 3.6), dpi=80)
             axes = figure.add_subplot()
             _draw_pattern(figure, axes, layer_patterns[head], shown, f"layer {layer} head {head}", colorbar=True)
             figure.tight_layout()
-            path = directory / f"layer{layer}_head{head}.png"
-            FigureCanvasAgg(figure).print_png(str(path))
-            written.append(path)
+            pngs[f"layer{layer}_head{head}.png"] = png(figure)
         # Two heads a row, each large enough to read its token labels, and one colour bar for the layer.
         columns = min(heads, 2)
         rows = -(-heads // columns)
@@ -427,10 +435,8 @@ def write_heatmaps(
             axes = figure.add_subplot(rows, columns, head + 1)
             image = _draw_pattern(figure, axes, layer_patterns[head], shown, f"layer {layer} head {head}", colorbar=False)
         figure.colorbar(image, ax=figure.axes, fraction=0.03, pad=0.02, label="attention weight")
-        path = directory / f"layer{layer}.png"
-        FigureCanvasAgg(figure).print_png(str(path))
-        written.append(path)
-    return written
+        pngs[f"layer{layer}.png"] = png(figure)
+    return pngs
 
 
 def _draw_pattern(figure, axes, pattern: np.ndarray, labels: list[str], title: str, colorbar: bool):

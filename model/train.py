@@ -315,7 +315,9 @@ class Trainer:
             self.heads_document = head_scores(self.model, self.eval_windows, self.analysis_cfg, ablate=True)
         if self.circuits_document is None:
             self.circuits_document = self.token_tables()
-        write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg)
+        # heatmap PNGs with the heavy analysis (and on the last iteration); patterns.json every time
+        pngs = self.finished or self.iteration % max(1, self.analysis_cfg.circuits_every) == 0
+        write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg, pngs)
         (directory / "circuits.json").write_text(json.dumps(self.circuits_document))
         (directory / HISTORY_FILE).write_text(json.dumps(self.history))
         write_manifest(directory)
@@ -351,7 +353,7 @@ def evaluate_model(
     The trainer's evaluation each iteration and `sweep analyse` at every snapshot both measure with this.
     """
     model.eval()
-    forward = forward or model
+    forward = model if forward is None else forward  # (a compiled module has no truth value)
     seq_len = windows.shape[1] - 1
     device = next(model.parameters()).device
     loss_sum, correct, count = 0.0, 0, 0

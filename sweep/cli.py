@@ -646,6 +646,11 @@ def heatmaps(source, trial, storage, at_step, at_tokens, prompt, out):
             if not (checkpoint / "heatmaps").is_dir():
                 raise UserError(f"{checkpoint} has no heatmaps/; pass --prompt to render them")
             shutil.copytree(checkpoint / "heatmaps", out, dirs_exist_ok=True)
+            if not list(out.glob("*.png")) and (out / "patterns.json").is_file():
+                from model.analysis import png_heatmaps  # a checkpoint between heatmap renders
+
+                for file, png in png_heatmaps(json.loads((out / "patterns.json").read_text())).items():
+                    (out / file).write_bytes(png)
         else:
             from model.analysis import AnalysisConfig, render_heatmaps
             from model.checkpoint import load_checkpoint, load_checkpoint_tokenizer

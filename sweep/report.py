@@ -454,9 +454,17 @@ def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric
     if "heatmaps/patterns.json" in files:
         parts.append("<h3>Attention viewer</h3>" + _viewer(json.loads(read_text(storage, f"{checkpoint}/heatmaps/patterns.json")), heads))
     parts.append("<h3>Attention heatmaps</h3>")
-    for name in sorted(p for p in files if p.startswith("heatmaps/layer") and "_head" not in p and p.endswith(".png")):
-        with storage.filesystem.open_input_stream(f"{checkpoint}/{name}") as stream:
-            parts.append(_image(stream.read(), name))
+    grids = sorted(p for p in files if p.startswith("heatmaps/layer") and "_head" not in p and p.endswith(".png"))
+    if grids:
+        for name in grids:
+            with storage.filesystem.open_input_stream(f"{checkpoint}/{name}") as stream:
+                parts.append(_image(stream.read(), name))
+    elif "heatmaps/patterns.json" in files:  # a checkpoint between heatmap renders: drawn from its patterns
+        from model.analysis import png_heatmaps
+
+        document = json.loads(read_text(storage, f"{checkpoint}/heatmaps/patterns.json"))
+        for name, png in sorted(png_heatmaps(document, per_head=False).items()):
+            parts.append(_image(png, f"heatmaps/{name}"))
     return '<div class="trial">' + "\n".join(parts) + "</div>"
 
 

@@ -134,3 +134,32 @@ def test_an_iteration_whose_report_was_lost_is_read_from_the_checkpoint_history(
     _, rows = head_history("lost", "a_00000", open_storage(str(tmp_path)))
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
     assert rows[2]["heads"] == trainer.history[2]["heads"] and rows[2]["tokens_seen"] == 1536
+
+
+def test_heatmap_pictures_come_with_the_heavy_analysis_and_are_drawn_from_patterns_in_between(small_data, tmp_path):
+    from click.testing import CliRunner
+
+    from model.analysis import png_heatmaps
+    from sweep.cli import main
+
+    trainer = make_trainer(small_data)  # 4 iterations; heavy analysis (and pictures) every 5th and on the last
+    trainer.train_iteration()
+    between = trainer.save_checkpoint(tmp_path / "first")
+    patterns = json.loads((between / "heatmaps" / "patterns.json").read_text())
+    assert not list((between / "heatmaps").glob("*.png")) and len(patterns["predictions"]) == len(patterns["tokens"])
+    while not trainer.finished:
+        trainer.train_iteration()
+    last = trainer.save_checkpoint(tmp_path / "last")
+    assert {p.name for p in (last / "heatmaps").glob("*.png")} == set(png_heatmaps(json.loads(
+        (last / "heatmaps" / "patterns.json").read_text())))  # 8 heads and 2 layer grids
+    # a reader of the checkpoint in between draws the same pictures from its patterns.json
+    drawn = CliRunner().invoke(main, ["heatmaps", str(between), "--out", str(tmp_path / "maps")])
+    assert drawn.exit_code == 0, drawn.output
+    assert len(list((tmp_path / "maps").glob("layer*_head*.png"))) == 8 and (tmp_path / "maps" / "layer1.png").is_file()
+
+
+def test_a_compiled_trainer_trains_and_evaluates_like_the_eager_one(small_data):
+    eager, compiled = make_trainer(small_data, max_tokens=512), make_trainer(small_data, max_tokens=512, compile=True)
+    first, second = eager.train_iteration(), compiled.train_iteration()
+    assert second["test_loss"] == pytest.approx(first["test_loss"], abs=2e-3)  # fp32: the same steps, fused
+    assert second["tokens_seen"] == first["tokens_seen"] == 512
