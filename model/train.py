@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -101,9 +102,10 @@ class Trainer:
         torch.set_num_threads(train_cfg.cpu_threads())
         torch.manual_seed(train_cfg.seed)
         self.model = Transformer(model_cfg).to(self.device)
-        self.forward = torch.compile(self.model) if train_cfg.compile else self.model
+        compile_model = train_cfg.compile and can_compile(self.device)
+        self.forward = torch.compile(self.model) if compile_model else self.model
         # Training needs only the loss: the fused unembedding + cross entropy never forms the logits.
-        self.training_loss = torch.compile(self.model.training_loss) if train_cfg.compile else self.model.training_loss
+        self.training_loss = torch.compile(self.model.training_loss) if compile_model else self.model.training_loss
         self.optimizer = self._make_optimizer()
         self.schedule = train_cfg.schedule_for(model_cfg.seq_len)
         self.tokens_per_step = self.schedule.tokens_per_step
@@ -342,6 +344,14 @@ class Trainer:
         self.formed_at.update(state.get("formed_at", {}))
         history = directory / HISTORY_FILE
         self.history = [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration] if history.is_file() else []
+
+
+def can_compile(device: torch.device) -> bool:
+    """torch.compile's CPU backend builds C++: without a compiler the run trains eagerly, and says so."""
+    if device.type != "cpu" or any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return True
+    log.warning("torch.compile needs a C++ compiler (g++) on CPU and none was found: training eagerly")
+    return False
 
 
 @torch.no_grad()
