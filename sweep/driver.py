@@ -92,6 +92,11 @@ class DriverRecord:
         _ACTIVE = None
         self._stop.set()
         for number, handler in self._previous_handlers.items():
+            # Once a signal stopped the sweep, the process is on its way out with its one line: a second Ctrl-C
+            # landing while Ray shuts down at exit is ignored (it would print a traceback after that line), and
+            # a SIGTERM ends it at once with the same status.
+            if self.signal:
+                handler = signal.SIG_IGN if number == signal.SIGINT else _exit_now
             signal.signal(number, handler)
 
     def _beat(self) -> None:
@@ -156,6 +161,11 @@ class DriverRecord:
 
 
 _ACTIVE: DriverRecord | None = None
+
+
+def _exit_now(number: int, frame) -> None:
+    sys.stderr.flush()
+    os._exit(SIGNAL_EXIT.get(signal.Signals(number).name, 1))
 
 
 def interruption() -> str | None:

@@ -24,7 +24,8 @@ def train_repeat(layers: int, out) -> dict:
     """`sweep train repeat` with the preset's values; returns the final checkpoint's heads.json."""
     args = ["train", "repeat", "--layers", str(layers), "--out", str(out), "--seed", "0"]
     for key, value in PRESET.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        args += [flag if value else flag.replace("--", "--no-", 1)] if isinstance(value, bool) else [flag, str(value)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads((out / "checkpoint" / "heads.json").read_text())
