@@ -187,8 +187,9 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
         trial_files = {p[len(directory) + 1 :] for p in files if p.startswith(directory + "/")}
         state = states.get(directory, {})
         last = state.get("last_result") or {}
-        if not last or not state_readable:
-            # The newest snapshot was cut short (a full disk): the trial's own result.json may be further along.
+        if not last or not state_readable or state.get("status") == "ERROR":
+            # The newest snapshot was cut short (a full disk), or Tune saved it before an errored trial's last
+            # report (its storage_full): the trial's own result.json may be further along.
             own = _last_result(storage, f"{root}/{directory}", trial_files)
             last = own if own.get("training_iteration", 0) >= last.get("training_iteration", 0) else last
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
