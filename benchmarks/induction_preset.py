@@ -103,7 +103,8 @@ def main() -> None:
         formed = sorted({r["formed_at"] for r in measured})
         print(f"| {label} | {medians['wall']:.1f} s | {medians['driver']:.1f} s | {medians['trial start']:.1f} s | "
               f"{medians['steps']:.1f} s | {medians['iteration rest']:.1f} s | {formed} |")
-    ratio = statistics.median(r["wall"] for r in rows["baseline"]) / statistics.median(r["wall"] for r in rows["this tree"])
+    walls = {label: statistics.median(r["wall"] for r in measured) for label, measured in rows.items()}
+    ratio = walls["baseline"] / walls["this tree"]
     print(f"\nbaseline / this tree, wall: {ratio:.2f}x")
 
 

@@ -159,14 +159,16 @@ def composition_baseline(model: Transformer, draws: int = BASELINE_DRAWS, seed: 
     return random_composition(attention.W_Q.shape[1], attention.W_Q.shape[2], draws, seed)
 
 
-def random_composition(d_model: int, d_head: int, draws: int = BASELINE_DRAWS, seed: int = 0) -> dict[str, dict[str, float]]:
+def random_composition(
+    d_model: int, d_head: int, draws: int = BASELINE_DRAWS, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """`_random_composition`, computed once per shape in a process (heads.json is written every iteration)."""
     return copy.deepcopy(_random_composition(d_model, d_head, draws, seed))
 
 
 @functools.lru_cache(maxsize=16)
 @torch.no_grad()
-def _random_composition(d_model: int, d_head: int, draws: int = BASELINE_DRAWS, seed: int = 0) -> dict[str, dict[str, float]]:
+def _random_composition(d_model: int, d_head: int, draws: int, seed: int) -> dict[str, dict[str, float]]:
     """The composition score of random matrices with a model's shapes (one head's W_Q, W_K, W_V, W_O in each
     layer), over `draws` Gaussian draws: mean and standard deviation per kind. The score is a ratio of norms,
     unchanged by scaling either matrix, so matching the shapes matches the norms too. A trained path means
@@ -433,7 +435,8 @@ def png_heatmaps(document: dict[str, Any], per_head: bool = True) -> dict[str, b
         figure = Figure(figsize=(side * columns + 0.9, side * rows), dpi=80, layout="constrained")
         for head in range(heads):
             axes = figure.add_subplot(rows, columns, head + 1)
-            image = _draw_pattern(figure, axes, layer_patterns[head], shown, f"layer {layer} head {head}", colorbar=False)
+            title = f"layer {layer} head {head}"
+            image = _draw_pattern(figure, axes, layer_patterns[head], shown, title, colorbar=False)
         figure.colorbar(image, ax=figure.axes, fraction=0.03, pad=0.02, label="attention weight")
         pngs[f"layer{layer}.png"] = png(figure)
     return pngs

@@ -348,7 +348,8 @@ class Trainer:
 
 def can_compile(device: torch.device) -> bool:
     """torch.compile's CPU backend builds C++: without a compiler the run trains eagerly, and says so."""
-    if device.type != "cpu" or any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+    compilers = (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")
+    if device.type != "cpu" or any(shutil.which(name) for name in compilers):
         return True
     log.warning("torch.compile needs a C++ compiler (g++) on CPU and none was found: training eagerly")
     return False

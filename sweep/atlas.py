@@ -124,7 +124,7 @@ def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
     induction = [r.label_counts["induction"] for r in rows]
     summary["induction_heads"] = {"mean": sum(induction) / len(induction), "max": max(induction)}
     stages = [r.stages for r in rows if r.stages is not None]
-    summary["stages"] = {"mean": sum(stages) / len(stages), "max": max(stages)} if stages else {"mean": None, "max": None}
+    summary["stages"] = {"mean": sum(stages) / len(stages) if stages else None, "max": max(stages, default=None)}
     summary["stage_boundaries"] = sorted(b for r in rows for b in r.stage_boundaries)
     return summary
 
@@ -173,7 +173,8 @@ def build_atlas(experiment: Experiment) -> Atlas:
             if group:
                 summary = _summary(group, names)
                 entries.append({first: group[0].config.get(first), second: group[0].config.get(second), "trials": len(group),
-                                **{name: summary[name]["mean"] for name in names}, "induction_heads": summary["induction_heads"]["mean"],
+                                **{name: summary[name]["mean"] for name in names},
+                                "induction_heads": summary["induction_heads"]["mean"],
                                 "stages": summary["stages"]["mean"]})
         atlas.pairs[f"{first} x {second}"] = entries
     return atlas

@@ -903,7 +903,8 @@ def atlas(name, storage, as_json, csv_path):
     for axis in result.axes:
         score, spread = result.strongest(axis)
         group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})", title_justify="left")
-        for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss", *stage_columns):
+        columns = (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss", *stage_columns)
+        for column in columns:
             group_table.add_column(column, justify="right")
         for entry in result.groups[axis]:
             cells = [f"{entry[f'{s}_max']['mean']:.2f}/{entry[f'{s}_max']['max']:.2f}" if entry[f"{s}_max"]["mean"] is not None else "-" for s in scores]

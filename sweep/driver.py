@@ -346,10 +346,8 @@ def restore_tune_state(storage: Storage, name: str) -> list[str]:
     root = storage.path(name)
     copies_root = f"{root}/{TUNE_STATE_COPIES}"
     try:
-        kept = {info.path.rsplit("/", 1)[-1] for info in storage.filesystem.get_file_info(pafs.FileSelector(copies_root))
-                if info.type == pafs.FileType.File}
-        current = [info.path.rsplit("/", 1)[-1] for info in storage.filesystem.get_file_info(pafs.FileSelector(root))
-                   if info.type == pafs.FileType.File]
+        kept = set(_file_names(storage, copies_root))
+        current = _file_names(storage, root)
     except (OSError, FileNotFoundError):
         return []
     damaged = [file for file in current if file.startswith("experiment_state-") and file.endswith(".json")
@@ -360,6 +358,11 @@ def restore_tune_state(storage: Storage, name: str) -> list[str]:
         storage.filesystem.move(f"{root}/{file}", f"{copies_root}/damaged-{int(time.time())}-{file}")
         storage.filesystem.copy_file(f"{copies_root}/{file}", f"{root}/{file}")
     return damaged
+
+
+def _file_names(storage: Storage, folder: str) -> list[str]:
+    listing = storage.filesystem.get_file_info(pafs.FileSelector(folder))
+    return [info.base_name for info in listing if info.type == pafs.FileType.File]
 
 
 def _reads_whole(storage: Storage, path: str) -> bool:

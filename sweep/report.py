@@ -29,11 +29,13 @@ VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
     "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
 )
-DYNAMICS = (("test_loss", "test loss", "nats per token"), ("induction_score_max", "induction score (max over heads)", "score"),
+DYNAMICS = (("test_loss", "test loss", "nats per token"),
+            ("induction_score_max", "induction score (max over heads)", "score"),
             ("prev_token_score_max", "previous-token score (max over heads)", "score"),
             ("icl_score", "in-context-learning score", "nats (late minus early tokens)"))
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5rem 2rem; color: #222; max-width: 84rem; line-height: 1.45; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5rem 2rem; color: #222; max-width: 84rem;
+       line-height: 1.45; }
 h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 2px solid #444; padding-bottom: 0.2rem; margin-top: 2.5rem; }
 nav.toc { background: #f6f6f6; padding: 0.6rem 1rem; border-radius: 0.4rem; }
 nav.toc ol { margin: 0.3rem 0; } nav.toc a { text-decoration: none; }
@@ -41,7 +43,8 @@ table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; } td.text { text-align: left; }
 .wide { overflow-x: auto; max-width: 100%; max-height: 32rem; overflow-y: auto; }
-.wide td:first-child, .wide th:first-child { position: sticky; left: 0; background: #fff; z-index: 1; white-space: nowrap; }
+.wide td:first-child, .wide th:first-child {
+  position: sticky; left: 0; background: #fff; z-index: 1; white-space: nowrap; }
 .wide th:first-child { background: #f3f3f3; z-index: 2; }
 td.labels { white-space: nowrap; }
 pre { background: #f7f7f7; padding: 0.8rem; white-space: pre-wrap; }
@@ -86,9 +89,9 @@ function initViewer(root) {
     });
     var predicted = data.predictions ? ' \u00b7 the model predicts next: ' + data.predictions[query].map(function (p) {
       return JSON.stringify(p[0]) + ' ' + (100 * p[1]).toFixed(0) + '%'; }).join(', ') : '';
-    readout.textContent = 'head ' + select.value + ', query ' + JSON.stringify(data.tokens[query]) + ' (position ' + query +
-      '): attends most to ' + JSON.stringify(data.tokens[best]) + ' (position ' + best + ', ' + row[best].toFixed(2) + ')' +
-      predicted;
+    readout.textContent = 'head ' + select.value + ', query ' + JSON.stringify(data.tokens[query]) +
+      ' (position ' + query + '): attends most to ' + JSON.stringify(data.tokens[best]) +
+      ' (position ' + best + ', ' + row[best].toFixed(2) + ')' + predicted;
     root.setAttribute('data-query', String(query));
   }
   render();
@@ -255,7 +258,8 @@ def _atlas_table(atlas: Atlas) -> str:
     rows = []
     for row in atlas.rows:
         stages = (_number(row.stages),) if staged else ()
-        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _number(row.induction_formed_at), *stages,
+        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _number(row.induction_formed_at),
+                 *stages,
                  _e(display_state(row.status)), _number(row.values["test_loss"]),
                  _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"]) for s in GRID_SCORES),
                  *(str(row.label_counts[label]) for label in labels)]
@@ -347,12 +351,13 @@ def _stages_section(experiment: Experiment) -> str | None:
     if not documents:
         return None
     shown = documents[:STAGE_TRIALS]
-    note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training tokens, after '
-            "Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: the end of each "
-            "stage). Markers: where induction heads (triangle) and previous-token heads (square) formed. Right: the "
+    more = f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all."
+    note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training '
+            "tokens, after Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: "
+            "the end of each stage). Markers: where induction heads (triangle) and previous-token heads (square) formed. Right: the "
             "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
             "principal components across snapshots (circle: the first snapshot, x: a turning point)."
-            + (f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all." if len(documents) > len(shown) else "")
+            + (more if len(documents) > len(shown) else "")
             + "</p>")
     by_id = {t.trial_id: t for t in experiment.trials}
     return note + _image(_stages_figure(shown, by_id), "LLC and essential dynamics of every trial")
@@ -383,7 +388,8 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
         if trajectory:
             xs, ys = [p["pc"][0] for p in trajectory], [p["pc"][1] for p in trajectory]
             ed_axes.plot(xs, ys, color=color, linewidth=1.2, marker=".", markersize=4)
-            ed_axes.plot(xs[:1], ys[:1], marker="o", color=color, markersize=8, markeredgecolor="black", linestyle="none")
+            ed_axes.plot(xs[:1], ys[:1], marker="o", color=color, markersize=8, markeredgecolor="black",
+                         linestyle="none")
             turning = set(document["essential_dynamics_turning_points"])
             turns = [(x, y) for x, y, p in zip(xs, ys, trajectory) if p["tokens_seen"] in turning]
             if turns:
@@ -417,7 +423,8 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
     head = "".join(f"<th>{_e(c)}</th>" for c in ("# trial", "status", "iterations", *metrics, *VARYING, "error"))
     rows = []
     for rank, trial in enumerate([*ranked, *unranked], 1):
-        cells = [f"{rank if trial in ranked else '-'}&nbsp;{trial.trial_id}", _e(trial.status_text), str(trial.iterations)]
+        place = rank if trial in ranked else "-"
+        cells = [f"{place}&nbsp;{trial.trial_id}", _e(trial.status_text), str(trial.iterations)]
         cells += [_number(trial.metrics.get(m, "")) for m in metrics]
         cells += [_e(trial.config.get(k, "")) for k in VARYING]
         cells.append(_e(trial.error or ""))
@@ -535,7 +542,8 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
         offset = {"q": -4, "k": 0, "v": 4}[kind]
         edges.append(f'<line x1="{x[l1] + 14}" y1="{y[h1] + offset}" x2="{x[l2] - 14}" y2="{y[h2] + offset}" '
                      f'stroke="{colors[kind]}" stroke-width="{1 + 8 * excess / max(strongest, 1e-9):.1f}" '
-                     f'stroke-opacity="{0.15 + 0.75 * excess / max(strongest, 1e-9):.2f}"><title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
+                     f'stroke-opacity="{0.15 + 0.75 * excess / max(strongest, 1e-9):.2f}">'
+                     f'<title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
                      f'(random {baseline[kind]["mean"]:.3f} &#177; {baseline[kind]["std"]:.3f}; '
                      f'excess {excess:+.3f})</title></line>')
     labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
@@ -551,9 +559,10 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
     listed = "; ".join(f"{kind.upper()} {l1}.{h1}&#8594;{l2}.{h2} {value:.3f} (+{excess:.3f})"
                        for excess, kind, l1, h1, l2, h2, value in top) or "none"
     random_line = ", ".join(f"{kind.upper()} {b['mean']:.3f} &#177; {b['std']:.3f}" for kind, b in baseline.items())
-    legend = (f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} standard '
-              f'deviations above random matrices of the same shapes ({random_line}), <span style="color:#4477aa">Q</span>, '
-              '<span style="color:#ee6677">K</span>, <span style="color:#228833">V</span>; width: the excess over random, '
+    legend = (f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} '
+              f'standard deviations above random matrices of the same shapes ({random_line}), '
+              '<span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
+              '<span style="color:#228833">V</span>; width: the excess over random, '
               f'one scale for all three (hover a line for its numbers). Strongest: {listed}. Nodes: '
               '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
     return (f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}'
@@ -575,14 +584,16 @@ def _token_tables(document: dict[str, Any]) -> str:
     for head in document["heads"]:
         name = f"{head['layer']}.{head['head']}"
         # each table its own block: the page flows them into columns without gaps
-        block = [f"<div><b>head {name} OV</b><table><tr><th>source</th><th>raises</th></tr>{rows(head['ov'])}</table></div>"]
+        block = [f"<div><b>head {name} OV</b><table><tr><th>source</th><th>raises</th></tr>{rows(head['ov'])}"
+                 "</table></div>"]
         if "qk" in head:
-            block.append(f"<div><b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>{rows(head['qk'], 5)}"
-                         "</table></div>")
+            block.append(f"<div><b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>"
+                         f"{rows(head['qk'], 5)}</table></div>")
         if head.get("skip_trigrams"):
             trigrams = "".join(f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; {_e(repr(t["c"]))}</code></td>'
                                f'<td>{t["qk"]:+.3g}</td><td>{t["ov"]:+.3g}</td><td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
-            block.append(f"<div><b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th><th>A-&gt;B attention</th>"
+            block.append(f"<div><b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th>"
+                         "<th>A-&gt;B attention</th>"
                          f"<th>B-&gt;C logit</th><th>score</th></tr>{trigrams}</table></div>")
         parts.append("".join(block))
     parts.append("</div>")

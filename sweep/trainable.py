@@ -129,7 +129,8 @@ def _whole(filesystem: pafs.FileSystem, path: str) -> bool:
     """Whether a checkpoint folder holds every file its manifest lists, at the listed sizes."""
     try:
         listing = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        sizes = {info.path[len(path.rstrip("/")) + 1 :]: info.size for info in listing if info.type == pafs.FileType.File}
+        prefix = len(path.rstrip("/")) + 1
+        sizes = {info.path[prefix:]: info.size for info in listing if info.type == pafs.FileType.File}
         with filesystem.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
             manifest = stream.read().decode()
     except (OSError, FileNotFoundError):

@@ -205,7 +205,8 @@ def test_best_by_when_a_circuit_formed_shows_token_counts_and_names_the_trials_i
     assert "4,005,888" in shown and "4005888.0000" not in shown
     assert shown.index("early") < shown.index("late")  # formed_at ranks earliest first
     assert "not ranked (the circuit never formed): 1 trial, never" in shown
-    document = json.loads(invoke("best", "formed", "--storage", tmp_path, "--metric", "induction_formed_at", "--json").output)
+    document = json.loads(
+        invoke("best", "formed", "--storage", tmp_path, "--metric", "induction_formed_at", "--json").output)
     assert document["unranked"] == ["never"]
 
 
@@ -217,8 +218,9 @@ def test_a_searched_range_is_echoed_as_typed(tmp_path):
 def test_the_repeat_task_records_its_own_vocabulary_and_refuses_a_tokenizer(tmp_path):
     plan = plan_sweep(LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path)))
     assert plan.record()["fixed"]["tokenizer"] == "repeat:64" and {t["tokenizer"] for t in plan.trials} == {"repeat:64"}
-    for launch in (LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path), data={"tokenizer": "bytes"}),
-                   LaunchConfig(dataset="repeat", preset="induction", storage=str(tmp_path), grid=("tokenizer=bytes,gpt2",))):
+    induction = {"dataset": "repeat", "preset": "induction", "storage": str(tmp_path)}
+    for launch in (LaunchConfig(**induction, data={"tokenizer": "bytes"}),
+                   LaunchConfig(**induction, grid=("tokenizer=bytes,gpt2",))):
         with pytest.raises(ConfigError, match="does not apply to the repeat task"):
             plan_sweep(launch)
     refused = invoke("train", "repeat", "--tokenizer", "bpe:512", "--out", tmp_path / "run")

@@ -149,7 +149,8 @@ def test_ray_up_over_ssh_runs_a_sweep_then_ray_down(tmp_path, sshd):
             "--port=6379", own_ports).replace(f"{venv_bin}/ray stop", "ray stop") for c in config[key]]
     assert ray.address.split(":")[1] in " ".join(config["head_start_ray_commands"])
     stop_own_ray = f"{sys.executable} {REPO / 'tests' / 'own_ray.py'} {ray.temp_dir}"
-    sshd["node_command"].write_text(f'#!/bin/bash\nexec /bin/bash -c "${{SSH_ORIGINAL_COMMAND//ray stop/{stop_own_ray}}}"\n')
+    rewrite = f'"${{SSH_ORIGINAL_COMMAND//ray stop/{stop_own_ray}}}"'
+    sshd["node_command"].write_text(f"#!/bin/bash\nexec /bin/bash -c {rewrite}\n")
     cluster_yaml = tmp_path / "local.yaml"
     cluster_yaml.write_text(yaml.safe_dump(config))
     env = run_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))

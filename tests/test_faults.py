@@ -69,7 +69,8 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs: fills up after a few checkpoints, after the trials first report (mounting needs root, which CI has)."""
+    """A 2 MiB tmpfs: fills up after a few checkpoints, after the trials first report (mounting needs root,
+    which CI has)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
