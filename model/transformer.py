@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -37,15 +36,27 @@ def attention_mask(tokens: torch.Tensor) -> torch.Tensor | None:
     return allowed[:, None, :, :]  # (B, 1, T, T)
 
 
-# On CPU the plain math kernel is 1.6-6x faster than the flash kernel (forward + backward)
-# up to 128 tokens and 2-4x slower from 192 on (benchmarks/attention_kernels.py).
-CPU_MATH_ATTENTION_MAX_LEN = 128
+# On CPU, attention written out (two batched matmuls and a softmax) beats every fused kernel up to
+# 256 tokens: forward + backward it is 3.7-6.5x faster than the flash kernel up to 128 tokens at the
+# study's heads, 5-8x at the induction preset's, and 1.5-2.6x faster than both kernels at 192; the
+# math kernel spends much of its time guarding against fully masked rows, which this mask never has.
+# From 512 tokens on the flash kernel is faster (benchmarks/attention_kernels.py).
+CPU_EXPLICIT_ATTENTION_MAX_LEN = 256
 
 
-def _sdpa_backends(device: torch.device, seq_len: int) -> list[SDPBackend]:
-    if device.type == "cpu" and seq_len <= CPU_MATH_ATTENTION_MAX_LEN:
-        return [SDPBackend.MATH]
-    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+def _use_explicit_attention(device: torch.device, seq_len: int) -> bool:
+    return device.type == "cpu" and seq_len <= CPU_EXPLICIT_ATTENTION_MAX_LEN
+
+
+_CAUSAL_BIAS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def causal_bias(seq_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[seq_len, seq_len]: 0 where a query may attend (key <= query), -inf above the diagonal; cached."""
+    key = (seq_len, device, dtype)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((seq_len, seq_len), float("-inf"), device=device, dtype=dtype).triu(1)
+    return _CAUSAL_BIAS[key]
 
 
 class Attention(nn.Module):
@@ -74,12 +85,20 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             pattern = scores.float().softmax(dim=-1)  # (B, nh, T, T), rows sum to 1
             z = pattern.to(v.dtype) @ v  # (B, nh, T, hs)
+        elif _use_explicit_attention(x.device, seq_len):
+            # Scores in the matmul dtype; the softmax kernels compute in fp32 and store in that dtype,
+            # as a fused kernel's probabilities are before they meet V.
+            scores = (q * (1.0 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+            if mask is None:
+                scores = scores + causal_bias(seq_len, x.device, scores.dtype)
+            else:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            z = scores.softmax(dim=-1) @ v  # (B, nh, T, hs)
         else:
-            with sdpa_kernel(_sdpa_backends(x.device, seq_len)):
-                if mask is None:
-                    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-                else:
-                    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            if mask is None:
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            else:
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         z = z.transpose(1, 2).reshape(batch, seq_len, d_model)  # (B, T, nh * hs)
         return self.out(z), pattern
 

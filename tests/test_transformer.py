@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from model import transformer
 from model.config import ConfigError, ModelConfig
 from model.transformer import PAD_ID, Transformer, unembed_cross_entropy
 
@@ -25,8 +26,13 @@ def test_patterns_are_causal_and_rows_sum_to_one():
         assert pattern[..., above_diagonal].abs().max() == 0
 
 
+@pytest.mark.parametrize("kernel", ["written out", "sdpa"])
 @pytest.mark.parametrize("mlp, padded", [(False, False), (True, False), (False, True)])
-def test_fused_and_explicit_attention_paths_agree(mlp, padded):
+def test_training_attention_agrees_with_the_pattern_path(mlp, padded, kernel, monkeypatch):
+    """Both training paths (written out on CPU up to 256 tokens, the fused kernel beyond and on GPU)
+    give the logits and gradients of the explicit path that returns the patterns."""
+    if kernel == "sdpa":
+        monkeypatch.setattr(transformer, "CPU_EXPLICIT_ATTENTION_MAX_LEN", 0)
     model = tiny(mlp=mlp)
     tokens = torch.randint(0, 50, (4, 12))
     if padded:
@@ -34,6 +40,14 @@ def test_fused_and_explicit_attention_paths_agree(mlp, padded):
     fused = model(tokens)
     explicit, _ = model.run_with_patterns(tokens)
     assert torch.allclose(fused, explicit, atol=1e-5)
+    targets = torch.randint(0, 50, (4, 12))
+    gradients = []
+    for run in (lambda: model(tokens), lambda: model._run(tokens, return_patterns=True)[0]):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(run().reshape(-1, 50), targets.reshape(-1)).backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for fast, reference in zip(*gradients):
+        assert torch.allclose(fast, reference, atol=1e-6)
 
 
 def test_padding_never_gives_nan_and_pads_are_not_attended():
