@@ -375,7 +375,7 @@ def write_analysis(
     """heads.json, sample.txt and heatmaps/ (patterns.json, and with `pngs` the PNGs) inside a checkpoint folder.
 
     Drawing the PNGs is most of a small model's checkpoint time (about 2 s at the induction shape, 40% of an
-    iteration): trials draw them on the heavy-analysis schedule, and readers draw them from patterns.json
+    iteration): trials draw them in their last checkpoint only, and readers draw them from patterns.json
     when a checkpoint has none (`png_heatmaps`)."""
     directory = Path(directory)
     (directory / "heads.json").write_text(json.dumps(heads_document, indent=1))

@@ -317,9 +317,8 @@ class Trainer:
             self.heads_document = head_scores(self.model, self.eval_windows, self.analysis_cfg, ablate=True)
         if self.circuits_document is None:
             self.circuits_document = self.token_tables()
-        # heatmap PNGs with the heavy analysis (and on the last iteration); patterns.json every time
-        pngs = self.finished or self.iteration % max(1, self.analysis_cfg.circuits_every) == 0
-        write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg, pngs)
+        # heatmap PNGs in the last checkpoint only; patterns.json every time, for readers to draw from
+        write_analysis(self.model, self.tokenizer, directory, self.heads_document, self.analysis_cfg, self.finished)
         (directory / "circuits.json").write_text(json.dumps(self.circuits_document))
         (directory / HISTORY_FILE).write_text(json.dumps(self.history))
         write_manifest(directory)
