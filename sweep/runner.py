@@ -426,9 +426,13 @@ def check_cluster(plan: Plan, local: bool, log_line: Callable[[str], None]) -> N
         )
 
 
-def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCallback, callbacks: list, restore: bool = False):
+def build_tuner(
+    plan: Plan, datasets: dict[str, Any], failures: FinalFailureCallback, callbacks: list, restore: bool = False,
+    log_line: Callable[[str], None] | None = None,
+):
     from ray import tune
 
+    from .threads import SpareThreads
     from .trainable import train_trial
 
     launch = plan.launch
@@ -436,7 +440,7 @@ def build_tuner(plan: Plan, datasets: dict[str, Any], failures: FinalFailureCall
         tune.with_parameters(train_trial, datasets=datasets, settings=plan.settings),
         {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial, "memory": int(launch.memory_per_trial_mb * 2**20)},
     )
-    callbacks = [failures, *callbacks]
+    callbacks = [failures, SpareThreads(plan.name, plan.settings.threads, plan.trial_count, log_line), *callbacks]
     if launch.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -656,7 +660,7 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
-    tuner = build_tuner(plan, datasets, failures, list(callbacks))
+    tuner = build_tuner(plan, datasets, failures, list(callbacks), log_line=log_line)
     # Written only now that every check has passed: a failed launch leaves nothing behind.
     write_text(plan.storage, plan.storage.path(plan.name, SWEEP_FILE), json.dumps(plan.record(), indent=2))
     _fit(tuner, plan, failures, verbose)

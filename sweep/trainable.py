@@ -26,6 +26,7 @@ from .names import FINAL_FAILURES
 from .runner import TrialSettings
 from .space import data_key, trial_configs
 from .storage import is_storage_full, open_storage
+from .threads import adopt_threads, granted_threads
 from .trajectory import SNAPSHOTS_FOLDER, StorageSnapshots
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,15 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
             log.info("resumed at tokens_seen=%d", trainer.tokens_seen)
         while trainer.iteration < reported and not trainer.finished:
             trainer.train_iteration()  # reported (and checkpointed) before the disk filled
-        run_iterations(trainer, lambda metrics, directory: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory)))
+        trial_id = tune.get_context().get_trial_id()
+
+        def publish(metrics: dict[str, Any], directory) -> None:
+            # `threads`: what this iteration trained with (more than the trial's own once idle CPUs are shared)
+            report = {**metrics, "threads": torch.get_num_threads()}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+            adopt_threads(granted_threads(settings.experiment, trial_id, settings.threads))
+
+        run_iterations(trainer, publish)
     except OSError as error:
         if not is_storage_full(error):
             raise

@@ -1,0 +1,109 @@
+"""Idle CPUs at a sweep's tail train the trials still running.
+
+A trial trains with as many torch threads as CPUs Ray reserved for it, so trials never oversubscribe a
+node. Once every trial of a sweep has started, a finished trial's CPUs sit idle while the last ones train
+on: on the induction preset the 1-layer trial ends about 30 s before the 2-layer one. Then, and only
+then, the driver shares a one-node cluster's idle CPUs among the running trials, through Ray's key-value
+store, and each trial takes its share up at the end of its next iteration.
+
+No trial waits for CPUs while shares are out, so none can start on a CPU another trial took. The one
+exception is a trial Tune restarts after a failure: the driver takes every share back at once, and the
+trials give them up at their next iteration, so the node is oversubscribed for one iteration at most.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ray import tune
+
+log = logging.getLogger(__name__)
+
+KEY_NAMESPACE = "circuit-sweep"
+
+
+def threads_key(experiment: str, trial_id: str) -> bytes:
+    return f"threads/{experiment}/{trial_id}".encode()
+
+
+def share_threads(running: list[str], own_threads: int, node_cpus: int) -> dict[str, int]:
+    """Threads of each running trial (most behind first): its own, plus an even share of the CPUs none uses."""
+    spare = node_cpus - own_threads * len(running)
+    if spare < 1 or not running:
+        return {trial: own_threads for trial in running}
+    extra, leftover = divmod(spare, len(running))
+    return {trial: own_threads + extra + (1 if rank < leftover else 0) for rank, trial in enumerate(running)}
+
+
+def granted_threads(experiment: str, trial_id: str, own_threads: int) -> int:
+    """The threads this trial may train with now: its share of idle CPUs when the driver gave one, else its own."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not experiment or not _internal_kv_initialized():
+        return own_threads
+    value = _internal_kv_get(threads_key(experiment, trial_id), namespace=KEY_NAMESPACE)
+    return max(own_threads, int(value)) if value else own_threads
+
+
+def adopt_threads(threads: int) -> None:
+    """Train with `threads` torch threads from now on (a no-op when already so)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        log.info("training with %d threads from now on", threads)
+        torch.set_num_threads(threads)
+
+
+class SpareThreads(tune.Callback):
+    """Driver side: publishes each running trial's threads whenever a trial starts, ends or fails."""
+
+    def __init__(self, experiment: str, own_threads: int, trial_count: int,
+                 log_line: Callable[[str], None] | None = None) -> None:
+        """`trial_count`: trials the sweep will run; until Tune has made them all, nothing is shared."""
+        self.experiment, self.own_threads, self.trial_count = experiment, own_threads, trial_count
+        self.log_line = log_line
+        self.published: dict[str, int] = {}
+
+    def __getstate__(self):
+        # Tune pickles callbacks into the experiment state; the console's log function stays behind.
+        return {"experiment": self.experiment, "own_threads": self.own_threads, "trial_count": self.trial_count}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._update(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._update(trials, ended=trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trials, ended=trial)
+
+    def _update(self, trials, ended=None) -> None:
+        """Publish each running trial's threads; `ended`: a trial Tune has not yet marked as ended."""
+        import ray
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized, _internal_kv_put
+
+        if not _internal_kv_initialized():
+            return
+        running = sorted((t for t in trials if t.status == "RUNNING" and t is not ended),
+                         key=lambda t: t.last_result.get("training_iteration", 0))
+        waiting = any(t.status in ("PENDING", "PAUSED") for t in trials) or len(trials) < self.trial_count
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        if waiting or len(nodes) != 1:
+            shares = {t.trial_id: self.own_threads for t in running}
+        else:
+            node_cpus = int(nodes[0].get("Resources", {}).get("CPU", 0))
+            shares = share_threads([t.trial_id for t in running], self.own_threads, node_cpus)
+        for trial_id in set(self.published) - set(shares):
+            _internal_kv_del(threads_key(self.experiment, trial_id), namespace=KEY_NAMESPACE)
+            del self.published[trial_id]
+        for trial_id, threads in shares.items():
+            if self.published.get(trial_id, self.own_threads) != threads:
+                _internal_kv_put(threads_key(self.experiment, trial_id), str(threads), overwrite=True,
+                                 namespace=KEY_NAMESPACE)
+                if self.log_line and threads > self.own_threads:
+                    self.log_line(f"{trial_id} trains with {threads} threads from its next iteration (idle CPUs)")
+            self.published[trial_id] = threads
