@@ -2,12 +2,14 @@
 
 A trial trains with as many torch threads as CPUs Ray reserved for it, so trials never oversubscribe a
 node. Once every trial of a sweep has started, a finished trial's CPUs sit idle while the last ones train
-on: on the induction preset the 1-layer trial ends about 30 s before the 2-layer one. Then, and only
-then, the driver shares a one-node cluster's idle CPUs among the running trials, through Ray's key-value
-store, and each trial takes its share up at the end of its next iteration.
+on: on the induction preset the 1-layer trial ends about 25 s before the 2-layer one. Then, and only
+then, the driver shares a one-node cluster's free CPUs (those no Ray task or actor of any job holds)
+among the running trials, through Ray's key-value store, and each trial takes its share up after its
+next report. The driver recounts at every trial's start, report and end, so CPUs that another job takes
+(a second sweep, `sweep analyse`) are given back within an iteration or two.
 
-No trial waits for CPUs while shares are out, so none can start on a CPU another trial took. The one
-exception is a trial Tune restarts after a failure: the driver takes every share back at once, and the
+No trial of the sweep waits for CPUs while shares are out, so none can start on a CPU another trial took.
+A trial Tune restarts after a failure waits again: the driver takes every share back at once, and the
 trials give them up at their next iteration, so the node is oversubscribed for one iteration at most.
 """
 
@@ -75,6 +77,9 @@ class SpareThreads(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._update(trials)
 
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._update(trials)
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._update(trials, ended=trial)
 
@@ -91,12 +96,13 @@ class SpareThreads(tune.Callback):
         running = sorted((t for t in trials if t.status == "RUNNING" and t is not ended),
                          key=lambda t: t.last_result.get("training_iteration", 0))
         waiting = any(t.status in ("PENDING", "PAUSED") for t in trials) or len(trials) < self.trial_count
-        nodes = [node for node in ray.nodes() if node.get("Alive")]
-        if waiting or len(nodes) != 1:
+        if waiting or len([node for node in ray.nodes() if node.get("Alive")]) != 1:
             shares = {t.trial_id: self.own_threads for t in running}
         else:
-            node_cpus = int(nodes[0].get("Resources", {}).get("CPU", 0))
-            shares = share_threads([t.trial_id for t in running], self.own_threads, node_cpus)
+            # Free in Ray's count: reserved by nobody, including what this sweep's trials use beyond their own
+            free = int(ray.available_resources().get("CPU", 0))
+            shares = share_threads([t.trial_id for t in running], self.own_threads,
+                                   self.own_threads * len(running) + free)
         for trial_id in set(self.published) - set(shares):
             _internal_kv_del(threads_key(self.experiment, trial_id), namespace=KEY_NAMESPACE)
             del self.published[trial_id]

@@ -157,8 +157,18 @@ def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_alrea
          "--grid", "heads=2", "--scheduler", "halving", "--cpus-per-trial", "1", "--storage", str(storage), "--name", "hbr"],
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+    def past_five_iterations() -> bool:  # read from result.json: checkpoints are rotated within a fraction of a second
+        for result in storage.glob("hbr/trial_*/result.json"):
+            for line in result.read_text().splitlines():
+                try:
+                    if json.loads(line)["training_iteration"] >= 5:
+                        return True
+                except ValueError:  # a line being written
+                    pass
+        return False
+
     try:  # killed once the last survivor is past the rungs at 1, 2 and 4 iterations
-        _wait_for(lambda: list(storage.glob("hbr/trial_*/checkpoint_000005/heads.json")), process, 180)
+        _wait_for(past_five_iterations, process, 180)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:

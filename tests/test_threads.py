@@ -24,13 +24,15 @@ def test_idle_cpus_are_shared_evenly_the_trial_most_behind_first():
 
 
 class FakeStore:
-    def __init__(self, monkeypatch, nodes=1, cpus=4):
+    def __init__(self, monkeypatch, nodes=1, free=3):
         self.values: dict[bytes, str] = {}
+        self.free = free
         monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
         monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda key, value, overwrite, namespace: self.values.__setitem__(key, value))
         monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda key, namespace: self.values.pop(key))
         monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, namespace: self.values.get(key, "").encode() or None)
-        monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}] * nodes)
+        monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True}] * nodes)
+        monkeypatch.setattr("ray.available_resources", lambda: {"CPU": float(self.free)})
 
     def shares(self, experiment="exp"):
         return {key.decode().rsplit("/", 1)[1]: int(v) for key, v in self.values.items() if f"/{experiment}/" in key.decode()}
@@ -41,7 +43,7 @@ def trial(trial_id, status, iteration=0):
 
 
 def test_driver_shares_idle_cpus_only_when_no_trial_waits_and_takes_them_back(monkeypatch):
-    store = FakeStore(monkeypatch, cpus=5)
+    store = FakeStore(monkeypatch, free=3)  # 5 CPUs; the two running trials hold one each
     lines = []
     spare = SpareThreads("exp", own_threads=1, trial_count=3, log_line=lines.append)
     # a trial still pending, or not yet made by Tune: nothing is shared
@@ -53,6 +55,10 @@ def test_driver_shares_idle_cpus_only_when_no_trial_waits_and_takes_them_back(mo
     assert store.shares() == {"b": 3, "a": 2}
     assert lines == ["b trains with 3 threads from its next iteration (idle CPUs)",
                      "a trains with 2 threads from its next iteration (idle CPUs)"]
+    # another job takes two of the free CPUs: the shares shrink to what is left
+    store.free = 1
+    spare._update([trial("a", "RUNNING", 8), trial("b", "RUNNING", 4), trial("c", "TERMINATED", 10)])
+    assert store.shares() == {"b": 2, "a": 1}
     # Tune restarts a failed trial: every share goes back at once
     spare._update([trial("a", "RUNNING", 7), trial("b", "RUNNING", 4), trial("c", "PENDING")])
     assert store.shares() == {"a": 1, "b": 1}
@@ -66,7 +72,7 @@ def test_driver_shares_idle_cpus_only_when_no_trial_waits_and_takes_them_back(mo
 
 
 def test_nothing_is_shared_on_a_cluster_of_several_nodes(monkeypatch):
-    store = FakeStore(monkeypatch, nodes=2, cpus=8)
+    store = FakeStore(monkeypatch, nodes=2, free=6)
     SpareThreads("exp", 1, 2)._update([trial("a", "RUNNING"), trial("b", "TERMINATED")])
     assert store.shares() == {}
 
