@@ -67,7 +67,8 @@ def test_fake_multinode_cluster_autoscales_gpu_workers_for_a_sweep(tmp_path, s3_
                           env=run_env(), capture_output=True, text=True, timeout=120)
     document = json.loads(best.stdout)
     states = [(t["trial_id"], t["status"], t["iterations"]) for t in document["trials"]]
-    assert len(states) == 2 and all(status == "TERMINATED" and iterations == 4 for _, status, iterations in states), states
+    assert len(states) == 2, states
+    assert all(status == "TERMINATED" and iterations == 4 for _, status, iterations in states), states
     assert any(key.endswith("/heads.json") for key in s3_objects(s3_server))
 
 

@@ -28,14 +28,17 @@ class FakeStore:
         self.values: dict[bytes, str] = {}
         self.free = free
         monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
-        monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda key, value, overwrite, namespace: self.values.__setitem__(key, value))
+        monkeypatch.setattr(internal_kv, "_internal_kv_put",
+                            lambda key, value, overwrite, namespace: self.values.__setitem__(key, value))
         monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda key, namespace: self.values.pop(key))
-        monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, namespace: self.values.get(key, "").encode() or None)
+        monkeypatch.setattr(internal_kv, "_internal_kv_get",
+                            lambda key, namespace: self.values.get(key, "").encode() or None)
         monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True}] * nodes)
         monkeypatch.setattr("ray.available_resources", lambda: {"CPU": float(self.free)})
 
     def shares(self, experiment="exp"):
-        return {key.decode().rsplit("/", 1)[1]: int(v) for key, v in self.values.items() if f"/{experiment}/" in key.decode()}
+        return {key.decode().rsplit("/", 1)[1]: int(value) for key, value in self.values.items()
+                if f"/{experiment}/" in key.decode()}
 
 
 def trial(trial_id, status, iteration=0):
