@@ -82,6 +82,13 @@ def sweep(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProce
     return result
 
 
+def reached_checkpoint(trials: Path, index: int) -> bool:
+    """Whether a trial folder matched by `trials` (a glob) holds checkpoint `index` or a later one. Tune keeps
+    the two best, so a given checkpoint of a fast trial may be gone a moment after it is written."""
+    return any(int(path.parent.name.rsplit("_", 1)[1]) >= index
+               for path in trials.parent.glob(f"{trials.name}/checkpoint_*/heads.json"))
+
+
 def ray_process_ids() -> set[int]:
     """PIDs of Ray's processes (raylet, GCS, workers) on this machine, read from /proc."""
     found = set()

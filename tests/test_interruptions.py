@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, run_env, sweep, write_reviews
+from conftest import free_port, reached_checkpoint, run_env, sweep, write_reviews
 
 TINY = [
     "--tokenizer",
@@ -67,11 +67,12 @@ def start(reviews, storage, name, *extra) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(storage: Path, name: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Until a trial has stored its third checkpoint or a later one."""
     deadline = time.time() + timeout
-    while not list(storage.glob(f"{name}/trial_*/checkpoint_000002/heads.json")):
+    while not reached_checkpoint(storage / name / "trial_*", 2):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "no trial reached its third checkpoint"
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def final_losses(storage: Path, name: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3_SECRET, run_env, s3_objects, sweep, write_reviews
+from conftest import S3_SECRET, reached_checkpoint, run_env, s3_objects, sweep, write_reviews
 
 # Tiny trials on a small local file: seconds each.
 TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
@@ -113,7 +113,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_for(lambda: list(storage.glob("kill/trial_*/checkpoint_000002/heads.json")), process, 180)
+        _wait_for(lambda: reached_checkpoint(storage / "kill" / "trial_*", 2), process, 180)
         killed = _kill_trial_workers()
         assert killed, "no trial worker found to kill"
         output, _ = process.communicate(timeout=240)
@@ -168,7 +168,7 @@ def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        _wait_for(lambda: list(storage.glob("driver/trial_*/checkpoint_000003/heads.json")), process, 180)
+        _wait_for(lambda: reached_checkpoint(storage / "driver" / "trial_*", 3), process, 180)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -178,7 +178,7 @@ def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
     sweep("resume", "driver", "--storage", storage, timeout=400)
     rows = _csv_rows(tmp_path, "driver")
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
-    assert all(r["status"] == "TERMINATED" and r["iterations"] == "10" for r in rows)
+    assert all(r["status"] == "TERMINATED" and r["iterations"] == "10" for r in rows), rows
     after = trial_results(storage, "driver")
     for name in finished_before:  # finished trials were not re-run
         assert after[name] == before[name]
