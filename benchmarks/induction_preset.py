@@ -20,6 +20,7 @@ the median wall times, and a check that the science held (induction_formed_at of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -41,6 +42,18 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model} ({', '.join(features)})"
+
+
+@contextlib.contextmanager
+def baseline_worktree(ref: str, scratch: Path):
+    """A `git worktree` of `ref` inside `scratch` for the baseline's code, removed afterwards."""
+    baseline = scratch / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", str(baseline), ref], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        yield baseline
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)
 
 
 def run(code: Path, storage: Path, name: str, extra: list[str]) -> float:
@@ -83,10 +96,7 @@ def main() -> None:
     print(f"{cpu_name()}, {sys.version.split()[0]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="induction-bench-") as scratch:
         scratch = Path(scratch)
-        baseline = scratch / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
+        with baseline_worktree(args.baseline, scratch) as baseline:
             rows: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
             for repeat in range(args.repeats):
                 for label, code in (("baseline", baseline), ("this tree", REPO)):
@@ -94,8 +104,6 @@ def main() -> None:
                     wall = run(code, scratch / "results", name, extra)
                     rows[label].append(split(scratch / "results", name, wall))
                     print(label, " ".join(f"{k} {v:,.1f}" for k, v in rows[label][-1].items()), flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)
     print("\n| | wall | driver | trial start | steps | iteration rest | induction_formed_at (2 layers) |")
     print("|---|---|---|---|---|---|---|")
     for label, measured in rows.items():

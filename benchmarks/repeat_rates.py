@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from induction_preset import REPO, cpu_name
+from induction_preset import REPO, baseline_worktree, cpu_name
 
 SHAPE = ["--layers", "2", "--d-model", "64", "--heads", "4", "--seq-len", "64", "--lr", "1e-3", "--batch-size", "32",
          "--max-tokens", "4000000", "--eval-every-tokens", "1000000", "--snapshots", "none"]
@@ -42,10 +42,7 @@ def main() -> None:
     print(f"{cpu_name()}, {sys.version.split()[0]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="repeat-rates-") as scratch:
         scratch = Path(scratch)
-        baseline = scratch / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
+        with baseline_worktree(args.baseline, scratch) as baseline:
             print("| threads | mode | baseline tokens/s | this tree tokens/s | ratio | compile s (baseline / this) |")
             print("|---|---|---|---|---|---|")
             for threads in (1, 2):
@@ -56,8 +53,6 @@ def main() -> None:
                     compile_cell = f"{old_compile:.1f} / {new_compile:.1f}" if compiled else ""
                     print(f"| {threads} | {'compiled' if compiled else 'eager'} | {old:,.0f} | {new:,.0f} | "
                           f"{new / old:.2f}x | {compile_cell} |", flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)
 
 
 if __name__ == "__main__":

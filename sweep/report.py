@@ -354,7 +354,8 @@ def _stages_section(experiment: Experiment) -> str | None:
     more = f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all."
     note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training '
             "tokens, after Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: "
-            "the end of each stage). Markers: where induction heads (triangle) and previous-token heads (square) formed. Right: the "
+            "the end of each stage). Markers: where induction heads (triangle) and previous-token heads (square) "
+            "formed. Right: the "
             "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
             "principal components across snapshots (circle: the first snapshot, x: a turning point)."
             + (more if len(documents) > len(shown) else "")
