@@ -38,105 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError
+from .edges import INPUT_KINDS, LOGITS, CircuitConfig, Graph, build_graph
 from .transformer import Transformer
-
-EMBED, LOGITS = "embed", "logits"
-INPUT_KINDS = ("q", "k", "v")
-
-
-@dataclass(frozen=True)
-class CircuitConfig:
-    """How circuits are measured and found; recorded with every result."""
-
-    sequences: int = 32
-    """Clean (and as many corrupted) sequences every effect is averaged over."""
-    faithfulness: float = 0.9
-    """The circuit is the smallest prefix of the edges by exact effect that recovers this fraction."""
-    edge_threshold: float = 0.1
-    """An edge matters at a snapshot when patching it alone costs this fraction of the difference."""
-    min_difference: float = 0.1
-    """Nats: below this clean-to-corrupted difference the model does not do the task, and has no circuit."""
-    ig_steps: int = 5
-    """EAP-IG: interpolation steps from the corrupted to the clean embedding (Hanna et al. 2024 use 5)."""
-    seed: int = 0
-    """Seeds the task's inputs: every snapshot of a run is measured on the same ones."""
-
-
-# ---------------------------------------------------------------- the graph
-
-
-@dataclass(frozen=True)
-class Graph:
-    """Senders, receivers and edges of a model, in the order the computation visits them."""
-
-    senders: tuple[str, ...]
-    receivers: tuple[str, ...]
-    edges: tuple[tuple[int, int], ...]
-    """(sender index, receiver index), every sender before the receiver it writes to."""
-    layers: int
-    heads: int
-    mlp: bool
-
-    @property
-    def edge_names(self) -> list[str]:
-        return [f"{self.senders[s]} -> {self.receivers[r]}" for s, r in self.edges]
-
-    def edge_index(self, sender: str, receiver: str) -> int:
-        return self._index[(self.senders.index(sender), self.receivers.index(receiver))]
-
-    @property
-    def _index(self) -> dict[tuple[int, int], int]:
-        return {edge: i for i, edge in enumerate(self.edges)}
-
-    def senders_before(self, layer: int, mlp: bool = False) -> int:
-        """How many senders write before layer `layer`'s attention (with `mlp`: before its MLP)."""
-        per_layer = self.heads + (1 if self.mlp else 0)
-        return 1 + layer * per_layer + (self.heads if mlp else 0)
-
-
-def build_graph(layers: int, heads: int, mlp: bool = False) -> Graph:
-    """The edge graph of a model with these shapes."""
-    senders = [EMBED]
-    receivers: list[str] = []
-    edges: list[tuple[int, int]] = []
-    for layer in range(layers):
-        before = len(senders)
-        for kind in INPUT_KINDS:
-            for head in range(heads):
-                receivers.append(f"{layer}.{head}.{kind}")
-                edges += [(s, len(receivers) - 1) for s in range(before)]
-        senders += [f"{layer}.{head}" for head in range(heads)]
-        if mlp:
-            receivers.append(f"mlp{layer}")
-            edges += [(s, len(receivers) - 1) for s in range(len(senders))]
-            senders.append(f"mlp{layer}")
-    receivers.append(LOGITS)
-    edges += [(s, len(receivers) - 1) for s in range(len(senders))]
-    return Graph(tuple(senders), tuple(receivers), tuple(edges), layers, heads, mlp)
 
 
 def model_graph(model: Transformer) -> Graph:
     return build_graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.mlp)
-
-
-def edge_kind(edge: str) -> str:
-    """What an edge is, whatever its heads: `embed -> q` (a head's query read from the embedding),
-    `head -> k` (K-composition), `head -> logits` (a head's direct path), `embed -> logits` (bigrams),
-    `mlp -> v`, `head -> mlp`..."""
-    sender, receiver = edge.split(" -> ")
-
-    def node(name: str, receiving: bool) -> str:
-        if name in (EMBED, LOGITS) or name.startswith("mlp"):
-            return "mlp" if name.startswith("mlp") else name
-        return name.rsplit(".", 1)[1] if receiving else "head"
-
-    return f"{node(sender, False)} -> {node(receiver, True)}"
-
-
-COMPOSITION_KINDS = {"head -> q": "Q-composition", "head -> k": "K-composition", "head -> v": "V-composition"}
 
 
 # ---------------------------------------------------------------- tasks
@@ -321,6 +230,8 @@ class PatchedModel:
                                                self.corrupted_senders.cumsum(0)])
             self.clean_metric = float(self.metric(self.clean_residual)[0])
             self.corrupted_metric = float(self.metric(corrupted_residual)[0])
+            differences = self.per_sequence(corrupted_residual) - self.per_sequence(self.clean_residual)
+            self.difference_se = float(differences.std() / math.sqrt(len(differences)))
 
     # --- pieces of the graph
 
@@ -449,6 +360,14 @@ class PatchedModel:
         return self.task.metric(residual[:, :, positions], self.clean_residual[:, :, positions], self.model.unembed,
                                 self.targets)
 
+    def per_sequence(self, residual: torch.Tensor) -> torch.Tensor:
+        """The metric of each sequence [B] of one run's normalised final residual [1, B, T, D]."""
+        positions = self.inputs.positions.to(self.device)
+        targets = self.targets
+        return torch.cat([self.task.metric(residual[:, b : b + 1, positions], self.clean_residual[:, b : b + 1, positions],
+                                           self.model.unembed, None if targets is None else targets[b : b + 1])
+                          for b in range(residual.shape[1])])
+
     @property
     def targets(self) -> torch.Tensor | None:
         return None if self.inputs.targets is None else self.inputs.targets.to(self.device)
@@ -567,6 +486,8 @@ class CircuitResult:
     edges: list[str]
     clean_metric: float
     corrupted_metric: float
+    difference_se: float
+    """Standard error of the clean-to-corrupted difference over the task's sequences."""
     change: list[float]
     """Exact patching: the metric's change in nats when the edge alone is corrupted."""
     eap: list[float]
@@ -582,7 +503,10 @@ class CircuitResult:
 
     @property
     def does_task(self) -> bool:
-        return self.difference >= self.config.min_difference
+        """Whether the clean run beats the corrupted one by more than min_difference nats and min_sigmas
+        standard errors: otherwise there is nothing for a circuit to explain."""
+        return (self.difference >= self.config.min_difference
+                and self.difference >= self.config.min_sigmas * self.difference_se)
 
     def fractions(self, values: list[float]) -> list[float | None]:
         """Changes as fractions of the clean-to-corrupted difference (None where the model does not do the task)."""
@@ -611,7 +535,8 @@ class CircuitResult:
         effects, eap, eap_ig = self.effects, self.fractions(self.eap), self.fractions(self.eap_ig)
         return {
             "task": self.task, "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric,
-            "difference": self.difference, "does_task": self.does_task, "faithfulness": self.faithfulness,
+            "difference": self.difference, "difference_se": self.difference_se, "does_task": self.does_task,
+            "faithfulness": self.faithfulness,
             "circuit": self.circuit,
             "edges": [{"edge": e, "effect": effects[i], "change": self.change[i], "eap": eap[i], "eap_ig": eap_ig[i]}
                       for i, e in enumerate(self.edges)],
@@ -693,7 +618,7 @@ def find_circuit(model: Transformer, data: TaskData, task: str = "induction",
         eap = attribution_effects(patched, steps=1)
         eap_ig = attribution_effects(patched, steps=cfg.ig_steps)
         result = CircuitResult(task, patched.graph.edge_names, patched.clean_metric, patched.corrupted_metric,
-                               change.tolist(), eap.tolist(), eap_ig.tolist(), config=cfg)
+                               patched.difference_se, change.tolist(), eap.tolist(), eap_ig.tolist(), config=cfg)
         if result.does_task:
             kept, faithful = greedy_circuit(patched, change, cfg.faithfulness)
             result.circuit, result.faithfulness = [result.edges[i] for i in kept], faithful

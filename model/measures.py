@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from .analysis import AnalysisConfig, composition_baseline, composition_scores, head_scores, repeated_tokens
+from .causal import TASKS, TaskData, find_circuit
 from .circuits import mean_ablation
 from .config import DataConfig, ModelConfig, TrainConfig, from_dict
+from .edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, CircuitConfig
 from .metrics import SCORE_NAMES
 from .transformer import Transformer
 
 Row = tuple[int, int, str, float]  # (layer, head, measure, value); -1, -1 for the whole model
+EdgeRow = tuple[int, int, str, float, str, str]  # ... plus the edge's sender and receiver (causal circuits)
 WHOLE_MODEL = -1
 
 
@@ -37,6 +40,16 @@ class Probe:
     held_out: torch.Tensor
     """[N, T+1] windows: the run's held-out sample of the test split (the trainer evaluates on the same)."""
     analysis: AnalysisConfig = AnalysisConfig()
+    training_tokens: torch.Tensor | None = None
+    """Ids of the tokens the training split contains (the circuit tasks draw only these); None: the held-out
+    windows' tokens."""
+    circuits: CircuitConfig = CircuitConfig()
+
+    def task_data(self) -> TaskData:
+        tokens = self.training_tokens
+        if tokens is None:
+            tokens = self.held_out[self.held_out >= 0].unique()
+        return TaskData(self.held_out, tokens)
 
     def definition(self) -> dict[str, Any]:
         """What the probe is, stored beside the measures it gave."""
@@ -56,7 +69,7 @@ class Measure:
     name: str
     version: int
     description: str
-    compute: Callable[[Transformer, Probe], list[Row]]
+    compute: Callable[[Transformer, Probe], list[Row | EdgeRow]]
 
 
 def _loss_rows(model: Transformer, probe: Probe) -> list[Row]:
@@ -150,6 +163,46 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _circuit_rows(task: str) -> Callable[[Transformer, Probe], list[Row | EdgeRow]]:
+    def compute(model: Transformer, probe: Probe) -> list[Row | EdgeRow]:
+        """Every edge's exact effect (fraction of the clean-to-corrupted difference; NaN where the model does not
+        do the task), its change in nats, its EAP and EAP-IG estimates; the circuit's edges by rank; and the
+        snapshot's clean and corrupted metric, faithfulness and the estimates' agreement with exact patching."""
+        result = find_circuit(model, probe.task_data(), task, probe.circuits)
+        rows: list[Row | EdgeRow] = [
+            (WHOLE_MODEL, WHOLE_MODEL, "clean_metric", result.clean_metric),
+            (WHOLE_MODEL, WHOLE_MODEL, "corrupted_metric", result.corrupted_metric),
+            (WHOLE_MODEL, WHOLE_MODEL, "difference_se", result.difference_se),
+            (WHOLE_MODEL, WHOLE_MODEL, "faithfulness", _or_nan(result.faithfulness)),
+            (WHOLE_MODEL, WHOLE_MODEL, "circuit_edges", float(len(result.circuit))),
+        ]
+        for estimate, values in (("eap", result.eap), ("eap_ig", result.eap_ig)):
+            rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_{name}", _or_nan(value))
+                     for name, value in result.agreement(values).items()]
+        rank = {edge: position for position, edge in enumerate(result.circuit, 1)}
+        columns = {"edge_effect": result.effects, "edge_change": result.change,
+                   "edge_eap": result.fractions(result.eap), "edge_eap_ig": result.fractions(result.eap_ig)}
+        for index, edge in enumerate(result.edges):
+            sender, receiver = edge.split(" -> ")
+            rows += [(WHOLE_MODEL, WHOLE_MODEL, name, _or_nan(values[index]), sender, receiver)
+                     for name, values in columns.items()]
+            if edge in rank:
+                rows.append((WHOLE_MODEL, WHOLE_MODEL, "circuit_rank", float(rank[edge]), sender, receiver))
+        return rows
+
+    return compute
+
+
+def circuit_measure(task: str) -> Measure:
+    """The causal circuit on `task` (model.causal.TASKS) as a measure of the table: `circuit:<task>`."""
+    chosen = TASKS[task]
+    cfg = CircuitConfig()
+    description = (f"causal circuit on {task} ({chosen.description}): exact path patching of every edge, EAP and "
+                   f"EAP-IG ({cfg.ig_steps} steps); circuit: smallest prefix by effect recovering "
+                   f"{cfg.faithfulness:g} of the difference; {cfg.sequences} sequences (model.causal)")
+    return Measure(f"{CIRCUIT_PREFIX}{task}", CIRCUIT_VERSION, description, _circuit_rows(task))
+
+
 MEASURES: dict[str, Measure] = {
     measure.name: measure
     for measure in (
@@ -176,26 +229,40 @@ MEASURES: dict[str, Measure] = {
 DEFAULT_MEASURES = ("loss", "scores")
 
 
+def get_measure(name: str) -> Measure:
+    """A measure by its name in the table: one of MEASURES, or `circuit:<task>` for every task in TASKS (a task
+    added in Python is a measure at once)."""
+    if name.startswith(CIRCUIT_PREFIX) and name[len(CIRCUIT_PREFIX):] in TASKS:
+        return circuit_measure(name[len(CIRCUIT_PREFIX):])
+    return MEASURES[name]
+
+
+def measure_names() -> list[str]:
+    return [*MEASURES, *(f"{CIRCUIT_PREFIX}{task}" for task in TASKS)]
+
+
 def parse_measures(text: str) -> tuple[str, ...]:
-    """`--what a,b`: known measure names, in the table's order; `all` for every one."""
+    """`--what a,b`: known measure names, in the table's order (`circuit` is `circuit:induction`); `all` for
+    every one."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if names == ["all"]:
-        return tuple(MEASURES)
-    unknown = [name for name in names if name not in MEASURES]
+        return tuple(measure_names())
+    names = [f"{CIRCUIT_PREFIX}induction" if name == "circuit" else name for name in names]
+    unknown = [name for name in names if name not in measure_names()]
     if unknown or not names:
         from .config import ConfigError
 
-        raise ConfigError(
-            f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: {', '.join(MEASURES)} or all"
-        )
+        tasks = f"circuit:TASK with TASK one of {', '.join(TASKS)}"
+        raise ConfigError(f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: "
+                          f"{', '.join(MEASURES)}, circuit ({tasks}) or all")
     return tuple(dict.fromkeys(names))
 
 
 @torch.no_grad()
-def measure_model(model: Transformer, probe: Probe, names: tuple[str, ...]) -> dict[str, list[Row]]:
+def measure_model(model: Transformer, probe: Probe, names: tuple[str, ...]) -> dict[str, list[Row | EdgeRow]]:
     """Rows of each named measure for one model."""
     model.eval()
-    return {name: MEASURES[name].compute(model, probe) for name in names}
+    return {name: get_measure(name).compute(model, probe) for name in names}
 
 
 def run_probe(run_config: dict[str, Any], data=None) -> Probe:
@@ -212,7 +279,13 @@ def run_probe(run_config: dict[str, Any], data=None) -> Probe:
     if data is None:
         data = prepare_data(data_cfg, model_cfg.seq_len)
     windows = held_out_sample(np.asarray(data.test), train_cfg.eval_tokens, model_cfg.seq_len)
-    return Probe(torch.as_tensor(windows))
+    return Probe(torch.as_tensor(windows), training_tokens=training_tokens(np.asarray(data.train)))
+
+
+def training_tokens(windows: np.ndarray) -> torch.Tensor:
+    """The ids that occur in training windows (pads aside)."""
+    flat = windows.reshape(-1)
+    return torch.as_tensor(np.flatnonzero(np.bincount(flat[flat >= 0])))
 
 
 def checkpoint_document(checkpoint, which: str) -> dict[str, Any]:

@@ -39,6 +39,9 @@ SCHEMA = pa.schema(
         ("value", pa.float64()),
         ("analysis", pa.string()),
         ("version", pa.int32()),
+        # an edge of a causal circuit (analysis circuit:TASK): who writes and who reads; null for other rows
+        ("sender", pa.string()),
+        ("receiver", pa.string()),
     ]
 )
 FLUSH_SECONDS = 20.0
@@ -68,8 +71,19 @@ def read_table(experiment: Experiment, columns: list[str] | None = None) -> pa.T
     parts = table_parts(experiment.storage, table_path(experiment))
     if not parts:
         return None
-    tables = [pq.read_table(part, columns=columns, filesystem=experiment.storage.filesystem) for part in parts]
+    tables = [_read_part(part, columns, experiment.storage) for part in parts]
     return pa.concat_tables(tables)
+
+
+def _read_part(part: str, columns: list[str] | None, storage: Storage) -> pa.Table:
+    """One part in SCHEMA's columns: a part written before a column existed (sender, receiver) reads it as null."""
+    present = pq.read_schema(part, filesystem=storage.filesystem).names
+    wanted = columns or SCHEMA.names
+    table = pq.read_table(part, columns=[c for c in wanted if c in present], filesystem=storage.filesystem)
+    for name in wanted:
+        if name not in present:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table.select(wanted)
 
 
 def done_keys(table: pa.Table | None) -> set[tuple[str, int, str, int]]:
@@ -86,13 +100,14 @@ def done_keys(table: pa.Table | None) -> set[tuple[str, int, str, int]]:
 
 def plan_tasks(experiment: Experiment, measures: tuple[str, ...], trials: list[TrialRecord]) -> list[Task]:
     """Every (trial, snapshot) with the measures the table does not hold at their current version."""
-    from model.measures import MEASURES
+    from model.measures import get_measure
 
     done = done_keys(read_table(experiment, ["trial", "step", "analysis", "version"]))
+    versions = {m: get_measure(m).version for m in measures}
     tasks = []
     for trial in trials:
         for snapshot in trial.snapshots:
-            missing = tuple(m for m in measures if (trial.trial_id, snapshot.step, m, MEASURES[m].version) not in done)
+            missing = tuple(m for m in measures if (trial.trial_id, snapshot.step, m, versions[m]) not in done)
             if missing:
                 tasks.append(Task(trial, snapshot, missing))
     return tasks
@@ -158,7 +173,7 @@ def analyse_experiment(
     """
     import ray
 
-    from model.measures import MEASURES, run_probe
+    from model.measures import get_measure, run_probe
 
     from .runner import init_ray
 
@@ -178,9 +193,8 @@ def analyse_experiment(
         remote.remote(experiment.storage.uri, task.snapshot.path, probes[_probe_key(task.trial)], task.measures): task
         for task in tasks
     }
-    definitions = {
-        name: {"version": m.version, "description": m.description} for name, m in MEASURES.items() if name in measures
-    }
+    definitions = {name: {"version": get_measure(name).version, "description": get_measure(name).description}
+                   for name in measures}
     buffer: list[tuple[Task, dict[str, list]]] = []
     flushed_at = time.monotonic()
     on_progress(0, len(tasks))
@@ -210,28 +224,21 @@ def write_part(
 ) -> int:
     """One Parquet part holding whole (trial, snapshot, measure) units, written whole; returns its rows.
 
-    `versions`: of analyses that are not per-snapshot measures (essential dynamics); MEASURES' own otherwise."""
-    from model.measures import MEASURES
+    `versions`: of analyses that are not per-snapshot measures (essential dynamics); the measures' own otherwise.
+    A row is (layer, head, measure, value), or with an edge's (sender, receiver) after them."""
+    from model.measures import get_measure
 
     versions = versions or {}
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     for task, by_measure in results:
         for name, rows in by_measure.items():
-            for layer, head, measure, value in rows:
-                for column, item in zip(
-                    SCHEMA.names,
-                    (
-                        task.trial.trial_id,
-                        task.snapshot.step,
-                        task.snapshot.tokens_seen,
-                        layer,
-                        head,
-                        measure,
-                        value,
-                        name,
-                        versions.get(name) or MEASURES[name].version,
-                    ),
-                ):
+            version = versions.get(name) or get_measure(name).version
+            for row in rows:
+                layer, head, measure, value, *edge = row
+                sender, receiver = edge or (None, None)
+                items = (task.trial.trial_id, task.snapshot.step, task.snapshot.tokens_seen, layer, head, measure,
+                         value, name, version, sender, receiver)
+                for column, item in zip(SCHEMA.names, items):
                     columns[column].append(item)
     table = pa.table(columns, schema=SCHEMA.with_metadata({"measures": json.dumps(definitions)}))
     sink = pa.BufferOutputStream()

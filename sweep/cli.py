@@ -732,7 +732,8 @@ def snapshots(source, storage, trial, as_json):
 @click.argument("name", required=False)
 @storage_option
 @click.option("--what", default="loss,scores", show_default=True,
-              help="Measures to compute, comma-separated: loss, scores, ablation, composition, llc, or all; "
+              help="Measures to compute, comma-separated: loss, scores, ablation, composition, llc, "
+              "circuit (circuit:induction; circuit:text), or all; "
               "or llc-calibrate: the LLC's eps x gamma calibration on one snapshot (printed, not stored).")
 @click.option("--trials", default="", help="Trial ids, comma-separated [default: every trial].")
 @click.option("--step", type=int, default=None, help="With llc-calibrate: the snapshot's step [default: the last].")
@@ -815,6 +816,99 @@ def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int
         output.print(f"no setting is stable on this snapshot ({in_use}); its LLC estimates are not to be trusted")
     else:
         output.print(f"largest stable eps: {pick['epsilon']:g} at gamma {pick['gamma']:g} ({in_use})")
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+@click.option("--trial", default=None, help="One trial id, or best (by the sweep's metric) [default: every trial].")
+@at_options
+@click.option("--task", default="induction", show_default=True, help="The task the circuit does: induction or text "
+              "(model.causal.TASKS).")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the circuits as JSON.")
+@click.pass_context
+def circuit(ctx, name, storage, trial, at_step, at_tokens, task, address, as_json):
+    """The causal circuit of experiment NAME (default: newest): which edges make it, how faithful it is, and in
+    which order its edges appeared over training. Every edge is patched alone at every snapshot (path
+    patching); what the analysis table lacks is computed first (as `sweep analyse --what circuit:TASK`).
+
+    \b
+    sweep circuit induction-run                      # every trial's circuit at its last snapshot
+    sweep circuit induction-run --trial 5a2b1_00001  # one trial: edges, effects, order of appearance
+    sweep circuit induction-run --trial 5a2b1_00001 --tokens-seen 3612672
+    """
+    from .circuits import CircuitRequest, circuits_of
+    from .results import load_experiment
+
+    experiment = load_experiment(_open(storage), name)
+    request = CircuitRequest(task, trial, _address(at_step, at_tokens))
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
+        bar = progress.add_task(f"patching every edge of {experiment.name}", total=None)
+        document = circuits_of(experiment, request, address, lambda done, total: progress.update(
+            bar, completed=done, total=total), ctx.find_root().params["verbose"])
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    elif trial is None:
+        _print_circuits(document)
+    else:
+        _print_circuit(document)
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def _print_circuit(document: dict) -> None:
+    (trial,) = document["trials"]
+    snapshot = trial["snapshot"]
+    output.print(f"{document['experiment']} trial {trial['trial_id']} ({_varying(trial['config'])}): circuit on "
+                 f"{document['task']} at step {snapshot['step']:,} ({snapshot['tokens_seen']:,} tokens)",
+                 highlight=False)
+    metrics = f"metric {trial['clean_metric']:.3f} clean, {trial['corrupted_metric']:.3f} corrupted (nats)"
+    if not trial["circuit"]:
+        output.print(f"no circuit: {metrics}; the model does not do the task here", highlight=False)
+        return
+    output.print(f"faithfulness {trial['faithfulness']:.2f}: {len(trial['circuit'])} of {trial['edges_in_graph']} "
+                 f"edges, the rest corrupted, recover {trial['faithfulness']:.0%} of the clean-to-corrupted "
+                 f"difference ({metrics})", highlight=False)
+    table = Table(title="the circuit's edges in the order they appeared")
+    for column in ("#", "edge", "kind", "effect", "change (nats)", "EAP", "EAP-IG", "appeared at (tokens)"):
+        table.add_column(column, justify="left" if column in ("edge", "kind") else "right")
+    by_edge = {entry["edge"]: entry for entry in trial["circuit"]}
+    for position, edge in enumerate(trial["order"], 1):
+        entry = by_edge[edge]
+        appeared = f"{entry['appeared']['tokens_seen']:,}" if entry["appeared"] else "-"
+        table.add_row(str(position), edge, entry["kind"], _fraction(entry["effect"]), f"{entry['change']:+.3f}",
+                      _fraction(entry["eap"]), _fraction(entry["eap_ig"]), appeared)
+    output.print(table)
+    agreement = "; ".join(
+        f"{name}: Spearman {_number(values['spearman'], 2)}, circuit edges in its top {len(trial['circuit'])}: "
+        f"{_number(values['circuit_recall'], 2)}" for name, values in (("EAP", trial["agreement"]["eap"]),
+                                                                        ("EAP-IG", trial["agreement"]["eap_ig"])))
+    output.print(f"estimates against exact patching over all {trial['edges_in_graph']} edges: {agreement}",
+                 highlight=False)
+    output.print(f"effect: the rise in the metric when the edge alone carries its corrupted value, as a fraction of "
+                 f"the difference; appeared: the first snapshot where it reached {document['edge_threshold']:g}",
+                 highlight=False)
+
+
+def _print_circuits(document: dict) -> None:
+    table = Table(title=f"{document['experiment']}: circuits on {document['task']} at each trial's last snapshot",
+                  caption=f"order: the circuit's edges by the first snapshot where their effect reached "
+                          f"{document['edge_threshold']:g}")
+    for column in ("trial", *SHAPE_KEYS, "tokens", "edges", "faithfulness", "composition", "order of appearance"):
+        table.add_column(column, justify="left" if column == "order of appearance" else "right")
+    for trial in document["trials"]:
+        composition = sum(entry["kinds"].get(kind, {}).get("edges", 0) for entry in (trial,)
+                          for kind in ("head -> q", "head -> k", "head -> v"))
+        order = ", ".join(trial["order"][:6]) + (" ..." if len(trial["order"]) > 6 else "")
+        table.add_row(trial["trial_id"], *(str(trial["config"].get(k, "")) for k in SHAPE_KEYS),
+                      f"{trial['snapshot']['tokens_seen']:,}", str(len(trial["circuit"])),
+                      _number(trial["faithfulness"], 2), str(composition), order or "no circuit")
+    output.print(table)
 
 
 @main.command()

@@ -183,7 +183,7 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
     """Per trial: LLC at each snapshot, stage boundaries (LLC and essential dynamics), and where the named
     circuits fall."""
     from model.llc import stage_boundaries
-    from model.measures import MEASURES
+    from model.measures import get_measure
     from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
 
     if table is None:
@@ -192,7 +192,7 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
     documents = []
     for trial in experiment.trials:
         mine = table.filter(pc.equal(table["trial"], trial.trial_id))
-        llc = _series(mine, "llc", "llc", MEASURES["llc"].version)
+        llc = _series(mine, "llc", "llc", get_measure("llc").version)
         turning = _series(mine, "essential_dynamics", "ed_turning_point", ED_VERSION)
         components = [dict(_series(mine, "essential_dynamics", f"ed_pc{k}", ED_VERSION)) for k in (1, 2, 3)]
         trajectory = [{"tokens_seen": t, "pc": [c.get(t) for c in components]} for t in sorted(components[0])]
