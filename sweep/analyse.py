@@ -249,12 +249,14 @@ def write_part(
     return table.num_rows
 
 
-def use_snapshot_formed_at(experiment: Experiment) -> bool:
+def use_snapshot_formed_at(experiment: Experiment, table: pa.Table | None = None) -> bool:
     """Replace each trial's induction_formed_at and prev_token_formed_at (first iteration past the threshold)
-    by the first snapshot past it, for the trials the analysis table scored; True if it did."""
+    by the first snapshot past it, for the trials the analysis table (read here unless given) scored; True if
+    it did."""
     from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
 
-    table = read_table(experiment, ["trial", "step", "tokens_seen", "measure", "value", "analysis"])
+    if table is None:
+        table = read_table(experiment, ["trial", "step", "tokens_seen", "measure", "value", "analysis"])
     if table is None:
         return False
     formed = formed_at(table, {"induction": INDUCTION_THRESHOLD, "previous_token": PREVIOUS_TOKEN_THRESHOLD})

@@ -20,6 +20,7 @@ from typing import Any
 
 from model.metrics import SCORE_NAMES as HEAD_SCORES
 
+from .analyse import read_table, use_snapshot_formed_at
 from .results import Experiment, TrialRecord
 from .storage import read_text
 
@@ -50,12 +51,14 @@ class AtlasRow:
     """Developmental stages from the LLC curve (`sweep analyse --what llc`); None without an LLC."""
     stage_boundaries: list[int] = field(default_factory=list)
     """Tokens of each stage's last snapshot."""
+    circuit: dict[str, Any] | None = None
+    """The causal circuit at the last snapshot (sweep.circuits.circuit_summary); None where none was found."""
 
     def document(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "config": self.config, "status": self.status, **self.values,
                 "heads_by_label": self.label_counts, "induction_formed_at": self.induction_formed_at,
                 "prev_token_formed_at": self.prev_token_formed_at, "stages": self.stages,
-                "stage_boundaries": self.stage_boundaries}
+                "stage_boundaries": self.stage_boundaries, "circuit": self.circuit}
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Atlas:
     formed_at_resolution: str = "iterations"
     """induction_formed_at is the first iteration, or (from the analysis table) the first snapshot,
     past the threshold."""
+    circuit_task: str | None = None
+    """The task of the trials' causal circuits (`sweep analyse --what circuit`); None: none found yet."""
 
     def strongest(self, axis: str) -> tuple[str, float]:
         """The ranking score that depends most on `axis`, and its spread."""
@@ -81,8 +86,9 @@ class Atlas:
         return name, ranked[name]
 
     def document(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread, "trials": [r.document() for r in self.rows],
-                "groups": self.groups, "pairs": self.pairs, "formed_at_resolution": self.formed_at_resolution}
+        return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread,
+                "trials": [r.document() for r in self.rows], "groups": self.groups, "pairs": self.pairs,
+                "formed_at_resolution": self.formed_at_resolution, "circuit_task": self.circuit_task}
 
 
 def score_names() -> list[str]:
@@ -126,24 +132,51 @@ def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
     stages = [r.stages for r in rows if r.stages is not None]
     summary["stages"] = {"mean": sum(stages) / len(stages) if stages else None, "max": max(stages, default=None)}
     summary["stage_boundaries"] = sorted(b for r in rows for b in r.stage_boundaries)
+    summary["circuit"] = _circuit_group([r.circuit for r in rows if r.circuit is not None])
     return summary
+
+
+def _circuit_group(circuits: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The circuits of a group of trials: mean size and faithfulness, and per edge kind how many of the trials'
+    circuits hold it, with how many edges on average and when the first of them appeared (mean tokens)."""
+    if not circuits:
+        return None
+    found = [c for c in circuits if c["edges"]]
+    kinds: dict[str, dict[str, Any]] = {}
+    for circuit in found:
+        for kind, entry in circuit["kinds"].items():
+            group = kinds.setdefault(kind, {"trials": 0, "edges": [], "first_tokens": []})
+            group["trials"] += 1
+            group["edges"].append(entry["edges"])
+            if entry["first_tokens"] is not None:
+                group["first_tokens"].append(entry["first_tokens"])
+    faithful = [c["faithfulness"] for c in found if c["faithfulness"] is not None]
+    return {
+        "trials": len(circuits), "with_circuit": len(found),
+        "edges": sum(c["edges"] for c in circuits) / len(circuits),
+        "faithfulness": sum(faithful) / len(faithful) if faithful else None,
+        "kinds": {kind: {"trials": g["trials"], "edges": sum(g["edges"]) / len(g["edges"]),
+                         "first_tokens": sum(g["first_tokens"]) / len(g["first_tokens"]) if g["first_tokens"] else None}
+                  for kind, g in sorted(kinds.items())},
+    }
 
 
 def _key(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def build_atlas(experiment: Experiment) -> Atlas:
+def build_atlas(experiment: Experiment, table=None) -> Atlas:
     """The atlas of an experiment: every trial's latest heads.json read in parallel (S3 round trips overlap);
-    formed_at at snapshot resolution where `sweep analyse` scored the snapshots."""
-    from .analyse import use_snapshot_formed_at
-
-    use_snapshot_formed_at(experiment)
+    formed_at at snapshot resolution where `sweep analyse` scored the snapshots. `table`: the analysis table,
+    when the caller has read it."""
+    table = read_table(experiment) if table is None else table
+    use_snapshot_formed_at(experiment, table)
     trials = experiment.trials
     with ThreadPoolExecutor(max_workers=16) as pool:
         documents = list(pool.map(lambda t: _heads_document(experiment, t), trials))
     rows = [_row(trial, heads) for trial, heads in zip(trials, documents)]
-    _add_stages(experiment, rows)
+    _add_stages(experiment, rows, table)
+    task = _add_circuits(experiment, rows, table)
     declared = [*(experiment.record.get("axes") or {}), *(experiment.record.get("space") or {})]
     for key in experiment.record.get("space") or {}:
         rows = _binned(rows, key)
@@ -153,7 +186,7 @@ def build_atlas(experiment: Experiment) -> Atlas:
     )
     varying = [a for a in varying if len({_key(r.config.get(a)) for r in rows}) > 1]
     names = [*score_names(), *TRIAL_VALUES]
-    atlas = Atlas(experiment.name, [], rows, formed_at_resolution=experiment.formed_at_resolution)
+    atlas = Atlas(experiment.name, [], rows, formed_at_resolution=experiment.formed_at_resolution, circuit_task=task)
     for axis in varying:
         values = sorted({_key(r.config.get(axis)) for r in rows}, key=_sortable)
         entries = []
@@ -180,12 +213,25 @@ def build_atlas(experiment: Experiment) -> Atlas:
     return atlas
 
 
-def _add_stages(experiment: Experiment, rows: list[AtlasRow]) -> None:
+def _add_circuits(experiment: Experiment, rows: list[AtlasRow], table) -> str | None:
+    """Each trial's causal circuit at its last snapshot, where the analysis table holds it; returns its task."""
+    from .circuits import circuit_summary, preferred_task, trial_circuits
+
+    task = preferred_task(table)
+    if task is None:
+        return None
+    found = trial_circuits(experiment, table, task)
+    for row in rows:
+        if row.trial_id in found:
+            row.circuit = circuit_summary(found[row.trial_id])
+    return task
+
+
+def _add_stages(experiment: Experiment, rows: list[AtlasRow], table) -> None:
     """Each trial's LLC stages, where the analysis table holds its LLC curve."""
-    from .analyse import read_table
     from .stages import trial_stages
 
-    by_trial = {d["trial_id"]: d for d in trial_stages(experiment, read_table(experiment)) if d["llc"]}
+    by_trial = {d["trial_id"]: d for d in trial_stages(experiment, table) if d["llc"]}
     for row in rows:
         if document := by_trial.get(row.trial_id):
             row.stages = document["stages"]
@@ -215,12 +261,16 @@ def _sortable(text: str) -> tuple:
 
 def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of `sweep atlas --csv`: a row per trial."""
+    circuit_columns = ("edges", "faithfulness", "composition_edges", "composition_appeared_at", "complete_at")
     columns = ["trial_id", *atlas.axes, "status", *TRIAL_VALUES, *score_names(), *(f"{label}_heads" for label in LABELS),
-               "induction_formed_at", "prev_token_formed_at", "stages", "stage_boundaries"]
+               "induction_formed_at", "prev_token_formed_at", "stages", "stage_boundaries",
+               *(f"circuit_{name}" for name in circuit_columns)]
     rows = []
     for row in atlas.rows:
+        circuit = row.circuit or {}
         rows.append({"trial_id": row.trial_id, **{a: row.config.get(a) for a in atlas.axes}, "status": row.status, **row.values,
                      **{f"{label}_heads": n for label, n in row.label_counts.items()},
                      "induction_formed_at": row.induction_formed_at, "prev_token_formed_at": row.prev_token_formed_at,
-                     "stages": row.stages, "stage_boundaries": " ".join(str(b) for b in row.stage_boundaries)})
+                     "stages": row.stages, "stage_boundaries": " ".join(str(b) for b in row.stage_boundaries),
+                     **{f"circuit_{name}": circuit.get(name) for name in circuit_columns}})
     return columns, rows

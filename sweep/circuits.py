@@ -160,6 +160,24 @@ def composition_edges(circuit: list[str]) -> list[str]:
     return [edge for edge in circuit if edge_kind(edge) in COMPOSITION_KINDS]
 
 
+def circuit_summary(circuit: TrialCircuit) -> dict[str, Any]:
+    """What the atlas shows of a trial's circuit at its last snapshot: its size, faithfulness, composition edges,
+    its edges by kind, and when the first and the last of its edges appeared."""
+    last = circuit.last
+    appeared = [circuit.appeared[e].tokens_seen for e in last.circuit if e in circuit.appeared]
+    composition = composition_edges(last.circuit)
+    composed = [circuit.appeared[e].tokens_seen for e in composition if e in circuit.appeared]
+    return {"edges": len(last.circuit), "faithfulness": last.faithfulness, "composition_edges": len(composition),
+            "composition_appeared_at": min(composed, default=None), "first_appeared_at": min(appeared, default=None),
+            "complete_at": max(appeared, default=None), "kinds": circuit.kinds()}
+
+
+def preferred_task(table: pa.Table | None) -> str | None:
+    """The task the atlas and the report show: induction where the table holds it, else the first it holds."""
+    tasks = tasks_in(table)
+    return "induction" if "induction" in tasks else (tasks[0] if tasks else None)
+
+
 @dataclass(frozen=True)
 class CircuitRequest:
     """What `sweep circuit` asks for: a task, one trial or all, and optionally one snapshot."""

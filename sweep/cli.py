@@ -983,17 +983,25 @@ def atlas(name, storage, as_json, csv_path):
                           f"{result.formed_at_resolution[:-1]} past the threshold")
     staged = any(row.stages is not None for row in result.rows)
     stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
+    circuit_columns = ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
-                   "matters", "induction at", *stage_columns):
+                   "matters", "induction at", *stage_columns, *circuit_columns):
         table.add_column(column, justify="right")
 
     for row in result.rows:
         stage_cells = (_number(row.stages), _millions(row.stage_boundaries)) if staged else ()
+        circuit = row.circuit or {}
+        circuit_cells = (_number(circuit.get("edges")), _number(circuit.get("faithfulness"), 2),
+                         _number(circuit.get("composition_edges")),
+                         _number(circuit.get("composition_appeared_at"))) if circuit_columns else ()
         table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
                       _number(row.values["test_loss"]), _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"], 2) for s in scores),
                       str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
-                      _number(row.induction_formed_at), *stage_cells)
+                      _number(row.induction_formed_at), *stage_cells, *circuit_cells)
     output.print(table)
+    if result.circuit_task:
+        output.print(f"circuit: on {result.circuit_task} at the last snapshot (`sweep circuit`); composition at: "
+                     "tokens when its first head-to-head edge passed the edge threshold", highlight=False)
     for axis in result.axes:
         score, spread = result.strongest(axis)
         group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})", title_justify="left")
@@ -1006,6 +1014,8 @@ def atlas(name, storage, as_json, csv_path):
             group_table.add_row(str(entry["value"]), str(entry["trials"]), *cells, f"{entry['induction_heads']['mean']:.1f}",
                                 _number(entry["test_loss"]["mean"]), *stage_cells)
         output.print(group_table)
+        if result.circuit_task:
+            _print_circuit_groups(axis, result.groups[axis])
     for pair, entries in list(result.pairs.items())[:3]:
         first, second = pair.split(" x ")
         pair_table = Table(title=f"by {pair} (means)", title_justify="left")
@@ -1015,6 +1025,26 @@ def atlas(name, storage, as_json, csv_path):
             pair_table.add_row(str(entry[first]), str(entry[second]), str(entry["trials"]),
                                *(_number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
         output.print(pair_table)
+
+
+def _print_circuit_groups(axis: str, entries: list[dict]) -> None:
+    """One row per axis value and edge kind: how many of the group's circuits hold that kind, and when it appeared."""
+    view = Table(title=f"by {axis}: the circuits' edges by kind", title_justify="left")
+    for column in (axis, "trials", "with circuit", "edges (mean)", "faithful", "edge kind", "in circuits",
+                   "edges of the kind (mean)", "first appeared (mean tokens)"):
+        view.add_column(column, justify="right")
+    for entry in entries:
+        group = entry["circuit"]
+        if group is None:
+            continue
+        first = [str(entry["value"]), str(group["trials"]), str(group["with_circuit"]), f"{group['edges']:.1f}",
+                 _number(group["faithfulness"], 2)]
+        for index, (kind, values) in enumerate(group["kinds"].items() or [("-", None)]):
+            cells = ([kind, f"{values['trials']}/{group['trials']}", f"{values['edges']:.1f}",
+                      _number(None if values["first_tokens"] is None else round(values["first_tokens"]))]
+                     if values else ["-"] * 4)
+            view.add_row(*(first if index == 0 else [""] * len(first)), *cells)
+    output.print(view)
 
 
 def _millions(tokens: list[int]) -> str:

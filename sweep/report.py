@@ -19,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from .analyse import read_table
 from .atlas import GRID_SCORES, Atlas, build_atlas
+from .circuits import SnapshotCircuit, TrialCircuit, trial_circuits
 from .names import display_state, metric_mode
 from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
+from .stages import trial_stages
 from .storage import read_text
 
 VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
@@ -112,16 +115,22 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     mode = experiment.record.get("mode") or metric_mode(metric)
     ranked = best_trials(experiment, metric, mode, len(experiment.trials)) if _reported(experiment, metric) else []
     leaders = ranked[:top]
-    atlas = build_atlas(experiment)
+    table = read_table(experiment)
+    atlas = build_atlas(experiment, table)
     with ThreadPoolExecutor(max_workers=16) as pool:
         histories = dict(zip((t.trial_id for t in experiment.trials), pool.map(lambda t: trial_history(experiment.storage, t), experiment.trials)))
     counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
+    stage_documents = [d for d in trial_stages(experiment, table) if d["llc"]]
+    circuits = trial_circuits(experiment, table, atlas.circuit_task) if atlas.circuit_task else {}
+    boundaries = {d["trial_id"]: [b["tokens"] for b in d["llc_boundaries"]] for d in stage_documents}
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
         ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories)),
-        *((("stages", "Developmental stages", stages),) if (stages := _stages_section(experiment)) else ()),
+        *((("stages", "Developmental stages", stages),) if (stages := _stages_section(experiment, stage_documents)) else ()),
         ("leaderboard", "Leaderboard", _leaderboard(experiment, ranked, metric)),
-        *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}", _trial_section(experiment, trial, rank, metric, histories[trial.trial_id]))
+        *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}",
+           _trial_section(experiment, trial, rank, metric, histories[trial.trial_id])
+           + _circuit_section(circuits.get(trial.trial_id), trial, atlas.circuit_task, boundaries.get(trial.trial_id, [])))
           for rank, trial in enumerate(leaders, 1)),
     ]
     toc = "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>' for anchor, title, _ in sections)
@@ -181,6 +190,8 @@ def _grid_section(atlas: Atlas) -> str:
         parts.append(f"<p>Axes by dependence: {spread}.</p>")
         parts.append(_image(_grid_figure(atlas), "head scores over the grid's axes"))
         parts.append(_group_tables(atlas))
+        if atlas.circuit_task:
+            parts.append(_circuit_groups(atlas))
     else:
         parts.append("<p>The experiment varies no axis.</p>")
     parts.append("<h3>Atlas: every trial</h3>" + _atlas_table(atlas))
@@ -248,6 +259,32 @@ def _group_tables(atlas: Atlas) -> str:
             cells.append(f"{loss:.3f}" if loss is not None else "-")
             rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f'<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _circuit_groups(atlas: Atlas) -> str:
+    """For every axis value, the edge kinds of its trials' causal circuits: how many circuits hold each kind and
+    when it appeared (the first edge of the kind to pass the edge threshold, mean tokens)."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("axis", "value", "circuits", "edges (mean)", "faithfulness",
+                                                   "edge kind", "in circuits", "edges of the kind", "first appeared"))
+    rows = []
+    for axis in atlas.axes:
+        for entry in atlas.groups[axis]:
+            group = entry["circuit"]
+            if group is None:
+                continue
+            kinds = list(group["kinds"].items()) or [("none", None)]
+            for index, (kind, values) in enumerate(kinds):
+                first = [_e(axis), _e(entry["value"]), f"{group['with_circuit']}/{group['trials']}",
+                         f"{group['edges']:.1f}", _number(group["faithfulness"])] if index == 0 else [""] * 5
+                cells = [_e(kind), f"{values['trials']}/{group['trials']}", f"{values['edges']:.1f}",
+                         _number(None if values["first_tokens"] is None else round(values["first_tokens"]))] \
+                    if values else [_e(kind), "-", "-", "-"]
+                rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in first + cells) + "</tr>")
+    note = (f'<p class="note">Causal circuits on the <b>{_e(atlas.circuit_task)}</b> task at each trial\'s last '
+            "snapshot (`sweep circuit`), by edge kind: <code>head -&gt; k</code> is K-composition, "
+            "<code>embed -&gt; v</code> a head's value read from the embedding, <code>head -&gt; logits</code> a "
+            "head's direct path. First appeared: when the first edge of that kind reached the edge threshold.</p>")
+    return f'<h3>Circuits by axis</h3>{note}<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
 def _atlas_table(atlas: Atlas) -> str:
@@ -341,13 +378,9 @@ def _short_labels(trials: list[TrialRecord]) -> dict[str, str]:
 STAGE_TRIALS = 10  # curves drawn; more are unreadable on one panel (`sweep stages` lists them all)
 
 
-def _stages_section(experiment: Experiment) -> str | None:
+def _stages_section(experiment: Experiment, documents: list[dict[str, Any]]) -> str | None:
     """The LLC curve of every trial with its stage boundaries and circuits, and its essential-dynamics
     trajectory; None where `sweep analyse --what llc` never ran."""
-    from .analyse import read_table
-    from .stages import trial_stages
-
-    documents = [d for d in trial_stages(experiment, read_table(experiment)) if d["llc"]]
     if not documents:
         return None
     shown = documents[:STAGE_TRIALS]
@@ -616,3 +649,142 @@ def _viewer(patterns: dict[str, Any], heads: dict[str, Any]) -> str:
         '<div class="tokens"></div><div class="readout"></div>'
         f'<script type="application/json">{data}</script></div>'
     )
+
+
+# ---------------------------------------------------------------- causal circuits
+
+EDGE_COLORS = {"q": "#4477aa", "k": "#ee6677", "v": "#228833", "logits": "#555555", "mlp": "#aa7733"}
+CURVES = 10  # edges drawn over training; more are unreadable on one panel (`sweep circuit` lists them all)
+
+
+def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str | None, boundaries: list[int]) -> str:
+    """The trial's causal circuit: its graph at the last snapshot and where induction heads formed, its edges'
+    effects over training beside formed_at and the LLC stages, and the order its edges appeared."""
+    if circuit is None:
+        return ""
+    last = circuit.last
+    formed = trial.metrics.get("induction_formed_at")
+    at_formed = next((s for s in circuit.snapshots if isinstance(formed, (int, float)) and s.tokens_seen >= formed), None)
+    graphs = [(last, "at the last snapshot")]
+    if at_formed is not None and at_formed.step != last.step:
+        graphs.insert(0, (at_formed, "where induction heads formed (induction_formed_at)"))
+    threshold = circuit.threshold
+    note = (f'<p class="note">Every edge patched alone on the <b>{_e(task)}</b> task (path patching: the receiver sees '
+            "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by effect, "
+            "that recover 90% of the clean-to-corrupted difference with every other edge corrupted (faithfulness). "
+            "Lines: the circuit's edges into a head's <span style=\"color:#4477aa\">query</span>, "
+            "<span style=\"color:#ee6677\">key</span> or <span style=\"color:#228833\">value</span>, or into the "
+            "logits; width: the edge's effect (the metric's rise when it alone is corrupted, as a fraction of the "
+            f"difference). Below: those edges' effects over training; an edge appeared where it reached {threshold:g}."
+            "</p>")
+    figures = "".join(f"<div>{_circuit_svg(snapshot, title, circuit)}</div>" for snapshot, title in graphs)
+    parts = [f"<h3>Causal circuit</h3>{note}", f'<div class="columns">{figures}</div>']
+    if len(circuit.snapshots) > 1 and last.circuit:
+        parts.append(_image(_circuit_effects_figure(circuit, formed, boundaries), f"circuit edges of {trial.trial_id}"))
+    rows = []
+    for position, edge in enumerate(circuit.order(), 1):
+        entry = circuit.edge_document(edge, last)
+        appeared = entry["appeared"]["tokens_seen"] if entry["appeared"] else None
+        cells = [str(position), f"<code>{_e(edge)}</code>", _e(entry["kind"]),
+                 *("-" if entry[k] is None else f"{entry[k]:+.2f}" for k in ("effect", "eap", "eap_ig")),
+                 _number(appeared)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    if rows:
+        head = "".join(f"<th>{_e(c)}</th>" for c in ("#", "edge", "kind", "effect", "EAP", "EAP-IG", "appeared at"))
+        parts.append(f'<p>The order the circuit\'s edges appeared in:</p><div class="wide"><table><tr>{head}</tr>'
+                     f'{"".join(rows)}</table></div>')
+    return "\n".join(parts)
+
+
+def _node_positions(circuit: TrialCircuit, snapshot: SnapshotCircuit) -> tuple[dict[str, tuple[float, float]], int, int]:
+    """x, y of every node: the embedding left, one column a layer (heads, then its MLP), the logits right."""
+    names = {name for edge in snapshot.edges for name in edge.split(" -> ")}
+    heads = sorted({n.rsplit(".", 1)[0] if n.count(".") == 2 else n for n in names if n[0].isdigit()},
+                   key=lambda n: tuple(int(p) for p in n.split(".")))
+    layers = max((int(n.split(".")[0]) for n in heads), default=-1) + 1
+    per_layer = max((int(n.split(".")[1]) for n in heads), default=-1) + 1
+    mlps = sum(1 for n in names if n.startswith("mlp")) > 0
+    rows = per_layer + (1 if mlps else 0)
+    height = 50 + 56 * rows
+    positions = {"embed": (50.0, height / 2), "logits": (110.0 + 170 * layers, height / 2)}
+    for name in heads:
+        layer, head = (int(p) for p in name.split("."))
+        positions[name] = (160.0 + 170 * layer, 40.0 + 56 * head)
+    for layer in range(layers):
+        positions[f"mlp{layer}"] = (160.0 + 170 * layer, 40.0 + 56 * per_layer)
+    return positions, int(positions["logits"][0] + 60), int(height)
+
+
+def _circuit_svg(snapshot: SnapshotCircuit, title: str, circuit: TrialCircuit) -> str:
+    """The circuit at one snapshot: nodes by layer, its edges drawn with width = effect."""
+    positions, width, height = _node_positions(circuit, snapshot)
+    effects = {e: snapshot.edges[e]["effect"] or 0.0 for e in snapshot.circuit}
+    strongest = max(effects.values(), default=1.0) or 1.0
+    edges = []
+    for edge in sorted(snapshot.circuit, key=lambda e: effects[e]):  # the strongest drawn last, on top
+        sender, receiver = edge.split(" -> ")
+        kind = receiver.rsplit(".", 1)[1] if receiver.count(".") == 2 else "mlp" if receiver.startswith("mlp") else "logits"
+        target = receiver.rsplit(".", 1)[0] if kind in "qkv" else receiver
+        x1, y1 = positions[sender]
+        x2, y2 = positions[target]
+        y2 += {"q": -8, "k": 0, "v": 8}.get(kind, 0)
+        x1, x2 = x1 + 16, x2 - 16
+        middle = (x1 + x2) / 2
+        share = max(effects[edge], 0.0) / strongest
+        edges.append(f'<path d="M {x1:.0f} {y1:.0f} C {middle:.0f} {y1:.0f}, {middle:.0f} {y2:.0f}, {x2:.0f} {y2:.0f}" '
+                     f'fill="none" stroke="{EDGE_COLORS[kind]}" stroke-width="{1 + 7 * share:.1f}" '
+                     f'stroke-opacity="{0.35 + 0.6 * share:.2f}"><title>{_e(edge)}: effect {effects[edge]:+.2f}</title>'
+                     "</path>")
+    used = {n for e in snapshot.circuit for n in e.split(" -> ")}
+    used |= {n.rsplit(".", 1)[0] for n in used if n.count(".") == 2}
+    nodes = []
+    for name, (x, y) in positions.items():
+        if name.startswith("mlp") and not any(e.startswith(name) or e.endswith(name) for e in snapshot.edges):
+            continue
+        faded = "" if name in used else ' opacity="0.35"'
+        if name in ("embed", "logits"):
+            nodes.append(f'<rect x="{x - 30}" y="{y - 13}" width="60" height="26" rx="5" fill="#eee" stroke="#555"'
+                         f'{faded}></rect><text x="{x}" y="{y + 4}" font-size="11" text-anchor="middle">{name}</text>')
+        else:
+            nodes.append(f'<circle cx="{x}" cy="{y}" r="15" fill="#f6f6f6" stroke="#555"{faded}></circle>'
+                         f'<text x="{x}" y="{y + 4}" font-size="10" text-anchor="middle"{faded}>{_e(name)}</text>')
+    faithful = _number(snapshot.faithfulness)
+    caption = (f"<p><b>{_e(title)}</b>: {snapshot.tokens_seen:,} tokens, {len(snapshot.circuit)} of "
+               f"{len(snapshot.edges)} edges, faithfulness {faithful}</p>") if snapshot.circuit else (
+        f"<p><b>{_e(title)}</b>: {snapshot.tokens_seen:,} tokens, no circuit (the model does not do the task)</p>")
+    return (f'{caption}<svg width="{width}" height="{height}" role="img" aria-label="circuit graph">'
+            f'{"".join(edges)}{"".join(nodes)}</svg>')
+
+
+def _circuit_effects_figure(circuit: TrialCircuit, formed: Any, boundaries: list[int]) -> bytes:
+    """The effect of each of the final circuit's edges at every snapshot, beside formed_at and the LLC stages."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.2), dpi=80, layout="constrained")
+    axes = figure.add_subplot()
+    last = circuit.last
+    shown = sorted(last.circuit, key=lambda e: -(last.edges[e]["effect"] or 0))[:CURVES]
+    snapshots = [s for s in circuit.snapshots if s.tokens_seen > 0]
+    tokens = [s.tokens_seen for s in snapshots]
+    for index, edge in enumerate(shown):
+        values = [s.edges.get(edge, {}).get("effect") for s in snapshots]
+        axes.plot(tokens, [math.nan if v is None else v for v in values], color=f"C{index % 10}", marker=".",
+                  linewidth=1.3, label=edge)
+    axes.axhline(circuit.threshold, color="#888", linewidth=0.8, linestyle=":")
+    for boundary in boundaries:
+        axes.axvline(boundary, color="#999", linestyle="--", linewidth=0.9)
+    if isinstance(formed, (int, float)) and formed > 0:
+        axes.axvline(formed, color="black", linewidth=1.2)
+        axes.annotate("induction formed", (formed, 1), xycoords=("data", "axes fraction"), fontsize=8,
+                      xytext=(3, -12), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(_token_formatter())
+    axes.xaxis.set_minor_formatter(_token_formatter())
+    axes.set_xlabel("training tokens (log); dashed: LLC stage ends, dotted: the edge threshold", fontsize=9)
+    axes.set_ylabel("effect (fraction of the difference)", fontsize=9)
+    axes.set_title(f"effects of the circuit's edges over training ({min(CURVES, len(last.circuit))} of "
+                   f"{len(last.circuit)})", fontsize=10)
+    axes.tick_params(labelsize=8)
+    figure.legend(loc="outside right center", fontsize=8, frameon=False)
+    return _png(figure)
+
