@@ -261,9 +261,41 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
     by_layers = {group["value"]: group for group in atlas["groups"]["layers"]}
     assert by_layers[2]["stages"]["mean"] == two["stages"] and by_layers[2]["stage_boundaries"] == kept
+
+    # Causal circuits from storage alone (every edge patched at every snapshot): the 2-layer trial's final circuit
+    # holds a previous-token head's K-composition into an induction head, recovers at least 90% of the
+    # clean-to-corrupted difference, and that edge appeared within one snapshot of induction_formed_at; the
+    # 1-layer trial's circuit is direct paths only (embedding -> head -> logits).
+    circuits = json.loads(sweep("circuit", "ind", "--storage", storage, "--json", timeout=900).stdout)
+    by_trial = {t["trial_id"]: t for t in circuits["trials"]}
+    heads = json.loads(sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--json").stdout)
+    labels = {f"{h['layer']}.{h['head']}": h["labels"] for h in heads["heads"]}
+    two = by_trial[best["trial_id"]]
+
+    def sender_receiver(edge: str) -> tuple[str, str]:
+        sender, receiver = edge.split(" -> ")
+        return sender, receiver.rsplit(".", 1)[0]
+
+    k_edges = [c for c in two["circuit"] if c["kind"] == "head -> k"
+               and "previous_token" in labels[sender_receiver(c["edge"])[0]]
+               and "induction" in labels[sender_receiver(c["edge"])[1]]]
+    assert k_edges and two["faithfulness"] >= 0.9, (two["circuit"], labels)
+    tokens = [s["tokens_seen"] for s in two["snapshots"]]
+    formed_index = tokens.index(formed_at[best["trial_id"]])
+    assert any(abs(tokens.index(c["appeared"]["tokens_seen"]) - formed_index) <= 1 for c in k_edges), k_edges
+    (one,) = [t for trial, t in by_trial.items() if trial != best["trial_id"]]
+    kinds = {c["kind"] for c in one["circuit"]}
+    assert "head -> logits" in kinds and kinds <= {"embed -> q", "embed -> k", "embed -> v", "head -> logits",
+                                                  "embed -> logits"}, one["circuit"]
+    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    by_layers = {group["value"]: group["circuit"] for group in atlas["groups"]["layers"]}
+    assert "head -> k" in by_layers[2]["kinds"] and "head -> k" not in by_layers[1]["kinds"]
+
     sweep("report", "ind", "--storage", storage, "--out", tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
     assert 'id="stages"' in html and "LLC and essential dynamics of every trial" in html
+    assert "<h3>Causal circuit</h3>" in html and html.count('aria-label="circuit graph"') >= 3
+    assert "Circuits by axis" in html
 
 
 @pytest.mark.parametrize("iterations, factor, rungs, trials_at_rungs", [

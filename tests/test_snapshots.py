@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from model import ConfigError, ModelConfig, TrainConfig, Trainer
 from model.config import DataConfig
 from model.data import prepare_data
+from model.edges import build_graph
 from model.snapshots import FolderSnapshots, list_snapshots, parse_snapshots, snapshot_steps
 from model.transformer import Transformer
 from sweep.cli import main
@@ -357,6 +358,32 @@ def test_an_address_that_does_not_exist_names_the_nearest_snapshots(trained_run,
 # ---------------------------------------------------------------- sweep analyse
 
 
+def test_a_table_part_written_before_edges_were_stored_still_reads(tmp_path):
+    """Parts without the sender and receiver columns read them as null beside parts that have them."""
+    import pyarrow as pa
+
+    from sweep.analyse import SCHEMA, read_table
+    from sweep.storage import open_storage
+
+    folder = tmp_path / "exp" / "analysis"
+    folder.mkdir(parents=True)
+    old = pa.table({"trial": ["a"], "step": [0], "tokens_seen": [0], "layer": [-1], "head": [-1],
+                    "measure": ["test_loss"], "value": [3.0], "analysis": ["loss"], "version": [1]},
+                   schema=pa.schema([SCHEMA.field(n) for n in SCHEMA.names if n not in ("sender", "receiver")]))
+    pq.write_table(old, folder / "part-old.parquet")
+    new = pa.table({**{n: old[n].to_pylist() for n in old.column_names}, "measure": ["edge_effect"],
+                    "analysis": ["circuit:induction"], "sender": ["embed"], "receiver": ["logits"]}, schema=SCHEMA)
+    pq.write_table(new, folder / "part-new.parquet")
+
+    class Experiment:
+        storage, path = open_storage(str(tmp_path)), str(tmp_path / "exp")
+
+    table = read_table(Experiment())
+    assert table.schema.names == SCHEMA.names
+    assert sorted(zip(table["measure"].to_pylist(), table["sender"].to_pylist())) == [
+        ("edge_effect", "embed"), ("test_loss", None)]
+
+
 def _table_rows(folder: Path) -> list[tuple]:
     table = pq.ParquetDataset(str(folder)).read()
     rows = zip(
@@ -441,6 +468,40 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
     assert calibration.count("\n") >= 12 and verdict
     refused = sweep("analyse", "snap", "--storage", storage, "--what", "llc-calibrate", "--step", "5", check=False)
     assert refused.returncode == 2 and "no snapshot there; its steps: 0, 8, 16, 24, 32" in refused.stderr
+
+    # `sweep circuit` patches every edge at every snapshot once (what the table lacks), then reads it back
+    circuit = json.loads(sweep("circuit", "snap", "--storage", storage, "--trial", trial.trial_id, "--json").stdout)
+    assert circuit["task"] == "induction" and circuit["computed_snapshots"] == 5  # that trial's snapshots
+    (one,) = circuit["trials"]
+    assert one["snapshot"]["step"] == 32 and [s["step"] for s in one["snapshots"]] == [0, 8, 16, 24, 32]
+    graph = build_graph(trial.config["layers"], trial.config["heads"], trial.config["mlp"])
+    assert one["edges_in_graph"] == len(graph.edges) and one["order"] == sorted(one["order"], key=lambda e: next(
+        (c["appeared"] or {"step": 10**9})["step"] for c in one["circuit"] if c["edge"] == e))
+    rows = _table_rows(storage / "snap" / "analysis")
+    assert {(r[0], r[1]) for r in rows if r[7] == "circuit:induction"} == {(trial.trial_id, s) for s in (0, 8, 16, 24, 32)}
+    again = sweep("circuit", "snap", "--storage", storage, "--trial", trial.trial_id, "--json")
+    assert json.loads(again.stdout)["computed_snapshots"] == 0  # read back, nothing computed twice
+    at = json.loads(sweep("circuit", "snap", "--storage", storage, "--trial", trial.trial_id, "--step", "16",
+                          "--json").stdout)
+    assert at["trials"][0]["snapshot"]["step"] == 16
+    overview = sweep("circuit", "snap", "--storage", storage)  # every trial: the other one's snapshots now
+    assert all(t.trial_id in overview.stdout for t in experiment.trials) and "faithfulness" in overview.stdout
+    rows = _table_rows(storage / "snap" / "analysis")
+    assert len({(r[0], r[1]) for r in rows if r[7] == "circuit:induction"}) == 10
+    # mistakes: one line, exit 2, nothing computed or written
+    parts = sorted((storage / "snap" / "analysis").iterdir())
+    other = experiment.trials[1]
+    shutil.rmtree(Path(other.path) / "snapshots")  # a trial trained before snapshots existed
+    for args, message in (
+        (["--task", "copy"], "unknown circuit task 'copy'; tasks: induction, text"),
+        (["--trial", trial.trial_id, "--step", "5"], "has no snapshot at --step 5; nearest: --step 0, --step 8"),
+        (["--step", "8"], "--step 8 names a snapshot of one trial: give --trial"),
+        (["--trial", other.trial_id], f"trial {other.trial_id} of snap has no snapshots"),
+    ):
+        failed = sweep("circuit", "snap", "--storage", storage, *args, check=False)
+        assert failed.returncode == 2 and message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, \
+            failed.stderr
+    assert sorted((storage / "snap" / "analysis").iterdir()) == parts
 
 
 @pytest.mark.usefixtures("no_stray_ray")
