@@ -191,6 +191,13 @@ def calibrate(
     return rows
 
 
+def largest_stable(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The setting calibration picks: the largest stable eps (at the smallest gamma among its ties); None when no
+    setting is stable."""
+    stable = [row for row in rows if row["stable"]]
+    return max(stable, key=lambda row: (row["epsilon"], -row["gamma"])) if stable else None
+
+
 def _settled(trace: list[float], init_loss: float) -> bool:
     if len(trace) < 8:
         return False

@@ -63,7 +63,7 @@ def calibrate_llc(experiment: Experiment, trial: TrialRecord, step: int | None =
     from dataclasses import asdict
 
     from model.config import ConfigError
-    from model.llc import calibrate
+    from model.llc import calibrate, largest_stable
     from model.measures import llc_problem, run_probe
 
     from .analyse import _run_config
@@ -81,8 +81,7 @@ def calibrate_llc(experiment: Experiment, trial: TrialRecord, step: int | None =
     model = load_snapshot_model(experiment.storage, snapshot.path)
     loss, sample, samples_per_batch, config = llc_problem(run_probe(_run_config(trial)))
     rows = calibrate(model, loss, sample, samples_per_batch, config=config)
-    stable = [row for row in rows if row["stable"]]
-    pick = max(stable, key=lambda row: (row["epsilon"], -row["gamma"])) if stable else None
+    pick = largest_stable(rows)
     return {"trial_id": trial.trial_id, "step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
             "current": asdict(config) | {"n_beta": config.resolved_n_beta(samples_per_batch)}, "rows": rows,
             "largest_stable": pick}

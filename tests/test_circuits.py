@@ -55,6 +55,7 @@ def test_token_tables_read_the_circuits_off_the_weights(ov_shift):
     tables = token_tables(model, names, frequencies)
     head = tables["heads"][0]
     assert [row["token"] for row in head["ov"]] == [f"t{i}" for i in range(VOCAB)]
+    assert len(head["qk"]) == len(tables["direct_path"]) == VOCAB and len(head["skip_trigrams"]) >= VOCAB
     assert all(row["top"][0][0] == f"t{(i + ov_shift) % VOCAB}" for i, row in enumerate(head["ov"]))  # OV: a raises a + shift
     assert all(row["top"][0][0] == f"t{(i + 3) % VOCAB}" for i, row in enumerate(head["qk"]))  # QK: a attends a + 3
     assert all(row["top"][0][0] == row["token"] for row in tables["direct_path"])  # bigram path: identity

@@ -183,10 +183,47 @@ def test_an_experiment_record_cut_short_is_listed_as_unreadable_not_a_crash(tmp_
 
 
 def test_records_are_written_whole_or_not_at_all(tmp_path):
+    """A disk that fills half-way through a write: the write fails in one line, the old record survives whole,
+    and no partial file is left."""
+    import dataclasses
+    import errno
+
+    from model.config import ConfigError
     from sweep.storage import open_storage, read_text, write_text
 
     storage = open_storage(str(tmp_path))
     write_text(storage, storage.path("exp", "sweep.json"), '{"a": 1}')
+    assert read_text(storage, storage.path("exp", "sweep.json")) == '{"a": 1}'
+
+    class FillsHalfWay:
+        """The local filesystem, except that a write stops half-way with ENOSPC."""
+
+        def __init__(self, filesystem) -> None:
+            self.filesystem = filesystem
+
+        def __getattr__(self, name):
+            return getattr(self.filesystem, name)
+
+        def open_output_stream(self, path, *args, **kwargs):
+            stream = self.filesystem.open_output_stream(path, *args, **kwargs)
+
+            class HalfWritten:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    stream.close()
+
+                def write(self, data):
+                    stream.write(data[: len(data) // 2])
+                    stream.flush()
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+            return HalfWritten()
+
+    full = dataclasses.replace(storage, filesystem=FillsHalfWay(storage.filesystem))
+    with pytest.raises(ConfigError, match="is full; free space or pick another --storage"):
+        write_text(full, full.path("exp", "sweep.json"), '{"a": 2, "b": "a record twice as long as the old one"}')
     assert read_text(storage, storage.path("exp", "sweep.json")) == '{"a": 1}'
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["sweep.json"]  # no partial file left
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.llc import LLCConfig, calibrate, essential_dynamics, estimate_llc, stage_boundaries
+from model.llc import LLCConfig, calibrate, essential_dynamics, estimate_llc, largest_stable, stage_boundaries
 
 D, N = 10, 10_000
 
@@ -36,6 +36,9 @@ def test_a_regular_model_has_llc_half_its_dimension(regression):
         model, loss, batches, N, LLCConfig(epsilon=1e-4, gamma=1.0, chains=4, draws=2000, burn_in=500)
     )
     assert not estimate.diverged and estimate.warning is None
+    # within 10% of D / 2, and within 3 of its own standard errors, which must themselves be small: an
+    # estimator whose chains disagree wildly would pass the second bound alone (chains 4.7-5.4 here, error 0.14)
+    assert abs(estimate.llc - D / 2) < 0.1 * D / 2 and estimate.std_error < 0.05 * D, (estimate.llc, estimate.std_error)
     assert abs(estimate.llc - D / 2) < 3 * estimate.std_error, (estimate.llc, estimate.std_error)
     assert estimate.settings["n_beta"] == pytest.approx(N / math.log(N)) and estimate.settings["chains"] == 4
     assert len(estimate.traces) == 4 and all(len(trace) == 2500 for trace in estimate.traces)
@@ -75,13 +78,16 @@ def test_calibration_prefers_the_largest_step_whose_estimate_no_longer_depends_o
         loss,
         batches,
         N,
-        epsilons=(3e-5, 1e-4, 1.0),
+        epsilons=(3e-5, 1e-4, 3e-4, 1.0),
         gammas=(1.0,),
         config=LLCConfig(chains=2, draws=400, burn_in=100),
     )
     by_epsilon = {row["epsilon"]: row for row in rows}
     assert by_epsilon[1.0]["diverged"] == 2 and not by_epsilon[1.0]["stable"]
     assert by_epsilon[1e-4]["stable"] and by_epsilon[1e-4]["agrees_with_smaller_eps"]
+    assert by_epsilon[3e-4]["stable"]  # two stable steps: the pick is the largest, not any stable one
+    assert largest_stable(rows)["epsilon"] == 3e-4
+    assert largest_stable([row | {"stable": False} for row in rows]) is None
 
 
 def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens():

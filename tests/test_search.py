@@ -97,10 +97,35 @@ def test_random_search_samples_the_ranges(reviews, tmp_path):
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
-    sweep("launch", reviews, *TINY, "--grid", "lr=loguniform:1e-4:1e-2", "--grid", "heads=choice:1,2", "--search", "optuna",
-          "--num-samples", "3", "--max-concurrent", "1", "--storage", tmp_path / "results", "--name", "tpe")
-    results = trial_results(tmp_path / "results", "tpe")
+    """Interrupted after its first trial, the search resumes with its own state: no trial repeats another's
+    config (a fresh TPE sampler, seeded alike, would propose the first trial's again) and the sweep ends with
+    exactly --num-samples trials."""
+    storage = tmp_path / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "lr=loguniform:1e-4:1e-2",
+         "--grid", "heads=choice:1,2", "--search", "optuna", "--num-samples", "3", "--max-concurrent", "1",
+         "--storage", str(storage), "--name", "tpe"],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+    def finished() -> int:
+        folders = list((storage / "tpe").glob("trial_*/result.json"))
+        return sum(1 for f in folders if any('"done": true' in line for line in f.read_text().splitlines()))
+
+    try:
+        _wait_for(lambda: finished() >= 1, process, 240)
+        os.kill(process.pid, signal.SIGINT)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    before = {name: lines[0]["config"] for name, lines in trial_results(storage, "tpe").items() if lines}
+    assert 1 <= finished() < 3, before  # interrupted with the search unfinished
+    sweep("resume", "tpe", "--storage", storage, timeout=400)
+    results = trial_results(storage, "tpe")
     assert len(results) == 3 and max(len(lines) for lines in results.values()) == 4  # ASHA lets the best one finish
+    configs = [(lines[0]["config"]["lr"], lines[0]["config"]["heads"]) for lines in results.values()]
+    assert len(set(configs)) == 3, configs
+    assert all(results[name][0]["config"] == config for name, config in before.items())
     assert all(1e-4 <= lines[0]["config"]["lr"] <= 1e-2 and lines[0]["config"]["heads"] in (1, 2) for lines in results.values())
     state = list((tmp_path / "results" / "tpe").glob("searcher-state-*.pkl"))
     assert state, "Tune keeps the searcher's state beside the experiment for resume"
