@@ -22,6 +22,7 @@ from model.config import ConfigError
 
 from .driver import DRIVER_FILE, stopped_reason
 from .names import (
+    FAILURE_MARKER,
     FINAL_FAILURES,
     INTERRUPTED,
     REPORTED_METRICS,
@@ -194,7 +195,7 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
             last = own if own.get("training_iteration", 0) >= last.get("training_iteration", 0) else last
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
         status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
-        if any(last.get(reason) for reason in FINAL_FAILURES):
+        if any(last.get(reason) or f"{FAILURE_MARKER}{reason}" in trial_files for reason in FINAL_FAILURES):
             status = "ERROR"  # it reported a failure that ends it, whatever an older snapshot says
         elif stopped and status in UNFINISHED:
             status = INTERRUPTED  # no driver runs it: it is not running, whatever Tune last wrote
@@ -319,7 +320,7 @@ def _complete_checkpoints(
 def _error_reason(storage: Storage, trial_path: str, trial_files: set[str], last: dict[str, Any]) -> str:
     text = read_text(storage, f"{trial_path}/error.txt") if "error.txt" in trial_files else ""
     for marker in FINAL_FAILURES:
-        if marker in text or last.get(marker):
+        if marker in text or last.get(marker) or f"{FAILURE_MARKER}{marker}" in trial_files:
             return marker
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:200] if lines else "error"

@@ -78,22 +78,27 @@ def open_storage(uri: str | None = None, patient: bool = True) -> Storage:
 PATIENT_ATTEMPTS = 12
 
 
-def s3_filesystem(patient: bool) -> pafs.S3FileSystem:
+def s3_options(patient: bool) -> dict:
+    """How S3 is reached: the endpoint and region from the environment, and how long a call may take. Patient
+    (sweeps) rides out an endpoint that is gone for a minute; impatient (the commands that read) fails within
+    seconds: 2 attempts of a 2 s connect."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ("us-east-1" if endpoint else None)
-    options = dict(
-        connect_timeout=5 if patient else 2,
-        request_timeout=60 if patient else 5,
-        # Patient: ride out an endpoint that is gone for a minute mid-sweep.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=PATIENT_ATTEMPTS if patient else 2),
-    )
+    options = dict(connect_timeout=5 if patient else 2, request_timeout=60 if patient else 5,
+                   max_attempts=PATIENT_ATTEMPTS if patient else 2)
     if endpoint:
         parsed = urlparse(endpoint)
         options["endpoint_override"] = parsed.netloc or parsed.path
         options["scheme"] = parsed.scheme or "https"
     if region:
         options["region"] = region
-    return pafs.S3FileSystem(**options)
+    return options
+
+
+def s3_filesystem(patient: bool) -> pafs.S3FileSystem:
+    options = s3_options(patient)
+    attempts = options.pop("max_attempts")
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
 
 
 def _patient_s3_from_pickle(options: dict) -> pafs.S3FileSystem:

@@ -22,10 +22,10 @@ from model.config import NonFiniteLossError
 from model.tokenizers import TextTokenizer
 from model.train import Trainer, run_iterations
 
-from .names import FINAL_FAILURES
+from .names import FAILURE_MARKER, FINAL_FAILURES
 from .runner import TrialSettings
 from .space import data_key, trial_configs
-from .storage import is_storage_full, open_storage
+from .storage import Storage, is_storage_full, open_storage, put_bytes
 from .threads import adopt_threads, granted_threads
 from .trajectory import SNAPSHOTS_FOLDER, StorageSnapshots
 
@@ -60,6 +60,7 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
         trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
         if settings.storage_uri:
             trainer.attach_snapshots(trial_snapshots(settings))
+            clear_final_failures(settings)  # resumed: what ended it last time is for this run to say again
         checkpoint, reported = resume_point()
         if checkpoint:
             with checkpoint.as_directory() as directory:
@@ -102,9 +103,13 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
 
 def trial_snapshots(settings: TrialSettings) -> StorageSnapshots:
     """This trial's snapshot folder in the experiment's storage (the trial folders are trial_<id>)."""
+    storage, folder = trial_folder(settings)
+    return StorageSnapshots(storage, f"{folder}/{SNAPSHOTS_FOLDER}")
+
+
+def trial_folder(settings: TrialSettings) -> tuple[Storage, str]:
     storage = open_storage(settings.storage_uri)
-    folder = storage.path(settings.experiment, f"trial_{tune.get_context().get_trial_id()}", SNAPSHOTS_FOLDER)
-    return StorageSnapshots(storage, folder)
+    return storage, storage.path(settings.experiment, f"trial_{tune.get_context().get_trial_id()}")
 
 
 def resume_point() -> tuple[tune.Checkpoint | None, int]:
@@ -151,8 +156,25 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
+def clear_final_failures(settings: TrialSettings) -> None:
+    storage, folder = trial_folder(settings)
+    for reason in FINAL_FAILURES:
+        try:
+            storage.filesystem.delete_file(f"{folder}/{FAILURE_MARKER}{reason}")
+        except (FileNotFoundError, OSError):
+            pass
+
+
 def _report_final_failure(settings: TrialSettings, reason: str, tokens_seen: int) -> None:
-    """Tell the driver first (FinalFailureCallback turns retries off), then the trial raises."""
+    """Tell the driver first (FinalFailureCallback turns retries off), then the trial raises. The reason is
+    also kept as an empty file in the trial's folder (FAILURE_MARKER): a full disk that has no room for the
+    report's line in result.json still takes a file of no bytes."""
+    if settings.storage_uri:
+        storage, folder = trial_folder(settings)
+        try:
+            put_bytes(storage, f"{folder}/{FAILURE_MARKER}{reason}", b"")
+        except OSError as error:
+            log.warning("could not keep %s in the trial's folder: %s", reason, error)
     worst = math.inf if settings.mode == "min" else -math.inf
     tune.report({reason: 1.0, settings.metric: worst, "tokens_seen": tokens_seen})
 

@@ -3,6 +3,7 @@ read right, the record of a launch is true, and impossible requests fail before 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +55,25 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_every_read_command_defaults_to_the_newest_experiment(storage, tmp_path):
-    for command in (["status"], ["best"], ["results"], ["heads"], ["report", "--out", tmp_path / "r.html"]):
+def test_every_read_command_defaults_to_the_newest_experiment(tmp_path):
+    """Newest by its record's `created`: not the first or last name, nor the folder written last."""
+    storage = tmp_path / "results"
+    fake_experiment(storage, "b-newest", {"n1": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.2}},
+                    created="2026-06-01T00:00:00")
+    fake_experiment(storage, "a-oldest", {"o1": {"lr": 1e-3, "losses": [3.0], "induction": 0.1}},
+                    created="2025-01-01T00:00:00")
+    fake_experiment(storage, "c-written-last", {"w1": {"lr": 1e-3, "losses": [3.0], "induction": 0.1}},
+                    created="2026-01-01T00:00:00")
+    os.utime(storage / "b-newest", (1, 1))  # the oldest folder on disk, whatever the file system's clock
+    for command in (["status"], ["best"], ["results"], ["heads"], ["atlas"], ["report", "--out", tmp_path / "r.html"]):
         result = invoke(*command, "--storage", storage)
+        shown = (tmp_path / "r.html").read_text() if command[0] == "report" else result.output
         if command == ["heads"]:  # no checkpoint in a fake experiment: the error names the newest one
-            assert result.exit_code == 2 and "newest" in result.stderr, result.output
+            assert result.exit_code == 2 and "b-newest" in result.stderr, result.output
         else:
             assert result.exit_code == 0, (command, result.output)
-            assert "older" not in result.output
+            assert "b-newest" in shown and "n1" in shown, (command, shown[:400])
+            assert not [n for n in ("a-oldest", "c-written-last", "o1", "w1") if re.search(rf"\b{n}\b", shown)], command
 
 
 def test_trials_stopped_early_show_as_stopped_early_with_their_iteration(storage, tmp_path):

@@ -15,6 +15,34 @@ from sweep.storage import open_storage
 from conftest import write_reviews
 
 TRIALS = 200
+GROWTH_MB = 1.0
+READS_PER_TRIAL = 2
+
+
+class CountingFilesystem:
+    """A filesystem that counts the calls made to it."""
+
+    def __init__(self, filesystem) -> None:
+        self.filesystem, self.counts = filesystem, {"get_file_info": 0, "open_input_stream": 0}
+
+    def __getattr__(self, name):
+        attribute = getattr(self.filesystem, name)
+        if name not in self.counts:
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.counts[name] += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+class CountedStorage:
+    @staticmethod
+    def of(storage):
+        import dataclasses
+
+        return dataclasses.replace(storage, filesystem=CountingFilesystem(storage.filesystem))
 
 
 def driver_rss_mb() -> float:
@@ -48,14 +76,20 @@ def test_200_trial_sweep(tmp_path):
         launch_sweep(plan_sweep(launch), [rss], log_line=lambda line: None)
     finally:
         ray.shutdown()
-    storage = open_storage(str(tmp_path / "results"))
+    storage = CountedStorage.of(open_storage(str(tmp_path / "results")))
     started = time.perf_counter()
     experiment = load_experiment(storage, "load")
     document = best_document(experiment, "test_loss", "min", 5)
     seconds = time.perf_counter() - started
-    print(f"\ndriver RSS at trial 20: {rss.rss.get(20):.0f} MB, at trial {TRIALS}: {rss.rss.get(TRIALS):.0f} MB; "
-          f"reading {len(experiment.trials)} trials for `sweep best` took {seconds:.1f} s")
+    growth = (rss.rss[TRIALS] - rss.rss[20]) / (TRIALS - 20)
+    print(f"\ndriver RSS at trial 20: {rss.rss.get(20):.0f} MB, at trial {TRIALS}: {rss.rss.get(TRIALS):.0f} MB "
+          f"({growth:.2f} MB a trial); reading {len(experiment.trials)} trials for `sweep best` took {seconds:.1f} s, "
+          f"{storage.filesystem.counts}")
     assert len(experiment.trials) == TRIALS and all(t.status == "TERMINATED" for t in experiment.trials)
     assert len(document["trials"]) == 5
-    # bounded: 180 more trials may not cost the driver more than 1 GB
-    assert rss.rss[TRIALS] - rss.rss[20] < 1024
+    # bounded: the driver's memory may grow by at most GROWTH_MB a trial (Tune keeps a small record of each)
+    assert growth < GROWTH_MB, rss.rss
+    # quick to read: one recursive listing of the experiment, and a bounded number of small reads a trial
+    # (its checkpoints' manifests), never one a result line
+    counts = storage.filesystem.counts
+    assert counts["get_file_info"] <= 10 and counts["open_input_stream"] <= READS_PER_TRIAL * TRIALS, counts
