@@ -176,9 +176,9 @@ def test_labels_follow_thresholds():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, seq_len=8))
     low = head_scores(model, torch.randint(0, 50, (4, 8)), AnalysisConfig(previous_token_threshold=-1.0))
-    assert all("previous_token" in h["labels"] for h in low["heads"])
+    assert len(low["heads"]) == 2 and all("previous_token" in h["labels"] for h in low["heads"])
     high = head_scores(model, torch.randint(0, 50, (4, 8)), AnalysisConfig(previous_token_threshold=2.0))
-    assert not any("previous_token" in h["labels"] for h in high["heads"])
+    assert len(high["heads"]) == 2 and not any("previous_token" in h["labels"] for h in high["heads"])
 
 
 def ideal_patterns(tokens: torch.Tensor, kind: str) -> torch.Tensor:

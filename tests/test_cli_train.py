@@ -121,5 +121,6 @@ def test_the_matters_threshold_can_be_changed_when_reading(reviews_file, tmp_pat
     assert invoke("train", reviews_file, *SMALL, "--out", out).exit_code == 0
     everything = json.loads(invoke("heads", out, "--matters-threshold", "-1", "--json").output)
     nothing = json.loads(invoke("heads", out, "--matters-threshold", "100", "--json").output)
+    assert len(everything["heads"]) == len(nothing["heads"]) > 0
     assert all("matters" in h["labels"] for h in everything["heads"])
     assert not any("matters" in h["labels"] for h in nothing["heads"])

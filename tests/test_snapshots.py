@@ -257,6 +257,7 @@ def test_every_command_reads_a_snapshot_by_step_or_tokens(trained_run, tmp_path)
     # the last snapshot is the final weights: the same scores the final checkpoint recorded
     last = json.loads(runner.invoke(main, ["heads", str(trained_run), "--step", "16", "--json"]).output)
     final = json.loads((trained_run / "checkpoint" / "heads.json").read_text())
+    assert len(last["heads"]) == len(final["heads"]) == 4
     for ours, recorded in zip(last["heads"], final["heads"]):
         assert ours["scores"] == pytest.approx(recorded["scores"], abs=1e-3)
     sample = runner.invoke(
