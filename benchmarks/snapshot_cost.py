@@ -109,7 +109,7 @@ def analyse_rate(repeats: int) -> None:
 
 
 def table_read(trials: int, snapshots: int, parts: int) -> None:
-    from sweep.analyse import SCHEMA, formed_at
+    from sweep.table import SCHEMA, formed_at
 
     heads, names = 8, ("previous_token", "induction", "duplicate_token", "first_token", "current_token", "copying")
     rng = np.random.default_rng(0)
@@ -141,7 +141,7 @@ def table_read(trials: int, snapshots: int, parts: int) -> None:
         )
         read = time.perf_counter() - started
         started = time.perf_counter()
-        formed = formed_at(table, {"induction": 0.4, "previous_token": 0.4})
+        formed = formed_at(table)
         reduced = time.perf_counter() - started
     print(
         f"table of {trials} trials x {snapshots} snapshots: {table.num_rows:,} rows in {parts} parts, "

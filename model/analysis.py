@@ -20,7 +20,15 @@ import torch
 
 from .circuits import mean_ablation
 from .generate import generate
-from .metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD, SCORE_NAMES, SUMMARY_METRICS, label_matters
+from .metrics import (
+    COPYING_THRESHOLD,
+    INDUCTION_THRESHOLD,
+    MATTERS_THRESHOLD,
+    PREVIOUS_TOKEN_THRESHOLD,
+    SCORE_NAMES,
+    SUMMARY_METRICS,
+    label_matters,
+)
 from .tokenizers import TextTokenizer
 from .transformer import Transformer
 
@@ -42,8 +50,8 @@ class AnalysisConfig:
     induction_threshold: float = INDUCTION_THRESHOLD
     previous_token_threshold: float = PREVIOUS_TOKEN_THRESHOLD
     first_token_threshold: float = 0.8
-    copying_threshold: float = 0.7
-    matters_threshold: float = 0.05
+    copying_threshold: float = COPYING_THRESHOLD
+    matters_threshold: float = MATTERS_THRESHOLD
     """A head `matters` when mean-ablating it raises held-out or repeated-token loss by more (nats)."""
     circuits_every: int = 5
     """Ablation and token tables (the heavy parts) run every N iterations and always on the last."""
@@ -205,11 +213,39 @@ def _random_composition(d_model: int, d_head: int, draws: int, seed: int) -> dic
     return result
 
 
-def composition_excess(score: float, baseline: dict[str, float]) -> float | None:
-    """How far a path's score stands above its kind's random baseline, or None when within COMPOSITION_SIGMAS
-    of it (indistinguishable from random matrices of these shapes)."""
-    excess = score - baseline["mean"]
-    return excess if excess > COMPOSITION_SIGMAS * baseline["std"] else None
+@torch.no_grad()
+def composition_null(model: Transformer) -> dict[str, dict[str, float]] | None:
+    """The scores a trained model's heads give in the order they cannot compose: every later-layer head's output
+    into every earlier-layer head's query, key and value (information flows the other way). These pairs share
+    the trained matrices' spectra and the subspaces all heads read and write, which random matrices lack (a trained
+    model clears a random baseline on nearly every path), and have no causal role. Per kind: mean, std and max
+    over the pairs; None for a 1-layer model."""
+    if model.cfg.n_layers < 2:
+        return None
+    QK = [(b.attn.W_Q @ b.attn.W_K.transpose(1, 2)).double() for b in model.blocks]  # per layer: (nh, C, C)
+    OV = [(b.attn.W_V @ b.attn.W_O).double() for b in model.blocks]
+    scores: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
+    for earlier in range(model.cfg.n_layers):
+        for later in range(earlier + 1, model.cfg.n_layers):
+            ov = OV[later][:, None]  # (nh later, 1, C, C): written by the later head, read by the earlier one
+            for kind, second in (("q", QK[earlier]), ("k", QK[earlier].transpose(1, 2)), ("v", OV[earlier])):
+                norms = ov.flatten(-2).norm(dim=-1) * second.flatten(-2).norm(dim=-1)[None]
+                scores[kind].append(((ov @ second[None]).flatten(-2).norm(dim=-1) / norms.clamp_min(1e-12)).flatten())
+    result = {}
+    for kind, parts in scores.items():
+        values = torch.cat(parts)
+        result[kind] = {"mean": float(values.mean()), "std": float(values.std()), "max": float(values.max()),
+                        "pairs": int(values.numel())}
+    return result
+
+
+def composition_excess(score: float, null: dict[str, float]) -> float | None:
+    """How far a path's score stands above its kind's null mean, or None unless it stands above the null: above
+    every backward pair (`max`, composition_null) and COMPOSITION_SIGMAS standard deviations above their mean.
+    (A heads.json written before the null existed holds the random baseline, without a max.)"""
+    excess = score - null["mean"]
+    above = excess > COMPOSITION_SIGMAS * null["std"] and score > null.get("max", float("-inf"))
+    return excess if above else None
 
 
 # ---------------------------------------------------------------- all scores of a model
@@ -305,7 +341,9 @@ def head_scores(
             values = {name: float(scores[name][head]) for name in SCORE_NAMES if name != "copying"}
             values["copying"] = float(copying[layer, head])
             values = {name: values[name] for name in SCORE_NAMES}
-            labels = [name for name, limit in thresholds.items() if values[name] > limit]
+            # copying is labelled only beside `matters` (label_matters): an OV circuit that copies but costs nothing
+            # when removed says nothing of what the model does
+            labels = [name for name, limit in thresholds.items() if values[name] > limit and name != "copying"]
             entry = {"layer": layer, "head": head, "scores": values, "labels": labels}
             if ablation is not None:
                 entry["ablation"] = {k: round(v, 5) for k, v in ablation[layer][head].items()}
@@ -313,7 +351,8 @@ def head_scores(
     probe = probe_record(model.cfg, cfg, int(tokens.shape[0]), ideal)
     document = {"heads": heads, "composition": composition_scores(model), "probe": probe}
     if model.cfg.n_layers > 1:
-        document["composition_baseline"] = composition_baseline(model)
+        document["composition_baseline"] = composition_baseline(model)  # random matrices: a reference value
+        document["composition_null"] = composition_null(model)  # what a path must clear to count
     return label_matters(document, cfg.matters_threshold) if ablation is not None else document
 
 

@@ -181,6 +181,7 @@ def calibrate(
                     "gamma": gamma,
                     "llc": estimate.llc,
                     "std_error": estimate.std_error,
+                    "chains": [value for value in estimate.chain_llcs if value is not None],
                     "diverged": len(estimate.diverged),
                     "settled": settled,
                     "agrees_with_smaller_eps": agrees,

@@ -20,7 +20,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .analysis import AnalysisConfig, composition_baseline, composition_scores, head_scores, repeated_tokens
+from .analysis import (
+    AnalysisConfig,
+    composition_baseline,
+    composition_null,
+    composition_scores,
+    head_scores,
+    repeated_tokens,
+)
 from .causal import TASKS, TaskData, find_circuit
 from .circuits import mean_ablation
 from .config import DataConfig, ModelConfig, TrainConfig, from_dict
@@ -112,10 +119,13 @@ def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
                         for head2, value in enumerate(heads2)
                         if value is not None
                     ]
-    if model.cfg.n_layers > 1:  # the random baseline each score is read against (Elhage et al.)
+    if model.cfg.n_layers > 1:  # the random baseline (Elhage et al.), and the null each score is read against
         for kind, baseline in composition_baseline(model).items():
             rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{kind}_composition_baseline_{stat}", baseline[stat])
                      for stat in ("mean", "std")]
+        for kind, null in composition_null(model).items():
+            rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{kind}_composition_null_{stat}", null[stat])
+                     for stat in ("mean", "std", "max")]
     return rows
 
 
@@ -213,9 +223,10 @@ MEASURES: dict[str, Measure] = {
         ),
         Measure(
             "composition",
-            2,
-            "Q-, K- and V-composition of every earlier head into every later one, and each kind's random baseline "
-            "(mean, std over random matrices of the same shapes)",
+            3,
+            "Q-, K- and V-composition of every earlier head into every later one, each kind's random baseline "
+            "(mean, std over random matrices of the same shapes) and its null (mean, std, max over the heads' "
+            "backward pairs: later-layer outputs into earlier-layer inputs)",
             _composition_rows,
         ),
         Measure(

@@ -20,6 +20,8 @@ SUMMARY_METRICS = {
 # its best head first passes.
 INDUCTION_THRESHOLD = 0.4
 PREVIOUS_TOKEN_THRESHOLD = 0.4
+# A head `matters` when mean-ablating it raises held-out or repeated-token loss by more (nats).
+MATTERS_THRESHOLD = 0.05
 
 # Every metric a training iteration reports (the contract of DESIGN.md).
 REPORTED_METRICS = (
@@ -38,12 +40,19 @@ def metric_mode(metric: str) -> str:
     return "max" if metric in LARGER_IS_BETTER or metric.endswith("_score_max") else "min"
 
 
+COPYING_THRESHOLD = 0.7
+
+
 def label_matters(document: dict, threshold: float) -> dict:
     """heads.json with the `matters` label on heads whose mean-ablation rise (held-out or
-    repeated tokens) passes `threshold` nats, and off the others."""
+    repeated tokens) passes `threshold` nats, and off the others; `copying` only on heads that
+    matter and whose OV circuit copies (a copying score past its threshold)."""
+    copying = (document.get("probe") or {}).get("thresholds", {}).get("copying", COPYING_THRESHOLD)
     for head in document["heads"]:
-        head["labels"] = [label for label in head["labels"] if label != "matters"]
+        head["labels"] = [label for label in head["labels"] if label not in ("matters", "copying")]
         rise = head.get("ablation")
         if rise and max(rise.values()) > threshold:
+            if head["scores"].get("copying", 0.0) > copying:
+                head["labels"].append("copying")
             head["labels"].append("matters")
     return document

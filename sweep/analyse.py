@@ -18,32 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from model.config import ConfigError
 
 from .results import Experiment, TrialRecord
-from .storage import Storage, write_bytes
+from .storage import write_bytes
+from .table import SCHEMA, done_keys, read_table, table_path
 from .trajectory import Snapshot
 
-TABLE_FOLDER = "analysis"
-SCHEMA = pa.schema(
-    [
-        ("trial", pa.string()),
-        ("step", pa.int64()),
-        ("tokens_seen", pa.int64()),
-        ("layer", pa.int16()),
-        ("head", pa.int16()),
-        ("measure", pa.string()),
-        ("value", pa.float64()),
-        ("analysis", pa.string()),
-        ("version", pa.int32()),
-        # an edge of a causal circuit (analysis circuit:TASK): who writes and who reads; null for other rows
-        ("sender", pa.string()),
-        ("receiver", pa.string()),
-    ]
-)
 FLUSH_SECONDS = 20.0
 """A run writes what it has computed at least this often: an interruption loses less than this."""
 
@@ -55,47 +38,6 @@ class Task:
     trial: TrialRecord
     snapshot: Snapshot
     measures: tuple[str, ...]
-
-
-def table_path(experiment: Experiment) -> str:
-    return f"{experiment.path}/{TABLE_FOLDER}"
-
-
-def table_parts(storage: Storage, folder: str) -> list[str]:
-    infos = storage.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-
-
-def read_table(experiment: Experiment, columns: list[str] | None = None) -> pa.Table | None:
-    """The experiment's analysis table (every part), or None when `sweep analyse` never ran on it."""
-    parts = table_parts(experiment.storage, table_path(experiment))
-    if not parts:
-        return None
-    tables = [_read_part(part, columns, experiment.storage) for part in parts]
-    return pa.concat_tables(tables)
-
-
-def _read_part(part: str, columns: list[str] | None, storage: Storage) -> pa.Table:
-    """One part in SCHEMA's columns: a part written before a column existed (sender, receiver) reads it as null."""
-    present = pq.read_schema(part, filesystem=storage.filesystem).names
-    wanted = columns or SCHEMA.names
-    table = pq.read_table(part, columns=[c for c in wanted if c in present], filesystem=storage.filesystem)
-    for name in wanted:
-        if name not in present:
-            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
-    return table.select(wanted)
-
-
-def done_keys(table: pa.Table | None) -> set[tuple[str, int, str, int]]:
-    """(trial, step, analysis, version) units already in the table."""
-    if table is None or table.num_rows == 0:
-        return set()
-    units = (
-        table.select(["trial", "step", "analysis", "version"])
-        .group_by(["trial", "step", "analysis", "version"])
-        .aggregate([])
-    )
-    return set(zip(*(units.column(name).to_pylist() for name in ("trial", "step", "analysis", "version"))))
 
 
 def plan_tasks(experiment: Experiment, measures: tuple[str, ...], trials: list[TrialRecord]) -> list[Task]:
@@ -247,40 +189,3 @@ def write_part(
     path = f"{table_path(experiment)}/{name}"
     write_bytes(experiment.storage, path, sink.getvalue().to_pybytes())
     return table.num_rows
-
-
-def use_snapshot_formed_at(experiment: Experiment, table: pa.Table | None = None) -> bool:
-    """Replace each trial's induction_formed_at and prev_token_formed_at (first iteration past the threshold)
-    by the first snapshot past it, for the trials the analysis table (read here unless given) scored; True if
-    it did."""
-    from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
-
-    if table is None:
-        table = read_table(experiment, ["trial", "step", "tokens_seen", "measure", "value", "analysis"])
-    if table is None:
-        return False
-    formed = formed_at(table, {"induction": INDUCTION_THRESHOLD, "previous_token": PREVIOUS_TOKEN_THRESHOLD})
-    for trial in experiment.trials:
-        if trial.trial_id in formed:
-            trial.metrics.update(formed[trial.trial_id])
-    experiment.formed_at_resolution = "snapshots"
-    return bool(formed)
-
-
-def formed_at(table: pa.Table, thresholds: dict[str, float]) -> dict[str, dict[str, int | None]]:
-    """trial -> {induction_formed_at, prev_token_formed_at}: tokens_seen of the first snapshot whose
-    best head passes the label threshold (snapshot resolution; None: never)."""
-    import pyarrow.compute as pc
-
-    keys = {"induction_formed_at": "induction", "prev_token_formed_at": "previous_token"}
-    scores = table.filter(
-        pc.and_(pc.equal(table["analysis"], "scores"), pc.is_in(table["measure"], pa.array(list(keys.values()))))
-    )
-    best = scores.group_by(["trial", "step", "tokens_seen", "measure"]).aggregate([("value", "max")]).to_pylist()
-    result: dict[str, dict[str, int | None]] = {}
-    for row in sorted(best, key=lambda r: r["step"]):
-        entry = result.setdefault(row["trial"], {key: None for key in keys})
-        for key, measure in keys.items():
-            if row["measure"] == measure and entry[key] is None and row["value_max"] > thresholds[measure]:
-                entry[key] = row["tokens_seen"]
-    return result

@@ -20,9 +20,9 @@ from typing import Any
 
 from model.metrics import SCORE_NAMES as HEAD_SCORES
 
-from .analyse import read_table, use_snapshot_formed_at
 from .results import Experiment, TrialRecord
 from .storage import read_text
+from .table import read_table, use_snapshot_formed_at
 
 LABELS = ("induction", "previous_token", "first_token", "copying", "matters")
 # The head types shown over the grid (tables, the report's small multiples).

@@ -197,8 +197,9 @@ def circuits_of(experiment: Experiment, request: CircuitRequest, address: str | 
     from model.causal import get_task
     from model.config import ConfigError
 
-    from .analyse import analyse_experiment, read_table
+    from .analyse import analyse_experiment
     from .results import choose_trial
+    from .table import read_table
     from .trajectory import find_snapshot
 
     get_task(request.task)

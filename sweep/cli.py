@@ -339,16 +339,18 @@ def _varying(config: dict) -> str:
 
 def _print_best(name, storage_uri, metric, mode, top):
     from .results import best_document, load_experiment
+    from .table import formed_at_caption
 
     document = best_document(load_experiment(_open(storage_uri), name), metric, mode, top)
-    table = Table(title=f"{document['experiment']}: best by {metric} ({document['mode']})")
+    caption = formed_at_caption(document["formed_at_resolution"]) if "formed_at" in metric else None
+    table = Table(title=f"{document['experiment']}: best by {metric} ({document['mode']})", caption=caption)
     extra = [m for m in ("test_loss", "induction_score_max") if m != metric]
     for column in ("trial", "status", "iters", metric, *extra, "config"):
         table.add_column(column)
     for trial in document["trials"]:
         table.add_row(
             trial["trial_id"], _status_text(trial["status"], trial["iterations"], trial["planned_iterations"]), str(trial["iterations"]),
-            _metric_text(trial["metrics"][metric]), *(_metric_text(trial["metrics"].get(m)) for m in extra),
+            _metric_cell(trial["metrics"], metric), *(_metric_cell(trial["metrics"], m) for m in extra),
             _varying(trial["config"]),
         )
     output.print(table)
@@ -359,6 +361,12 @@ def _print_best(name, storage_uri, metric, mode, top):
     if document["trials"] and document["trials"][0]["checkpoint"]:
         output.print(f"best checkpoint: {document['trials'][0]['checkpoint']}", highlight=False)
     return document
+
+
+def _metric_cell(metrics: dict, name: str) -> str:
+    """A metric for a table; a formed_at read from a head's use (not yet its pattern) says so."""
+    text = _metric_text(metrics.get(name))
+    return f"{text} (use)" if name.endswith("_formed_at") and metrics.get(name.replace("_at", "_by")) == "use" else text
 
 
 def _metric_text(value) -> str:
@@ -452,22 +460,20 @@ def best(name, storage, metric, mode, top, as_json):
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write every trial's last metrics as CSV.")
 def results(name, storage, csv_path):
     """Every trial of experiment NAME (default: the newest) with its config and last metrics."""
-    from .analyse import use_snapshot_formed_at
     from .results import load_experiment, results_rows
+    from .table import formed_at_caption, use_snapshot_formed_at
 
     experiment = load_experiment(_open(storage), name)
     use_snapshot_formed_at(experiment)
     if csv_path:
         _write_csv(csv_path, *results_rows(experiment))
         return
-    caption = f"formed_at: the first {experiment.formed_at_resolution[:-1]} past the threshold"
-    table = Table(title=experiment.name, caption=caption)
+    table = Table(title=experiment.name, caption=formed_at_caption(experiment.formed_at_resolution))
     shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
     for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
         table.add_column(column)
     for trial in experiment.trials:
-        values = [trial.metrics.get(m) for m in shown]
-        cells = [f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else "-" for v in values]
+        cells = [_metric_cell(trial.metrics, m) for m in shown]
         table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), *cells, *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
     output.print(table)
 
@@ -751,8 +757,9 @@ def analyse(ctx, name, storage, what, trials, step, address):
     """
     from model.measures import parse_measures
 
-    from .analyse import analyse_experiment, choose_trials, table_path
+    from .analyse import analyse_experiment, choose_trials
     from .results import load_experiment
+    from .table import table_path
 
     if what == "llc-calibrate":
         return _calibrate_llc(name, storage, trials, step)
@@ -778,8 +785,8 @@ def analyse(ctx, name, storage, what, trials, step, address):
     console.print(f"{experiment.name}: measured {counts['done']} snapshots ({', '.join(counts['measures'])}), "
                   f"{counts['rows']:,} rows in {experiment.storage.uri_of(table_path(experiment))}")
     if "llc" in counts["measures"]:
-        from .analyse import read_table
         from .stages import store_llc_stages
+        from .table import read_table
 
         store_llc_stages(experiment, read_table(experiment))
 
@@ -800,12 +807,13 @@ def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int
     current = result["current"]
     view = Table(title=f"{experiment.name}: LLC calibration on trial {trial.trial_id}, step {result['step']:,} "
                        f"({result['tokens_seen']:,} tokens), n_beta {current['n_beta']:.1f}")
-    for column in ("eps", "gamma", "LLC", "std error", "diverged chains", "trace settles", "agrees with smaller eps",
-                   "stable"):
+    for column in ("eps", "gamma", "LLC", "chains' range", "diverged chains", "trace settles",
+                   "agrees with smaller eps", "stable"):
         view.add_column(column, justify="right")
     for row in result["rows"]:
         llc = "-" if row["llc"] is None else f"{row['llc']:.2f}"
-        error = "-" if row["std_error"] is None else f"{row['std_error']:.2f}"
+        # the spread of the chains' estimates: from a few chains a standard error looks more precise than it is
+        error = f"{min(row['chains']):.2f} to {max(row['chains']):.2f}" if row["chains"] else "-"
         view.add_row(f"{row['epsilon']:g}", f"{row['gamma']:g}", llc, error, str(row["diverged"]),
                      "yes" if row["settled"] else "no", "yes" if row["agrees_with_smaller_eps"] else "-",
                      "[green]yes[/]" if row["stable"] else "no")
@@ -926,9 +934,9 @@ def stages(ctx, name, storage, trial, address, as_json):
     sweep analyse NAME --what loss,scores,llc     # the LLC at every snapshot, first
     sweep stages NAME
     """
-    from .analyse import read_table
     from .results import choose_trial, load_experiment
     from .stages import ensure_essential_dynamics, store_llc_stages, trial_stages
+    from .table import read_table
 
     experiment = load_experiment(_open(storage), name)
     chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
@@ -969,6 +977,7 @@ def atlas(name, storage, as_json, csv_path):
     """
     from .atlas import GRID_SCORES, atlas_rows_csv, build_atlas
     from .results import load_experiment
+    from .table import formed_at_caption
 
     result = build_atlas(load_experiment(_open(storage), name))
     if as_json:
@@ -979,8 +988,7 @@ def atlas(name, storage, as_json, csv_path):
         return
     scores = GRID_SCORES
     table = Table(title=f"{result.experiment}: {len(result.rows)} trials",
-                  caption="induction at: tokens_seen of the first "
-                          f"{result.formed_at_resolution[:-1]} past the threshold")
+                  caption=formed_at_caption(result.formed_at_resolution).replace("formed_at", "induction at", 1))
     staged = any(row.stages is not None for row in result.rows)
     stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
     circuit_columns = ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .analyse import read_table
 from .atlas import GRID_SCORES, Atlas, build_atlas
 from .circuits import SnapshotCircuit, TrialCircuit, trial_circuits
 from .names import display_state, metric_mode
@@ -27,6 +26,7 @@ from .results import Experiment, TrialRecord, best_trials, status_counts, trial_
 from .space import SHAPE_KEYS
 from .stages import trial_stages
 from .storage import read_text
+from .table import formed_at_caption, read_table, snapshot_history
 
 VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
@@ -123,13 +123,18 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     stage_documents = [d for d in trial_stages(experiment, table) if d["llc"]]
     circuits = trial_circuits(experiment, table, atlas.circuit_task) if atlas.circuit_task else {}
     boundaries = {d["trial_id"]: [b["tokens"] for b in d["llc_boundaries"]] for d in stage_documents}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        heads = dict(zip((t.trial_id for t in leaders), pool.map(lambda t: _heads_of(experiment, t), leaders)))
+    # every trial's ablation chart on one scale: 0.04 and 2.9 nats must not look equally tall
+    rises = [v for d in heads.values() if d for h in d["heads"] for v in (h.get("ablation") or {}).values()]
+    scale = (min(0.0, *rises) * 1.1, max(0.05, *rises) * 1.1) if rises else None
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
-        ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories)),
+        ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories | snapshot_history(table))),
         *((("stages", "Developmental stages", stages),) if (stages := _stages_section(experiment, stage_documents)) else ()),
         ("leaderboard", "Leaderboard", _leaderboard(experiment, ranked, metric)),
         *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}",
-           _trial_section(experiment, trial, rank, metric, histories[trial.trial_id])
+           _trial_section(experiment, trial, metric, heads[trial.trial_id], scale)
            + _circuit_section(circuits.get(trial.trial_id), trial, atlas.circuit_task, boundaries.get(trial.trial_id, [])))
           for rank, trial in enumerate(leaders, 1)),
     ]
@@ -194,7 +199,8 @@ def _grid_section(atlas: Atlas) -> str:
             parts.append(_circuit_groups(atlas))
     else:
         parts.append("<p>The experiment varies no axis.</p>")
-    parts.append("<h3>Atlas: every trial</h3>" + _atlas_table(atlas))
+    parts.append("<h3>Atlas: every trial</h3>" + _atlas_table(atlas)
+                 + f'<p class="note">{_e(formed_at_caption(atlas.formed_at_resolution))}</p>')
     return "\n".join(parts)
 
 
@@ -311,9 +317,12 @@ def _atlas_table(atlas: Atlas) -> str:
 def _dynamics_section(experiment: Experiment, histories: dict[str, list[dict]]) -> str:
     if not any(histories.values()):
         return "<p>No iterations reported yet.</p>"
-    note = ('<p class="note">Every trial over training tokens (Olsson et al.\'s phase-change figure): test loss beside the '
-            "induction and previous-token scores and the in-context-learning score (loss late in the context minus early; "
-            "lower = more use of context). A dot marks where a trial's induction heads formed.</p>")
+    resolution = ("at every snapshot `sweep analyse` scored" if experiment.formed_at_resolution == "snapshots"
+                  else "at every iteration, or snapshot where `sweep analyse` scored them")
+    note = ('<p class="note">Every trial over training tokens (Olsson et al.\'s phase-change figure), ' + resolution +
+            ": test loss beside the induction and previous-token scores and the in-context-learning score (loss late "
+            "in the context minus early; lower = more use of context). A dot marks where a trial's induction heads "
+            f"formed ({_e(formed_at_caption(experiment.formed_at_resolution))}).</p>")
     return note + _image(_dynamics_figure(experiment, histories), "dynamics of every trial")
 
 
@@ -387,7 +396,7 @@ def _stages_section(experiment: Experiment, documents: list[dict[str, Any]]) -> 
     more = f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all."
     note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training '
             "tokens, after Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: "
-            "the end of each stage). Markers: where induction heads (triangle) and previous-token heads (square) "
+            "the end of each stage); the band spans the SGLD chains' estimates at each snapshot. Markers: where induction heads (triangle) and previous-token heads (square) "
             "formed. Right: the "
             "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
             "principal components across snapshots (circle: the first snapshot, x: a turning point)."
@@ -410,6 +419,10 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
         positive = [(t, v) for t, v in zip(tokens, values) if t > 0]
         llc_axes.plot([t for t, _ in positive], [v for _, v in positive], color=color, marker=".", linewidth=1.4,
                       label=labels.get(document["trial_id"], document["trial_id"]))
+        ranges = [(p["tokens_seen"], *p["chains"]) for p in document["llc"] if p["tokens_seen"] > 0 and p.get("chains")]
+        if ranges:  # the chains' spread, not a standard error: from a few chains one would look more precise than it is
+            llc_axes.fill_between([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges], color=color,
+                                  alpha=0.15, linewidth=0)
         for boundary in document["llc_boundaries"]:
             llc_axes.axvline(boundary["tokens"], color=color, linestyle="--", linewidth=0.9, alpha=0.7)
         for name, marker in (("induction_formed_at", "^"), ("prev_token_formed_at", "s")):
@@ -469,7 +482,13 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
 # ---------------------------------------------------------------- top trials
 
 
-def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric: str, history: list[dict]) -> str:
+def _heads_of(experiment: Experiment, trial: TrialRecord) -> dict[str, Any] | None:
+    """heads.json of the trial's latest checkpoint (None without one)."""
+    return json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json")) if trial.checkpoint else None
+
+
+def _trial_section(experiment: Experiment, trial: TrialRecord, metric: str, heads: dict[str, Any] | None,
+                   scale: tuple[float, float] | None) -> str:
     storage = experiment.storage
     parts = [
         f"<p><b>{_e(metric)} {_number(trial.metrics.get(metric))}</b> &middot; " + " ".join(
@@ -480,11 +499,11 @@ def _trial_section(experiment: Experiment, trial: TrialRecord, rank: int, metric
         return "\n".join(parts) + "<p>No complete checkpoint.</p>"
     files = trial.files[checkpoint.rsplit("/", 1)[1]]
     parts.append(f"<p>checkpoint <code>{_e(storage.uri_of(checkpoint))}</code></p>")
-    heads = json.loads(read_text(storage, f"{checkpoint}/heads.json"))
     parts.append("<h3>Head atlas</h3>" + _heads_table(heads))
     charts = []
     if any("ablation" in h for h in heads["heads"]):
-        charts.append("<div><h3>Ablation</h3>" + _image(_ablation_figure(heads), f"ablation of {trial.trial_id}") + "</div>")
+        charts.append("<div><h3>Ablation</h3>" + _image(_ablation_figure(heads, scale), f"ablation of {trial.trial_id}")
+                      + '<p class="note">One scale for every trial shown.</p></div>')
     if len({h["layer"] for h in heads["heads"]}) > 1:
         charts.append("<div><h3>Composition</h3>" + _composition_svg(heads, trial.config) + "</div>")
     if charts:
@@ -528,7 +547,7 @@ def _heads_table(document: dict[str, Any]) -> str:
     return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
-def _ablation_figure(document: dict[str, Any]) -> bytes:
+def _ablation_figure(document: dict[str, Any], scale: tuple[float, float] | None = None) -> bytes:
     from matplotlib.figure import Figure
 
     heads = [h for h in document["heads"] if "ablation" in h]
@@ -542,21 +561,27 @@ def _ablation_figure(document: dict[str, Any]) -> bytes:
     axes.set_xticks(list(positions), names, fontsize=8)
     axes.set_xlabel("head (layer.head)", fontsize=9)
     axes.set_ylabel("loss rise when mean-ablated (nats)", fontsize=8)
+    if scale is not None:
+        axes.set_ylim(*scale)
     axes.legend(fontsize=8)
     figure.tight_layout()
     return _png(figure)
 
 
 def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
-    """Earlier-layer heads -> later-layer heads: the paths whose composition score stands above the score of
-    random matrices of the same shapes (Elhage et al.), width = the excess over that baseline, on one scale for
-    Q (blue), K (red) and V (green)."""
-    from model.analysis import COMPOSITION_SIGMAS, composition_excess, random_composition
+    """Earlier-layer heads -> later-layer heads: the paths whose composition score stands above its null (the same
+    heads' scores in the order they cannot compose, model.analysis.composition_null), width = the excess over the
+    null's mean, on one scale for Q (blue), K (red) and V (green)."""
+    from model.analysis import COMPOSITION_SIGMAS, composition_excess
 
     layers = sorted({h["layer"] for h in document["heads"]})
     heads = max(h["head"] for h in document["heads"]) + 1
-    baseline = document.get("composition_baseline") or random_composition(
-        int(config["d_model"]), int(config["d_model"]) // heads)  # (heads.json written before baselines were)
+    null = document.get("composition_null")
+    against = "the same heads in the order they cannot compose (later-layer outputs into earlier-layer inputs)"
+    if null is None:  # a heads.json written before the null existed
+        null, against = document.get("composition_baseline"), "random matrices of the same shapes"
+    if null is None:
+        return '<p class="note">This heads.json predates composition baselines: no path is drawn.</p>'
     width, height = 120 + 150 * (len(layers) - 1), 40 + 34 * heads
     x = {layer: 60 + 150 * i for i, layer in enumerate(layers)}
     y = {head: 30 + 34 * head for head in range(heads)}
@@ -568,7 +593,7 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
             for h1, by_layer in enumerate(by_head):
                 for l2, row in enumerate(by_layer):
                     for h2, value in enumerate(row):
-                        if value is not None and (excess := composition_excess(value, baseline[kind])) is not None:
+                        if value is not None and (excess := composition_excess(value, null[kind])) is not None:
                             paths.append((excess, kind, l1, h1, l2, h2, value))
     strongest = max((p[0] for p in paths), default=0.0)
     edges = []
@@ -578,7 +603,7 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
                      f'stroke="{colors[kind]}" stroke-width="{1 + 8 * excess / max(strongest, 1e-9):.1f}" '
                      f'stroke-opacity="{0.15 + 0.75 * excess / max(strongest, 1e-9):.2f}">'
                      f'<title>{kind.upper()}-composition {l1}.{h1} -&gt; {l2}.{h2}: {value:.3f} '
-                     f'(random {baseline[kind]["mean"]:.3f} &#177; {baseline[kind]["std"]:.3f}; '
+                     f'(null {null[kind]["mean"]:.3f} &#177; {null[kind]["std"]:.3f}; '
                      f'excess {excess:+.3f})</title></line>')
     labels = {(h["layer"], h["head"]): h["labels"] for h in document["heads"]}
     nodes = []
@@ -592,11 +617,11 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
     top = sorted(paths, reverse=True)[:3]
     listed = "; ".join(f"{kind.upper()} {l1}.{h1}&#8594;{l2}.{h2} {value:.3f} (+{excess:.3f})"
                        for excess, kind, l1, h1, l2, h2, value in top) or "none"
-    random_line = ", ".join(f"{kind.upper()} {b['mean']:.3f} &#177; {b['std']:.3f}" for kind, b in baseline.items())
+    null_line = ", ".join(f"{kind.upper()} {b['mean']:.3f} &#177; {b['std']:.3f}" for kind, b in null.items())
     legend = (f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} '
-              f'standard deviations above random matrices of the same shapes ({random_line}), '
+              f'standard deviations above {against} ({null_line}), and above every one of those, '
               '<span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
-              '<span style="color:#228833">V</span>; width: the excess over random, '
+              '<span style="color:#228833">V</span>; width: the excess over that mean, '
               f'one scale for all three (hover a line for its numbers). Strongest: {listed}. Nodes: '
               '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
     return (f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}'

@@ -34,6 +34,7 @@ from .names import (
 )
 from .space import planned_iterations, trial_schedule
 from .storage import Storage, check_name, exists, read_text
+from .table import use_snapshot_formed_at
 from .trajectory import (
     SNAPSHOTS_FOLDER,
     Snapshot,
@@ -75,6 +76,9 @@ class TrialRecord:
     error: str | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
     """Complete snapshots, by step."""
+    formed_at_resolution: str = "iteration"
+    """What its induction_formed_at and prev_token_formed_at count: the trainer's first iteration past the
+    threshold, or (once `sweep analyse` scored its snapshots) the first snapshot (sweep.table.formed_at)."""
 
     @property
     def checkpoint(self) -> str | None:
@@ -113,9 +117,12 @@ class Experiment:
     """driver.json: whether a driver runs the sweep, or how the last one stopped (None: an older experiment)."""
     damaged: list[str] = field(default_factory=list)
     """Ray's trial records that were empty or cut short (a full disk): read around, from what else is there."""
-    formed_at_resolution: str = "iterations"
-    """What induction_formed_at counts in: the first iteration past the threshold, or the first snapshot
-    (once `sweep analyse` has scored the snapshots: sweep.analyse.use_snapshot_formed_at)."""
+
+    @property
+    def formed_at_resolution(self) -> str:
+        """snapshots, iterations, or mixed (snapshots where `sweep analyse` scored them, else iterations)."""
+        kinds = {t.formed_at_resolution for t in self.trials}
+        return "snapshots" if kinds == {"snapshot"} else "iterations" if kinds <= {"iteration"} else "mixed"
 
     @property
     def path(self) -> str:
@@ -372,10 +379,7 @@ def best_document(experiment: Experiment, metric: str, mode: str | None = None, 
     """The `sweep best --json` document: the best trials with config, metrics and artifacts."""
     mode = mode or metric_mode(metric)
     storage = experiment.storage
-    if metric.endswith("_formed_at"):
-        from .analyse import use_snapshot_formed_at
-
-        use_snapshot_formed_at(experiment)  # as `results` and `atlas` show it, where snapshots were scored
+    use_snapshot_formed_at(experiment)  # as every reader shows it: snapshot resolution where snapshots were scored
     trials = []
     ranked = best_trials(experiment, metric, mode, len(experiment.trials))
     for trial in ranked[:top]:
@@ -391,12 +395,13 @@ def best_document(experiment: Experiment, metric: str, mode: str | None = None, 
             "metrics": trial.metrics,
             "iterations": trial.iterations,
             "planned_iterations": trial.planned_iterations,
+            "formed_at_resolution": trial.formed_at_resolution,
             "checkpoint": storage.uri_of(checkpoint) if checkpoint else None,
             "heatmaps": heatmaps,
         })
     unranked = [t.trial_id for t in experiment.trials if t not in ranked]
     return {"experiment": experiment.name, "storage": storage.uri, "metric": metric, "mode": mode, "trials": trials,
-            "unranked": unranked}
+            "unranked": unranked, "formed_at_resolution": experiment.formed_at_resolution}
 
 
 def status_counts(experiment: Experiment) -> dict[str, int]:

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .analyse import Task, formed_at, read_table, write_part
+from .analyse import Task, write_part
 from .results import Experiment, TrialRecord
+from .table import formed_at, read_table
 
 ED_VERSION = 2
 ED_PROBE_WINDOWS = 16
@@ -153,7 +154,7 @@ def store_llc_stages(experiment: Experiment, table: pa.Table | None) -> int:
     """Write every trial's LLC stage boundaries into the analysis table where it lacks them at the trial's
     last LLC snapshot (one row per boundary: measure llc_stage_<kind>_until, value its tokens, plus
     llc_stages, the count); returns the trials written."""
-    from .analyse import done_keys
+    from .table import done_keys
 
     if table is None:
         return 0
@@ -183,37 +184,50 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
     circuits fall."""
     from model.llc import stage_boundaries
     from model.measures import get_measure
-    from model.metrics import INDUCTION_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
 
     if table is None:
         return []
-    formed = formed_at(table, {"induction": INDUCTION_THRESHOLD, "previous_token": PREVIOUS_TOKEN_THRESHOLD})
+    formed = formed_at(table)
     documents = []
     for trial in experiment.trials:
         mine = table.filter(pc.equal(table["trial"], trial.trial_id))
         llc = _series(mine, "llc", "llc", get_measure("llc").version)
+        chains = _chain_ranges(mine, get_measure("llc").version)
         turning = _series(mine, "essential_dynamics", "ed_turning_point", ED_VERSION)
         components = [dict(_series(mine, "essential_dynamics", f"ed_pc{k}", ED_VERSION)) for k in (1, 2, 3)]
         trajectory = [{"tokens_seen": t, "pc": [c.get(t) for c in components]} for t in sorted(components[0])]
         boundaries = stage_boundaries([t for t, _ in llc], [v for _, v in llc])
-        circuits = {name: tokens for name, tokens in (formed.get(trial.trial_id) or {}).items() if tokens is not None}
+        mine_formed = formed.get(trial.trial_id) or {}
+        circuits = {name: tokens for name, tokens in mine_formed.items() if name.endswith("_at") and tokens is not None}
         ends = [b["tokens"] for b in boundaries]
         documents.append(
             {
                 "trial_id": trial.trial_id,
                 "config": trial.config,
-                "llc": [{"tokens_seen": t, "llc": v} for t, v in llc],
+                "llc": [{"tokens_seen": t, "llc": v, "chains": chains.get(t)} for t, v in llc],
                 "llc_boundaries": boundaries,
                 "essential_dynamics_turning_points": [t for t, _ in turning],
                 "essential_dynamics": trajectory,
                 "circuits": {
-                    name: {"tokens_seen": tokens, "stage": sum(1 for end in ends if end < tokens) + 1}
+                    name: {"tokens_seen": tokens, "stage": sum(1 for end in ends if end < tokens) + 1,
+                           "by": mine_formed[name.replace("_at", "_by")]}
                     for name, tokens in circuits.items()
                 },
                 "stages": len(boundaries) + 1 if llc else 0,
             }
         )
     return documents
+
+
+def _chain_ranges(table: pa.Table, version: int) -> dict[int, list[float]]:
+    """tokens_seen -> [lowest, highest] of the SGLD chains' LLC estimates at that snapshot (diverged chains aside)."""
+    rows = table.filter(pc.and_(pc.and_(pc.equal(table["analysis"], "llc"), pc.equal(table["measure"], "llc_chain")),
+                                pc.equal(table["version"], version)))
+    found: dict[int, list[float]] = {}
+    for tokens, value in zip(rows["tokens_seen"].to_pylist(), rows["value"].to_pylist()):
+        if value is not None and math.isfinite(value):
+            found.setdefault(tokens, []).append(value)
+    return {tokens: [min(values), max(values)] for tokens, values in found.items()}
 
 
 def _series(table: pa.Table, analysis: str, measure: str, version: int) -> list[tuple[int, float]]:

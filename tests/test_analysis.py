@@ -10,6 +10,7 @@ from model.analysis import (
     AnalysisConfig,
     composition_baseline,
     composition_excess,
+    composition_null,
     composition_scores,
     copying_scores,
     head_scores,
@@ -147,6 +148,16 @@ def test_a_wired_composition_path_stands_far_above_the_random_baseline_and_a_ran
     assert len(paths) == 48 and all(composition_excess(v, baseline[kind]) is None for v, kind in paths)
     # the baseline is a property of the shapes alone: it goes into heads.json and the measure's rows
     assert head_scores(random_model, torch.randint(0, 66, (4, 17)))["composition_baseline"] == baseline
+    # The null a path must clear: the same heads in the order they cannot compose. The wired path clears it (its
+    # backward pairs write nothing); none of the random model's 48 paths does.
+    wired_null = composition_null(wired)
+    standing = [(kind, l1, h1, h2) for kind, nested in scores.items() for l1, by_head in enumerate(nested)
+                for h1, by_layer in enumerate(by_head) for h2, value in enumerate(by_layer[1])
+                if value is not None and composition_excess(value, wired_null[kind]) is not None]
+    assert standing == [("k", 0, 0, 1)]
+    null = composition_null(random_model)
+    assert null["k"]["pairs"] == 16 and null["k"]["mean"] == pytest.approx(0.125, abs=0.01)
+    assert all(composition_excess(v, null[kind]) is None for v, kind in paths)
 
 
 def test_heads_document_and_files(tmp_path):

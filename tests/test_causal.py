@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_circuits import wire_induction_circuit
 
+from model.analysis import head_scores
 from model.causal import (
     TASKS,
     PatchedModel,
@@ -287,3 +288,23 @@ def test_the_text_task_measures_kl_to_the_clean_run():
     assert result.clean_metric == pytest.approx(0.0, abs=1e-5) and result.corrupted_metric > 0.1
     assert result.faithfulness >= 0.9 and 0 < len(result.circuit) < len(result.edges)
     assert all(math.isfinite(value) for value in result.eap_ig)
+
+
+def test_copying_is_labelled_only_where_the_head_copies_and_matters():
+    """Copying is a property of the OV circuit's eigenvalues, unchanged by its scale: the induction head's OV circuit
+    copies, and so does a head writing the same circuit 10^4 times more quietly; only the induction head, which
+    matters, is labelled copying."""
+    model = wired(heads=2)
+    width = 4 * VOCAB
+    with torch.no_grad():
+        attn = model.blocks[1].attn
+        values = slice(2 * width * 2 + width, 2 * width * 2 + 2 * width)  # head 1's value rows of qkv
+        attn.qkv.weight[values] = attn.qkv.weight[2 * width * 2 : 2 * width * 2 + width]
+        attn.out.weight[:, width:] = 1e-4 * attn.out.weight[:, :width]
+    repeated = torch.randint(0, VOCAB, (16, LENGTH // 2), generator=torch.Generator().manual_seed(0)).repeat(1, 2)
+    document = head_scores(model, torch.cat([repeated, repeated[:, :1]], dim=1), ablate=True)
+    loud, quiet = (h for h in document["heads"] if h["layer"] == 1)
+    assert loud["scores"]["copying"] > 0.9 and quiet["scores"]["copying"] > 0.9
+    assert {"copying", "matters"} <= set(loud["labels"]) and not {"copying", "matters"} & set(quiet["labels"])
+    unablated = head_scores(model, repeated, ablate=False)
+    assert not any("copying" in head["labels"] for head in unablated["heads"])  # whether it matters is unknown

@@ -206,3 +206,4 @@ def test_the_wired_induction_circuit_is_read_back_by_the_head_scores_ablation_an
     # The previous-token head feeds the induction head's keys only: K-composition, no Q or V path.
     composition = document["composition"]
     assert composition["k"][0][0][1][0] > 0.1 and composition["q"][0][0][1][0] == 0 and composition["v"][0][0][1][0] == 0
+

@@ -10,7 +10,7 @@ import json
 import torch
 from click.testing import CliRunner
 
-from model.analysis import composition_scores
+from model.analysis import composition_excess, composition_scores
 from model.checkpoint import read_config
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -52,6 +52,12 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     k_at_init = composition_scores(untrained)["k"][0]
     baseline = sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
     assert k_into_best[source] > 1.5 * baseline, (k_into_best, baseline)
+    # Against the null of the same trained heads in the order they cannot compose, that path stands out, and not
+    # every layer-0 -> layer-1 K path does (against random matrices nearly all did: shared trained subspaces).
+    null = heads["composition_null"]["k"]
+    k_paths = [heads["composition"]["k"][0][h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))]
+    assert composition_excess(k_into_best[source], null) is not None, (k_into_best, null)
+    assert sum(composition_excess(value, null) is not None for value in k_paths) < len(k_paths), (k_paths, null)
 
     # The model uses them: mean-ablating the induction heads raises the loss on repeated tokens
     # far more than ablating the heads that are neither induction nor previous-token heads.

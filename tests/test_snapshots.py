@@ -363,8 +363,8 @@ def test_a_table_part_written_before_edges_were_stored_still_reads(tmp_path):
     """Parts without the sender and receiver columns read them as null beside parts that have them."""
     import pyarrow as pa
 
-    from sweep.analyse import SCHEMA, read_table
     from sweep.storage import open_storage
+    from sweep.table import SCHEMA, read_table
 
     folder = tmp_path / "exp" / "analysis"
     folder.mkdir(parents=True)
