@@ -249,24 +249,57 @@ def stage_boundaries(tokens: list[int], values: list[float], flat: float = 0.5) 
 
 def essential_dynamics(outputs: list[np.ndarray], components: int = 3) -> dict[str, Any]:
     """PCA of the model's outputs (flattened log-probs on a fixed probe batch) across snapshots: the trajectory
-    in the first `components` principal components, their explained variance, and the trajectory's cusps:
-    snapshots where it turns by more than 90 degrees between two steps of more than 5% of its largest step
-    (the tiny early steps of log-spaced snapshots say nothing)."""
+    in the first `components` principal components, their explained variance, and its turning points
+    (`turning_points`)."""
     matrix = np.stack([o.reshape(-1) for o in outputs]).astype(np.float64)  # (snapshots, features)
     centred = matrix - matrix.mean(0, keepdims=True)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     k = min(components, len(singular))
     trajectory = centred @ vt[:k].T  # (snapshots, k)
     explained = (singular[:k] ** 2 / max(float((singular**2).sum()), 1e-30)).tolist()
-    turns = []
-    steps = np.diff(trajectory, axis=0)
-    speeds = np.linalg.norm(steps, axis=1)
-    large = 0.05 * float(speeds.max()) if len(speeds) else 0.0
-    for index in range(1, len(steps)):
-        a, b = steps[index - 1], steps[index]
-        if speeds[index - 1] > large and speeds[index] > large and float(a @ b) < 0:
-            turns.append(index)  # the snapshot between two real steps that point more than 90 degrees apart: a cusp
-    return {"trajectory": trajectory.tolist(), "explained_variance": explained, "turning_points": turns}
+    return {"trajectory": trajectory.tolist(), "explained_variance": explained,
+            "turning_points": turning_points(trajectory)}
+
+
+TURN_SCALE = 0.15
+"""A turn is read at the scale of this share of the trajectory's extent: smaller wiggles are noise."""
+
+
+def turning_points(trajectory: np.ndarray, scale: float = TURN_SCALE) -> list[int]:
+    """Snapshots where the trajectory reverses: the way it came and the way it goes point more than 90 degrees
+    apart, each measured over the fewest snapshots that move it `scale` of its extent (the largest distance
+    between two of its points), so that a wiggle of late, slow training is no turn and a cusp spread over a few
+    snapshots is one. Of neighbouring candidates the sharpest is kept."""
+    points = np.asarray(trajectory, dtype=np.float64)
+    count = len(points)
+    if count < 3:
+        return []
+    extent = float(np.max(np.linalg.norm(points[:, None] - points[None], axis=-1)))
+    reach = scale * extent
+    if reach <= 0:
+        return []
+
+    def displacement(index: int, direction: int) -> np.ndarray | None:
+        for other in range(index + direction, -1 if direction < 0 else count, direction):
+            step = points[other] - points[index]
+            if np.linalg.norm(step) >= reach:
+                return step
+        return None
+
+    cosines = {}
+    for index in range(1, count - 1):
+        before, after = displacement(index, -1), displacement(index, 1)
+        if before is not None and after is not None:
+            cosine = float(-before @ after / (np.linalg.norm(before) * np.linalg.norm(after)))  # came in as -before
+            if cosine < 0:
+                cosines[index] = cosine
+    runs: list[list[int]] = []  # neighbouring candidates are one turn: the sharpest of them
+    for index in sorted(cosines):
+        if runs and index - runs[-1][-1] == 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return [min(run, key=cosines.get) for run in runs]
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.metrics import SCORE_NAMES as HEAD_SCORES
+from model.metrics import current_labels
 
 from .results import Experiment, TrialRecord
 from .storage import read_text
@@ -99,7 +100,7 @@ def _heads_document(experiment: Experiment, trial: TrialRecord) -> dict[str, Any
     if trial.checkpoint is None:
         return None
     try:
-        return json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json"))
+        return current_labels(json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json")))
     except (OSError, json.JSONDecodeError):
         return None
 

@@ -539,10 +539,9 @@ def heads(source, trial, storage, at_step, at_tokens, history, tokens, only_head
     if tokens:
         _print_tokens(title, document, only_head, as_json)
         return
-    if matters_threshold is not None:
-        from model.metrics import label_matters
+    from model.metrics import current_labels, label_matters
 
-        document = label_matters(document, matters_threshold)
+    document = current_labels(document) if matters_threshold is None else label_matters(document, matters_threshold)
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return

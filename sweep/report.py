@@ -484,7 +484,11 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
 
 def _heads_of(experiment: Experiment, trial: TrialRecord) -> dict[str, Any] | None:
     """heads.json of the trial's latest checkpoint (None without one)."""
-    return json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json")) if trial.checkpoint else None
+    from model.metrics import current_labels
+
+    if trial.checkpoint is None:
+        return None
+    return current_labels(json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json")))
 
 
 def _trial_section(experiment: Experiment, trial: TrialRecord, metric: str, heads: dict[str, Any] | None,

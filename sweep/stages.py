@@ -23,7 +23,7 @@ from .analyse import Task, write_part
 from .results import Experiment, TrialRecord
 from .table import formed_at, read_table
 
-ED_VERSION = 2
+ED_VERSION = 3
 ED_PROBE_WINDOWS = 16
 # Stored LLC stage boundaries (analysis "llc_stages"): one unit per trial at its last LLC snapshot, so a
 # trial whose LLC grew (a resumed trial, a backfill) gets its boundaries again at the new last snapshot.

@@ -104,13 +104,26 @@ def test_stage_boundaries_are_the_critical_points_of_the_curve_over_log_tokens()
     assert stage_boundaries(tokens[:3], curve[:3]) == []
 
 
-def test_essential_dynamics_finds_the_turn_of_a_trajectory():
-    # outputs moving along one direction, then turning back along another: a cusp at snapshot 5
-    direction_a, direction_b = np.eye(20)[0], np.eye(20)[1]
-    outputs = [direction_a * t for t in range(6)] + [
-        direction_a * 5 - direction_a * (t - 5) * 0.5 + direction_b * (t - 5) for t in range(6, 12)
-    ]
+def test_essential_dynamics_finds_exactly_the_turns_of_a_trajectory_and_not_its_wiggles():
+    """Outputs moving along four directions in turn, each corner a reversal of more than 90 degrees, in a 40-wide
+    space with noise in four more dimensions (rank 8), then a wiggle of late, slow training: the turning points
+    are the three corners and nothing else."""
+    generator = np.random.default_rng(0)
+    steps = [np.array(v, dtype=float) for v in ([10, 0, 0, 0], [-6, 8, 0, 0], [0, -8, 6, 0], [0, 0, -8, 6])]
+    points = [np.zeros(4)]
+    for step in steps:
+        points += [points[-1] + step * k for k in range(1, 7)]
+    points += [points[-1] + np.array([0, 0, 0, (-1.0) ** k]) * (k % 2) for k in range(6)]
+    basis = np.linalg.qr(generator.normal(size=(40, 40)))[0][:, :8]
+    outputs = [basis @ np.concatenate([p, generator.normal(0, 0.3, 4)]) for p in points]
     result = essential_dynamics(outputs)
-    assert len(result["trajectory"]) == 12 and len(result["trajectory"][0]) == 3
-    assert sum(result["explained_variance"]) == pytest.approx(1.0)
-    assert 5 in result["turning_points"] or 6 in result["turning_points"]
+    assert len(result["trajectory"]) == len(points) == 31 and len(result["trajectory"][0]) == 3
+    assert result["turning_points"] == [6, 12, 18]
+    # the explained variance is each component's share of all the variance (rank 8), not of the three kept
+    centred = np.stack(outputs) - np.stack(outputs).mean(0)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    assert result["explained_variance"] == pytest.approx((singular[:3] ** 2 / (singular**2).sum()).tolist())
+    assert sum(result["explained_variance"]) < 0.99
+    # a trajectory that only drifts and wiggles has no turn
+    drift = [basis @ np.concatenate([[k, 0.3 * (-1) ** k, 0, 0], generator.normal(0, 0.3, 4)]) for k in range(20)]
+    assert essential_dynamics(drift)["turning_points"] == []
