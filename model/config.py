@@ -186,8 +186,12 @@ class TrainConfig:
         parse_snapshots(self.snapshots)  # a ConfigError naming --snapshots when it is no schedule
 
     def schedule_for(self, seq_len: int) -> Schedule:
-        """Steps and iterations of this run for windows of `seq_len` tokens."""
+        """Steps and iterations of this run for windows of `seq_len` tokens; ConfigError when max_tokens is less
+        than one optimizer step (the run would be one step of a whole batch, whatever it asked for)."""
         tokens_per_step = self.batch_size * seq_len
+        _require(self.max_tokens >= tokens_per_step, "{max_tokens} is less than one step ({batch_size} x seq_len "
+                 f"{seq_len} = {tokens_per_step:,} tokens); train for at least that many tokens",
+                 max_tokens=self.max_tokens, batch_size=self.batch_size)
         return Schedule(
             tokens_per_step=tokens_per_step,
             total_steps=max(1, -(-self.max_tokens // tokens_per_step)),

@@ -61,6 +61,9 @@ def check_dataset(cfg: DataConfig) -> None:
     if cfg.dataset in HUB_DATASETS or cfg.dataset == SYNTHETIC:
         return
     if not Path(cfg.dataset).expanduser().exists():
+        if "/" in cfg.dataset or Path(cfg.dataset).suffix in (".parquet", ".jsonl", ".json", ".txt"):
+            raise ConfigError(f"dataset path {cfg.dataset!r} does not exist; give an existing parquet / jsonl / txt "
+                              "file or folder, or one of imdb, wikitext, wikitext-2, repeat")
         raise ConfigError(
             f"unknown dataset {cfg.dataset!r}: use imdb, wikitext, wikitext-2, repeat, "
             "or a path to a parquet / jsonl / txt file or folder"

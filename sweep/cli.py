@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -75,10 +76,18 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
-def data_options(command):
-    """Options that choose and prepare the data (shared by train and launch)."""
+def data_options(command, preset_default: bool = False):
+    """Options that choose and prepare the data (shared by train and launch; for launch, the preset decides what
+    is not given)."""
+    tokenizer_help = TRIAL_KEYS["tokenizer"].help
+    if preset_default:
+        from .space import PRESETS
+
+        chosen = ", ".join(f"{name} {preset.fixed.get('tokenizer') or 'repeat:N'}" for name, preset in PRESETS.items())
+        tokenizer_help += f" [default: the preset's: {chosen}]"
     options = [
-        click.option("--tokenizer", default=TRIAL_KEYS["tokenizer"].default, show_default=True, help=TRIAL_KEYS["tokenizer"].help),
+        click.option("--tokenizer", default=TRIAL_KEYS["tokenizer"].default, show_default=not preset_default,
+                     help=tokenizer_help),
         click.option("--text-column", default="text", show_default=True, help="Text column of parquet / jsonl files."),
         click.option("--train-split", default="train", show_default=True),
         click.option("--test-split", default="test", show_default=True),
@@ -240,7 +249,8 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2", help=(
     f"Override or add an axis (repeatable): a list, or a range to sample with --search random/optuna: loguniform:A:B, uniform:A:B, "
-    f"randint:A:B, choice:a,b. Keys: {', '.join(TRIAL_KEYS)}."))
+    f"randint:A:B, choice:a,b. Keys: {', '.join(TRIAL_KEYS)}; on/off keys ({', '.join(k for k, v in TRIAL_KEYS.items() if isinstance(v.default, bool))}) "
+    "take on/off, true/false or yes/no."))
 @click.option("--name", default=None, help="Experiment name [default: DATASET-PRESET-TIME].")
 @storage_option
 @click.option("--address", default=None, help=ADDRESS_HELP)
@@ -264,7 +274,7 @@ ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to),
 @click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').")
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
 @snapshot_options
-@data_options
+@functools.partial(data_options, preset_default=True)
 @click.pass_context
 def launch(
     ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples,

@@ -170,6 +170,10 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
 
 
 def _load_experiment(storage: Storage, name: str | None) -> Experiment:
+    if name and "/" in name and Path(name).exists():
+        raise ConfigError(f"{name} is a folder, not an experiment name: this command reads an experiment by name "
+                          "(`sweep list`); read a checkpoint or `sweep train` run folder with sweep heads, generate "
+                          "or export")
     name = check_name(name) if name else newest_experiment(storage)
     root = storage.path(name)
     if not exists(storage, f"{root}/{SWEEP_FILE}"):
@@ -366,6 +370,12 @@ def best_trials(experiment: Experiment, metric: str, mode: str | None = None, to
         raise ConfigError(f"--mode must be min or max, got {mode!r}")
     if metric not in reported_metrics(experiment):
         known = ", ".join(reported_metrics(experiment)) or "none yet"
+        if metric not in REPORTED_METRICS:
+            import difflib
+
+            nearest = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
+            hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+            raise ConfigError(f"--metric {metric!r} is not a metric{hint}; metrics: {', '.join(REPORTED_METRICS)}")
         raise ConfigError(f"--metric {metric!r} was never reported in {experiment.name}; reported: {known}")
     ranked = [
         t for t in experiment.trials

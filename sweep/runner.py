@@ -86,7 +86,12 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         if self.metric not in REPORTED_METRICS:
-            raise ConfigError(f"--metric {self.metric!r} is never reported; choose one of: {', '.join(REPORTED_METRICS)}")
+            import difflib
+
+            nearest = difflib.get_close_matches(self.metric, REPORTED_METRICS, n=1)
+            hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+            raise ConfigError(f"--metric {self.metric!r} is never reported{hint}; choose one of: "
+                              f"{', '.join(REPORTED_METRICS)}")
         if self.mode is None:
             object.__setattr__(self, "mode", metric_mode(self.metric))
         if self.mode not in ("min", "max"):

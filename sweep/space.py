@@ -124,7 +124,8 @@ def parse_grid(overrides: tuple[str, ...] | list[str]) -> dict[str, list[Any] | 
         if key not in TRIAL_KEYS:
             raise ConfigError(f"--grid key {key!r} is unknown; keys: {', '.join(TRIAL_KEYS)}")
         kind = raw.partition(":")[0]
-        if ":" in raw and kind.isalpha():
+        # a range is kind:..., except for tokenizer, whose values (bpe:N, paths) hold colons of their own
+        if ":" in raw and kind.isalpha() and (key != "tokenizer" or kind == "choice"):
             if kind not in DISTRIBUTIONS:
                 raise ConfigError(f"--grid {key}={raw}: unknown range {kind!r}; use {', '.join(f'{d}:' for d in DISTRIBUTIONS)} or a list")
             axes[key] = parse_distribution(key, raw)

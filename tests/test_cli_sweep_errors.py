@@ -36,6 +36,10 @@ def storage(tmp_path):
         (["launch", "imdb", "--grid", "lr=-1"], "--grid lr=-1.0 must be positive"),
         (["launch", "imdb", "--grid", "batch_size=0"], "--grid batch_size=0 must be positive"),
         (["launch", "no-such-data"], "unknown dataset 'no-such-data'"),
+        (["launch", "/no/such/reviews.parquet"], "dataset path '/no/such/reviews.parquet' does not exist"),
+        (["launch", "imdb", "--grid", "tokenizer=bpe:2048,bpe:x"], "N in bpe:N must be an integer"),
+        (["launch", "imdb", "--grid", "max_tokens=10"], "--grid max_tokens=10 is less than one step"),
+        (["launch", "imdb", "--metric", "test_los"], "is never reported (did you mean test_loss?)"),
         (["launch"], "DATASET is missing"),
         (["launch", "imdb", "--tokenizer", "bpe:x"], "N in bpe:N must be an integer"),
         (["launch", "imdb", "--metric", "accuracy"], "--metric 'accuracy' is never reported"),
@@ -60,6 +64,28 @@ def test_sweep_mistakes(args, message, storage, data_mirror):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_a_bpe_tokenizer_is_a_grid_value_and_readers_name_the_problem(storage, tmp_path, data_mirror):
+    """`--grid tokenizer=bpe:2048` is a list of tokenizers, not a range; a folder given where an experiment name is
+    read, and a metric typo, are said as such."""
+    from sweep.runner import LaunchConfig, plan_sweep
+
+    plan = plan_sweep(LaunchConfig(dataset="imdb", preset="smoke", storage=str(storage), grid=("tokenizer=bpe:2048",)))
+    assert plan.fixed["tokenizer"] == "bpe:2048"
+    plan = plan_sweep(LaunchConfig(dataset="imdb", preset="smoke", storage=str(storage),
+                                   grid=("tokenizer=bpe:2048,bytes",)))
+    assert plan.axes["tokenizer"] == ["bpe:2048", "bytes"]
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    for command in ("results", "best", "status", "atlas"):
+        result = CliRunner().invoke(main, [command, str(folder), "--storage", str(storage)])
+        assert result.exit_code == 2 and "is a folder, not an experiment name" in result.stderr, result.output
+    from test_cli_consistency import fake_experiment
+
+    fake_experiment(storage, "one", {"a": {"lr": 1e-3, "losses": [3.0], "induction": 0.1}})
+    result = CliRunner().invoke(main, ["best", "--storage", str(storage), "--metric", "test_los"])
+    assert result.exit_code == 2 and "--metric 'test_los' is not a metric (did you mean test_loss?)" in result.stderr
 
 
 def test_missing_bucket_and_unreachable_endpoint(s3_server, monkeypatch, tmp_path, data_mirror):
@@ -90,9 +116,11 @@ def test_metric_never_reported_lists_the_reported_ones(tmp_path):
     (experiment / "trial_a").mkdir(parents=True)
     (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 1, "created": "x"}))
     (experiment / "trial_a" / "result.json").write_text(json.dumps({"test_loss": 3.0, "training_iteration": 1, "done": True}) + "\n")
-    result = CliRunner().invoke(main, ["best", "exp", "--metric", "bleu", "--storage", str(tmp_path / "results")])
+    result = CliRunner().invoke(main, ["best", "exp", "--metric", "icl_score", "--storage", str(tmp_path / "results")])
     assert result.exit_code == 2
-    assert "--metric 'bleu' was never reported in exp; reported: test_loss" in result.stderr
+    assert "--metric 'icl_score' was never reported in exp; reported: test_loss" in result.stderr
+    unknown = CliRunner().invoke(main, ["best", "exp", "--metric", "bleu", "--storage", str(tmp_path / "results")])
+    assert unknown.exit_code == 2 and "--metric 'bleu' is not a metric; metrics: train_loss" in unknown.stderr
 
 
 def test_wrong_credentials(tmp_path, monkeypatch, data_mirror):
