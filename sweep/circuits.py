@@ -189,11 +189,11 @@ class CircuitRequest:
     """A SnapshotAddress (sweep.trajectory), or None: the last snapshot."""
 
 
-def circuits_of(experiment: Experiment, request: CircuitRequest, address: str | None = None,
-                on_progress=lambda done, total: None, verbose: bool = False) -> dict[str, Any]:
-    """The circuits `request` names: computed first where the analysis table lacks them (as `sweep analyse
-    --what circuit:TASK` would), then read back. Every mistake (an unknown task, trial or step, a trial without
-    snapshots) is a ConfigError raised before anything is computed or written."""
+def circuits_of(experiment: Experiment, request: CircuitRequest, analyse=None) -> dict[str, Any]:
+    """The circuits `request` names: computed first where the analysis table lacks them (`analyse(trials,
+    measures)`, default sweep.analyse.analyse_experiment on a local Ray), then read back. Every mistake (an
+    unknown task, trial or step, a trial without snapshots) is a ConfigError raised before anything is computed
+    or written."""
     from model.causal import get_task
     from model.config import ConfigError
 
@@ -217,7 +217,10 @@ def circuits_of(experiment: Experiment, request: CircuitRequest, address: str | 
                               "(launched with --snapshots none, or before snapshots existed)")
     chosen = find_snapshot(trials[0].snapshots, request.at, f"trial {trials[0].trial_id} of {experiment.name}") \
         if request.at is not None else None
-    counts = analyse_experiment(experiment, (analysis_name(request.task),), trials, address, on_progress, verbose)
+    if analyse is None:
+        def analyse(chosen, measures):
+            return analyse_experiment(experiment, measures, chosen)
+    counts = analyse(trials, (analysis_name(request.task),))
     found = trial_circuits(experiment, read_table(experiment), request.task)
     documents = []
     for trial in trials:

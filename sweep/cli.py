@@ -308,7 +308,18 @@ def launch(
     plan = plan_sweep(config)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
     launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
-    _print_best(plan.name, plan.storage.uri, plan.launch.metric, plan.launch.mode, top=3)
+    _print_closing(plan)
+
+
+CLOSING_TRIALS = 12  # the closing table shows every trial of a small sweep, stopped ones included
+
+
+def _print_closing(plan) -> None:
+    """After launch or resume: the trials ranked by the sweep's metric, and what to run next."""
+    _print_best(plan.name, plan.storage.uri, plan.launch.metric, plan.launch.mode, top=CLOSING_TRIALS)
+    storage = "" if plan.storage.uri == _open(None).uri else f" --storage {plan.storage.uri}"
+    output.print(f"next: sweep atlas {plan.name}{storage} · sweep circuit {plan.name}{storage} · "
+                 f"sweep report {plan.name}{storage}", highlight=False)
 
 
 def _write_whole(path: Path, write) -> None:
@@ -501,7 +512,7 @@ def resume(ctx, name, storage, address):
     plan = load_plan(name, storage)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
     resume_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"], address=address)
-    _print_best(plan.name, storage, plan.launch.metric, plan.launch.mode, top=3)
+    _print_closing(plan)
 
 
 @main.command(help=f"""The head atlas: every head's scores, ablation and labels.
@@ -766,7 +777,7 @@ def analyse(ctx, name, storage, what, trials, step, address):
     """
     from model.measures import parse_measures
 
-    from .analyse import analyse_experiment, choose_trials
+    from .analyse import choose_trials
     from .results import load_experiment
     from .table import table_path
 
@@ -780,13 +791,8 @@ def analyse(ctx, name, storage, what, trials, step, address):
     if not any(t.snapshots for t in chosen):
         raise UserError(f"{experiment.name} has no snapshots to analyse "
                         "(launched with --snapshots none, or before snapshots existed)")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        bar = progress.add_task(f"analysing {experiment.name}", total=None)
-        counts = analyse_experiment(experiment, measures, chosen, address,
-                                    lambda done, total: progress.update(bar, completed=done, total=total),
-                                    ctx.find_root().params["verbose"])
+    counts = _analyse_with_progress(experiment, measures, chosen, address, ctx.find_root().params["verbose"],
+                                    f"analysing {experiment.name}")
     if not counts["tasks"]:
         console.print(f"{experiment.name}: the analysis table already holds {', '.join(measures)} for every snapshot; "
                       "nothing to compute")
@@ -798,6 +804,19 @@ def analyse(ctx, name, storage, what, trials, step, address):
         from .table import read_table
 
         store_llc_stages(experiment, read_table(experiment))
+
+
+def _analyse_with_progress(experiment, measures: tuple[str, ...], trials: list, address, verbose: bool,
+                           description: str) -> dict:
+    """sweep.analyse.analyse_experiment with a progress bar of snapshots (on a terminal)."""
+    from .analyse import analyse_experiment
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
+        bar = progress.add_task(description, total=None)
+        return analyse_experiment(experiment, measures, trials, address,
+                                  lambda done, total: progress.update(bar, completed=done, total=total), verbose)
 
 
 def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int | None) -> None:
@@ -860,12 +879,9 @@ def circuit(ctx, name, storage, trial, at_step, at_tokens, task, address, as_jso
 
     experiment = load_experiment(_open(storage), name)
     request = CircuitRequest(task, trial, _address(at_step, at_tokens))
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
-        bar = progress.add_task(f"patching every edge of {experiment.name}", total=None)
-        document = circuits_of(experiment, request, address, lambda done, total: progress.update(
-            bar, completed=done, total=total), ctx.find_root().params["verbose"])
+    verbose = ctx.find_root().params["verbose"]
+    document = circuits_of(experiment, request, lambda trials, measures: _analyse_with_progress(
+        experiment, measures, trials, address, verbose, f"patching every edge of {experiment.name}"))
     if as_json:
         click.echo(json.dumps(document, indent=2))
     elif trial is None:
@@ -939,8 +955,10 @@ def stages(ctx, name, storage, trial, address, as_json):
     """Developmental stages of experiment NAME (default: newest): LLC stage boundaries, essential-dynamics
     turning points, and the stage each named circuit formed in.
 
+    What they need that the analysis table lacks (the LLC, head scores and losses at every snapshot) is computed
+    first, as `sweep analyse NAME --what loss,scores,llc` would.
+
     \b
-    sweep analyse NAME --what loss,scores,llc     # the LLC at every snapshot, first
     sweep stages NAME
     """
     from .results import choose_trial, load_experiment
@@ -949,7 +967,13 @@ def stages(ctx, name, storage, trial, address, as_json):
 
     experiment = load_experiment(_open(storage), name)
     chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
-    ensure_essential_dynamics(experiment, chosen, address, ctx.find_root().params["verbose"])
+    if not any(t.snapshots for t in chosen):
+        raise UserError(f"{experiment.name} has no snapshots to find stages on "
+                        "(launched with --snapshots none, or before snapshots existed)")
+    verbose = ctx.find_root().params["verbose"]
+    _analyse_with_progress(experiment, ("loss", "scores", "llc"), [t for t in chosen if t.snapshots], address, verbose,
+                           f"measuring the LLC of {experiment.name}")
+    ensure_essential_dynamics(experiment, chosen, address, verbose)
     store_llc_stages(experiment, read_table(experiment))  # kept in the table beside the LLC, for its other readers
     table = read_table(experiment)
     documents = [d for d in trial_stages(experiment, table) if d["trial_id"] in {t.trial_id for t in chosen}]

@@ -204,6 +204,9 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
             # report (its storage_full): the trial's own result.json may be further along.
             own = _last_result(storage, f"{root}/{directory}", trial_files)
             last = own if own.get("training_iteration", 0) >= last.get("training_iteration", 0) else last
+        failed = [reason for reason in FINAL_FAILURES if last.get(reason)]
+        if failed:  # the failure's report carries a sentinel metric (inf): the trial's numbers are its last real report
+            last = _last_real_result(storage, f"{root}/{directory}", trial_files, last) | {failed[0]: 1.0}
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
         status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
         if any(last.get(reason) or f"{FAILURE_MARKER}{reason}" in trial_files for reason in FINAL_FAILURES):
@@ -278,6 +281,15 @@ def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> di
         return {}
     results = _result_lines(read_text(storage, f"{trial_path}/result.json"))
     return results[-1] if results else {}
+
+
+def _last_real_result(storage: Storage, trial_path: str, trial_files: set[str], failure: dict[str, Any]) -> dict[str, Any]:
+    """The last result before a final failure's report (which reports the sweep's metric as inf); its config and ids
+    kept; {} when the trial failed before reporting anything."""
+    lines = _result_lines(read_text(storage, f"{trial_path}/result.json")) if "result.json" in trial_files else []
+    real = [line for line in lines if not any(line.get(reason) for reason in FINAL_FAILURES)]
+    kept = {k: failure[k] for k in ("trial_id", "config") if k in failure}
+    return kept | (real[-1] if real else {"training_iteration": 0})
 
 
 def _result_lines(text: str) -> list[dict[str, Any]]:

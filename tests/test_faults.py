@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import pickle
 import re
 import shutil
@@ -119,7 +120,14 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
     shown = subprocess.run([sys.executable, "-m", "sweep.cli", "results", "full", "--storage", str(tiny_disk)],
                            env=run_env(), capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
-    assert "storage_full" in shown.stdout or not recorded
+    assert "storage_full" in shown.stdout and " inf " not in shown.stdout, shown.stdout  # no sentinel metric shown
+    for trial in recorded:  # its numbers are its last real report's, not the failure's
+        from sweep.results import _result_lines  # the disk may have cut its last line short
+
+        lines = _result_lines((Path(trial.path) / "result.json").read_text())
+        real = [line for line in lines if "storage_full" not in line]
+        assert trial.iterations == (real[-1]["training_iteration"] if real else 0)
+        assert all(math.isfinite(value) for value in trial.metrics.values() if isinstance(value, float))
 
     # Every reader reads the experiment, on the full disk and on a copy with room, and says it stopped.
     roomy = tmp_path / "roomy"
@@ -167,7 +175,9 @@ def test_a_trial_that_reported_storage_full_reads_back_as_that_error_past_a_cut_
     lines.append({"training_iteration": 3, "storage_full": 1.0, "test_loss": float("inf"), "config": {"lr": 0.001}})
     (root / "trial_a_00000" / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (record,) = load_experiment(open_storage(str(tmp_path)), "full").trials
-    assert (record.status, record.error, record.iterations) == ("ERROR", "storage_full", 3)
+    # its numbers are those of its last real report, not the failure's (iteration 3, test_loss inf)
+    assert (record.status, record.error, record.iterations) == ("ERROR", "storage_full", 2)
+    assert record.metrics["test_loss"] == 3.0 and record.metrics["storage_full"] == 1.0
 
 
 def test_an_experiment_record_cut_short_is_listed_as_unreadable_not_a_crash(tmp_path):
