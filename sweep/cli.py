@@ -306,7 +306,7 @@ def launch(
         wandb=wandb, data=explicit,
     )
     plan = plan_sweep(config)
-    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
+    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)
     launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
     _print_closing(plan)
 
@@ -510,7 +510,7 @@ def resume(ctx, name, storage, address):
     from .runner import load_plan, resume_sweep
 
     plan = load_plan(name, storage)
-    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations)
+    progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)
     resume_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"], address=address)
     _print_closing(plan)
 

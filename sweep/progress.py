@@ -19,15 +19,18 @@ from .space import planned_iterations
 class ProgressCallback(tune.Callback):
     """Counts trials by state and tracks the best metric so far."""
 
-    def __init__(self, metric: str, mode: str, max_iterations: int | None = None) -> None:
-        """`max_iterations`: the --max-iterations cap, if any; each trial's own count comes from its config."""
-        self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
+    def __init__(self, metric: str, mode: str, max_iterations: int | None = None, trials: int | None = None) -> None:
+        """`max_iterations`: the --max-iterations cap, if any; each trial's own count comes from its config.
+        `trials`: how many the sweep makes (Tune creates them as it goes)."""
+        self.metric, self.mode, self.max_iterations, self.trials = metric, mode, max_iterations, trials
         self._console: Console | None = None
         self._live: Live | None = None
+        self.unfinished: set[str] = set()
+        """Trials that had not finished when the sweep was last seen uninterrupted."""
 
     def __getstate__(self):
         # Tune pickles callbacks into the experiment state; consoles stay behind.
-        return {"metric": self.metric, "mode": self.mode, "max_iterations": self.max_iterations}
+        return {"metric": self.metric, "mode": self.mode, "max_iterations": self.max_iterations, "trials": self.trials}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -68,6 +71,10 @@ class ProgressCallback(tune.Callback):
             self._log(f"{trial.trial_id} errored")
 
     def on_step_end(self, iteration, trials, **info) -> None:
+        from .driver import interruption
+
+        if not interruption():
+            self.unfinished = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
         self.counts = {"running": 0, "stopped early": 0, "done": 0, "errored": 0, "pending": 0}
         for trial in trials:
             if trial.status == "RUNNING":
@@ -94,23 +101,31 @@ class ProgressCallback(tune.Callback):
         if self._live is not None:
             self._live.stop()
             self._live = None
-        self._log(self._summary())
+        self._log(self._summary(trials))
 
-    def _summary(self) -> str:
+    def _summary(self, trials: list) -> str:
         from .driver import interruption
 
         if interruption():  # Tune stopped the running trials: they did not finish, whatever their state says now
-            self.counts = self._interrupted_counts()
+            self.counts = self._interrupted_counts(trials)
         counts = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"
         return f"[{time.time() - self.started:6.0f}s] {counts or 'starting'}; {best}"
 
-    def _interrupted_counts(self) -> dict[str, int]:
-        merged: dict[str, int] = {}
-        for state, n in self.counts.items():
-            key = "unfinished" if state in ("running", "stopped early", "pending") else state
-            merged[key] = merged.get(key, 0) + n
-        return merged
+    def _interrupted_counts(self, trials: list) -> dict[str, int]:
+        """The sweep's trials as `sweep status` and `sweep resume` count them: finished (done, stopped early,
+        errored) before the interruption, unfinished when it came, and not started yet."""
+        counts = {"done": 0, "stopped early": 0, "errored": 0, "unfinished": 0, "not started": 0}
+        for trial in trials:
+            if trial.trial_id in self.unfinished:
+                counts["unfinished"] += 1
+            elif trial.status == "ERROR":
+                counts["errored"] += 1
+            else:
+                done = trial.last_result.get("training_iteration", 0) >= self._planned(trial)
+                counts["done" if done else "stopped early"] += 1
+        counts["not started"] = max(0, (self.trials or len(trials)) - len(trials))
+        return counts
 
     def _render(self) -> Table:
         table = Table(title="sweep", show_header=True)

@@ -523,7 +523,7 @@ def make_scheduler(plan: Plan):
     judged at equal training, after a phase change the grace period leaves room for.
     Without, their first rung is --grace-period iterations.
     """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     launch = plan.launch
     if plan.scheduler == "halving":
@@ -532,11 +532,14 @@ def make_scheduler(plan: Plan):
         return hyperband_saving_stopped_trials()(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
     if plan.scheduler == "fifo":
         return FIFOScheduler()
+    from .schedulers import ReplayingASHA
+
+    where = {"storage_uri": plan.storage.uri, "experiment": plan.name}
     if plan.grace_tokens is not None:
-        return ASHAScheduler(time_attr="tokens_seen", max_t=plan.max_tokens_seen, grace_period=plan.grace_tokens,
-                             reduction_factor=launch.reduction_factor)
-    return ASHAScheduler(time_attr="training_iteration", max_t=plan.iterations, grace_period=launch.grace_period,
-                         reduction_factor=launch.reduction_factor)
+        return ReplayingASHA(**where, time_attr="tokens_seen", max_t=plan.max_tokens_seen,
+                             grace_period=plan.grace_tokens, reduction_factor=launch.reduction_factor)
+    return ReplayingASHA(**where, time_attr="training_iteration", max_t=plan.iterations,
+                         grace_period=launch.grace_period, reduction_factor=launch.reduction_factor)
 
 
 def hyperband_saving_stopped_trials():
@@ -675,7 +678,9 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
 def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = False) -> None:
     """Run the sweep under the driver's record; every way it can stop ends in one line and a record saying it.
 
-    Ray's own output (state dumps, trial tracebacks, Tune's hints) goes to a log file unless `verbose`.
+    `tuner` is a Tuner, or a function making one (Tuner.restore reads the trials' files, and says what it misses):
+    made here, so that Ray's own output (state dumps, trial tracebacks, Tune's hints) goes to the log file with the
+    rest, unless `verbose`.
     """
     from .driver import DriverRecord, RayWatch, ray_output_to
 
@@ -684,7 +689,7 @@ def _fit(tuner, plan: Plan, failures: FinalFailureCallback, verbose: bool = Fals
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with DriverRecord(plan.storage, plan.name) as driver, ray_output_to(log_path), RayWatch(driver, say):
         try:
-            tuner.fit()
+            (tuner() if callable(tuner) else tuner).fit()
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             raise driver.interrupted(driver.signal or "SIGINT") from None
         except Exception as error:
@@ -797,14 +802,25 @@ def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
             "before any trial started); launch it again"
         )
     unfinished = [t for t in experiment.trials if t.tune_status != "TERMINATED"]
-    if experiment.trials and not unfinished and len(experiment.trials) >= plan.trial_count:
-        raise ConfigError(f"experiment {plan.name!r} already finished: all {len(experiment.trials)} trials terminated; nothing to resume")
+    not_started = max(0, plan.trial_count - len(experiment.trials))
+    if experiment.trials and not unfinished and not not_started:
+        from .names import display_state
+        from .results import status_counts
+
+        states = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
+        raise ConfigError(f"experiment {plan.name!r} already finished: {len(experiment.trials)} trials ({states}); "
+                          "nothing to resume")
     init_ray(address, verbose)
     check_cluster(plan, address is None, log_line)
-    log_line(f"resuming {plan.name}: {len(unfinished)} of {len(experiment.trials)} trials unfinished")
+    errored = sum(1 for t in unfinished if t.tune_status == "ERROR")
+    parts = [f"{n} {what}" for n, what in ((len(unfinished) - errored, "interrupted"), (errored, "errored"),
+                                          (not_started, "not started")) if n]
+    replay = "; ASHA's rungs hold the results they held when it stopped" if plan.scheduler == "asha" else ""
+    log_line(f"resuming {plan.name}: {len(unfinished) + not_started} of {plan.trial_count} trials unfinished "
+             f"({', '.join(parts)}){replay}")
     datasets = prepare_datasets(plan, log_line)
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()
-    _fit(build_tuner(plan, datasets, failures, list(callbacks), restore=True), plan, failures, verbose)
+    _fit(lambda: build_tuner(plan, datasets, failures, list(callbacks), restore=True), plan, failures, verbose)
     return plan

@@ -366,3 +366,52 @@ def test_a_preset_s_grace_tokens_unused_by_hyperband_are_said(tmp_path):
 
     assert "6,000,000 grace tokens do not apply to --scheduler hyperband" in note("hyperband")
     assert note("asha") is None and note("halving") is None and note("fifo") is None
+
+
+def test_asha_decides_after_a_resume_as_it_would_have_without_one(tmp_path):
+    """Tune restores a sweep's scheduler empty: ASHA's rungs forget the results of the trials before the
+    interruption, and a trial compared after it meets none of them. ReplayingASHA records each restored trial's
+    results from its result.json as it is added, so the next decision is the uninterrupted sweep's."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    from sweep.schedulers import ReplayingASHA
+
+    options = dict(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2)
+    histories = {"a": [2.0, 1.8, 1.6, 1.5], "b": [2.2, 2.0, 1.9, 1.8]}
+    for trial_id, losses in histories.items():
+        folder = tmp_path / "exp" / f"trial_{trial_id}"
+        folder.mkdir(parents=True)
+        lines = [{"training_iteration": i, "test_loss": loss} for i, loss in enumerate(losses, 1)]
+        (folder / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def scheduler(kind):
+        made = kind(**({"storage_uri": str(tmp_path), "experiment": "exp"} if kind is ReplayingASHA else {}),
+                    **options)
+        made.set_search_properties("test_loss", "min")
+        return pickle.loads(pickle.dumps(made))  # as Tune restores it: the object of the launch, empty
+
+    live = scheduler(ReplayingASHA)
+    for trial_id, losses in histories.items():  # the uninterrupted sweep sees the results as they come
+        trial = SimpleNamespace(trial_id=f"live-{trial_id}")
+        live.on_trial_add(None, trial)
+        for iteration, loss in enumerate(losses, 1):
+            live.on_trial_result(None, trial, {"training_iteration": iteration, "test_loss": loss})
+        live.on_trial_complete(None, trial, {"training_iteration": len(losses), "test_loss": losses[-1]})
+    replayed, forgetful = scheduler(ReplayingASHA), scheduler(AsyncHyperBandScheduler)
+    for trial_id in histories:  # the resumed sweep adds the trials it restores
+        replayed.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        forgetful.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+
+    def recorded(asha):
+        return [sorted(values.values()) for _, values in asha._brackets[0]._rungs]
+
+    assert recorded(replayed) == recorded(live) and recorded(forgetful) == [[], [], []]
+    weak = {"training_iteration": 1, "test_loss": 2.5}  # a third trial, worse than both at the first rung
+    decisions = []
+    for asha in (live, replayed, forgetful):
+        asha.on_trial_add(None, SimpleNamespace(trial_id="c"))
+        decisions.append(asha.on_trial_result(None, SimpleNamespace(trial_id="c"), weak))
+    assert decisions == [TrialScheduler.STOP, TrialScheduler.STOP, TrialScheduler.CONTINUE]
