@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -473,9 +474,9 @@ def build_tuner(
             storage_path=plan.storage.root,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=launch.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=launch.metric, checkpoint_score_order=launch.mode
-            ),
+            # Every snapshot is kept for analysis; a checkpoint only resumes the trial: its latest is all it needs
+            # (STORAGE_CHECKPOINTS counts the one being written beside it).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             stop={"training_iteration": plan.iterations},
             callbacks=callbacks,
             verbose=0,
@@ -624,17 +625,51 @@ def grace_tokens_unused(plan: Plan) -> str | None:
             f"(its brackets set their own rungs, and may compare trials before a phase change); asha and halving use them")
 
 
+STORAGE_CHECKPOINTS = 2
+"""Checkpoints a trial holds at once: its latest, and the next while it is written."""
+
+
+def storage_footprint(plan: Plan) -> dict[str, float]:
+    """Bytes the sweep writes, about: every snapshot, and STORAGE_CHECKPOINTS checkpoints a trial."""
+    rows = plan.snapshot_plan()
+    scale = plan.trial_count / len(plan.trials)  # the probe trials stand for the sweep's trials
+    snapshots = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows) * scale
+    checkpoints = sum(STORAGE_CHECKPOINTS * row["checkpoint_bytes"] * row["trials"] for row in rows) * scale
+    return {"snapshots": snapshots, "checkpoints": checkpoints, "total": snapshots + checkpoints}
+
+
+def check_room(plan: Plan) -> None:
+    """A local --storage without room for the sweep's footprint is refused before any trial runs."""
+    if plan.storage.is_s3:
+        return
+    from .trajectory import human_bytes
+
+    folder = Path(plan.storage.root)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    needed = storage_footprint(plan)
+    if needed["total"] > free:
+        raise ConfigError(
+            f"--storage {plan.storage.uri} has {human_bytes(free)} free; the sweep needs about "
+            f"{human_bytes(needed['total'])} (snapshots {human_bytes(needed['snapshots'])}, checkpoints "
+            f"{human_bytes(needed['checkpoints'])}): free space, pick another --storage, or write fewer snapshots "
+            "(--snapshots log:10 or none, --snapshot-dtype bfloat16)")
+
+
 def snapshot_summary(plan: Plan) -> str:
-    """One line: how many snapshots each trial writes and their bytes, per trial and for the sweep."""
+    """One line: the sweep's storage footprint, and how many snapshots each trial writes and their bytes."""
     from .trajectory import human_bytes
 
     rows = plan.snapshot_plan()
+    footprint = storage_footprint(plan)
+    checkpoint = f"checkpoints {human_bytes(footprint['checkpoints'])} (the latest of each trial, and the next)"
     schedule = plan.fixed.get("snapshots", "log")
     if not any(row["snapshots"] for row in rows):
-        return "snapshots: none (--snapshots none)"
-    planned = sum(row["snapshots"] * row["bytes_each"] * row["trials"] for row in rows)
-    total = planned * plan.trial_count / len(plan.trials)  # the probe trials stand for the sweep's trials
-    head = f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): "
+        return f"storage: about {human_bytes(footprint['total'])}: {checkpoint}; snapshots none (--snapshots none)"
+    total = footprint["snapshots"]
+    head = (f"storage: about {human_bytes(footprint['total'])}: {checkpoint}; "
+            f"snapshots ({schedule}, {plan.fixed.get('snapshot_dtype', 'float32')}): ")
     if len(rows) <= 2:
         per_trial = "; ".join(f"{row['snapshots']} x {human_bytes(row['bytes_each'])} a trial ({row['shape']})"
                               for row in rows)
@@ -665,6 +700,7 @@ def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], Non
         log_line(note)
     datasets = prepare_datasets(plan, log_line)
     log_line(snapshot_summary(plan))
+    check_room(plan)
     from .trainable import FinalFailureCallback
 
     failures = FinalFailureCallback()

@@ -42,7 +42,8 @@ def human_bytes(count: float) -> str:
 
 
 def trial_snapshot_plan(trials: list[dict[str, Any]], vocab_sizes: dict[str, int]) -> list[dict[str, Any]]:
-    """Per distinct shape of the trials: snapshots each writes, bytes of one, and how many trials share it."""
+    """Per distinct shape of the trials: snapshots each writes, bytes of one, bytes of one checkpoint, and how many
+    trials share it."""
     from .space import data_key
 
     rows: dict[str, dict[str, Any]] = {}
@@ -52,9 +53,24 @@ def trial_snapshot_plan(trials: list[dict[str, Any]], vocab_sizes: dict[str, int
         count = len(train.snapshot_steps(model.seq_len))
         size = weights_bytes(model.parameter_count, train.snapshot_dtype)
         shape = " ".join(f"{k}={trial[k]}" for k in SHAPE_KEYS if k in trial and k != "lr") + f" vocab={vocab}"
-        row = rows.setdefault(shape, {"shape": shape, "snapshots": count, "bytes_each": size, "trials": 0})
+        row = rows.setdefault(shape, {"shape": shape, "snapshots": count, "bytes_each": size, "trials": 0,
+                                      "checkpoint_bytes": checkpoint_bytes(model.parameter_count, vocab)})
         row["trials"] += 1
     return list(rows.values())
+
+
+# What a checkpoint holds besides the float32 weights: AdamW's two moments (trainer_state.pt), the tokenizer
+# (26 bytes a token of GPT-2's tokenizer.json, 60 of a bpe:N one with its merges) and the small files (heads,
+# patterns, circuits, the last checkpoint's heatmap PNGs).
+OPTIMIZER_BYTES_PER_PARAMETER = 8
+TOKENIZER_BYTES_PER_TOKEN = 60
+SMALL_FILES_BYTES = 500_000
+
+
+def checkpoint_bytes(parameters: int, vocab: int) -> int:
+    """About how many bytes one of a trial's checkpoints takes."""
+    return (parameters * (4 + OPTIMIZER_BYTES_PER_PARAMETER) + vocab * TOKENIZER_BYTES_PER_TOKEN
+            + SMALL_FILES_BYTES)
 
 
 class StorageSnapshots:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from moto.server import ThreadedMotoServer
 
-from conftest import free_port, run_env, s3_keys, s3_objects, write_reviews
+from conftest import free_port, reached_checkpoint, run_env, s3_keys, s3_objects, write_reviews
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
 
@@ -68,15 +68,46 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
         assert state["tokens_seen"] == 40960
 
 
+def mounted_tmpfs(path: Path, size: str):
+    """A tmpfs of `size` at `path` (mounting needs root, which CI has); unmounted after."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    return path
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs: fills up after a few checkpoints, after the trials first report (mounting needs root,
-    which CI has)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    """A 16 MiB tmpfs: room for the sweep's footprint at launch, filled by another writer once trials have
+    checkpointed (fill_up)."""
+    mount = mounted_tmpfs(tmp_path / "disk", "16m")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_up(disk: Path) -> None:
+    """Another process's file takes every byte left on the disk."""
+    with open(disk / "ballast", "wb") as ballast:
+        try:
+            while True:
+                ballast.write(b"\0" * 65536)
+                ballast.flush()
+        except OSError:
+            pass
+
+
+def test_a_local_storage_without_room_for_the_sweep_is_refused_before_any_trial(tmp_path, data_mirror):
+    """launch says the sweep's footprint (snapshots and checkpoints) and refuses a disk without room for it."""
+    disk = mounted_tmpfs(tmp_path / "small", "1m")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sweep.cli", "launch", "imdb", "--preset", "smoke", "--storage", str(disk),
+             "--name", "big"], env=run_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"Error: --storage {disk} has ")
+        assert "the sweep needs about" in result.stderr and "storage: about" in result.stderr
+        assert not list(disk.iterdir())  # nothing written
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.mark.usefixtures("no_stray_ray")
@@ -87,12 +118,19 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
 
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=600)
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16",
          "--grid", "batch_size=16", "--grid", "max_tokens=40960", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
          "--grid", "heads=2,4", "--grace-period", "20", "--storage", str(tiny_disk), "--name", "full"],
-        env=run_env(), capture_output=True, text=True, timeout=400,
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    deadline = time.time() + 300
+    while not reached_checkpoint(tiny_disk / "full" / "trial_*", 2):  # after the trials first report
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    fill_up(tiny_disk)
+    _, stderr = process.communicate(timeout=400)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     assert result.returncode == 2, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Error: --storage") and "is full" in last_line, last_line
@@ -131,7 +169,7 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
 
     # Every reader reads the experiment, on the full disk and on a copy with room, and says it stopped.
     roomy = tmp_path / "roomy"
-    shutil.copytree(tiny_disk, roomy)
+    shutil.copytree(tiny_disk, roomy, ignore=shutil.ignore_patterns("ballast"))
     for storage in (tiny_disk, roomy):
         for command in (["status"], ["best", "--metric", "test_loss"], ["results"], ["atlas"], ["snapshots"], ["list"],
                         ["report", "--out", str(tmp_path / "report.html")]):

@@ -38,6 +38,8 @@ def test_smoke_sweep_on_s3_then_best_from_a_fresh_process(s3_server, data_mirror
     logs = [p for p in Path("/tmp/ray/session_latest/logs").rglob("*") if p.is_file()]
     assert logs, "no Ray logs to scan"
     assert S3_SECRET not in launched.stdout + launched.stderr
+    assert "storage: about" in launched.stderr and "checkpoints" in launched.stderr  # the footprint, said first
+    assert "next: sweep atlas imdb-smoke" in launched.stdout
     assert not [p for p in logs if S3_SECRET.encode() in p.read_bytes()]  # nor in any Ray log
     best = json.loads(sweep("best", "--storage", "s3://bucket/exp", "--metric", "test_loss", "--json").stdout)
     assert best["experiment"] == "imdb-smoke" and best["storage"] == "s3://bucket/exp"
