@@ -238,3 +238,56 @@ def test_the_repeat_task_records_its_own_vocabulary_and_refuses_a_tokenizer(tmp_
     refused = invoke("train", "repeat", "--tokenizer", "bpe:512", "--out", tmp_path / "run")
     assert refused.exit_code == 2 and "does not apply to the repeat task" in refused.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_head_type_forms_where_its_pattern_or_its_use_first_appears():
+    """Previous-token heads at 0.35 whose removal costs 1.4 nats are in use before their pattern reads 0.4: formed_at
+    takes the first snapshot where either appears, and says which; a head whose removal costs nothing forms only by
+    its pattern."""
+    import pyarrow as pa
+
+    from sweep.table import SCHEMA, formed_at
+
+    rows = []
+
+    def add(trial, step, layer, head, analysis, measure, value):
+        rows.append({"trial": trial, "step": step, "tokens_seen": step * 1000, "layer": layer, "head": head,
+                     "measure": measure, "value": value, "analysis": analysis, "version": 1, "sender": None,
+                     "receiver": None})
+
+    for step, (score, cost) in enumerate([(0.1, 0.01), (0.35, 1.4), (0.45, 1.6)]):  # used at step 1, 0.4 at step 2
+        add("used", step, 0, 0, "scores", "previous_token", score)
+        add("used", step, 0, 0, "ablation", "ablation_repeated", cost)
+        add("used", step, 1, 0, "scores", "induction", [0.05, 0.5, 0.9][step])
+    for step, score in enumerate([0.1, 0.35, 0.45]):  # the same pattern, costing nothing when removed
+        add("idle", step, 0, 0, "scores", "previous_token", score)
+        add("idle", step, 0, 0, "ablation", "ablation_repeated", 0.01)
+    found = formed_at(pa.Table.from_pylist(rows, schema=SCHEMA))
+    assert (found["used"]["prev_token_formed_at"], found["used"]["prev_token_formed_by"]) == (1000, "use")
+    assert (found["used"]["induction_formed_at"], found["used"]["induction_formed_by"]) == (1000, "pattern")
+    assert (found["idle"]["prev_token_formed_at"], found["idle"]["prev_token_formed_by"]) == (2000, "pattern")
+    assert found["idle"]["induction_formed_at"] is None
+
+
+def test_best_reads_formed_at_as_results_do_whatever_the_metric(tmp_path):
+    """`sweep best --json` gives one formed_at per trial, the finest available, with the default metric as with
+    --metric induction_formed_at, and says its resolution."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweep.table import SCHEMA
+
+    storage = tmp_path / "results"
+    fake_experiment(storage, "formed", {"a": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512}})
+    (storage / "formed" / "analysis").mkdir()
+    rows = [{"trial": "a", "step": step, "tokens_seen": tokens, "layer": 1, "head": 0, "measure": "induction",
+             "value": value, "analysis": "scores", "version": 2, "sender": None, "receiver": None}
+            for step, tokens, value in ((0, 0, 0.1), (1, 384, 0.5), (2, 512, 0.6))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), storage / "formed" / "analysis" / "part-a.parquet")
+    by_loss = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
+    by_formed = json.loads(invoke("best", "formed", "--storage", storage, "--metric", "induction_formed_at",
+                                  "--json").output)
+    for document in (by_loss, by_formed):
+        assert document["trials"][0]["metrics"]["induction_formed_at"] == 384  # the snapshot, not the iteration
+        assert document["formed_at_resolution"] == "snapshots"
+    assert "384" in invoke("results", "formed", "--storage", storage).output

@@ -266,8 +266,8 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
 
     # Developmental stages: the LLC at every snapshot has a stage boundary at the induction phase change of the
     # 2-layer trial (within one snapshot of its formed_at) and none there for the 1-layer trial.
-    sweep("analyse", "ind", "--storage", storage, "--what", "llc", timeout=900)
-    listed = json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=600).stdout)["trials"]
+    # (stages computes the LLC it needs at every snapshot first, as `sweep analyse --what llc` would)
+    listed = json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=900).stdout)["trials"]
     stages = {t["trial_id"]: t for t in listed}
     two = stages[best["trial_id"]]
     snapshot_tokens = [row["tokens_seen"] for row in two["llc"]]
@@ -316,9 +316,21 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     by_layers = {group["value"]: group["circuit"] for group in atlas["groups"]["layers"]}
     assert "head -> k" in by_layers[2]["kinds"] and "head -> k" not in by_layers[1]["kinds"]
 
+    # One formed_at per trial everywhere: best (with its default metric), results, the atlas, stages, the report
+    by_loss = json.loads(sweep("best", "ind", "--storage", storage, "--json").stdout)
+    readings = {row["trial_id"]: row["metrics"]["induction_formed_at"] for row in by_loss["trials"]}
+    assert readings == formed_at and by_loss["formed_at_resolution"] == "snapshots", (readings, formed_at)
+    sweep("results", "ind", "--storage", storage, "--csv", tmp_path / "results.csv")
+    import csv
+
+    rows = {r["trial_id"]: r["induction_formed_at"] for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert {t: int(v) if v else None for t, v in rows.items()} == formed_at
+    assert two["circuits"]["induction_formed_at"]["tokens_seen"] == formed_at[best["trial_id"]]
+
     sweep("report", "ind", "--storage", storage, "--out", tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
     assert 'id="stages"' in html and "LLC and essential dynamics of every trial" in html
+    assert f"{formed_at[best['trial_id']]:,}" in html and "formed_at: the first snapshot" in html
     assert "<h3>Causal circuit</h3>" in html and html.count('aria-label="circuit graph"') >= 3
     assert "Circuits by axis" in html
 
