@@ -148,9 +148,8 @@ def composition_scores(model: Transformer) -> dict[str, list]:
             for kind, second in (("q", W_QK[layer2]), ("k", W_QK[layer2].transpose(1, 2)), ("v", W_OV[layer2])):
                 product_norm = (ov1 @ second[None]).flatten(-2).norm(dim=-1)  # (nh1, nh2)
                 score = product_norm / (norm_ov1 * second.flatten(-2).norm(dim=-1)[None]).clamp_min(1e-12)
-                for head1 in range(heads):
-                    for head2 in range(heads):
-                        results[kind][layer1][head1][layer2][head2] = float(score[head1, head2])
+                for head1, row in enumerate(score.tolist()):  # one copy to the host for the whole layer pair
+                    results[kind][layer1][head1][layer2] = row
     return results
 
 
@@ -234,8 +233,8 @@ def composition_null(model: Transformer) -> dict[str, dict[str, float]] | None:
     result = {}
     for kind, parts in scores.items():
         values = torch.cat(parts)
-        result[kind] = {"mean": float(values.mean()), "std": float(values.std()), "max": float(values.max()),
-                        "pairs": int(values.numel())}
+        mean, std, top = torch.stack([values.mean(), values.std(), values.max()]).tolist()
+        result[kind] = {"mean": mean, "std": std, "max": top, "pairs": int(values.numel())}
     return result
 
 
@@ -336,10 +335,13 @@ def head_scores(
 
     thresholds = cfg.thresholds()
     heads = []
+    # to the host once: every layer's scores [layer][name] -> per-head lists
+    per_layer = [{name: values.float().tolist() for name, values in scores.items()} for scores in per_layer]
+    copying = copying.tolist()
     for layer, scores in enumerate(per_layer):
         for head in range(model.cfg.n_heads):
-            values = {name: float(scores[name][head]) for name in SCORE_NAMES if name != "copying"}
-            values["copying"] = float(copying[layer, head])
+            values = {name: scores[name][head] for name in SCORE_NAMES if name != "copying"}
+            values["copying"] = copying[layer][head]
             values = {name: values[name] for name in SCORE_NAMES}
             # copying is labelled only beside `matters` (label_matters): an OV circuit that copies but costs nothing
             # when removed says nothing of what the model does

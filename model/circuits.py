@@ -79,15 +79,12 @@ def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Te
             hook.remove()
     means = [z.reshape(-1, heads * d_head)[real].float().mean(0).to(z.dtype) for z in captured]  # per layer: (heads * d_head,)
 
-    def losses() -> tuple[float, float]:
-        held = _token_losses(model, held_out)
-        rep = _token_losses(model, repeated)[:, period:]
-        return float(held.nanmean()), float(rep.mean())
+    def losses() -> torch.Tensor:
+        return torch.stack([_token_losses(model, held_out).nanmean(), _token_losses(model, repeated)[:, period:].mean()])
 
-    base_held, base_repeated = float(clean.nanmean()), float(_token_losses(model, repeated)[:, period:].mean())
-    results = []
+    base = torch.stack([clean.nanmean(), _token_losses(model, repeated)[:, period:].mean()])
+    measured = []  # device tensors, read once at the end
     for layer in range(model.cfg.n_layers):
-        row = []
         for head in range(heads):
             columns = slice(head * d_head, (head + 1) * d_head)
 
@@ -98,12 +95,12 @@ def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Te
 
             hook = model.blocks[layer].attn.out.register_forward_pre_hook(lambda module, args, replace=replace: (replace(args[0]),))
             try:
-                held, rep = losses()
+                measured.append(losses() - base)
             finally:
                 hook.remove()
-            row.append({"held_out": held - base_held, "repeated": rep - base_repeated})
-        results.append(row)
-    return results
+    rises = torch.stack(measured).tolist()
+    return [[{"held_out": held, "repeated": rep} for held, rep in rises[layer * heads : (layer + 1) * heads]]
+            for layer in range(model.cfg.n_layers)]
 
 
 # ---------------------------------------------------------------- token tables
@@ -164,8 +161,9 @@ def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: 
 
     def table(scores: torch.Tensor, source_names: _Names, target_names: _Names) -> list[dict[str, Any]]:
         top = scores[:rows].topk(min(cfg.top, scores.shape[1]), dim=1)
+        values, indices = top.values.tolist(), top.indices.tolist()  # one copy to the host a table
         return [
-            {"token": source_names[r], "top": [[target_names[c], round(float(v), 4)] for v, c in zip(top.values[r], top.indices[r])]}
+            {"token": source_names[r], "top": [[target_names[c], round(v, 4)] for v, c in zip(values[r], indices[r])]}
             for r in range(rows)
         ]
 
@@ -219,11 +217,15 @@ def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: _Names, count: int
     # the best `count` of each row first, then of those: one flat top-k over K^2 entries is 5x slower on CPU
     per_row = scores.topk(min(count, scores.shape[1]), dim=1)
     top = per_row.values.flatten().topk(min(count, per_row.values.numel()))
-    trigrams = []
+    keys, best = per_row.indices.flatten().tolist(), best_c.indices.tolist()  # to the host once
+    found = []  # (score, a, b, c)
     for value, flat in zip(top.values.tolist(), top.indices.tolist()):
-        a = flat // per_row.indices.shape[1]
-        b = int(per_row.indices.flatten()[flat])
-        c = int(best_c.indices[b])
-        trigrams.append({"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4),
-                         "qk": round(float(attend[a, b]), 4), "ov": round(float(raise_[b, c]), 4)})
-    return trigrams
+        b = keys[flat]
+        found.append((value, flat // per_row.indices.shape[1], b, best[b]))
+    if not found:
+        return []
+    _, rows_a, keys_b, outs_c = zip(*found)
+    qk = attend[list(rows_a), list(keys_b)].tolist()  # the two centred entries behind each score, one copy each
+    ov = raise_[list(keys_b), list(outs_c)].tolist()
+    return [{"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4), "qk": round(q, 4), "ov": round(o, 4)}
+            for (value, a, b, c), q, o in zip(found, qk, ov)]

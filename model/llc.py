@@ -308,9 +308,10 @@ def output_features(model: torch.nn.Module, windows: torch.Tensor, dims: int = 2
     in essential dynamics. Vocabularies wider than `dims` are projected by a fixed Gaussian matrix (distances, and
     so the PCA, are kept up to a small distortion)."""
     model.eval()
-    log_probs = torch.log_softmax(model(windows[:, :-1].long()).float(), dim=-1)  # (B, T, vocab)
+    device = next(model.parameters()).device
+    log_probs = torch.log_softmax(model(windows[:, :-1].long().to(device)).float(), dim=-1)  # (B, T, vocab)
     vocab = log_probs.shape[-1]
     if vocab > dims:
         projection = torch.randn(vocab, dims, generator=torch.Generator().manual_seed(seed)) / math.sqrt(dims)
-        log_probs = log_probs @ projection
-    return log_probs.reshape(-1).numpy()
+        log_probs = log_probs @ projection.to(device)
+    return log_probs.reshape(-1).cpu().numpy()

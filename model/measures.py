@@ -93,10 +93,14 @@ def _score_rows(model: Transformer, probe: Probe) -> list[Row]:
     return [(h["layer"], h["head"], name, float(h["scores"][name])) for h in document["heads"] for name in SCORE_NAMES]
 
 
+def _device(model: Transformer) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _ablation_rows(model: Transformer, probe: Probe) -> list[Row]:
     cfg = probe.analysis
-    windows = probe.held_out[: cfg.ablation_sequences].long()
-    repeated = repeated_tokens(model.cfg, cfg)[: cfg.ablation_sequences]
+    windows = probe.held_out[: cfg.ablation_sequences].long().to(_device(model))
+    repeated = repeated_tokens(model.cfg, cfg)[: cfg.ablation_sequences].to(_device(model))
     rises = mean_ablation(model, windows, repeated, model.cfg.seq_len // 2)
     return [
         (layer, head, f"ablation_{kind}", float(value))
@@ -142,6 +146,7 @@ def llc_problem(probe: Probe):
         return windows[torch.randint(0, windows.shape[0], (config.batch_size,), generator=generator)]
 
     def loss(net: Transformer, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(_device(net))  # the probe lives on the host; the net wherever it was put
         return net.training_loss(batch[:, :-1], batch[:, 1:])
 
     return loss, sample, config.batch_size * seq_len, config

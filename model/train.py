@@ -93,10 +93,9 @@ class Trainer:
         self.analysis_cfg = analysis_cfg
         self.tokenizer = tokenizer
         self.device = resolve_device(train_cfg.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # cuda:N: kernels, timings and synchronize() all on that GPU
         self.autocast_dtype = resolve_autocast_dtype(train_cfg.dtype, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
         # Threads from the CPUs this run was given: two runs that each take every core run 5x slower.
         torch.set_num_threads(train_cfg.cpu_threads())
@@ -117,6 +116,8 @@ class Trainer:
         )
         # Windows live on the training device: batches are gathered there with no copy.
         self.train_windows = torch.as_tensor(np.array(train_windows, dtype=np.int32), device=self.device)
+        # Known once, from the host's copy: the step never asks the device whether a batch holds padding.
+        self.padded = bool((np.asarray(train_windows) < 0).any())
         self.eval_windows = torch.as_tensor(
             held_out_sample(test_windows, train_cfg.eval_tokens, model_cfg.seq_len), device=self.device
         )
@@ -184,20 +185,25 @@ class Trainer:
         return self.step >= self.total_steps
 
     def _batch_indices(self, step: int) -> torch.Tensor:
-        """Rows of batch `step`: a fresh seeded permutation per epoch, so resuming needs only the step."""
-        count = self.train_windows.shape[0]
-        sample = np.arange(step * self.train_cfg.batch_size, (step + 1) * self.train_cfg.batch_size)
-        epochs, offsets = np.divmod(sample, count)
-        rows = np.empty_like(sample)
-        for epoch in np.unique(epochs):
-            chosen = epochs == epoch
-            rows[chosen] = self._epoch_permutation(int(epoch))[offsets[chosen]]
-        return torch.from_numpy(rows).to(self.device)
+        """Rows of batch `step`: a fresh seeded permutation per epoch, so resuming needs only the step. The
+        permutation lives on the device, sliced there: a step copies nothing from the host."""
+        count, size = self.train_windows.shape[0], self.train_cfg.batch_size
+        start, end = step * size, (step + 1) * size
+        pieces = []
+        while start < end:  # a batch that crosses an epoch's end takes the next epoch's first rows
+            epoch, offset = divmod(start, count)
+            taken = min(end - start, count - offset)
+            pieces.append(self._epoch_permutation(epoch)[offset : offset + taken])
+            start += taken
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._permutation_epoch:
             rng = np.random.default_rng([self.train_cfg.seed, epoch])
-            self._permutation = rng.permutation(self.train_windows.shape[0])
+            rows = torch.from_numpy(rng.permutation(self.train_windows.shape[0]))
+            if self.device.type == "cuda":
+                rows = rows.pin_memory()  # one asynchronous copy an epoch
+            self._permutation = rows.to(self.device, non_blocking=True)
             self._permutation_epoch = epoch
         return self._permutation
 
@@ -208,33 +214,12 @@ class Trainer:
 
     def train_iteration(self) -> dict[str, Any]:
         """Train one iteration, evaluate, and return the metrics of the contract."""
-        self.model.train()
         last_step = min(self.step + self.steps_per_iteration, self.total_steps)
-        loss_sum = torch.zeros((), device=self.device)
         steps = last_step - self.step
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        self._snapshot()  # step 0: the initialisation
-        while self.step < last_step:
-            windows = self.train_windows[self._batch_indices(self.step)].long()
-            with self._autocast():
-                loss = self.training_loss(windows[:, :-1], windows[:, 1:])
-            # A non-finite loss poisons the weights: stop at once, with the reason.
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"nan_loss: training loss became {loss.item()} at step {self.step} "
-                    f"(tokens_seen {self.tokens_seen}); lower --lr"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            loss_sum += loss.detach()
-            self.step += 1
-            self._snapshot()
+        loss_sum = self.train_steps(last_step)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -252,6 +237,52 @@ class Trainer:
         self.history.append({key: metrics[key] for key in ("tokens_seen", "test_loss", "icl_score")}
                             | {"iteration": self.iteration, "heads": metrics["head_scores"]})
         return metrics
+
+    def train_steps(self, last_step: int) -> torch.Tensor:
+        """Optimizer steps up to `last_step`; returns the sum of their losses (a device tensor).
+
+        Nothing in a step waits for the device: batch rows are sliced on it, whether a batch may hold padding is
+        known from the host, and a non-finite loss is caught by a device flag read once, after the steps (and
+        before any snapshot), raising NonFiniteLossError with the step it happened at.
+        """
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # steps since `start`, or -1
+        bad_loss = torch.zeros((), device=self.device)
+        start = self.step
+        counter = torch.zeros((), dtype=torch.long, device=self.device)
+        self._snapshot()  # step 0: the initialisation
+        with _tf32(self.device):
+            while self.step < last_step:
+                windows = self.train_windows[self._batch_indices(self.step)].long()
+                with self._autocast():
+                    loss = self.training_loss(windows[:, :-1], windows[:, 1:], self.padded)
+                detached = loss.detach()
+                newly_bad = ~torch.isfinite(detached) & (first_bad < 0)
+                first_bad = torch.where(newly_bad, counter, first_bad)
+                bad_loss = torch.where(newly_bad, detached.float(), bad_loss)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.train_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                loss_sum += detached
+                counter += 1
+                self.step += 1
+                if self.snapshot_writer is not None and self.step in self._snapshot_set:
+                    self._stop_if_non_finite(first_bad, bad_loss, start)  # never a snapshot of poisoned weights
+                self._snapshot()
+        self._stop_if_non_finite(first_bad, bad_loss, start)
+        return loss_sum
+
+    def _stop_if_non_finite(self, first_bad: torch.Tensor, bad_loss: torch.Tensor, start: int) -> None:
+        """A non-finite loss poisons the weights: the run stops, with the step and tokens where it happened."""
+        steps_in = int(first_bad)  # the one read of the flag
+        if steps_in >= 0:
+            step = start + steps_in
+            raise NonFiniteLossError(f"nan_loss: training loss became {float(bad_loss)} at step {step} "
+                                     f"(tokens_seen {step * self.tokens_per_step}); lower --lr")
 
     def analyse(self) -> dict[str, Any]:
         """Head scores every iteration; ablation and token tables every `circuits_every` and on the last.
@@ -343,6 +374,21 @@ class Trainer:
         self.formed_at.update(state.get("formed_at", {}))
         history = directory / HISTORY_FILE
         self.history = [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration] if history.is_file() else []
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device):
+    """TF32 matmuls for the training step only, on a GPU: analysis and evaluation keep full fp32, so scores near a
+    label's threshold read the same as on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def can_compile(device: torch.device) -> bool:

@@ -24,10 +24,14 @@ from .config import ModelConfig
 PAD_ID = -1  # marks padding inside token windows; never a real token id
 
 
-def attention_mask(tokens: torch.Tensor) -> torch.Tensor | None:
-    """Boolean [batch, 1, query, key] mask (True = may attend), or None when nothing is padded."""
+def attention_mask(tokens: torch.Tensor, padded: bool | None = None) -> torch.Tensor | None:
+    """Boolean [batch, 1, query, key] mask (True = may attend), or None when nothing is padded.
+
+    `padded`: whether the batch may hold padding, when the caller knows (the trainer knows it of its data); None
+    looks, which costs a host sync on a GPU, once a forward pass.
+    """
     key_is_real = tokens >= 0
-    if bool(key_is_real.all()):
+    if padded is False or (padded is None and bool(key_is_real.all())):
         return None  # plain causal attention: the fused kernel's fastest path
     seq_len = tokens.shape[1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=tokens.device).tril()
@@ -191,15 +195,15 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _residual(
-        self, tokens: torch.Tensor, return_patterns: bool
+        self, tokens: torch.Tensor, return_patterns: bool, padded: bool | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The normalised final residual stream [batch, pos, d_model] and the patterns."""
+        """The normalised final residual stream [batch, pos, d_model] and the patterns (`padded`: attention_mask)."""
         batch, seq_len = tokens.shape
         if seq_len > self.cfg.seq_len:
             raise ValueError(
                 f"sequence of {seq_len} tokens is longer than the model's context ({self.cfg.seq_len})"
             )
-        mask = attention_mask(tokens)
+        mask = attention_mask(tokens, padded)
         positions = torch.arange(seq_len, device=tokens.device)
         x = self.embed(tokens.clamp_min(0)) + self.pos_embed(positions)  # (B, T, C)
         patterns = []
@@ -224,14 +228,15 @@ class Transformer(nn.Module):
             return logits
         return logits, next_token_loss(logits, targets)
 
-    def training_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def training_loss(self, tokens: torch.Tensor, targets: torch.Tensor, padded: bool | None = None) -> torch.Tensor:
         """The mean next-token loss of `forward`, without ever forming the [tokens, vocab] logits.
 
         The unembedding and cross entropy run fused, chunk by chunk (see
         `UnembedCrossEntropy`): at the study's vocabulary of 50257 the
         logits, their fp32 copy and the log-softmax were most of a step.
+        `padded`: whether the batch may hold padding (None: look; attention_mask).
         """
-        residual, _ = self._residual(tokens, return_patterns=False)
+        residual, _ = self._residual(tokens, return_patterns=False, padded=padded)
         return unembed_cross_entropy(residual.reshape(-1, residual.shape[-1]), self.unembed.weight, targets.reshape(-1))
 
     @torch.no_grad()
@@ -303,9 +308,11 @@ def unembed_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy).
 
-    The default chunk holds about 2M fp32 logits (8 MB), the fastest size measured
-    at vocab 8192 and 50257 (benchmarks/RESULTS.md).
+    The default chunk on CPU holds about 2M fp32 logits (8 MB), the fastest size measured at vocab 8192 and
+    50257 (benchmarks/RESULTS.md); on a GPU, which has the memory and wants few large kernels, 256M (1 GB):
+    a whole batch of the study's is one chunk.
     """
     if chunk_size is None:
-        chunk_size = max(128, 2**21 // weight.shape[0])
+        logits = 2**21 if hidden.device.type == "cpu" else 2**28
+        chunk_size = max(128, logits // weight.shape[0])
     return UnembedCrossEntropy.apply(hidden, weight, targets, chunk_size)

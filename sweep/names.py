@@ -8,7 +8,7 @@ SWEEP_FILE = "sweep.json"  # our own record of how the sweep was launched (for r
 
 # Failures that would only repeat if retried: a trial reports one of these names as a metric,
 # then errors once (sweep.trainable); results show the name as the trial's error.
-FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full")
+FINAL_FAILURES = ("nan_loss", "out_of_memory", "storage_full", "gpu_unavailable")
 # A trial that fails finally leaves an empty file `final_failure-<reason>` in its folder, whatever else it could write.
 FAILURE_MARKER = "final_failure-"
 

@@ -99,8 +99,9 @@ class LaunchConfig:
             raise ConfigError(f"--mode must be min or max, got {self.mode!r}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.memory_per_trial_mb < 0:
             raise ConfigError("--cpus-per-trial must be positive, --gpus-per-trial and --memory-per-trial non-negative")
-        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
-            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: above 1 it must be a whole number of GPUs")
+        if self.gpus_per_trial > 1:
+            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on one GPU; give 1, or a "
+                              "fraction to share one GPU between trials (0.5: two trials a GPU)")
         if self.search not in ("grid", "random", "optuna"):
             raise ConfigError(f"--search must be grid, random or optuna, got {self.search!r}")
         if self.scheduler not in (None, *SCHEDULERS):

@@ -36,6 +36,14 @@ class TrialOutOfMemory(RuntimeError):
     """The trial needs more memory than it was given."""
 
 
+class GpuUnavailable(RuntimeError):
+    """Ray gave the trial a GPU its node's torch cannot use."""
+
+
+class GpuOutOfMemory(RuntimeError):
+    """The trial's GPU ran out of memory: retried, unlike the trial's own memory limit."""
+
+
 class StorageFull(OSError):
     """The experiment's storage has no room for the trial's checkpoint."""
 
@@ -49,12 +57,15 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
     data_cfg, model_cfg, train_cfg = trial_configs(config)
     # As many torch threads as CPUs Ray reserved for the trial: more would oversubscribe the node.
     train_cfg = dataclasses.replace(train_cfg, threads=settings.threads)
+    try:
+        start_gpu(ray.get_gpu_ids(), ray.util.get_node_ip_address())
+    except GpuUnavailable:
+        _report_final_failure(settings, "gpu_unavailable", 0)  # a retry on the same node fails the same way
+        raise
     limit_memory(settings.memory_per_trial_mb)
     train_windows, test_windows, tokenizer_json = ray.get(datasets[data_key(config)])
     tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), data_cfg.tokenizer)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    if train_cfg.device != "cpu" and not torch.cuda.is_available() and ray.get_gpu_ids():
-        log.warning("trial was given a GPU by Ray but CUDA is not available; training on CPU")
     trainer = None
     try:
         trainer = Trainer(model_cfg, train_cfg, train_windows, test_windows, tokenizer, data_cfg)
@@ -88,6 +99,12 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
     except NonFiniteLossError:
         _report_final_failure(settings, "nan_loss", trainer.tokens_seen)
         raise
+    except torch.cuda.OutOfMemoryError as error:
+        # The GPU's memory, not the trial's --memory-per-trial: another trial's peak on a shared GPU may have taken
+        # it, so Tune retries the trial (--max-failures) from its checkpoint.
+        raise GpuOutOfMemory(f"cuda_out_of_memory: the GPU ran out of memory ({str(error).splitlines()[0][:160]}); "
+                             "retried from the last checkpoint; if it persists, lower batch_size or share each GPU "
+                             "between fewer trials (--gpus-per-trial)") from None
     except (MemoryError, RuntimeError) as error:
         if not _is_out_of_memory(error):
             raise
@@ -99,6 +116,17 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
             f"(--memory-per-trial {settings.memory_per_trial_mb or 'unset'} MB); "
             f"lower d_model, batch_size or seq_len, or give trials more memory ({str(error).splitlines()[0][:160]})"
         ) from None
+
+
+def start_gpu(gpu_ids: list, node: str) -> None:
+    """A trial Ray gave a GPU starts CUDA before anything else (before the memory limit: CUDA reserves a large
+    address space as it starts); without CUDA it fails in one line, never a silent CPU run in a GPU's place."""
+    if not gpu_ids:
+        return
+    if not torch.cuda.is_available():
+        raise GpuUnavailable(f"gpu_unavailable: Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node {node}, "
+                             "but CUDA is not available there (its driver, CUDA_VISIBLE_DEVICES, a CPU build of torch?)")
+    torch.cuda.init()
 
 
 def trial_snapshots(settings: TrialSettings) -> StorageSnapshots:

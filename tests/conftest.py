@@ -27,9 +27,23 @@ WORDS = (
 ).split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 @pytest.fixture(autouse=True)
-def isolated_environment(tmp_path_factory, monkeypatch):
-    """Every test gets its own caches and never reaches the Hub or a real AWS account."""
+def isolated_environment(tmp_path_factory, monkeypatch, request):
+    """Every test gets its own caches and never reaches the Hub or a real AWS account; every test but a `gpu` one
+    runs on the CPU, in this process and the ones it starts, even on a machine with a GPU."""
+    if not request.node.get_closest_marker("gpu"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("SWEEP_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))

@@ -40,6 +40,7 @@ def storage(tmp_path):
         (["launch", "imdb", "--grid", "tokenizer=bpe:2048,bpe:x"], "N in bpe:N must be an integer"),
         (["launch", "imdb", "--grid", "max_tokens=10"], "--grid max_tokens=10 is less than one step"),
         (["launch", "imdb", "--metric", "test_los"], "is never reported (did you mean test_loss?)"),
+        (["launch", "imdb", "--gpus-per-trial", "2"], "--gpus-per-trial 2: a trial trains on one GPU"),
         (["launch"], "DATASET is missing"),
         (["launch", "imdb", "--tokenizer", "bpe:x"], "N in bpe:N must be an integer"),
         (["launch", "imdb", "--metric", "accuracy"], "--metric 'accuracy' is never reported"),
@@ -151,3 +152,13 @@ def test_wrong_credentials(tmp_path, monkeypatch, data_mirror):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_trial_given_a_gpu_without_cuda_fails_in_one_line():
+    """Never a silent CPU run in a GPU's place (the tests run with CUDA hidden)."""
+    from sweep.trainable import GpuUnavailable, start_gpu
+
+    start_gpu([], "10.0.0.1")  # no GPU given: nothing to start
+    with pytest.raises(GpuUnavailable, match=r"^gpu_unavailable: Ray gave this trial GPU 0 on node 10.0.0.1, but CUDA "
+                                             r"is not available there"):
+        start_gpu([0], "10.0.0.1")

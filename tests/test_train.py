@@ -94,6 +94,54 @@ def test_diverging_loss_stops_with_nan_loss(small_data):
             trainer.train_iteration()
 
 
+def test_the_step_trains_on_the_same_rows_to_the_same_losses_as_a_plain_loop(small_data):
+    """The step slices the epoch's permutation on the device and never asks it about padding or a non-finite loss:
+    the same rows (the seeded numpy permutation, an epoch boundary crossed mid-batch) and the same losses, to the
+    last digit, as a plain loop that builds the rows on the host and checks every loss at once."""
+    size = 900  # rows a step: the windows' epoch ends inside the fourth batch
+    trainer = make_trainer(small_data, batch_size=size, max_tokens=4 * size * 16)
+    reference = make_trainer(small_data, batch_size=size, max_tokens=4 * size * 16)
+    count = reference.train_windows.shape[0]
+    assert 3 * size < count < 4 * size, count
+    ours, theirs = [], []
+    for step in range(4):
+        ours.append(float(trainer.train_steps(step + 1)))
+        sample = np.arange(step * size, (step + 1) * size)
+        epochs, offsets = np.divmod(sample, count)
+        rows = np.array([np.random.default_rng([0, int(e)]).permutation(count)[o] for e, o in zip(epochs, offsets)])
+        assert torch.equal(trainer._batch_indices(step).cpu(), torch.from_numpy(rows))
+        windows = reference.train_windows[torch.from_numpy(rows)].long()
+        reference.model.train()
+        loss = reference.model.training_loss(windows[:, :-1], windows[:, 1:])
+        assert torch.isfinite(loss)
+        reference.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.model.parameters(), reference.train_cfg.grad_clip)
+        reference.optimizer.step()
+        reference.scheduler.step()
+        theirs.append(float(loss))
+    assert ours == theirs
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_writes_no_snapshot_after_it(small_data, tmp_path):
+    from model.snapshots import FolderSnapshots, list_snapshots
+
+    trainer = make_trainer(small_data, snapshots="every:128", max_tokens=1024, eval_every_tokens=1024)
+    trainer.attach_snapshots(FolderSnapshots(tmp_path / "snapshots"))
+    honest, calls = trainer.training_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = honest(*args)
+        return loss * float("nan") if len(calls) == 4 else loss  # step 3 (from 0) goes non-finite
+
+    trainer.training_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"^nan_loss: training loss became nan at step 3 \(tokens_seen 384\)"):
+        trainer.train_iteration()
+    written = [row["step"] for row in list_snapshots(tmp_path / "snapshots")]
+    assert written == [0, 1, 2, 3]  # the weights after step 3's update are poisoned: no snapshot of them
+
+
 class Bomb:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
