@@ -506,7 +506,9 @@ def results_rows(experiment: Experiment) -> tuple[list[str], list[dict[str, Any]
     Config columns keep their names; a metric whose name is also a config key (lr) is `metric/lr`.
     """
     config_keys = sorted({k for t in experiment.trials for k in t.config})
-    metric_keys = [m for m in (*REPORTED_METRICS, *FINAL_FAILURES) if any(m in t.metrics for t in experiment.trials)]
+    formed_by = ("induction_formed_by", "prev_token_formed_by")  # what a snapshot-resolution formed_at was read from
+    metric_keys = [m for m in (*REPORTED_METRICS, *formed_by, *FINAL_FAILURES)
+                   if any(m in t.metrics for t in experiment.trials)]
 
     def column(metric: str) -> str:
         return f"metric/{metric}" if metric in config_keys else metric

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import re
 import resource
 from pathlib import Path
@@ -122,6 +123,9 @@ def start_gpu(gpu_ids: list, node: str) -> None:
     """A trial Ray gave a GPU starts CUDA before anything else (before the memory limit: CUDA reserves a large
     address space as it starts); without CUDA it fails in one line, never a silent CPU run in a GPU's place."""
     if not gpu_ids:
+        return
+    if not torch.cuda.is_available() and os.environ.get("RAY_FAKE_CLUSTER") == "1":
+        log.warning("GPU %s is a logical GPU of Ray's fake multinode cluster: training on CPU", gpu_ids)
         return
     if not torch.cuda.is_available():
         raise GpuUnavailable(f"gpu_unavailable: Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node {node}, "

@@ -100,9 +100,11 @@ def test_best_infers_the_mode_from_the_metric(storage):
     assert by_loss["mode"] == "min" and by_loss["trials"][0]["trial_id"] == "a"
     overridden = json.loads(invoke("best", "--storage", storage, "--metric", "induction_score_max", "--mode", "min", "--json").output)
     assert overridden["trials"][0]["trial_id"] == "a"
+    unreported = invoke("best", "--storage", storage, "--metric", "icl_score")
+    listed = unreported.stderr.split("reported:")[1]
+    assert unreported.exit_code == 2 and "test_loss" in listed and not any(noise in listed for noise in RAY_NOISE)
     unknown = invoke("best", "--storage", storage, "--metric", "bleu")
-    listed = unknown.stderr.split("reported:")[1]
-    assert unknown.exit_code == 2 and "test_loss" in listed and not any(noise in listed for noise in RAY_NOISE)
+    assert unknown.exit_code == 2 and "--metric 'bleu' is not a metric" in unknown.stderr
 
 
 def test_help_names_the_metrics_and_no_missing_documents():
