@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.config import ModelConfig, TrainConfig
+from model.config import ModelConfig, TrainConfig, parse_snapshots, snapshot_steps
 from model.measures import Probe, measure_model
-from model.snapshots import FolderSnapshots, parse_snapshots, snapshot_files, snapshot_steps
+from model.snapshots import FolderSnapshots, snapshot_files
 from model.tokenizers import TextTokenizer, byte_tokenizer
 from model.train import Trainer
 

@@ -39,8 +39,8 @@ import torch
 
 from model.data import prepare_data
 from model.train import Trainer
+from sweep.plan import LaunchConfig, plan_sweep
 from sweep.results import load_experiment
-from sweep.runner import LaunchConfig, plan_sweep
 from sweep.space import PRESETS, trial_configs
 from sweep.storage import open_storage
 

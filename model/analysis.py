@@ -3,6 +3,8 @@
 Score definitions follow DESIGN.md ("Head scores"), after Elhage et al. 2021
 and Olsson et al. 2022. Patterns come from the model's explicit-softmax path
 (`run_with_patterns`), so analysis never needs a second model.
+
+matplotlib is imported only to draw heatmaps.
 """
 
 from __future__ import annotations

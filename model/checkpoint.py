@@ -6,6 +6,9 @@ config), tokenizer.json, trainer_state.pt (exact resume), the analysis files
 size of every other file. Reading a checkpoint's manifest and config needs no
 torch, so the read-only commands start fast; torch is imported only to load
 weights or trainer state.
+
+torch, safetensors and the model are imported inside the functions that load: `sweep best` and `sweep results` read
+manifests and configs without them.
 """
 
 from __future__ import annotations

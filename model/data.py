@@ -5,6 +5,8 @@ Every split becomes an int32 array of windows [N, seq_len + 1]: inputs are
 token and cuts the stream with a stride of seq_len, so every token is a
 target exactly once; `pack=False` keeps the study's truncate-and-pad windows.
 Padding is PAD_ID (-1), which the model masks and the loss ignores.
+
+`datasets` (Hugging Face) is imported only to download from the Hub: a mirror or a local file never needs it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, DataConfig
-from .tokenizers import TextTokenizer, bpe_vocab_size, load_tokenizer, synthetic_tokenizer
+from .paths import cache_dir, data_mirror
+from .tokenizers import (
+    TextTokenizer,
+    bpe_vocab_size,
+    check_tokenizer_spec,
+    hub_reachable,
+    load_tokenizer,
+    synthetic_tokenizer,
+)
 from .transformer import PAD_ID
 
 CACHE_FORMAT = 1  # bump when the window layout changes
@@ -46,16 +56,6 @@ REPEAT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 REPEAT_CHUNK_ROWS = 8192
 
 
-def cache_dir() -> Path:
-    """Where tokenizers and packed windows are cached (env SWEEP_CACHE_DIR)."""
-    return Path(os.environ.get("SWEEP_CACHE_DIR", Path.home() / ".cache" / "circuit-sweep"))
-
-
-def data_mirror() -> Path | None:
-    mirror = os.environ.get("SWEEP_DATA_DIR")
-    return Path(mirror).expanduser() if mirror else None
-
-
 def check_dataset(cfg: DataConfig) -> None:
     """Fail fast on a dataset name or path that cannot be resolved."""
     if cfg.dataset in HUB_DATASETS or cfg.dataset == SYNTHETIC:
@@ -73,8 +73,6 @@ def check_dataset(cfg: DataConfig) -> None:
 def check_data(cfg: DataConfig) -> None:
     """Everything about the data that can be checked without reading it: the dataset,
     its train and test splits, and the tokenizer spec. Sweeps call it before Ray starts."""
-    from .tokenizers import check_tokenizer_spec
-
     check_dataset(cfg)
     for split in (cfg.train_split, cfg.test_split):
         check_split(cfg, split)
@@ -140,8 +138,6 @@ def _named_dataset_texts(cfg: DataConfig, split: str) -> list[str]:
 
 def _hub_texts(source: HubDataset, split: str, column: str) -> list[str]:
     import datasets
-
-    from .tokenizers import hub_reachable
 
     if split not in source.splits:
         raise ConfigError(f"{source.path} has no split {split!r}; splits: {', '.join(source.splits)}")

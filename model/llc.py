@@ -21,7 +21,7 @@ snapshots).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -159,8 +159,6 @@ def calibrate(
     """An estimate for every (eps, gamma), each judged as devinterp advises: stable when no chain diverged, the
     trace settles above L(w0) (its last half's mean above L(w0) and within 20% of its second quarter's), and the
     estimate stops depending on eps (within 20% of the next smaller eps). The largest stable eps is the pick."""
-    from dataclasses import replace
-
     rows = []
     for gamma in gammas:
         previous = None

@@ -14,7 +14,9 @@ A measure added here next month backfills into last month's sweeps: name it in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -29,10 +31,14 @@ from .analysis import (
     repeated_tokens,
 )
 from .causal import TASKS, TaskData, find_circuit
-from .circuits import mean_ablation
-from .config import DataConfig, ModelConfig, TrainConfig, from_dict
+from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
+from .circuits import mean_ablation, token_frequencies, token_tables
+from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from .data import prepare_data
 from .edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, CircuitConfig
+from .llc import LLCConfig, estimate_llc
 from .metrics import SCORE_NAMES
+from .train import evaluate_model, held_out_sample
 from .transformer import Transformer
 
 Row = tuple[int, int, str, float]  # (layer, head, measure, value); -1, -1 for the whole model
@@ -80,8 +86,6 @@ class Measure:
 
 
 def _loss_rows(model: Transformer, probe: Probe) -> list[Row]:
-    from .train import evaluate_model
-
     metrics = evaluate_model(model, probe.held_out)
     return [
         (WHOLE_MODEL, WHOLE_MODEL, name, float(metrics[name])) for name in ("test_loss", "test_accuracy", "icl_score")
@@ -136,8 +140,6 @@ def _composition_rows(model: Transformer, probe: Probe) -> list[Row]:
 def llc_problem(probe: Probe):
     """The LLC's batches and loss for a snapshot: next-token loss on the probe's held-out windows, with the
     settings every snapshot of an experiment shares. Returns (loss, sample_batch, samples_per_batch, config)."""
-    from .llc import LLCConfig
-
     config = LLCConfig(seed=probe.analysis.seed)
     windows = probe.held_out.long()
     seq_len = windows.shape[1] - 1
@@ -155,8 +157,6 @@ def llc_problem(probe: Probe):
 def _llc_rows(model: Transformer, probe: Probe) -> list[Row]:
     """The local learning coefficient at the snapshot's weights, by SGLD on the held-out windows, with its
     standard error, every chain's estimate, the diverged chains and the settings (the same for every snapshot)."""
-    from .llc import estimate_llc
-
     loss, sample, samples_per_batch, config = llc_problem(probe)
     estimate = estimate_llc(model, loss, sample, samples_per_batch, config)
     rows: list[Row] = [
@@ -266,8 +266,6 @@ def parse_measures(text: str) -> tuple[str, ...]:
     names = [f"{CIRCUIT_PREFIX}induction" if name == "circuit" else name for name in names]
     unknown = [name for name in names if name not in measure_names()]
     if unknown or not names:
-        from .config import ConfigError
-
         tasks = f"circuit:TASK with TASK one of {', '.join(TASKS)}"
         raise ConfigError(f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: "
                           f"{', '.join(MEASURES)}, circuit ({tasks}) or all")
@@ -286,9 +284,6 @@ def run_probe(run_config: dict[str, Any], data=None) -> Probe:
 
     `data` is the run's prepared data when the caller has it; otherwise it is prepared (from the cache).
     """
-    from .data import prepare_data
-    from .train import held_out_sample
-
     model_cfg = from_dict(ModelConfig, run_config["model"])
     train_cfg = from_dict(TrainConfig, run_config.get("train", {}))
     data_cfg = from_dict(DataConfig, run_config.get("data", {}))
@@ -307,13 +302,6 @@ def training_tokens(windows: np.ndarray) -> torch.Tensor:
 def checkpoint_document(checkpoint, which: str) -> dict[str, Any]:
     """heads.json (`heads`: scores, ablation, labels, composition) or circuits.json (`circuits`: token tables)
     of a checkpoint folder that does not hold it, such as a snapshot's: computed from its weights and run data."""
-    import json
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
-    from .circuits import token_frequencies, token_tables
-    from .data import prepare_data
-
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     model = load_checkpoint(checkpoint)
     data = prepare_data(from_dict(DataConfig, config.get("data", {})), model.cfg.seq_len)

@@ -9,7 +9,8 @@ last: a snapshot without it, or whose weights differ in size from what it
 records, is incomplete and never read. The run's tokenizer is written once
 beside the snapshots (`tokenizer.json`).
 
-Schedules (`--snapshots`), in optimizer steps of `tokens_per_step` tokens:
+Schedules (`--snapshots`, parsed and expanded to steps in model.config), in optimizer steps of `tokens_per_step`
+tokens:
 - `log` (default) or `log:N`: step 0, the powers of two below the spacing
   ceil(S / N) (N = 30), then every multiple of that spacing up to the last
   step S, which is always included: about 30-40 snapshots, dense early where
@@ -19,20 +20,17 @@ Schedules (`--snapshots`), in optimizer steps of `tokens_per_step` tokens:
 - `T1,T2,...`: these token counts, each taken at the first step that reaches it.
 - `none`: no snapshots.
 
-Reading the schedule needs no torch; writing and loading weights import it.
+Listing snapshots needs no torch (`sweep snapshots` starts without it): writing and loading weights import it
+inside the functions that do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-from .config import ConfigError, Schedule
 
 if TYPE_CHECKING:
     from .transformer import Transformer
@@ -41,101 +39,7 @@ SNAPSHOT_FILE = "snapshot.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 SNAPSHOT_PATTERN = re.compile(r"^step_(\d+)$")
-DEFAULT_EVEN_SNAPSHOTS = 30
 SNAPSHOT_DTYPES = ("float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class SnapshotSpec:
-    """A parsed `--snapshots` value."""
-
-    kind: str
-    """log, every, tokens or none."""
-    even: int = DEFAULT_EVEN_SNAPSHOTS
-    """log: snapshots spaced evenly after the powers of two."""
-    every_tokens: int = 0
-    tokens: tuple[int, ...] = ()
-
-    @property
-    def text(self) -> str:
-        if self.kind == "log":
-            return "log" if self.even == DEFAULT_EVEN_SNAPSHOTS else f"log:{self.even}"
-        if self.kind == "every":
-            return f"every:{self.every_tokens}"
-        if self.kind == "tokens":
-            return ",".join(str(t) for t in self.tokens)
-        return "none"
-
-
-def parse_snapshots(text: str) -> SnapshotSpec:
-    """`log`, `log:N`, `every:TOKENS`, `T1,T2,...` or `none`; ConfigError naming --snapshots otherwise."""
-    raw = str(text).strip().replace("_", "")
-    kind, _, value = raw.partition(":")
-    try:
-        if raw == "none":
-            return SnapshotSpec("none")
-        if kind == "log":
-            even = int(value) if value else DEFAULT_EVEN_SNAPSHOTS
-            if even < 1:
-                raise ValueError
-            return SnapshotSpec("log", even=even)
-        if kind == "every":
-            every = _token_count(value)
-            if every < 1:
-                raise ValueError
-            return SnapshotSpec("every", every_tokens=every)
-        tokens = tuple(_token_count(part) for part in raw.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"--snapshots {text!r} is not a schedule: use log, log:N, every:TOKENS, "
-            "a list of token counts (0,1e6,4e6) or none"
-        ) from None
-    if any(t < 0 for t in tokens):
-        raise ConfigError(f"--snapshots {text!r}: token counts must be >= 0")
-    if any(b <= a for a, b in zip(tokens, tokens[1:])):
-        raise ConfigError(f"--snapshots {text!r}: token counts must increase")
-    return SnapshotSpec("tokens", tokens=tokens)
-
-
-def _token_count(text: str) -> int:
-    """An integer token count; `4e6` and `4M` read as 4,000,000."""
-    text = text.strip()
-    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1) if text else 1
-    number = float(text[:-1] if scale != 1 else text)
-    if not math.isfinite(number) or number != int(number * scale) / scale:
-        raise ValueError(text)
-    return int(round(number * scale))
-
-
-def snapshot_steps(spec: SnapshotSpec, schedule: Schedule) -> list[int]:
-    """The optimizer steps after which a run of `schedule` writes a snapshot (step 0: before training)."""
-    last, per_step = schedule.total_steps, schedule.tokens_per_step
-    if spec.kind == "none":
-        return []
-    if spec.kind == "log":
-        spacing = max(1, math.ceil(last / spec.even))
-        powers = [2**k for k in range(max(1, spacing).bit_length()) if 2**k < spacing]
-        return sorted({0, *powers, *range(spacing, last, spacing), last})
-    if spec.kind == "every":
-        spacing = max(1, math.ceil(spec.every_tokens / per_step))
-        return sorted({0, *range(spacing, last, spacing), last})
-    final_tokens = schedule.final_tokens
-    steps = []
-    for tokens in spec.tokens:
-        if tokens > final_tokens:
-            raise ConfigError(
-                f"--snapshots {spec.text}: {tokens:,} tokens is past the end of training ({final_tokens:,} tokens); "
-                "list counts up to max_tokens"
-            )
-        step = math.ceil(tokens / per_step)
-        if steps and step == steps[-1]:
-            raise ConfigError(
-                f"--snapshots {spec.text}: {tokens:,} tokens falls in the same step of {per_step:,} tokens "
-                "as the count "
-                "before it; space the counts at least a step apart"
-            )
-        steps.append(step)
-    return steps
 
 
 def snapshot_name(step: int) -> str:

@@ -5,6 +5,8 @@ Specs: `gpt2`, `bert` (bert-base-cased) from the data mirror
 Hugging Face Hub through transformers; `bpe:N`, a byte-level BPE with vocabulary N trained on the
 training split and cached by content hash; `bytes`; or a path to a
 tokenizer.json or a Hugging Face tokenizer folder.
+
+`transformers` is imported only for the Hub's gpt2 and bert tokenizers: the rest load with `tokenizers` alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from urllib.parse import urlparse
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import ConfigError
+from .paths import data_mirror
 
 EOT = "<|endoftext|>"
 HUB_TOKENIZERS = {"gpt2": "gpt2", "bert": "bert-base-cased"}
@@ -159,8 +162,6 @@ def load_tokenizer(spec: str, training_texts: list[str] | None = None, cache_dir
 def mirrored_tokenizer(spec: str) -> Path | None:
     """`$SWEEP_DATA_DIR/tokenizers/<spec>/` when the data mirror holds that Hub tokenizer's files:
     the same tokenizer.json the Hub serves, so an offline run tokenizes exactly as an online one."""
-    from .data import data_mirror  # data imports this module
-
     mirror = data_mirror()
     if mirror is None:
         return None

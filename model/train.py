@@ -30,6 +30,7 @@ from .analysis import AnalysisConfig, carry_ablation, head_history_entry, head_s
 from .checkpoint import HISTORY_FILE, read_config, read_trainer_state, swap_in, write_manifest
 from .circuits import icl_score, token_frequencies, token_tables
 from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
+from .data import check_data, prepare_data, repetition_warning
 from .snapshots import FolderSnapshots, SnapshotWriter, snapshot_files, snapshot_name
 from .tokenizers import TextTokenizer
 from .transformer import PAD_ID, Transformer
@@ -479,8 +480,6 @@ def run_training(
     log=lambda message: None,
 ) -> dict[str, Any]:
     """One complete run into `out`: metrics.jsonl (a line per iteration), checkpoint/ and snapshots/."""
-    from .data import check_data, prepare_data, repetition_warning
-
     ModelConfig(**model_values)  # fail on bad shapes before any data is read
     check_data(data_cfg)
     out = Path(out)

@@ -7,6 +7,9 @@ reader opens every part (a handful per analyse run, never one per snapshot).
 A (trial, step, analysis, version) already in the table is never computed
 again, so a second run computes nothing, an interrupted run goes on where it
 stopped, and a measure added later backfills into a finished sweep.
+
+torch, Ray and model.measures are imported inside the functions that measure: planning and reading the table need
+neither, and `sweep atlas` reads without them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -22,8 +25,9 @@ import pyarrow.parquet as pq
 
 from model.config import ConfigError
 
-from .results import Experiment, TrialRecord
-from .storage import write_bytes
+from .records import Experiment, TrialRecord
+from .space import trial_configs
+from .storage import open_storage, write_bytes
 from .table import SCHEMA, done_keys, read_table, table_path
 from .trajectory import Snapshot
 
@@ -68,17 +72,11 @@ def choose_trials(experiment: Experiment, wanted: tuple[str, ...]) -> list[Trial
 
 
 def _probe_key(trial: TrialRecord) -> str:
-    from .space import trial_configs
-
     data, model, train = trial_configs(trial.config)
     return json.dumps([data.__dict__, model.seq_len, train.eval_tokens], sort_keys=True, default=str)
 
 
 def _run_config(trial: TrialRecord) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from .space import trial_configs
-
     data, model, train = trial_configs(trial.config)
     return {"model": asdict(model), "train": asdict(train), "data": asdict(data)}
 
@@ -89,8 +87,6 @@ def measure_snapshot(storage_uri: str, snapshot_path: str, probe, measures: tupl
 
     from model.measures import measure_model
     from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
-
-    from .storage import open_storage
 
     torch.set_num_threads(1)
     storage = open_storage(storage_uri)
@@ -117,7 +113,7 @@ def analyse_experiment(
 
     from model.measures import get_measure, run_probe
 
-    from .runner import init_ray
+    from .cluster import init_ray
 
     tasks = plan_tasks(experiment, measures, trials)
     computed = tuple(m for m in measures if any(m in task.measures for task in tasks))

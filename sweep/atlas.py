@@ -21,7 +21,9 @@ from typing import Any
 from model.metrics import SCORE_NAMES as HEAD_SCORES
 from model.metrics import current_labels
 
-from .results import Experiment, TrialRecord
+from .circuits import circuit_summary, preferred_task, trial_circuits
+from .records import Experiment, TrialRecord
+from .stages import trial_stages
 from .storage import read_text
 from .table import read_table, use_snapshot_formed_at
 
@@ -216,8 +218,6 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
 
 def _add_circuits(experiment: Experiment, rows: list[AtlasRow], table) -> str | None:
     """Each trial's causal circuit at its last snapshot, where the analysis table holds it; returns its task."""
-    from .circuits import circuit_summary, preferred_task, trial_circuits
-
     task = preferred_task(table)
     if task is None:
         return None
@@ -230,8 +230,6 @@ def _add_circuits(experiment: Experiment, rows: list[AtlasRow], table) -> str | 
 
 def _add_stages(experiment: Experiment, rows: list[AtlasRow], table) -> None:
     """Each trial's LLC stages, where the analysis table holds its LLC curve."""
-    from .stages import trial_stages
-
     by_trial = {d["trial_id"]: d for d in trial_stages(experiment, table) if d["llc"]}
     for row in rows:
         if document := by_trial.get(row.trial_id):

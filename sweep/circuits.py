@@ -5,6 +5,8 @@ The rows are those `sweep analyse --what circuit:TASK` writes (model.measures, a
 per snapshot, every edge's effect (a fraction of the clean-to-corrupted difference), change in nats, EAP and
 EAP-IG estimates, and the circuit's edges by rank. An edge appeared at the first snapshot whose effect passed
 the edge threshold (model.causal.CircuitConfig.edge_threshold).
+
+model.causal (torch) is imported only where circuits are computed: reading them back needs no torch.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from model.config import ConfigError
 from model.edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, COMPOSITION_KINDS, CircuitConfig, edge_kind
 
-from .results import Experiment
+from .analyse import analyse_experiment
+from .records import Experiment
+from .results import choose_trial
+from .table import read_table
+from .trajectory import find_snapshot
 
 EDGE_MEASURES = ("edge_effect", "edge_change", "edge_eap", "edge_eap_ig")
 SNAPSHOT_MEASURES = ("clean_metric", "corrupted_metric", "difference_se", "faithfulness", "circuit_edges", "eap_spearman",
@@ -195,12 +202,6 @@ def circuits_of(experiment: Experiment, request: CircuitRequest, analyse=None) -
     unknown task, trial or step, a trial without snapshots) is a ConfigError raised before anything is computed
     or written."""
     from model.causal import get_task
-    from model.config import ConfigError
-
-    from .analyse import analyse_experiment
-    from .results import choose_trial
-    from .table import read_table
-    from .trajectory import find_snapshot
 
     get_task(request.task)
     if request.at is not None and request.trial is None:

@@ -1,4 +1,8 @@
-"""The `sweep` command line: thin Click commands over library functions."""
+"""The `sweep` command line: thin Click commands over library functions.
+
+Each command imports its library when it runs: `sweep list`, `status`, `best` and `results` start without torch or
+Ray, which only the commands that train or measure load.
+"""
 
 from __future__ import annotations
 
@@ -160,7 +164,7 @@ def train(ctx, dataset, device, dtype, compile, threads, prompt, snapshots, snap
     from model.analysis import AnalysisConfig
     from model.train import run_training
 
-    from .runner import REPEAT_TOKENIZER
+    from .plan import REPEAT_TOKENIZER
     from .space import trial_configs
 
     if dataset == "repeat" and ctx.get_parameter_source("tokenizer") != click.core.ParameterSource.DEFAULT:
@@ -288,8 +292,9 @@ def launch(
     sweep launch imdb --preset paper --storage s3://bucket/prefix --address auto
     sweep launch --preset induction
     """
+    from .plan import LaunchConfig, plan_sweep
     from .progress import ProgressCallback
-    from .runner import LaunchConfig, launch_sweep, plan_sweep
+    from .runner import launch_sweep
 
     explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if compile_model is not None:
@@ -506,8 +511,9 @@ def results(name, storage, csv_path):
 @click.pass_context
 def resume(ctx, name, storage, address):
     """Finish an interrupted sweep NAME (default: the newest): unfinished and errored trials continue from their checkpoints."""
+    from .plan import load_plan
     from .progress import ProgressCallback
-    from .runner import load_plan, resume_sweep
+    from .runner import resume_sweep
 
     plan = load_plan(name, storage)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)

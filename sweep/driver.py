@@ -11,12 +11,15 @@ Signals: the first Ctrl-C (or SIGTERM) asks Ray Tune to stop gracefully
 (through SIGUSR1, Tune's own stop signal: it saves the experiment state one
 last time, and every trial's last checkpoint is already in storage); a second
 one stops at once. Either way the experiment stays resumable.
+
+Ray is imported only by the watch on a running sweep: readers of driver.json start without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -219,8 +222,6 @@ def ray_output_to(log_path: Path | None):
     if log_path is None:
         yield
         return
-    import logging
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     saved = os.dup(2)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from model.config import ConfigError
 
+from .driver import interruption
 from .names import FINAL_FAILURES
 from .space import planned_iterations
 
@@ -71,7 +72,6 @@ class ProgressCallback(tune.Callback):
             self._log(f"{trial.trial_id} errored")
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        from .driver import interruption
 
         if not interruption():
             self.unfinished = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
@@ -104,7 +104,6 @@ class ProgressCallback(tune.Callback):
         self._log(self._summary(trials))
 
     def _summary(self, trials: list) -> str:
-        from .driver import interruption
 
         if interruption():  # Tune stopped the running trials: they did not finish, whatever their state says now
             self.counts = self._interrupted_counts(trials)

@@ -5,6 +5,8 @@ every trial (Olsson's phase-change figure), the leaderboard, and for the top
 trials the head atlas with ablation, the composition graph, the token tables
 and an interactive attention viewer. Images, data and script are inlined: no
 network, works offline.
+
+matplotlib and model.analysis (torch) are imported inside the functions that draw.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from model.metrics import current_labels
+
 from .atlas import GRID_SCORES, Atlas, build_atlas
 from .circuits import SnapshotCircuit, TrialCircuit, trial_circuits
 from .names import display_state, metric_mode
-from .results import Experiment, TrialRecord, best_trials, status_counts, trial_history
+from .records import Experiment, TrialRecord
+from .results import best_trials, status_counts, trial_history
 from .space import SHAPE_KEYS
 from .stages import trial_stages
 from .storage import read_text
@@ -484,8 +489,6 @@ def _leaderboard(experiment: Experiment, ranked: list[TrialRecord], metric: str)
 
 def _heads_of(experiment: Experiment, trial: TrialRecord) -> dict[str, Any] | None:
     """heads.json of the trial's latest checkpoint (None without one)."""
-    from model.metrics import current_labels
-
     if trial.checkpoint is None:
         return None
     return current_labels(json.loads(read_text(experiment.storage, f"{trial.checkpoint}/heads.json")))

@@ -7,18 +7,19 @@ metrics from each trial's last result.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, manifest_problem
+from model.checkpoint import HISTORY_FILE, MANIFEST_FILE, check_complete, manifest_problem, read_config
 from model.config import ConfigError
+from model.metrics import HEAD_HISTORY_KEY
 
 from .driver import DRIVER_FILE, stopped_reason
 from .names import (
@@ -26,14 +27,13 @@ from .names import (
     FINAL_FAILURES,
     INTERRUPTED,
     REPORTED_METRICS,
-    STOPPED_EARLY,
     SWEEP_FILE,
     UNFINISHED,
-    display_state,
     metric_mode,
 )
+from .records import Experiment, TrialRecord
 from .space import planned_iterations, trial_schedule
-from .storage import Storage, check_name, exists, read_text
+from .storage import Storage, check_name, describe_storage_error, exists, read_text
 from .table import use_snapshot_formed_at
 from .trajectory import (
     SNAPSHOTS_FOLDER,
@@ -58,84 +58,11 @@ PUBLIC_METRICS = frozenset(REPORTED_METRICS) | frozenset(FINAL_FAILURES)
 RUN_SETTING_KEYS = ("sweep_metric", "sweep_mode", "cpus_per_trial", "memory_per_trial_mb")
 
 
-@dataclass
-class TrialRecord:
-    trial_id: str
-    tune_status: str
-    """Ray Tune's state: PENDING, RUNNING, TERMINATED, ERROR..."""
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    iterations: int
-    path: str
-    planned_iterations: int | None = None
-    """Iterations the trial makes when nothing stops it; None when its config is unknown."""
-    checkpoints: list[str] = field(default_factory=list)
-    """Complete checkpoint folders, oldest first."""
-    files: dict[str, list[str]] = field(default_factory=dict)
-    """Files of each complete checkpoint, relative to it."""
-    error: str | None = None
-    snapshots: list[Snapshot] = field(default_factory=list)
-    """Complete snapshots, by step."""
-    formed_at_resolution: str = "iteration"
-    """What its induction_formed_at and prev_token_formed_at count: the trainer's first iteration past the
-    threshold, or (once `sweep analyse` scored its snapshots) the first snapshot (sweep.table.formed_at)."""
-
-    @property
-    def checkpoint(self) -> str | None:
-        return self.checkpoints[-1] if self.checkpoints else None
-
-    @property
-    def stopped_early(self) -> bool:
-        """Terminated by the scheduler (ASHA) before its last iteration."""
-        planned = self.planned_iterations
-        return self.tune_status == "TERMINATED" and planned is not None and self.iterations < planned
-
-    @property
-    def status(self) -> str:
-        """The state users see: Tune's, except that a trial ASHA stopped is STOPPED_EARLY."""
-        return STOPPED_EARLY if self.stopped_early else self.tune_status
-
-    @property
-    def status_text(self) -> str:
-        """For tables: `stopped early at 2/4` instead of a bare state."""
-        if self.stopped_early:
-            return f"stopped early at {self.iterations}/{self.planned_iterations}"
-        return display_state(self.tune_status)
-
-
-@dataclass
-class Experiment:
-    name: str
-    storage: Storage
-    record: dict[str, Any]
-    trials: list[TrialRecord]
-    state_readable: bool = True
-    """False when Tune's newest state file was cut short: the experiment cannot be resumed."""
-    state_found: bool = True
-    """False when Tune never saved its state: the launch stopped before the sweep began."""
-    driver: dict[str, Any] | None = None
-    """driver.json: whether a driver runs the sweep, or how the last one stopped (None: an older experiment)."""
-    damaged: list[str] = field(default_factory=list)
-    """Ray's trial records that were empty or cut short (a full disk): read around, from what else is there."""
-
-    @property
-    def formed_at_resolution(self) -> str:
-        """snapshots, iterations, or mixed (snapshots where `sweep analyse` scored them, else iterations)."""
-        kinds = {t.formed_at_resolution for t in self.trials}
-        return "snapshots" if kinds == {"snapshot"} else "iterations" if kinds <= {"iteration"} else "mixed"
-
-    @property
-    def path(self) -> str:
-        return self.storage.path(self.name)
-
-
 def list_experiments(storage: Storage) -> list[dict[str, Any]]:
     """Experiments in the storage, oldest first: name, created, trials."""
     try:
         entries = storage.filesystem.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True))
     except OSError as error:
-        from .storage import describe_storage_error
-
         raise ConfigError(describe_storage_error(storage, error)) from None
     found = []
     for entry in entries:
@@ -164,8 +91,6 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
     try:
         return _load_experiment(storage, name)
     except OSError as error:  # pyarrow's errors for an unreachable, refusing or vanished storage
-        from .storage import describe_storage_error
-
         raise ConfigError(describe_storage_error(storage, error)) from None
 
 
@@ -383,8 +308,6 @@ def best_trials(experiment: Experiment, metric: str, mode: str | None = None, to
     if metric not in reported_metrics(experiment):
         known = ", ".join(reported_metrics(experiment)) or "none yet"
         if metric not in REPORTED_METRICS:
-            import difflib
-
             nearest = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
             hint = f" (did you mean {nearest[0]}?)" if nearest else ""
             raise ConfigError(f"--metric {metric!r} is not a metric{hint}; metrics: {', '.join(REPORTED_METRICS)}")
@@ -460,8 +383,6 @@ def local_checkpoint(
     checkpoint/), or an experiment name (default: the newest), whose `trial` is fetched.
     With `at`, the run's snapshot at that step or token count instead (a run folder or an experiment).
     """
-    from model.checkpoint import check_complete, read_config
-
     if names_a_path(source):
         path = Path(source)
         if at is not None:
@@ -531,8 +452,6 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
     icl_score (read beside the scores: a phase change moves all of them at once),
     heads ("layer.head" -> scores).
     """
-    from model.metrics import HEAD_HISTORY_KEY
-
     saved: list[dict[str, Any]] = []  # history rows a checkpoint carries
     if names_a_path(source):
         run = Path(source)

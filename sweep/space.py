@@ -4,6 +4,8 @@ A trial's config is a flat dict of plain values: the trial keys below (one
 table, read from the model's config dataclasses: key, field, parser,
 default, help) plus the data options. `trial_configs` turns it into the
 model's dataclasses.
+
+Ray is imported only to build Tune's search domains: parsing and validating a grid need no Ray.
 """
 
 from __future__ import annotations

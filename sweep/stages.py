@@ -8,20 +8,28 @@ Two readings of when a model's structure changed, tied to the named circuits:
   here as one Ray task per trial (it needs all of a trial's snapshots at once) and stored in the
   table as analysis `essential_dynamics` (ed_pc1..3 per snapshot, ed_turning_point).
 Then each named circuit's formed_at (first snapshot past the label threshold) is placed in its stage.
+
+torch, Ray and the LLC are imported inside the functions that compute: the atlas and the report read stages without
+them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .analyse import Task, write_part
-from .results import Experiment, TrialRecord
-from .table import formed_at, read_table
+from model.config import ConfigError
+from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
+
+from .analyse import Task, _probe_key, _run_config, write_part
+from .records import Experiment, TrialRecord
+from .storage import open_storage
+from .table import done_keys, formed_at, read_table
 
 ED_VERSION = 3
 ED_PROBE_WINDOWS = 16
@@ -34,8 +42,6 @@ BOUNDARY_MEASURES = {"rising": "llc_stage_rising_until", "falling": "llc_stage_f
 
 def load_snapshot_model(storage, path: str):
     """The model of one stored snapshot folder."""
-    from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
-
     with storage.filesystem.open_input_stream(f"{path}/{SNAPSHOT_FILE}") as stream:
         record = json.loads(stream.read())
     with storage.filesystem.open_input_stream(f"{path}/{WEIGHTS_FILE}") as stream:
@@ -49,8 +55,6 @@ def essential_dynamics_task(storage_uri: str, snapshot_paths: list[str], probe) 
 
     from model.llc import essential_dynamics, output_features
 
-    from .storage import open_storage
-
     torch.set_num_threads(1)
     storage = open_storage(storage_uri)
     windows = probe.held_out[:ED_PROBE_WINDOWS]
@@ -61,13 +65,8 @@ def essential_dynamics_task(storage_uri: str, snapshot_paths: list[str], probe) 
 def calibrate_llc(experiment: Experiment, trial: TrialRecord, step: int | None = None) -> dict[str, Any]:
     """devinterp's calibration on one snapshot (default: the trial's last): the LLC for a grid of eps and
     gamma, each judged stable or not (model.llc.calibrate), with the settings `--what llc` uses now."""
-    from dataclasses import asdict
-
-    from model.config import ConfigError
     from model.llc import calibrate, largest_stable
     from model.measures import llc_problem, run_probe
-
-    from .analyse import _run_config
 
     if not trial.snapshots:
         raise ConfigError(f"trial {trial.trial_id} has no snapshots to calibrate on")
@@ -100,8 +99,7 @@ def ensure_essential_dynamics(
 
     from model.measures import run_probe
 
-    from .analyse import _probe_key, _run_config
-    from .runner import init_ray
+    from .cluster import init_ray
 
     table = read_table(experiment, ["trial", "step", "analysis", "version"])
     done: dict[str, int] = {}
@@ -154,8 +152,6 @@ def store_llc_stages(experiment: Experiment, table: pa.Table | None) -> int:
     """Write every trial's LLC stage boundaries into the analysis table where it lacks them at the trial's
     last LLC snapshot (one row per boundary: measure llc_stage_<kind>_until, value its tokens, plus
     llc_stages, the count); returns the trials written."""
-    from .table import done_keys
-
     if table is None:
         return 0
     done = done_keys(table)

@@ -7,19 +7,17 @@ Parquet part files with the columns of SCHEMA (sweep.analyse writes them). Every
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from model.metrics import INDUCTION_THRESHOLD, MATTERS_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD
+from model.metrics import INDUCTION_THRESHOLD, MATTERS_THRESHOLD, PREVIOUS_TOKEN_THRESHOLD, SUMMARY_METRICS
 
+from .records import Experiment
 from .storage import Storage
-
-if TYPE_CHECKING:
-    from .results import Experiment
 
 TABLE_FOLDER = "analysis"
 SCHEMA = pa.schema(
@@ -152,8 +150,6 @@ def snapshot_history(table: pa.Table | None) -> dict[str, list[dict[str, Any]]]:
     """trial -> one row a scored snapshot, by tokens: tokens_seen, test_loss and icl_score (analysis `loss`) and each
     summarised head score's max over heads (analysis `scores`): the trainer's per-iteration history, at the
     snapshots' finer resolution."""
-    from model.metrics import SUMMARY_METRICS
-
     if table is None:
         return {}
     wanted = pc.or_(pc.equal(table["analysis"], "loss"), pc.equal(table["analysis"], "scores"))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import ray
 from ray import tune
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_initialized, _internal_kv_put
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ def share_threads(running: list[str], own_threads: int, node_cpus: int) -> dict[
 
 def granted_threads(experiment: str, trial_id: str, own_threads: int) -> int:
     """The threads this trial may train with now: its share of idle CPUs when the driver gave one, else its own."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
     if not experiment or not _internal_kv_initialized():
         return own_threads
     value = _internal_kv_get(threads_key(experiment, trial_id), namespace=KEY_NAMESPACE)
@@ -88,9 +88,6 @@ class SpareThreads(tune.Callback):
 
     def _update(self, trials, ended=None) -> None:
         """Publish each running trial's threads; `ended`: a trial Tune has not yet marked as ended."""
-        import ray
-        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized, _internal_kv_put
-
         if not _internal_kv_initialized():
             return
         running = sorted((t for t in trials if t.status == "RUNNING" and t is not ended),

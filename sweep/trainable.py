@@ -24,7 +24,7 @@ from model.tokenizers import TextTokenizer
 from model.train import Trainer, run_iterations
 
 from .names import FAILURE_MARKER, FINAL_FAILURES
-from .runner import TrialSettings
+from .plan import TrialSettings
 from .space import data_key, trial_configs
 from .storage import Storage, is_storage_full, open_storage, put_bytes
 from .threads import adopt_threads, granted_threads

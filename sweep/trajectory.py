@@ -25,9 +25,10 @@ from model.snapshots import (
     list_snapshots,
     snapshot_name,
     weights_bytes,
+    write_checkpoint_files,
 )
 
-from .space import SHAPE_KEYS, trial_configs
+from .space import SHAPE_KEYS, data_key, trial_configs
 from .storage import Storage, exists, put_bytes
 
 SNAPSHOTS_FOLDER = "snapshots"
@@ -44,8 +45,6 @@ def human_bytes(count: float) -> str:
 def trial_snapshot_plan(trials: list[dict[str, Any]], vocab_sizes: dict[str, int]) -> list[dict[str, Any]]:
     """Per distinct shape of the trials: snapshots each writes, bytes of one, bytes of one checkpoint, and how many
     trials share it."""
-    from .space import data_key
-
     rows: dict[str, dict[str, Any]] = {}
     for trial in trials:
         vocab = vocab_sizes.get(data_key(trial), 2)
@@ -161,8 +160,6 @@ def fetch_snapshot(storage: Storage | None, snapshot: Snapshot, workdir: Path) -
 
     `storage` None: the snapshot is a local folder of a `sweep train` run.
     """
-    from model.snapshots import write_checkpoint_files
-
     target = Path(workdir) / snapshot_name(snapshot.step)
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = snapshot.path.rsplit("/", 1)[0] + f"/{TOKENIZER_FILE}"

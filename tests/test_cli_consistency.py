@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from model.config import ConfigError, TrainConfig
 from sweep.cli import main
-from sweep.runner import LaunchConfig, plan_sweep
+from sweep.plan import LaunchConfig, plan_sweep
 from sweep.space import TRIAL_KEYS, planned_iterations
 
 from conftest import run_env

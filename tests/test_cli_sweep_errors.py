@@ -70,7 +70,7 @@ def test_sweep_mistakes(args, message, storage, data_mirror):
 def test_a_bpe_tokenizer_is_a_grid_value_and_readers_name_the_problem(storage, tmp_path, data_mirror):
     """`--grid tokenizer=bpe:2048` is a list of tokenizers, not a range; a folder given where an experiment name is
     read, and a metric typo, are said as such."""
-    from sweep.runner import LaunchConfig, plan_sweep
+    from sweep.plan import LaunchConfig, plan_sweep
 
     plan = plan_sweep(LaunchConfig(dataset="imdb", preset="smoke", storage=str(storage), grid=("tokenizer=bpe:2048",)))
     assert plan.fixed["tokenizer"] == "bpe:2048"

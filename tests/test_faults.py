@@ -276,7 +276,8 @@ def test_records_are_written_whole_or_not_at_all(tmp_path):
 @pytest.mark.parametrize("cut_short", [pickle.UnpicklingError("pickle data was truncated"), EOFError(), ValueError("bad JSON")])
 def test_ray_files_cut_short_by_a_full_disk_end_in_the_storage_full_line(tmp_path, cut_short):
     """Which of Ray's files the full disk cuts short first is a race; every one ends the same way."""
-    from sweep.runner import LaunchConfig, StorageFullError, _fit, plan_sweep
+    from sweep.plan import LaunchConfig, plan_sweep
+    from sweep.runner import StorageFullError, _fit
     from sweep.trainable import FinalFailureCallback
 
     class CutShort:

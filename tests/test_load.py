@@ -8,8 +8,9 @@ import pytest
 import ray
 from ray import tune
 
+from sweep.plan import LaunchConfig, plan_sweep
 from sweep.results import best_document, load_experiment
-from sweep.runner import LaunchConfig, launch_sweep, plan_sweep
+from sweep.runner import launch_sweep
 from sweep.storage import open_storage
 
 from conftest import write_reviews

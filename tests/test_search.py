@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from test_sweeps import TINY, _wait_for, sweep, trial_results
 
 from sweep.cli import main
-from sweep.runner import LaunchConfig, make_scheduler, plan_sweep
+from sweep.plan import LaunchConfig, plan_sweep
+from sweep.schedulers import make_scheduler
 
 from conftest import run_env, write_reviews
 
@@ -60,7 +61,7 @@ def test_optuna_is_an_extra(tmp_path, monkeypatch):
 
 
 def test_the_plan_records_the_space_and_resume_reads_it_back(tmp_path):
-    from sweep.runner import load_plan
+    from sweep.plan import load_plan
     from sweep.storage import write_text
 
     plan = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), name="ranges", search="random", num_samples=5,
@@ -344,7 +345,8 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     (1, 2, [1], [16]),
 ])
 def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(iterations, factor, rungs, trials_at_rungs):
-    from sweep.runner import halving_rungs, synchronous_halving
+    from sweep.plan import halving_rungs
+    from sweep.schedulers import synchronous_halving
 
     planned = halving_rungs(16, 1, iterations, factor)
     assert planned == list(zip(rungs, trials_at_rungs))
@@ -358,7 +360,7 @@ def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(it
 
 
 def test_synchronous_halving_on_tokens_starts_at_the_grace_tokens():
-    from sweep.runner import synchronous_halving
+    from sweep.schedulers import synchronous_halving
 
     plan = plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler="halving", storage="unused"))
     # the end is whole steps past 12M tokens; a rung at 12M, one step before it, would compare the same results
@@ -371,7 +373,7 @@ def test_synchronous_halving_on_tokens_starts_at_the_grace_tokens():
 
 
 def test_a_preset_s_grace_tokens_unused_by_hyperband_are_said(tmp_path):
-    from sweep.runner import grace_tokens_unused
+    from sweep.plan import grace_tokens_unused
 
     def note(scheduler: str) -> str | None:
         return grace_tokens_unused(plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler=scheduler, storage=str(tmp_path))))

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from model import ConfigError, ModelConfig, TrainConfig, Trainer
-from model.config import DataConfig
+from model.config import DataConfig, parse_snapshots, snapshot_steps
 from model.data import prepare_data
 from model.edges import build_graph
-from model.snapshots import FolderSnapshots, list_snapshots, parse_snapshots, snapshot_steps
+from model.snapshots import FolderSnapshots, list_snapshots
 from model.transformer import Transformer
 from sweep.cli import main
 from sweep.space import PRESETS, trial_schedule

@@ -78,7 +78,7 @@ def test_asha_stops_a_clearly_bad_learning_rate_early(reviews, tmp_path):
 
 
 def test_the_induction_preset_lets_both_models_finish(tmp_path):
-    from sweep.runner import LaunchConfig, plan_sweep
+    from sweep.plan import LaunchConfig, plan_sweep
 
     assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))).early_stopping is False
     assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path), early_stopping=True)).early_stopping

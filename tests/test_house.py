@@ -1,0 +1,101 @@
+"""The house: no import circles between the project's modules, and every command the README and docs show exists."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports, anywhere in it (inside functions and TYPE_CHECKING blocks too)."""
+    modules = {f"{package}.{path.stem}": path for package in ("model", "sweep")
+               for path in (REPO / package).glob("*.py") if path.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = f"{package}.{node.module}" if node.level == 1 else (node.module or "")
+                imported |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = {other for other in imported if other in modules and other != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    graph = import_graph()
+    assert len(graph) > 20 and graph["sweep.cli"]  # the walk sees the project
+    assert cycles(graph) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # and would see a circle
+
+
+def test_model_never_imports_ray_or_sweep():
+    for path in (REPO / "model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not [n for n in names if n.split(".")[0] in ("ray", "sweep")], (path.name, names)
+
+
+def documented_commands() -> set[str]:
+    """`sweep <command>` in the shell blocks of README.md and docs/*.md."""
+    commands = set()
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|console|sh)?\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.splitlines():
+                line = line.strip().removeprefix("$ ")
+                for match in re.finditer(r"(?:^|&& |\| |; )(?:[A-Z_]+=\S+ )*sweep ([a-z][a-z-]*)", line):
+                    commands.add(match.group(1))
+    return commands
+
+
+def test_every_command_the_readme_and_docs_show_exists():
+    commands = documented_commands()
+    assert {"launch", "best", "circuit"} <= commands, commands
+    for command in sorted(commands):
+        result = subprocess.run([sys.executable, "-m", "sweep.cli", command, "-h"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (REPO / "docs").glob("*.md")))
+def test_every_docs_page_the_readme_links_exists_and_is_linked(page):
+    assert f"docs/{page}" in (REPO / "README.md").read_text()
