@@ -14,19 +14,16 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from model.config import CheckpointError, ConfigError, NonFiniteLossError
 from model.metrics import REPORTED_METRICS
 
-from .names import SCHEDULERS, display_state
-from .space import SHAPE_KEYS, TRIAL_KEYS, data_config
+from . import render
+from .names import SCHEDULERS
+from .render import console, output
+from .space import TRIAL_KEYS, data_config
 
-console = Console(stderr=True, soft_wrap=True)
-# Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
-output = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 # Mistakes a user can make: printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
 
@@ -182,20 +179,12 @@ def train(ctx, dataset, device, dtype, compile, threads, prompt, snapshots, snap
 
         def on_iteration(metrics, trainer):
             progress.update(task, completed=metrics["tokens_seen"], status=f"test_loss {metrics['test_loss']:.3f}")
-            console.print(_metrics_line(trainer.iteration, metrics), highlight=False)
+            console.print(render.metrics_line(trainer.iteration, metrics), highlight=False)
 
         metrics = run_training(data_config({"dataset": dataset, **data_values}), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=train_cfg.seed), on_iteration, log=console.print)
     console.print(f"checkpoint: {out / 'checkpoint'}")
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
-
-
-def _metrics_line(iteration: int, metrics: dict) -> str:
-    return (
-        f"iter {iteration:3d}  tokens {metrics['tokens_seen']:>11,}  train_loss {metrics['train_loss']:.4f}  "
-        f"test_loss {metrics['test_loss']:.4f}  acc {metrics['test_accuracy']:.3f}  "
-        f"{metrics['tokens_per_second']:,.0f} tok/s  induction {metrics['induction_score_max']:.2f}"
-    )
 
 
 def storage_option(command):
@@ -359,55 +348,10 @@ def _open(storage_uri):
     return open_storage(storage_uri, patient=False)
 
 
-def _varying(config: dict) -> str:
-    return " ".join(f"{k}={config[k]}" for k in SHAPE_KEYS if k in config)
-
-
 def _print_best(name, storage_uri, metric, mode, top):
     from .results import best_document, load_experiment
-    from .table import formed_at_caption
 
-    document = best_document(load_experiment(_open(storage_uri), name), metric, mode, top)
-    caption = formed_at_caption(document["formed_at_resolution"]) if "formed_at" in metric else None
-    table = Table(title=f"{document['experiment']}: best by {metric} ({document['mode']})", caption=caption)
-    extra = [m for m in ("test_loss", "induction_score_max") if m != metric]
-    for column in ("trial", "status", "iters", metric, *extra, "config"):
-        table.add_column(column)
-    for trial in document["trials"]:
-        table.add_row(
-            trial["trial_id"], _status_text(trial["status"], trial["iterations"], trial["planned_iterations"]), str(trial["iterations"]),
-            _metric_cell(trial["metrics"], metric), *(_metric_cell(trial["metrics"], m) for m in extra),
-            _varying(trial["config"]),
-        )
-    output.print(table)
-    if unranked := document["unranked"]:
-        why = "the circuit never formed" if metric.endswith("_formed_at") else "no finite value"
-        output.print(f"not ranked ({why}): {len(unranked)} trial{'s' if len(unranked) > 1 else ''}, "
-                     f"{', '.join(unranked[:8])}{' ...' if len(unranked) > 8 else ''}", highlight=False)
-    if document["trials"] and document["trials"][0]["checkpoint"]:
-        output.print(f"best checkpoint: {document['trials'][0]['checkpoint']}", highlight=False)
-    return document
-
-
-def _metric_cell(metrics: dict, name: str) -> str:
-    """A metric for a table; a formed_at read from a head's use (not yet its pattern) says so."""
-    text = _metric_text(metrics.get(name))
-    return f"{text} (use)" if name.endswith("_formed_at") and metrics.get(name.replace("_at", "_by")) == "use" else text
-
-
-def _metric_text(value) -> str:
-    """Token counts (formed_at, tokens_seen) as whole numbers, everything else to 4 decimals."""
-    if not isinstance(value, (int, float)):
-        return "-"
-    if isinstance(value, int) or (value.is_integer() and abs(value) >= 1000):
-        return f"{int(value):,}"
-    return f"{value:.4f}"
-
-
-def _status_text(status: str, iterations: int, planned: int | None) -> str:
-    from .names import STOPPED_EARLY
-
-    return f"stopped early at {iterations}/{planned}" if status == STOPPED_EARLY else display_state(status)
+    render.best(best_document(load_experiment(_open(storage_uri), name), metric, mode, top), metric)
 
 
 @main.command(name="list")
@@ -416,12 +360,7 @@ def list_command(storage):
     """List the experiments in the storage, oldest first."""
     from .results import list_experiments
 
-    table = Table(title=f"experiments in {_open(storage).uri}")
-    for column in ("name", "created", "trials", "metric"):
-        table.add_column(column)
-    for experiment in list_experiments(_open(storage)):
-        table.add_row(experiment["name"], experiment["created"], str(experiment["trials"]), str(experiment["metric"]))
-    output.print(table)
+    render.experiments(_open(storage).uri, list_experiments(_open(storage)))
 
 
 @main.command()
@@ -433,34 +372,8 @@ def status(name, storage):
 
     experiment = load_experiment(_open(storage), name)
     metric, mode = experiment.record["metric"], experiment.record.get("mode")
-    counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
-    iterations = sum(t.iterations for t in experiment.trials)
-    click.echo(f"{experiment.name}: {len(experiment.trials)} of {experiment.record['trials']} trials started ({counts or 'none yet'}); {iterations} iterations done")
-    for trial in experiment.trials:
-        if trial.stopped_early:
-            click.echo(f"  {trial.trial_id} {trial.status_text} ({_varying(trial.config)})")
     best = best_trials(experiment, metric, mode, 1) if any(metric in t.metrics for t in experiment.trials) else []
-    if best:
-        click.echo(f"best {metric}: {best[0].metrics[metric]:.4f} ({best[0].trial_id})")
-    _say_how_it_stopped(experiment)
-
-
-def _say_how_it_stopped(experiment) -> None:
-    """Lines on stderr: how the sweep's last driver stopped, when it did not finish, and damaged records."""
-    from .driver import driver_alive, stopped_reason
-    from .names import INTERRUPTED
-
-    if driver_alive(experiment.driver):
-        console.print(f"running: a driver on {experiment.driver.get('host')} (pid {experiment.driver.get('pid')}) "
-                      f"updated it at {experiment.driver.get('updated')}", highlight=False)
-    elif reason := stopped_reason(experiment.driver):
-        interrupted = sum(t.status == INTERRUPTED for t in experiment.trials)
-        errored = sum(t.status == "ERROR" for t in experiment.trials)
-        parts = [f"{interrupted} interrupted"] * bool(interrupted) + [f"{errored} errored"] * bool(errored)
-        advice = f"; {', '.join(parts)}: `sweep resume {experiment.name}` continues them" if parts else ""
-        console.print(f"{reason}{advice}", highlight=False)
-    if experiment.damaged:
-        console.print(f"damaged records, read around: {', '.join(experiment.damaged)}", highlight=False)
+    render.status(experiment, status_counts(experiment), best[0] if best else None)
 
 
 @main.command()
@@ -487,21 +400,14 @@ def best(name, storage, metric, mode, top, as_json):
 def results(name, storage, csv_path):
     """Every trial of experiment NAME (default: the newest) with its config and last metrics."""
     from .results import load_experiment, results_rows
-    from .table import formed_at_caption, use_snapshot_formed_at
+    from .table import use_snapshot_formed_at
 
     experiment = load_experiment(_open(storage), name)
     use_snapshot_formed_at(experiment)
     if csv_path:
         _write_csv(csv_path, *results_rows(experiment))
-        return
-    table = Table(title=experiment.name, caption=formed_at_caption(experiment.formed_at_resolution))
-    shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
-    for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
-        table.add_column(column)
-    for trial in experiment.trials:
-        cells = [_metric_cell(trial.metrics, m) for m in shown]
-        table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), *cells, *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
-    output.print(table)
+    else:
+        render.results(experiment)
 
 
 @main.command()
@@ -550,7 +456,7 @@ def heads(source, trial, storage, at_step, at_tokens, history, tokens, only_head
         raise UserError(f"--head {only_head!r} must look like LAYER.HEAD, e.g. 1.0")
     if history:
         title, rows = head_history(source, trial, _open(storage))
-        _print_history(title, rows, only_head, as_json)
+        render.history(title, rows, only_head, as_json)
         return
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint, title = local_checkpoint(source, trial, _open(storage), workdir, address)
@@ -564,25 +470,12 @@ def heads(source, trial, storage, at_step, at_tokens, history, tokens, only_head
         else:
             document = json.loads((checkpoint / name).read_text())
     if tokens:
-        _print_tokens(title, document, only_head, as_json)
+        render.tokens(title, document, only_head, as_json)
         return
     from model.metrics import current_labels, label_matters
 
     document = current_labels(document) if matters_threshold is None else label_matters(document, matters_threshold)
-    if as_json:
-        click.echo(json.dumps(document, indent=2))
-        return
-    names = list(document["heads"][0]["scores"]) if document["heads"] else []
-    ablated = any("ablation" in h for h in document["heads"])
-    table = Table(title=f"heads of {title}")
-    for column in ("layer", "head", *names, *(["ablate: held-out", "ablate: repeated"] if ablated else []), "labels"):
-        table.add_column(column, justify="right" if column not in ("labels",) else "left")
-    for head in document["heads"]:
-        rises = [f"{head['ablation'][k]:+.3f}" if "ablation" in head else "-" for k in ("held_out", "repeated")] if ablated else []
-        table.add_row(str(head["layer"]), str(head["head"]), *(f"{head['scores'][n]:.2f}" for n in names), *rises, ", ".join(head["labels"]) or "-")
-    output.print(table)
-    if ablated:
-        output.print("ablate: rise in loss (nats) when the head's output is replaced by its mean", highlight=False)
+    render.as_json(document) if as_json else render.heads(document, title)
 
 
 def _run_prompt(checkpoint: Path) -> str:
@@ -593,67 +486,9 @@ def _run_prompt(checkpoint: Path) -> str:
     return repeat_prompt(data.get("repeat_vocab", 64)) if data.get("dataset") == "repeat" else AnalysisConfig.prompt
 
 
-def _number(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
-
-
 def _is_head(text: str) -> bool:
     layer, dot, head = text.partition(".")
     return bool(dot) and layer.isdigit() and head.isdigit()
-
-
-def _print_history(title: str, rows: list[dict], only_head: str | None, as_json: bool) -> None:
-    if only_head is not None and only_head not in rows[0]["heads"]:
-        raise UserError(f"--head {only_head} is not a head of {title}; heads: {', '.join(rows[0]['heads'])}")
-    if only_head is not None:
-        rows = [row | {"heads": {only_head: row["heads"][only_head]}} for row in rows]
-    if as_json:
-        click.echo(json.dumps({"source": title, "history": rows}, indent=2))
-        return
-    scores = list(next(iter(rows[0]["heads"].values())))
-    table = Table(title=f"head history of {title}")
-    for column in ("iter", "tokens_seen", "test_loss", "icl", "head", *scores):
-        table.add_column(column, justify="right")
-    for row in rows:
-        run_columns = [str(row["iteration"]), f"{row['tokens_seen']:,}", _number(row.get("test_loss")), _number(row.get("icl_score"))]
-        for index, (head, values) in enumerate(row["heads"].items()):
-            table.add_row(*(run_columns if index == 0 else [""] * len(run_columns)), head, *(f"{values[s]:.2f}" for s in scores))
-    output.print(table)
-
-
-def _print_tokens(title: str, document: dict, only_head: str | None, as_json: bool) -> None:
-    names = [f"{h['layer']}.{h['head']}" for h in document["heads"]]
-    chosen = [h for h, name in zip(document["heads"], names) if only_head in (None, name)]
-    if not chosen:
-        raise UserError(f"--head {only_head} is not a head of {title}; heads: {', '.join(names)}")
-    if as_json:
-        click.echo(json.dumps(document | {"heads": chosen}, indent=2))
-        return
-    output.print(f"token tables of {title} over its {document['frequent_tokens']} most frequent training tokens", highlight=False)
-
-    def show(caption: str, rows: list[dict], arrow: str) -> None:
-        table = Table(title=caption, title_justify="left")
-        table.add_column("token", justify="right")
-        table.add_column(arrow)
-        for row in rows[:15]:
-            table.add_row(repr(row["token"]), "  ".join(f"{t!r} {v:+.2f}" for t, v in row["top"]))
-        output.print(table)
-
-    if only_head is None:
-        show("direct path W_E W_U: bigrams", document["direct_path"], "raises as the next token")
-    for head in chosen:
-        name = f"{head['layer']}.{head['head']}"
-        show(f"head {name} OV: a token attended to raises", head["ov"], "raises")
-        if "qk" in head:
-            show(f"head {name} QK: a query token attends to", head["qk"], "keys")
-        if head.get("skip_trigrams"):
-            table = Table(title=f"head {name} skip-trigrams: A ... B -> C", title_justify="left")
-            for column in ("A (query)", "B (key)", "C (raised)", "A->B attention", "B->C logit", "score"):
-                table.add_column(column, justify="right")
-            for trigram in head["skip_trigrams"][:15]:
-                table.add_row(repr(trigram["a"]), repr(trigram["b"]), repr(trigram["c"]),
-                              *(f"{trigram[part]:+.2f}" for part in ("qk", "ov")), f"{trigram['score']:.2f}")
-            output.print(table)
 
 
 @main.command(help=f"Copy a checkpoint's attention heatmaps to OUT, or render new ones for --prompt.\n\n{SOURCE_HELP}")
@@ -731,7 +566,7 @@ def snapshots(source, storage, trial, as_json):
     sweep heads induction-run --trial 5a2b1_00001 --step 1024
     """
     from .results import choose_trial, load_experiment, names_a_path
-    from .trajectory import human_bytes, run_folder_snapshots, snapshot_rows
+    from .trajectory import run_folder_snapshots, snapshot_rows
 
     if names_a_path(source):
         listed = {str(source): run_folder_snapshots(Path(source))}
@@ -741,23 +576,9 @@ def snapshots(source, storage, trial, as_json):
         chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
         listed, title = {t.trial_id: t.snapshots for t in chosen}, experiment.name
     if as_json:
-        click.echo(json.dumps({"source": title, "trials": {k: snapshot_rows(v) for k, v in listed.items()}}, indent=2))
-        return
-    if len(listed) == 1:
-        (name, items), = listed.items()
-        table = Table(title=f"snapshots of {title}" + (f" trial {name}" if name != title else ""))
-        for column in ("step", "tokens_seen", "size"):
-            table.add_column(column, justify="right")
-        for item in items:
-            table.add_row(f"{item.step:,}", f"{item.tokens_seen:,}", human_bytes(item.bytes))
+        render.as_json({"source": title, "trials": {k: snapshot_rows(v) for k, v in listed.items()}})
     else:
-        table = Table(title=f"snapshots of {title}")
-        for column in ("trial", "snapshots", "first step", "last step", "last tokens_seen", "size"):
-            table.add_column(column, justify="right")
-        for name, items in listed.items():
-            ends = [f"{items[0].step:,}", f"{items[-1].step:,}", f"{items[-1].tokens_seen:,}"] if items else ["-"] * 3
-            table.add_row(name, str(len(items)), *ends, human_bytes(sum(i.bytes for i in items)))
-    output.print(table)
+        render.snapshots(listed, title)
 
 
 @main.command()
@@ -838,26 +659,7 @@ def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int
         raise UserError(f"{experiment.name} has no snapshots to calibrate on")
     with console.status(f"calibrating the LLC on trial {trial.trial_id} (12 settings, about a minute on CPU)"):
         result = calibrate_llc(experiment, trial, step)
-    current = result["current"]
-    view = Table(title=f"{experiment.name}: LLC calibration on trial {trial.trial_id}, step {result['step']:,} "
-                       f"({result['tokens_seen']:,} tokens), n_beta {current['n_beta']:.1f}")
-    for column in ("eps", "gamma", "LLC", "chains' range", "diverged chains", "trace settles",
-                   "agrees with smaller eps", "stable"):
-        view.add_column(column, justify="right")
-    for row in result["rows"]:
-        llc = "-" if row["llc"] is None else f"{row['llc']:.2f}"
-        # the spread of the chains' estimates: from a few chains a standard error looks more precise than it is
-        error = f"{min(row['chains']):.2f} to {max(row['chains']):.2f}" if row["chains"] else "-"
-        view.add_row(f"{row['epsilon']:g}", f"{row['gamma']:g}", llc, error, str(row["diverged"]),
-                     "yes" if row["settled"] else "no", "yes" if row["agrees_with_smaller_eps"] else "-",
-                     "[green]yes[/]" if row["stable"] else "no")
-    output.print(view)
-    pick = result["largest_stable"]
-    in_use = f"in use: eps {current['epsilon']:g}, gamma {current['gamma']:g}"
-    if pick is None:
-        output.print(f"no setting is stable on this snapshot ({in_use}); its LLC estimates are not to be trusted")
-    else:
-        output.print(f"largest stable eps: {pick['epsilon']:g} at gamma {pick['gamma']:g} ({in_use})")
+    render.calibration(experiment.name, trial.trial_id, result)
 
 
 @main.command()
@@ -889,65 +691,11 @@ def circuit(ctx, name, storage, trial, at_step, at_tokens, task, address, as_jso
     document = circuits_of(experiment, request, lambda trials, measures: _analyse_with_progress(
         experiment, measures, trials, address, verbose, f"patching every edge of {experiment.name}"))
     if as_json:
-        click.echo(json.dumps(document, indent=2))
+        render.as_json(document)
     elif trial is None:
-        _print_circuits(document)
+        render.circuits(document)
     else:
-        _print_circuit(document)
-
-
-def _fraction(value) -> str:
-    return "-" if value is None else f"{value:+.2f}"
-
-
-def _print_circuit(document: dict) -> None:
-    (trial,) = document["trials"]
-    snapshot = trial["snapshot"]
-    output.print(f"{document['experiment']} trial {trial['trial_id']} ({_varying(trial['config'])}): circuit on "
-                 f"{document['task']} at step {snapshot['step']:,} ({snapshot['tokens_seen']:,} tokens)",
-                 highlight=False)
-    metrics = f"metric {trial['clean_metric']:.3f} clean, {trial['corrupted_metric']:.3f} corrupted (nats)"
-    if not trial["circuit"]:
-        output.print(f"no circuit: {metrics}; the model does not do the task here", highlight=False)
-        return
-    output.print(f"faithfulness {trial['faithfulness']:.2f}: {len(trial['circuit'])} of {trial['edges_in_graph']} "
-                 f"edges, the rest corrupted, recover {trial['faithfulness']:.0%} of the clean-to-corrupted "
-                 f"difference ({metrics})", highlight=False)
-    table = Table(title="the circuit's edges in the order they appeared")
-    for column in ("#", "edge", "kind", "effect", "change (nats)", "EAP", "EAP-IG", "appeared at (tokens)"):
-        table.add_column(column, justify="left" if column in ("edge", "kind") else "right")
-    by_edge = {entry["edge"]: entry for entry in trial["circuit"]}
-    for position, edge in enumerate(trial["order"], 1):
-        entry = by_edge[edge]
-        appeared = f"{entry['appeared']['tokens_seen']:,}" if entry["appeared"] else "-"
-        table.add_row(str(position), edge, entry["kind"], _fraction(entry["effect"]), f"{entry['change']:+.3f}",
-                      _fraction(entry["eap"]), _fraction(entry["eap_ig"]), appeared)
-    output.print(table)
-    agreement = "; ".join(
-        f"{name}: Spearman {_number(values['spearman'], 2)}, circuit edges in its top {len(trial['circuit'])}: "
-        f"{_number(values['circuit_recall'], 2)}" for name, values in (("EAP", trial["agreement"]["eap"]),
-                                                                        ("EAP-IG", trial["agreement"]["eap_ig"])))
-    output.print(f"estimates against exact patching over all {trial['edges_in_graph']} edges: {agreement}",
-                 highlight=False)
-    output.print(f"effect: the rise in the metric when the edge alone carries its corrupted value, as a fraction of "
-                 f"the difference; appeared: the first snapshot where it reached {document['edge_threshold']:g}",
-                 highlight=False)
-
-
-def _print_circuits(document: dict) -> None:
-    table = Table(title=f"{document['experiment']}: circuits on {document['task']} at each trial's last snapshot",
-                  caption=f"order: the circuit's edges by the first snapshot where their effect reached "
-                          f"{document['edge_threshold']:g}")
-    for column in ("trial", *SHAPE_KEYS, "tokens", "edges", "faithfulness", "composition", "order of appearance"):
-        table.add_column(column, justify="left" if column == "order of appearance" else "right")
-    for trial in document["trials"]:
-        composition = sum(entry["kinds"].get(kind, {}).get("edges", 0) for entry in (trial,)
-                          for kind in ("head -> q", "head -> k", "head -> v"))
-        order = ", ".join(trial["order"][:6]) + (" ..." if len(trial["order"]) > 6 else "")
-        table.add_row(trial["trial_id"], *(str(trial["config"].get(k, "")) for k in SHAPE_KEYS),
-                      f"{trial['snapshot']['tokens_seen']:,}", str(len(trial["circuit"])),
-                      _number(trial["faithfulness"], 2), str(composition), order or "no circuit")
-    output.print(table)
+        render.circuit(document)
 
 
 @main.command()
@@ -987,20 +735,9 @@ def stages(ctx, name, storage, trial, address, as_json):
         raise UserError(f"{experiment.name} has no LLC in its analysis table: "
                         f"run `sweep analyse {experiment.name} --what llc` first")
     if as_json:
-        click.echo(json.dumps({"experiment": experiment.name, "trials": documents}, indent=2))
-        return
-    table_view = Table(title=f"{experiment.name}: developmental stages")
-    for column in ("trial", *SHAPE_KEYS, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points",
-                   "circuits (tokens, stage)"):
-        table_view.add_column(column)
-    for document in documents:
-        boundaries = ", ".join(f"{b['tokens']:,}: {b['kind']}" for b in document["llc_boundaries"]) or "-"
-        turns = ", ".join(f"{t:,}" for t in document["essential_dynamics_turning_points"]) or "-"
-        circuits = ", ".join(f"{name.removesuffix('_formed_at')} {c['tokens_seen']:,} (stage {c['stage']})"
-                             for name, c in document["circuits"].items()) or "-"
-        shape = (str(document["config"].get(k, "")) for k in SHAPE_KEYS)
-        table_view.add_row(document["trial_id"], *shape, str(document["stages"]), boundaries, turns, circuits)
-    output.print(table_view)
+        render.as_json({"experiment": experiment.name, "trials": documents})
+    else:
+        render.stages(experiment.name, documents)
 
 
 @main.command()
@@ -1014,88 +751,16 @@ def atlas(name, storage, as_json, csv_path):
     One row per trial (state, losses, heads by label, every head score's max,
     when induction heads formed), then each axis's groups, strongest dependence first.
     """
-    from .atlas import GRID_SCORES, atlas_rows_csv, build_atlas
+    from .atlas import atlas_rows_csv, build_atlas
     from .results import load_experiment
-    from .table import formed_at_caption
 
     result = build_atlas(load_experiment(_open(storage), name))
     if as_json:
-        click.echo(json.dumps(result.document(), indent=2))
-        return
-    if csv_path:
+        render.as_json(result.document())
+    elif csv_path:
         _write_csv(csv_path, *atlas_rows_csv(result))
-        return
-    scores = GRID_SCORES
-    table = Table(title=f"{result.experiment}: {len(result.rows)} trials",
-                  caption=formed_at_caption(result.formed_at_resolution).replace("formed_at", "induction at", 1))
-    staged = any(row.stages is not None for row in result.rows)
-    stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
-    circuit_columns = ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
-    for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
-                   "matters", "induction at", *stage_columns, *circuit_columns):
-        table.add_column(column, justify="right")
-
-    for row in result.rows:
-        stage_cells = (_number(row.stages), _millions(row.stage_boundaries)) if staged else ()
-        circuit = row.circuit or {}
-        circuit_cells = (_number(circuit.get("edges")), _number(circuit.get("faithfulness"), 2),
-                         _number(circuit.get("composition_edges")),
-                         _number(circuit.get("composition_appeared_at"))) if circuit_columns else ()
-        table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
-                      _number(row.values["test_loss"]), _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"], 2) for s in scores),
-                      str(row.label_counts["induction"]), str(row.label_counts["previous_token"]), str(row.label_counts["matters"]),
-                      _number(row.induction_formed_at), *stage_cells, *circuit_cells)
-    output.print(table)
-    if result.circuit_task:
-        output.print(f"circuit: on {result.circuit_task} at the last snapshot (`sweep circuit`); composition at: "
-                     "tokens when its first head-to-head edge passed the edge threshold", highlight=False)
-    for axis in result.axes:
-        score, spread = result.strongest(axis)
-        group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})", title_justify="left")
-        columns = (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss", *stage_columns)
-        for column in columns:
-            group_table.add_column(column, justify="right")
-        for entry in result.groups[axis]:
-            cells = [f"{entry[f'{s}_max']['mean']:.2f}/{entry[f'{s}_max']['max']:.2f}" if entry[f"{s}_max"]["mean"] is not None else "-" for s in scores]
-            stage_cells = (_number(entry["stages"]["mean"], 1), _millions(entry["stage_boundaries"])) if staged else ()
-            group_table.add_row(str(entry["value"]), str(entry["trials"]), *cells, f"{entry['induction_heads']['mean']:.1f}",
-                                _number(entry["test_loss"]["mean"]), *stage_cells)
-        output.print(group_table)
-        if result.circuit_task:
-            _print_circuit_groups(axis, result.groups[axis])
-    for pair, entries in list(result.pairs.items())[:3]:
-        first, second = pair.split(" x ")
-        pair_table = Table(title=f"by {pair} (means)", title_justify="left")
-        for column in (first, second, "trials", *(f"{s}" for s in scores), "induction heads"):
-            pair_table.add_column(column, justify="right")
-        for entry in entries:
-            pair_table.add_row(str(entry[first]), str(entry[second]), str(entry["trials"]),
-                               *(_number(entry[f"{s}_max"], 2) for s in scores), f"{entry['induction_heads']:.1f}")
-        output.print(pair_table)
-
-
-def _print_circuit_groups(axis: str, entries: list[dict]) -> None:
-    """One row per axis value and edge kind: how many of the group's circuits hold that kind, and when it appeared."""
-    view = Table(title=f"by {axis}: the circuits' edges by kind", title_justify="left")
-    for column in (axis, "trials", "with circuit", "edges (mean)", "faithful", "edge kind", "in circuits",
-                   "edges of the kind (mean)", "first appeared (mean tokens)"):
-        view.add_column(column, justify="right")
-    for entry in entries:
-        group = entry["circuit"]
-        if group is None:
-            continue
-        first = [str(entry["value"]), str(group["trials"]), str(group["with_circuit"]), f"{group['edges']:.1f}",
-                 _number(group["faithfulness"], 2)]
-        for index, (kind, values) in enumerate(group["kinds"].items() or [("-", None)]):
-            cells = ([kind, f"{values['trials']}/{group['trials']}", f"{values['edges']:.1f}",
-                      _number(None if values["first_tokens"] is None else round(values["first_tokens"]))]
-                     if values else ["-"] * 4)
-            view.add_row(*(first if index == 0 else [""] * len(first)), *cells)
-    output.print(view)
-
-
-def _millions(tokens: list[int]) -> str:
-    return " ".join(f"{t / 1e6:.2g}" for t in tokens) or "-"
+    else:
+        render.atlas(result)
 
 
 @main.command()
