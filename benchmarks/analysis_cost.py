@@ -45,8 +45,12 @@ def measure(name: str, shape: tuple, steps: int, repeats: int) -> None:
     rng = np.random.default_rng(0)
     windows = rng.integers(0, vocab, size=(4096, seq_len + 1), dtype=np.int32)
     tokenizer = TextTokenizer(byte_tokenizer(), "bytes")
-    model_cfg = ModelConfig(vocab_size=max(vocab, tokenizer.vocab_size), d_model=d_model, n_heads=heads, n_layers=layers, seq_len=seq_len)
-    train_cfg = TrainConfig(batch_size=batch, max_tokens=steps * batch * seq_len, eval_every_tokens=steps * batch * seq_len)
+    model_cfg = ModelConfig(
+        vocab_size=max(vocab, tokenizer.vocab_size), d_model=d_model, n_heads=heads, n_layers=layers, seq_len=seq_len
+    )
+    train_cfg = TrainConfig(
+        batch_size=batch, max_tokens=steps * batch * seq_len, eval_every_tokens=steps * batch * seq_len
+    )
     trainer = Trainer(model_cfg, train_cfg, windows, windows[:1024], tokenizer)
     cfg = AnalysisConfig()
     started = time.perf_counter()

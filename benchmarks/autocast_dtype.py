@@ -21,9 +21,15 @@ from model.tokenizers import TextTokenizer, synthetic_tokenizer
 from model.train import Trainer, cpu_has_native_bf16, resolve_autocast_dtype
 
 SHAPES = {
-    "induction preset (vocab 64, d_model 64, 2 layers, seq 64, batch 32)": dict(vocab=64, d_model=64, heads=4, layers=2, seq_len=64, batch=32),
-    "study shape (vocab 8192, d_model 256, 1 layer, seq 80, batch 50)": dict(vocab=8192, d_model=256, heads=8, layers=1, seq_len=80, batch=50),
-    "gpt2 vocabulary (vocab 50257, d_model 128, 1 layer, seq 64, batch 50)": dict(vocab=50257, d_model=128, heads=8, layers=1, seq_len=64, batch=50),
+    "induction preset (vocab 64, d_model 64, 2 layers, seq 64, batch 32)": dict(
+        vocab=64, d_model=64, heads=4, layers=2, seq_len=64, batch=32
+    ),
+    "study shape (vocab 8192, d_model 256, 1 layer, seq 80, batch 50)": dict(
+        vocab=8192, d_model=256, heads=8, layers=1, seq_len=80, batch=50
+    ),
+    "gpt2 vocabulary (vocab 50257, d_model 128, 1 layer, seq 64, batch 50)": dict(
+        vocab=50257, d_model=128, heads=8, layers=1, seq_len=64, batch=50
+    ),
 }
 
 

@@ -59,7 +59,9 @@ def main() -> None:
         repeats = 1 if shape["vocab_size"] > 1000 else args.repeats
         baseline = best_of(repeats, lambda: patched.evaluate(torch.ones(edges, edges) - torch.eye(edges)))
         timings = {
-            "setup (clean and corrupted runs)": best_of(repeats, lambda: PatchedModel(model, inputs, TASKS["induction"])),
+            "setup (clean and corrupted runs)": best_of(
+                repeats, lambda: PatchedModel(model, inputs, TASKS["induction"])
+            ),
             "exact patching, every edge": best_of(repeats, lambda: exact_effects(patched)),
             "EAP": best_of(repeats, lambda: attribution_effects(patched, 1)),
             f"EAP-IG ({cfg.ig_steps} steps)": best_of(repeats, lambda: attribution_effects(patched, cfg.ig_steps)),

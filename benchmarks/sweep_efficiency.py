@@ -21,7 +21,8 @@ thread each, divided by the concurrency (2). The sweep's wall time is the
 whole `sweep launch` command: Ray start-up, trial actors, checkpoints and
 heatmaps written to storage, result reading.
 
-    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py [--only asha|schedulers|halving|search|optuna|overhead]
+    SWEEP_DATA_DIR=../shared/data python benchmarks/sweep_efficiency.py \
+        [--only asha|schedulers|halving|search|optuna|overhead]
 """
 
 from __future__ import annotations
@@ -51,8 +52,22 @@ EVAL_EVERY = SMOKE["max_tokens"] // ITERATIONS
 
 
 def launch(dataset: str, storage: Path, name: str, *flags: str) -> float:
-    command = [sys.executable, "-m", "sweep.cli", "launch", dataset, "--preset", "smoke", "--storage", str(storage), "--name", name,
-               "--grid", f"eval_every_tokens={EVAL_EVERY}", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "sweep.cli",
+        "launch",
+        dataset,
+        "--preset",
+        "smoke",
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--grid",
+        f"eval_every_tokens={EVAL_EVERY}",
+        *flags,
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
@@ -75,7 +90,9 @@ def asha_efficiency(dataset: str, storage: Path) -> None:
     for concurrency, resources in ((2, ("--cpus-per-trial", "1")), (16, all_at_once)):
         for factor in (2, 4):
             name = f"asha-rf{factor}-c{concurrency}"
-            wall = launch(dataset, storage, name, *grid, "--grace-period", "1", "--reduction-factor", str(factor), *resources)
+            wall = launch(
+                dataset, storage, name, *grid, "--grace-period", "1", "--reduction-factor", str(factor), *resources
+            )
             best, iterations = summary(storage, name)
             print(f"ASHA, {concurrency:2d} trials at once, reduction factor {factor}: best test_loss {best:.4f} "
                   f"({(best / full_best - 1) * 100:+.2f}% vs full grid), {iterations} trial-iterations "
@@ -102,14 +119,34 @@ def scheduler_efficiency(dataset: str, storage: Path, halving_only: bool = False
             if (scheduler == "halving" and concurrency == 16 and factor != 2) or (halving_only and concurrency == 16):
                 continue  # synchronous: the same decisions as with 2 at once
             name = f"grid-{scheduler}-rf{factor}-c{concurrency}"
-            wall = launch(dataset, storage, name, *grid, "--scheduler", scheduler, "--reduction-factor", str(factor), "--cpus-per-trial", cpus)
+            wall = launch(
+                dataset,
+                storage,
+                name,
+                *grid,
+                "--scheduler",
+                scheduler,
+                "--reduction-factor",
+                str(factor),
+                "--cpus-per-trial",
+                cpus,
+            )
             report(name, storage, full_best, full_iterations, wall)
 
 
 def search_efficiency(dataset: str, storage: Path) -> None:
     """A 64-sample random search over lr and d_model, all trials to the end and under each scheduler;
     then Optuna's TPE against random search at equal compute (16 trials each, no early stopping)."""
-    space = ["--grid", "lr=loguniform:1e-4:3e-2", "--grid", "d_model=choice:16,24,32,48,64", "--grid", "heads=2", "--search", "random"]
+    space = [
+        "--grid",
+        "lr=loguniform:1e-4:3e-2",
+        "--grid",
+        "d_model=choice:16,24,32,48,64",
+        "--grid",
+        "heads=2",
+        "--search",
+        "random",
+    ]
     samples = ["--num-samples", "64", "--cpus-per-trial", "0.125"]
     wall = launch(dataset, storage, "random64-fifo", *space, *samples, "--scheduler", "fifo")
     full_best, full_iterations = summary(storage, "random64-fifo")
@@ -129,8 +166,24 @@ def optuna_against_random(dataset: str, storage: Path, seeds: tuple[int, ...]) -
     for seed in seeds:
         for search in found:
             name = f"{search}16-seed{seed}"
-            wall = launch(dataset, storage, name, *space, "--grid", f"seed={seed}", "--search", search, "--num-samples", "16",
-                          "--scheduler", "fifo", "--cpus-per-trial", "0.5", "--max-concurrent", "4")
+            wall = launch(
+                dataset,
+                storage,
+                name,
+                *space,
+                "--grid",
+                f"seed={seed}",
+                "--search",
+                search,
+                "--num-samples",
+                "16",
+                "--scheduler",
+                "fifo",
+                "--cpus-per-trial",
+                "0.5",
+                "--max-concurrent",
+                "4",
+            )
             best, _ = summary(storage, name)
             found[search].append(best)
             print(f"{name:18s} best test_loss {best:.4f}, {wall:4.0f}s", flush=True)
@@ -141,8 +194,18 @@ def optuna_against_random(dataset: str, storage: Path, seeds: tuple[int, ...]) -
 def sweep_overhead(dataset: str, storage: Path) -> None:
     trials, concurrency = 8, 2
     grid = ("lr=1e-3", "heads=2", f"eval_every_tokens={EVAL_EVERY}")
-    wall = launch(dataset, storage, "overhead", *(f for axis in grid for f in ("--grid", axis)), "--num-samples", str(trials),
-                  "--grace-period", str(ITERATIONS), "--max-concurrent", str(concurrency))
+    wall = launch(
+        dataset,
+        storage,
+        "overhead",
+        *(f for axis in grid for f in ("--grid", axis)),
+        "--num-samples",
+        str(trials),
+        "--grace-period",
+        str(ITERATIONS),
+        "--max-concurrent",
+        str(concurrency),
+    )
     # The same trial config, trained in this process exactly as a trial does: iterations, each
     # followed by a full checkpoint (weights, optimizer, head scores, heatmaps, sample).
     config = plan_sweep(LaunchConfig(dataset=dataset, grid=grid, storage=str(storage))).trials[0]
@@ -153,14 +216,20 @@ def sweep_overhead(dataset: str, storage: Path) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(trials):
-            trainer = Trainer(model_cfg, dataclasses.replace(train_cfg, seed=index), data.train, data.test, data.tokenizer, data_cfg)
+            trainer = Trainer(
+                model_cfg, dataclasses.replace(train_cfg, seed=index), data.train, data.test, data.tokenizer, data_cfg
+            )
             while not trainer.finished:
                 trainer.train_iteration()
                 trainer.save_checkpoint(Path(scratch) / f"{index}-{trainer.iteration}")
     serial = time.perf_counter() - started
     ideal = serial / concurrency
-    print(f"{trials} identical trials: sweep {wall:.1f}s, back to back in one process {serial:.1f}s / {concurrency} = {ideal:.1f}s; "
-          f"overhead {wall / ideal:.2f}x, {(wall - ideal) / (trials / concurrency):.1f}s per trial slot", flush=True)
+    print(
+        f"{trials} identical trials: sweep {wall:.1f}s, back to back in one process {serial:.1f}s / {concurrency} = "
+        f"{ideal:.1f}s; "
+        f"overhead {wall / ideal:.2f}x, {(wall - ideal) / (trials / concurrency):.1f}s per trial slot",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -171,8 +240,19 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with tempfile.TemporaryDirectory() as storage:
         # One untimed run fills the tokenized-data cache, so no measurement pays for tokenizing.
-        launch(args.dataset, Path(storage), "warm-up", "--grid", "lr=1e-3", "--grid", "heads=2", "--grid", "max_tokens=8192",
-               "--grid", "eval_every_tokens=8192")
+        launch(
+            args.dataset,
+            Path(storage),
+            "warm-up",
+            "--grid",
+            "lr=1e-3",
+            "--grid",
+            "heads=2",
+            "--grid",
+            "max_tokens=8192",
+            "--grid",
+            "eval_every_tokens=8192",
+        )
         if args.only in (None, "asha"):
             asha_efficiency(args.dataset, Path(storage))
         if args.only in (None, "schedulers"):

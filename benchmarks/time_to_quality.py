@@ -42,7 +42,9 @@ def test_loss(logits_of, test: torch.Tensor) -> float:
     for batch in test.split(256):
         logits = logits_of(batch[:, :-1]).float()
         targets = batch[:, 1:]
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        total += float(
+            nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        )
         count += targets.numel()
     return total / count
 
@@ -70,9 +72,15 @@ def study_recipe(padded: np.ndarray, vocab: int, test: torch.Tensor, budget: flo
     return test_loss(model, test), steps * BATCH * SEQ_LEN
 
 
-def our_recipe(data, target: float, tokens: int, eval_every: int, test: torch.Tensor) -> tuple[float | None, float, int]:
-    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, d_model=D_MODEL, n_heads=HEADS, n_layers=1, seq_len=SEQ_LEN)
-    train_cfg = TrainConfig(lr=1e-3, batch_size=BATCH, max_tokens=tokens, eval_every_tokens=eval_every, eval_tokens=BATCH * SEQ_LEN)
+def our_recipe(
+    data, target: float, tokens: int, eval_every: int, test: torch.Tensor
+) -> tuple[float | None, float, int]:
+    model_cfg = ModelConfig(
+        vocab_size=data.tokenizer.vocab_size, d_model=D_MODEL, n_heads=HEADS, n_layers=1, seq_len=SEQ_LEN
+    )
+    train_cfg = TrainConfig(
+        lr=1e-3, batch_size=BATCH, max_tokens=tokens, eval_every_tokens=eval_every, eval_tokens=BATCH * SEQ_LEN
+    )
     trainer = Trainer(model_cfg, train_cfg, data.train, data.test, data.tokenizer)
     training_seconds, loss = 0.0, math.inf
     while not trainer.finished:
@@ -101,7 +109,9 @@ def main() -> None:
     assert int(test.min()) > PAD_ID
     vocab = packed.tokenizer.vocab_size
     target, study_tokens = study_recipe(padded.train, vocab, test, args.budget)
-    print(f"study recipe: {args.budget:.0f}s, {study_tokens:,} tokens (pads included), test loss {target:.4f}", flush=True)
+    print(
+        f"study recipe: {args.budget:.0f}s, {study_tokens:,} tokens (pads included), test loss {target:.4f}", flush=True
+    )
     seconds, loss, tokens = our_recipe(packed, target, study_tokens, args.eval_every, test)
     if seconds is None:
         print(f"our recipe did not reach {target:.4f} within {tokens:,} tokens (last {loss:.4f})")

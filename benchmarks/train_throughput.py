@@ -46,7 +46,9 @@ class StudyModel(nn.Module):
         seq_len = tokens.shape[1]
         x = self.embed(tokens) + self.pos(torch.arange(seq_len))
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
-        out, weights = self.attn(x, x, x, key_padding_mask=tokens == 0, attn_mask=causal, need_weights=True, average_attn_weights=False)
+        out, weights = self.attn(
+            x, x, x, key_padding_mask=tokens == 0, attn_mask=causal, need_weights=True, average_attn_weights=False
+        )
         return self.unembed(out + x)
 
 
@@ -107,7 +109,14 @@ def peak_memory() -> str:
 def our_tokens_per_second(vocab: int, seq_len: int, steps: int, windows: np.ndarray, compile: bool) -> float:
     model_cfg = ModelConfig(vocab_size=vocab, d_model=D_MODEL, n_heads=HEADS, n_layers=1, seq_len=seq_len)
     tokens = BATCH * seq_len
-    train_cfg = TrainConfig(lr=1e-4, batch_size=BATCH, max_tokens=tokens * (steps + 1) * 2, eval_every_tokens=tokens * steps, eval_tokens=tokens, compile=compile)
+    train_cfg = TrainConfig(
+        lr=1e-4,
+        batch_size=BATCH,
+        max_tokens=tokens * (steps + 1) * 2,
+        eval_every_tokens=tokens * steps,
+        eval_tokens=tokens,
+        compile=compile,
+    )
     tokenizer = TextTokenizer(byte_tokenizer(), "bytes")  # only its vocab size matters here
     trainer = Trainer(model_cfg, train_cfg, windows, windows[:64], tokenizer)
     trainer.steps_per_iteration = 3
@@ -122,19 +131,32 @@ def main() -> None:
     parser.add_argument("--smoke-test", action="store_true", help="3 steps per measurement")
     args = parser.parse_args()
     steps = 3 if args.smoke_test else args.steps
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps each, d_model {D_MODEL}, {HEADS} heads, batch {BATCH}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps each, d_model {D_MODEL}, {HEADS} "
+        f"heads, batch {BATCH}"
+    )
     for name, shape in SHAPES.items():
         rng = np.random.default_rng(0)
         windows = rng.integers(1, shape["vocab"], size=(4096, shape["seq_len"] + 1), dtype=np.int32)
         study = study_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
         print(f"{name}: study step {study:8,.0f} tok/s ({peak_memory()})", flush=True)
-        lens = transformer_lens_tokens_per_second(shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long())
+        lens = transformer_lens_tokens_per_second(
+            shape["vocab"], shape["seq_len"], steps, torch.as_tensor(windows).long()
+        )
         print(f"{name}: TransformerLens {lens:8,.0f} tok/s ({lens / study:4.2f}x)", flush=True)
         eager = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=False)
-        print(f"{name}: trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x study, {eager / lens:4.2f}x TransformerLens)", flush=True)
+        print(
+            f"{name}: trial loop {eager:8,.0f} tok/s ({eager / study:4.2f}x study, {eager / lens:4.2f}x "
+            "TransformerLens)",
+            flush=True,
+        )
         compiled = our_tokens_per_second(shape["vocab"], shape["seq_len"], steps, windows, compile=True)
-        print(f"{name}: trial loop compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x study, {compiled / lens:4.2f}x TransformerLens)"
-              f" ({peak_memory()})", flush=True)
+        print(
+            f"{name}: trial loop compiled {compiled:8,.0f} tok/s ({compiled / study:4.2f}x study, "
+            f"{compiled / lens:4.2f}x TransformerLens)"
+            f" ({peak_memory()})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -142,7 +142,9 @@ def composition_scores(model: Transformer) -> dict[str, list]:
         attn = block.attn
         W_QK.append((attn.W_Q @ attn.W_K.transpose(1, 2)).double())
         W_OV.append((attn.W_V @ attn.W_O).double())
-    results = {kind: [[[[None] * heads for _ in range(layers)] for _ in range(heads)] for _ in range(layers)] for kind in "qkv"}
+    results = {
+        kind: [[[[None] * heads for _ in range(layers)] for _ in range(heads)] for _ in range(layers)] for kind in "qkv"
+    }
     for layer1 in range(layers):
         for layer2 in range(layer1 + 1, layers):
             ov1 = W_OV[layer1][:, None]  # (nh1, 1, C, C)

@@ -364,9 +364,17 @@ class PatchedModel:
         """The metric of each sequence [B] of one run's normalised final residual [1, B, T, D]."""
         positions = self.inputs.positions.to(self.device)
         targets = self.targets
-        return torch.cat([self.task.metric(residual[:, b : b + 1, positions], self.clean_residual[:, b : b + 1, positions],
-                                           self.model.unembed, None if targets is None else targets[b : b + 1])
-                          for b in range(residual.shape[1])])
+        return torch.cat(
+            [
+                self.task.metric(
+                    residual[:, b : b + 1, positions],
+                    self.clean_residual[:, b : b + 1, positions],
+                    self.model.unembed,
+                    None if targets is None else targets[b : b + 1],
+                )
+                for b in range(residual.shape[1])
+            ]
+        )
 
     @property
     def targets(self) -> torch.Tensor | None:
@@ -415,7 +423,10 @@ def exact_effects(patched: PatchedModel) -> torch.Tensor:
         for layer, after_mlp in stages:
             ids, residuals = [], []
             for receiver, name in enumerate(graph.receivers):
-                if (_receiver_layer(name, graph.layers), name.startswith("mlp") or name == LOGITS) != (layer, after_mlp):
+                if (_receiver_layer(name, graph.layers), name.startswith("mlp") or name == LOGITS) != (
+                    layer,
+                    after_mlp,
+                ):
                     continue
                 count = sum(1 for _, r in graph.edges if r == receiver)
                 inputs = prefix[count] + delta[:count]  # (senders, B, T, D): the receiver's patched inputs

@@ -79,7 +79,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if directory.is_file():
         raise CheckpointError(
-            f"{directory} is a file, not a checkpoint folder; give the folder that holds model.safetensors ({directory.parent})"
+            f"{directory} is a file, not a checkpoint folder; give the folder that holds model.safetensors "
+            f"({directory.parent})"
         )
     if not is_checkpoint(directory):
         raise CheckpointError(f"{directory} is not a checkpoint: model.safetensors and config.json are missing")

@@ -61,7 +61,9 @@ def _token_losses(model: Transformer, tokens: torch.Tensor, chunk_rows: int = 20
 
 
 @torch.no_grad()
-def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Tensor, period: int) -> list[list[dict[str, float]]]:
+def mean_ablation(
+    model: Transformer, held_out: torch.Tensor, repeated: torch.Tensor, period: int
+) -> list[list[dict[str, float]]]:
     """[layer][head] -> {"held_out": loss rise, "repeated": loss rise} under mean ablation.
 
     `held_out` [B, T+1] windows (PAD_ID marks padding); `repeated` [B, 2n] random
@@ -71,16 +73,23 @@ def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Te
     d_head, heads = model.cfg.d_head, model.cfg.n_heads
     real = (held_out[:, :-1] != PAD_ID).reshape(-1)  # positions whose z enters the mean
     captured: list[torch.Tensor] = []
-    hooks = [block.attn.out.register_forward_pre_hook(lambda module, args: captured.append(args[0])) for block in model.blocks]
+    hooks = [
+        block.attn.out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        for block in model.blocks
+    ]
     try:
         clean = _token_losses(model, held_out)  # one pass records every layer's z
     finally:
         for hook in hooks:
             hook.remove()
-    means = [z.reshape(-1, heads * d_head)[real].float().mean(0).to(z.dtype) for z in captured]  # per layer: (heads * d_head,)
+    means = [
+        z.reshape(-1, heads * d_head)[real].float().mean(0).to(z.dtype) for z in captured
+    ]  # per layer: (heads * d_head,)
 
     def losses() -> torch.Tensor:
-        return torch.stack([_token_losses(model, held_out).nanmean(), _token_losses(model, repeated)[:, period:].mean()])
+        return torch.stack(
+            [_token_losses(model, held_out).nanmean(), _token_losses(model, repeated)[:, period:].mean()]
+        )
 
     base = torch.stack([clean.nanmean(), _token_losses(model, repeated)[:, period:].mean()])
     measured = []  # device tensors, read once at the end
@@ -93,7 +102,9 @@ def mean_ablation(model: Transformer, held_out: torch.Tensor, repeated: torch.Te
                 z[..., columns] = mean
                 return z
 
-            hook = model.blocks[layer].attn.out.register_forward_pre_hook(lambda module, args, replace=replace: (replace(args[0]),))
+            hook = model.blocks[layer].attn.out.register_forward_pre_hook(
+                lambda module, args, replace=replace: (replace(args[0]),)
+            )
             try:
                 measured.append(losses() - base)
             finally:
@@ -147,7 +158,9 @@ def _mean_scale(norm: torch.nn.Module, rows: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def token_tables(model: Transformer, decode: Callable[[int], str], frequencies: torch.Tensor, cfg: TableConfig = TableConfig()) -> dict[str, Any]:
+def token_tables(
+    model: Transformer, decode: Callable[[int], str], frequencies: torch.Tensor, cfg: TableConfig = TableConfig()
+) -> dict[str, Any]:
     """The circuits.json document: OV, layer-0 QK, skip-trigram and bigram tables over frequent tokens."""
     device = next(model.parameters()).device
     k = min(cfg.frequent_tokens, int((frequencies > 0).sum()) or model.cfg.vocab_size)
@@ -227,5 +240,7 @@ def _skip_trigrams(qk: torch.Tensor, ov: torch.Tensor, names: _Names, count: int
     _, rows_a, keys_b, outs_c = zip(*found)
     qk = attend[list(rows_a), list(keys_b)].tolist()  # the two centred entries behind each score, one copy each
     ov = raise_[list(keys_b), list(outs_c)].tolist()
-    return [{"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4), "qk": round(q, 4), "ov": round(o, 4)}
-            for (value, a, b, c), q, o in zip(found, qk, ov)]
+    return [
+        {"a": names[a], "b": names[b], "c": names[c], "score": round(value, 4), "qk": round(q, 4), "ov": round(o, 4)}
+        for (value, a, b, c), q, o in zip(found, qk, ov)
+    ]

@@ -95,7 +95,9 @@ class ModelConfig:
         )
         _require(self.n_layers >= 1, "{n_layers} must be positive", n_layers=self.n_layers)
         _require(self.d_mlp >= 0, "{d_mlp} must be >= 0", d_mlp=self.d_mlp)
-        _require(2 <= self.seq_len <= MAX_SEQ_LEN, f"{{seq_len}} must be between 2 and {MAX_SEQ_LEN}", seq_len=self.seq_len)
+        _require(
+            2 <= self.seq_len <= MAX_SEQ_LEN, f"{{seq_len}} must be between 2 and {MAX_SEQ_LEN}", seq_len=self.seq_len
+        )
         _require(self.norm in ("ln", "none"), "{norm} must be 'ln' or 'none'", norm=self.norm)
 
     @property
@@ -148,7 +150,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     max_tokens: int = setting(2_000_000, "max_tokens", "Training tokens of the whole run.")
-    eval_every_tokens: int = setting(200_000, "eval_every_tokens", "Training tokens per iteration; evaluation and a checkpoint follow each.")
+    eval_every_tokens: int = setting(
+        200_000, "eval_every_tokens", "Training tokens per iteration; evaluation and a checkpoint follow each."
+    )
     eval_tokens: int = 50_000
     """Size of the fixed held-out sample of the test split used for evaluation."""
     seed: int = setting(0, "seed", "Seeds initialisation, data order and sampling.")
@@ -169,13 +173,23 @@ class TrainConfig:
         _require(self.lr > 0, "{lr} must be positive", lr=self.lr)
         _require(self.batch_size >= 1, "{batch_size} must be positive", batch_size=self.batch_size)
         _require(self.weight_decay >= 0, "{weight_decay} must be >= 0", weight_decay=self.weight_decay)
-        _require(0 <= self.warmup_fraction < 1, "{warmup_fraction} must be in [0, 1)", warmup_fraction=self.warmup_fraction)
-        _require(self.schedule in ("cosine", "constant"), "{schedule} must be 'cosine' or 'constant'", schedule=self.schedule)
+        _require(
+            0 <= self.warmup_fraction < 1, "{warmup_fraction} must be in [0, 1)", warmup_fraction=self.warmup_fraction
+        )
+        _require(
+            self.schedule in ("cosine", "constant"), "{schedule} must be 'cosine' or 'constant'", schedule=self.schedule
+        )
         _require(self.grad_clip >= 0, "{grad_clip} must be >= 0", grad_clip=self.grad_clip)
         _require(self.max_tokens >= 1, "{max_tokens} must be positive", max_tokens=self.max_tokens)
-        _require(self.eval_every_tokens >= 1, "{eval_every_tokens} must be positive", eval_every_tokens=self.eval_every_tokens)
+        _require(
+            self.eval_every_tokens >= 1,
+            "{eval_every_tokens} must be positive",
+            eval_every_tokens=self.eval_every_tokens,
+        )
         _require(self.eval_tokens >= 1, "{eval_tokens} must be positive", eval_tokens=self.eval_tokens)
-        _require(self.dtype in ("auto", "float32", "bfloat16"), "{dtype} must be auto, float32 or bfloat16", dtype=self.dtype)
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16"), "{dtype} must be auto, float32 or bfloat16", dtype=self.dtype
+        )
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "{device} must be auto, cpu, cuda or cuda:N", device=self.device,

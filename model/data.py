@@ -94,7 +94,10 @@ def check_split(cfg: DataConfig, split: str) -> None:
         root = Path(cfg.dataset).expanduser()
         if _has_named_splits(root) and not any(p.suffix in LOCAL_SUFFIXES for p in root.glob(f"{split}.*")):
             present = sorted({p.stem for p in root.iterdir() if p.suffix in LOCAL_SUFFIXES})
-            raise ConfigError(f"{root} has no {split}.* file; splits there: {', '.join(present)}; choose with --train-split / --test-split")
+            raise ConfigError(
+                f"{root} has no {split}.* file; splits there: {', '.join(present)}; choose with --train-split / "
+                "--test-split"
+            )
 
 
 def _mirror_split(dataset: str, split: str) -> Path:

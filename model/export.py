@@ -83,7 +83,10 @@ def transformer_lens_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             }
             if cfg.norm == "ln":
                 state |= {f"{prefix}.ln2.w": block.ln_mlp.weight, f"{prefix}.ln2.b": block.ln_mlp.bias}
-    return {name: tensor.detach().cpu().float().contiguous() if tensor.is_floating_point() else tensor.cpu() for name, tensor in state.items()}
+    return {
+        name: tensor.detach().cpu().float().contiguous() if tensor.is_floating_point() else tensor.cpu()
+        for name, tensor in state.items()
+    }
 
 
 LOADING_README = """# A circuit-sweep export for TransformerLens

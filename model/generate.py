@@ -8,7 +8,9 @@ from .transformer import Transformer
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[int], new_tokens: int = 7, top_k: int = 10, seed: int = 0) -> list[int]:
+def generate(
+    model: Transformer, prompt_ids: list[int], new_tokens: int = 7, top_k: int = 10, seed: int = 0
+) -> list[int]:
     """Prompt ids followed by `new_tokens` sampled ids; the context slides past seq_len."""
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")

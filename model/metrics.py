@@ -25,8 +25,18 @@ MATTERS_THRESHOLD = 0.05
 
 # Every metric a training iteration reports (the contract of DESIGN.md).
 REPORTED_METRICS = (
-    "train_loss", "test_loss", "test_accuracy", "test_perplexity", "icl_score", "tokens_seen", "tokens_per_second", "epoch", "lr",
-    *SUMMARY_METRICS, "induction_formed_at", "prev_token_formed_at",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "test_perplexity",
+    "icl_score",
+    "tokens_seen",
+    "tokens_per_second",
+    "epoch",
+    "lr",
+    *SUMMARY_METRICS,
+    "induction_formed_at",
+    "prev_token_formed_at",
 )
 # Reported each iteration beside the metrics: every head's scores ("layer.head" -> scores), the head history.
 HEAD_HISTORY_KEY = "head_scores"

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .analysis import AnalysisConfig, carry_ablation, head_history_entry, head_scores, repeat_prompt, score_summaries, write_analysis
+from .analysis import (
+    AnalysisConfig,
+    carry_ablation,
+    head_history_entry,
+    head_scores,
+    repeat_prompt,
+    score_summaries,
+    write_analysis,
+)
 from .checkpoint import HISTORY_FILE, read_config, read_trainer_state, swap_in, write_manifest
 from .circuits import icl_score, token_frequencies, token_tables
 from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFiniteLossError, TrainConfig
@@ -84,7 +92,9 @@ class Trainer:
         analysis_cfg: AnalysisConfig = AnalysisConfig(),
     ) -> None:
         if model_cfg.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+            raise ConfigError(
+                f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+            )
         if train_windows.shape[1] != model_cfg.seq_len + 1 or test_windows.shape[1] != model_cfg.seq_len + 1:
             raise ConfigError(f"data windows do not match --seq-len {model_cfg.seq_len}")
         self.model_cfg, self.train_cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
@@ -329,7 +339,10 @@ class Trainer:
         """Write model, configs, tokenizer, trainer state and the head analysis into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, directory / "model.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+            directory / "model.safetensors",
+        )
         (directory / "config.json").write_text(json.dumps(self.run_config(), indent=2))
         self.tokenizer.save(directory / "tokenizer.json")
         state = {
@@ -374,7 +387,11 @@ class Trainer:
         self.last_metrics = dict(state.get("metrics", {}))
         self.formed_at.update(state.get("formed_at", {}))
         history = directory / HISTORY_FILE
-        self.history = [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration] if history.is_file() else []
+        self.history = (
+            [row for row in json.loads(history.read_text()) if row["iteration"] <= self.iteration]
+            if history.is_file()
+            else []
+        )
 
 
 @contextlib.contextmanager
@@ -491,7 +508,8 @@ def run_training(
     if warning := repetition_warning(data_cfg, data.train, train_cfg.max_tokens):
         log(warning)
     log(
-        f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}, {torch.get_num_threads()} threads), "
+        f"training on {trainer.device} (autocast {trainer.autocast_dtype or 'off'}, {torch.get_num_threads()} "
+        "threads), "
         f"{trainer.total_steps} steps in {trainer.schedule.iterations} iterations"
     )
     out.mkdir(parents=True, exist_ok=True)

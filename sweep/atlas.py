@@ -111,7 +111,9 @@ def _row(trial: TrialRecord, heads: dict[str, Any] | None) -> AtlasRow:
     values: dict[str, float | None] = {name: _finite(trial.metrics.get(name)) for name in TRIAL_VALUES}
     counts = {label: 0 for label in LABELS}
     for score in HEAD_SCORES:
-        values[f"{score}_max"] = max((h["scores"][score] for h in heads["heads"] if score in h["scores"]), default=None) if heads else None
+        values[f"{score}_max"] = (
+            max((h["scores"][score] for h in heads["heads"] if score in h["scores"]), default=None) if heads else None
+        )
     if heads:
         for head in heads["heads"]:
             for label in head["labels"]:
@@ -122,14 +124,20 @@ def _row(trial: TrialRecord, heads: dict[str, Any] | None) -> AtlasRow:
 
 
 def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {"trials": len(rows)}
     for name in names:
         present = [r.values[name] for r in rows if r.values.get(name) is not None]
-        summary[name] = {"mean": sum(present) / len(present), "max": max(present)} if present else {"mean": None, "max": None}
+        summary[name] = (
+            {"mean": sum(present) / len(present), "max": max(present)} if present else {"mean": None, "max": None}
+        )
     induction = [r.label_counts["induction"] for r in rows]
     summary["induction_heads"] = {"mean": sum(induction) / len(induction), "max": max(induction)}
     stages = [r.stages for r in rows if r.stages is not None]
@@ -204,14 +212,22 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
     atlas.axes = sorted(varying, key=lambda a: -atlas.strongest(a)[1])
     for first, second in itertools.combinations(atlas.axes, 2):
         entries = []
-        for value1, value2 in itertools.product(*(sorted({_key(r.config.get(a)) for r in rows}, key=_sortable) for a in (first, second))):
+        for value1, value2 in itertools.product(
+            *(sorted({_key(r.config.get(a)) for r in rows}, key=_sortable) for a in (first, second))
+        ):
             group = [r for r in rows if _key(r.config.get(first)) == value1 and _key(r.config.get(second)) == value2]
             if group:
                 summary = _summary(group, names)
-                entries.append({first: group[0].config.get(first), second: group[0].config.get(second), "trials": len(group),
-                                **{name: summary[name]["mean"] for name in names},
-                                "induction_heads": summary["induction_heads"]["mean"],
-                                "stages": summary["stages"]["mean"]})
+                entries.append(
+                    {
+                        first: group[0].config.get(first),
+                        second: group[0].config.get(second),
+                        "trials": len(group),
+                        **{name: summary[name]["mean"] for name in names},
+                        "induction_heads": summary["induction_heads"]["mean"],
+                        "stages": summary["stages"]["mean"],
+                    }
+                )
         atlas.pairs[f"{first} x {second}"] = entries
     return atlas
 
@@ -238,7 +254,8 @@ def _add_stages(experiment: Experiment, rows: list[AtlasRow], table) -> None:
 
 
 def _binned(rows: list[AtlasRow], key: str) -> list[AtlasRow]:
-    """Sampled values of `key` (a searched range) grouped into quartiles, labelled by their ends; lists stay as they are."""
+    """Sampled values of `key` (a searched range) grouped into quartiles, labelled by their ends; lists stay as they
+    are."""
     values = sorted({r.config[key] for r in rows if isinstance(r.config.get(key), (int, float))})
     if len(values) <= 6:
         return rows
@@ -261,15 +278,34 @@ def _sortable(text: str) -> tuple:
 def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of `sweep atlas --csv`: a row per trial."""
     circuit_columns = ("edges", "faithfulness", "composition_edges", "composition_appeared_at", "complete_at")
-    columns = ["trial_id", *atlas.axes, "status", *TRIAL_VALUES, *score_names(), *(f"{label}_heads" for label in LABELS),
-               "induction_formed_at", "prev_token_formed_at", "stages", "stage_boundaries",
-               *(f"circuit_{name}" for name in circuit_columns)]
+    columns = [
+        "trial_id",
+        *atlas.axes,
+        "status",
+        *TRIAL_VALUES,
+        *score_names(),
+        *(f"{label}_heads" for label in LABELS),
+        "induction_formed_at",
+        "prev_token_formed_at",
+        "stages",
+        "stage_boundaries",
+        *(f"circuit_{name}" for name in circuit_columns),
+    ]
     rows = []
     for row in atlas.rows:
         circuit = row.circuit or {}
-        rows.append({"trial_id": row.trial_id, **{a: row.config.get(a) for a in atlas.axes}, "status": row.status, **row.values,
-                     **{f"{label}_heads": n for label, n in row.label_counts.items()},
-                     "induction_formed_at": row.induction_formed_at, "prev_token_formed_at": row.prev_token_formed_at,
-                     "stages": row.stages, "stage_boundaries": " ".join(str(b) for b in row.stage_boundaries),
-                     **{f"circuit_{name}": circuit.get(name) for name in circuit_columns}})
+        rows.append(
+            {
+                "trial_id": row.trial_id,
+                **{a: row.config.get(a) for a in atlas.axes},
+                "status": row.status,
+                **row.values,
+                **{f"{label}_heads": n for label, n in row.label_counts.items()},
+                "induction_formed_at": row.induction_formed_at,
+                "prev_token_formed_at": row.prev_token_formed_at,
+                "stages": row.stages,
+                "stage_boundaries": " ".join(str(b) for b in row.stage_boundaries),
+                **{f"circuit_{name}": circuit.get(name) for name in circuit_columns},
+            }
+        )
     return columns, rows

@@ -28,8 +28,19 @@ from .table import read_table
 from .trajectory import find_snapshot
 
 EDGE_MEASURES = ("edge_effect", "edge_change", "edge_eap", "edge_eap_ig")
-SNAPSHOT_MEASURES = ("clean_metric", "corrupted_metric", "difference_se", "faithfulness", "circuit_edges", "eap_spearman",
-                     "eap_pearson", "eap_circuit_recall", "eap_ig_spearman", "eap_ig_pearson", "eap_ig_circuit_recall")
+SNAPSHOT_MEASURES = (
+    "clean_metric",
+    "corrupted_metric",
+    "difference_se",
+    "faithfulness",
+    "circuit_edges",
+    "eap_spearman",
+    "eap_pearson",
+    "eap_circuit_recall",
+    "eap_ig_spearman",
+    "eap_ig_pearson",
+    "eap_ig_circuit_recall",
+)
 
 
 @dataclass

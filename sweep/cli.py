@@ -134,7 +134,9 @@ def trial_key_options(command):
         if isinstance(spec.default, bool):
             command = click.option(f"{flag}/--no-{flag[2:]}", spec.key, default=spec.default, help=spec.help)(command)
         else:
-            command = click.option(flag, spec.key, default=spec.default, show_default=True, type=type(spec.default), help=spec.help)(command)
+            command = click.option(
+                flag, spec.key, default=spec.default, show_default=True, type=type(spec.default), help=spec.help
+            )(command)
     return command
 
 
@@ -145,7 +147,13 @@ def trial_key_options(command):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]))
 @click.option("--compile/--no-compile", default=False, help="torch.compile the model.")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads for torch (0: every CPU this process may use).")
+@click.option(
+    "--threads",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="CPU threads for torch (0: every CPU this process may use).",
+)
 @click.option("--prompt", default="This movie is", show_default=True, help="Prompt for the sample and heatmaps.")
 @snapshot_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("run"), show_default=True)
@@ -172,8 +180,18 @@ def train(ctx, dataset, device, dtype, compile, threads, prompt, snapshots, snap
     _, model_cfg, train_cfg = trial_configs({**values, **run_settings})
     train_cfg = dataclasses.replace(train_cfg, dtype=dtype, threads=threads)
     model_values = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "vocab_size"}
-    data_values = {k: v for k, v in values.items() if k in {"tokenizer", "text_column", "train_split", "test_split", "clean", "pack"}}
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    data_values = {
+        k: v
+        for k, v in values.items()
+        if k in {"tokenizer", "text_column", "train_split", "test_split", "clean", "pack"}
+    }
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("training", total=train_cfg.max_tokens, status="")
 
@@ -181,7 +199,15 @@ def train(ctx, dataset, device, dtype, compile, threads, prompt, snapshots, snap
             progress.update(task, completed=metrics["tokens_seen"], status=f"test_loss {metrics['test_loss']:.3f}")
             console.print(render.metrics_line(trainer.iteration, metrics), highlight=False)
 
-        metrics = run_training(data_config({"dataset": dataset, **data_values}), model_values, train_cfg, out, AnalysisConfig(prompt=prompt, seed=train_cfg.seed), on_iteration, log=console.print)
+        metrics = run_training(
+            data_config({"dataset": dataset, **data_values}),
+            model_values,
+            train_cfg,
+            out,
+            AnalysisConfig(prompt=prompt, seed=train_cfg.seed),
+            on_iteration,
+            log=console.print,
+        )
     console.print(f"checkpoint: {out / 'checkpoint'}")
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
@@ -234,45 +260,123 @@ def generate(source, trial, storage, at_step, at_tokens, prompt, sample_tokens, 
 
 METRIC_HELP = "Metric to rank by: " + ", ".join(REPORTED_METRICS) + "."
 MODE_HELP = "min or max [default: the metric's direction: losses min, scores and accuracy max]."
-ADDRESS_HELP = "Ray cluster to join: auto (the cluster this machine belongs to), HEAD_IP:6379 or ray://HEAD_IP:10001 [default: start a local Ray]."
+ADDRESS_HELP = ("Ray cluster to join: auto (the cluster this machine belongs to), HEAD_IP:6379 or ray://HEAD_IP:10001 "
+                "[default: start a local Ray].")
 
 
 @main.command()
 @click.argument("dataset", required=False, default="")
 @click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
-@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help=(
-    f"Override or add an axis (repeatable): a list, or a range to sample with --search random/optuna: loguniform:A:B, uniform:A:B, "
-    f"randint:A:B, choice:a,b. Keys: {', '.join(TRIAL_KEYS)}; on/off keys ({', '.join(k for k, v in TRIAL_KEYS.items() if isinstance(v.default, bool))}) "
-    "take on/off, true/false or yes/no."))
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help=(
+        f"Override or add an axis (repeatable): a list, or a range to sample with --search random/optuna: "
+        "loguniform:A:B, uniform:A:B, "
+        f"randint:A:B, choice:a,b. Keys: {', '.join(TRIAL_KEYS)}; on/off keys "
+        f"({', '.join(k for k, v in TRIAL_KEYS.items() if isinstance(v.default, bool))}) "
+        "take on/off, true/false or yes/no."
+    ),
+)
 @click.option("--name", default=None, help="Experiment name [default: DATASET-PRESET-TIME].")
 @storage_option
 @click.option("--address", default=None, help=ADDRESS_HELP)
-@click.option("--cpus-per-trial", default=1.0, show_default=True, type=float, help="CPUs (and torch threads) a trial reserves.")
+@click.option(
+    "--cpus-per-trial", default=1.0, show_default=True, type=float, help="CPUs (and torch threads) a trial reserves."
+)
 @click.option("--gpus-per-trial", default=0.0, show_default=True, type=float, help="Fractions share a GPU.")
-@click.option("--memory-per-trial", default=0.0, show_default=True, type=float, help="MB a trial reserves and may use (0: no limit).")
+@click.option(
+    "--memory-per-trial",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="MB a trial reserves and may use (0: no limit).",
+)
 @click.option("--max-concurrent", default=0, show_default=True, help="0: as many as resources allow.")
 @click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
 @click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
 @click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
-@click.option("--search", default="grid", show_default=True, type=click.Choice(["grid", "random", "optuna"]),
-              help="grid: every combination; random: --num-samples draws of the ranges per grid point; optuna: TPE, --num-samples trials.")
-@click.option("--scheduler", default=None, type=click.Choice(list(SCHEDULERS)),
-              help="; ".join(f"{name}: {text}" for name, text in SCHEDULERS.items()) + " [default: asha, or the preset's choice].")
-@click.option("--early-stopping/--no-early-stopping", default=None, help="ASHA on or off [default: the preset's choice; off for induction].")
-@click.option("--grace-tokens", default=None, type=int, help="asha and halving compare no trial before this many training tokens (leave room for a phase change) [default: the preset's].")
-@click.option("--grace-period", default=1, show_default=True, help="asha and halving: iterations before a trial may stop (the first rung).")
-@click.option("--reduction-factor", default=2, show_default=True, help="asha, halving and hyperband: keep 1/N at each rung.")
+@click.option(
+    "--search",
+    default="grid",
+    show_default=True,
+    type=click.Choice(["grid", "random", "optuna"]),
+    help="grid: every combination; random: --num-samples draws of the ranges per grid point; optuna: TPE, "
+         "--num-samples trials.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    type=click.Choice(list(SCHEDULERS)),
+    help="; ".join(f"{name}: {text}" for name, text in SCHEDULERS.items())
+    + " [default: asha, or the preset's choice].",
+)
+@click.option(
+    "--early-stopping/--no-early-stopping",
+    default=None,
+    help="ASHA on or off [default: the preset's choice; off for induction].",
+)
+@click.option(
+    "--grace-tokens",
+    default=None,
+    type=int,
+    help="asha and halving compare no trial before this many training tokens (leave room for a phase change) [default: "
+         "the preset's].",
+)
+@click.option(
+    "--grace-period",
+    default=1,
+    show_default=True,
+    help="asha and halving: iterations before a trial may stop (the first rung).",
+)
+@click.option(
+    "--reduction-factor", default=2, show_default=True, help="asha, halving and hyperband: keep 1/N at each rung."
+)
 @click.option("--max-iterations", default=None, type=int, help="Cap on iterations per trial.")
 @click.option("--max-failures", default=3, show_default=True, help="Retries of a trial whose worker dies.")
-@click.option("--wandb/--no-wandb", default=False, help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').")
-@click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile each trial's model [default: the preset's choice].")
+@click.option(
+    "--wandb/--no-wandb",
+    default=False,
+    help="Log every trial to Weights & Biases (pip install 'circuit-sweep[wandb]').",
+)
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="torch.compile each trial's model [default: the preset's choice].",
+)
 @snapshot_options
 @functools.partial(data_options, preset_default=True)
 @click.pass_context
 def launch(
-    ctx, dataset, preset, grid, name, storage, address, cpus_per_trial, gpus_per_trial, memory_per_trial, max_concurrent, num_samples,
-    metric, mode, search, scheduler, early_stopping, grace_tokens, grace_period, reduction_factor, max_iterations, max_failures, wandb,
-    compile_model, snapshots, snapshot_dtype, **data_values,
+    ctx,
+    dataset,
+    preset,
+    grid,
+    name,
+    storage,
+    address,
+    cpus_per_trial,
+    gpus_per_trial,
+    memory_per_trial,
+    max_concurrent,
+    num_samples,
+    metric,
+    mode,
+    search,
+    scheduler,
+    early_stopping,
+    grace_tokens,
+    grace_period,
+    reduction_factor,
+    max_iterations,
+    max_failures,
+    wandb,
+    compile_model,
+    snapshots,
+    snapshot_dtype,
+    **data_values,
 ):
     """Run a hyperparameter sweep of DATASET on Ray Tune with ASHA early stopping.
 
@@ -285,19 +389,38 @@ def launch(
     from .progress import ProgressCallback
     from .runner import launch_sweep
 
-    explicit = {k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    explicit = {
+        k: v for k, v in data_values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+    }
     if compile_model is not None:
         explicit["compile"] = compile_model
     for key, value in (("snapshots", snapshots), ("snapshot_dtype", snapshot_dtype)):
         if value is not None:
             explicit[key] = value
     config = LaunchConfig(
-        dataset=dataset, preset=preset, grid=grid, name=name, storage=storage, address=address,
-        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, memory_per_trial_mb=memory_per_trial, max_concurrent=max_concurrent,
-        num_samples=num_samples, metric=metric, mode=mode, early_stopping=early_stopping, search=search, scheduler=scheduler,
-        grace_tokens=grace_tokens, grace_period=grace_period,
-        reduction_factor=reduction_factor, max_iterations=max_iterations, max_failures=max_failures,
-        wandb=wandb, data=explicit,
+        dataset=dataset,
+        preset=preset,
+        grid=grid,
+        name=name,
+        storage=storage,
+        address=address,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        memory_per_trial_mb=memory_per_trial,
+        max_concurrent=max_concurrent,
+        num_samples=num_samples,
+        metric=metric,
+        mode=mode,
+        early_stopping=early_stopping,
+        search=search,
+        scheduler=scheduler,
+        grace_tokens=grace_tokens,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        max_iterations=max_iterations,
+        max_failures=max_failures,
+        wandb=wandb,
+        data=explicit,
     )
     plan = plan_sweep(config)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)
@@ -382,7 +505,12 @@ def status(name, storage):
 @click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
 @click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True, help="Print the best trials as JSON: config, metrics, status, checkpoint and heatmap addresses.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the best trials as JSON: config, metrics, status, checkpoint and heatmap addresses.",
+)
 def best(name, storage, metric, mode, top, as_json):
     """The best trials of experiment NAME (default: the newest) by --metric."""
     if as_json:
@@ -416,7 +544,8 @@ def results(name, storage, csv_path):
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.pass_context
 def resume(ctx, name, storage, address):
-    """Finish an interrupted sweep NAME (default: the newest): unfinished and errored trials continue from their checkpoints."""
+    """Finish an interrupted sweep NAME (default: the newest): unfinished and errored trials continue from their
+    checkpoints."""
     from .plan import load_plan
     from .progress import ProgressCallback
     from .runner import resume_sweep
@@ -439,8 +568,15 @@ def resume(ctx, name, storage, address):
 @at_options
 @click.option("--history", is_flag=True, help="Every head's scores at every iteration of the run.")
 @click.option("--tokens", is_flag=True, help="What each head does in tokens, read from the weights.")
-@click.option("--head", "only_head", default=None, metavar="L.H", help="With --tokens or --history: one head, e.g. 1.0.")
-@click.option("--matters-threshold", type=float, default=None, help="Relabel `matters`: heads whose ablation raises a loss by more (nats) [default: as trained, 0.05].")
+@click.option(
+    "--head", "only_head", default=None, metavar="L.H", help="With --tokens or --history: one head, e.g. 1.0."
+)
+@click.option(
+    "--matters-threshold",
+    type=float,
+    default=None,
+    help="Relabel `matters`: heads whose ablation raises a loss by more (nats) [default: as trained, 0.05].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the document as JSON.")
 def heads(source, trial, storage, at_step, at_tokens, history, tokens, only_head, matters_threshold, as_json):
     import tempfile
@@ -536,7 +672,9 @@ def heatmaps(source, trial, storage, at_step, at_tokens, prompt, out):
 @click.argument("source", required=False)
 @source_options
 @at_options
-@click.option("--format", "export_format", type=click.Choice(["transformer-lens"]), default="transformer-lens", show_default=True)
+@click.option(
+    "--format", "export_format", type=click.Choice(["transformer-lens"]), default="transformer-lens", show_default=True
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
 def export(source, trial, storage, at_step, at_tokens, export_format, out):
     import tempfile
@@ -743,7 +881,12 @@ def stages(ctx, name, storage, trial, address, as_json):
 @main.command()
 @click.argument("name", required=False)
 @storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes.",
+)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per trial as CSV.")
 def atlas(name, storage, as_json, csv_path):
     """Which circuits grew where: experiment NAME (default: the newest) over its grid's axes.

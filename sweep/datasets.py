@@ -24,7 +24,10 @@ def prepare_datasets(plan: Plan, log_line: Callable[[str], None]) -> dict[str, A
         data_cfg = data_config(trial)
         started = time.perf_counter()
         data = prepare_data(data_cfg, trial["seq_len"], log_line)
-        log_line(f"data {key}: {data.train.shape[0]:,} train / {data.test.shape[0]:,} test windows in {time.perf_counter() - started:.1f}s")
+        log_line(
+            f"data {key}: {data.train.shape[0]:,} train / {data.test.shape[0]:,} test windows in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
         longest = max(int(t.get("max_tokens", 0)) for t in plan.trials if data_key(t) == key)
         if warning := repetition_warning(data_cfg, data.train, longest):
             log_line(warning)

@@ -31,7 +31,8 @@ UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 # --scheduler choices, as the CLI's help explains them.
 SCHEDULERS = {
     "asha": "asynchronous successive halving: a trial is compared with those that reached its rung before it",
-    "halving": "synchronous successive halving: trials pause at each rung until all have reached it, then the best 1/N go on",
+    "halving": "synchronous successive halving: trials pause at each rung until all have reached it, then the best 1/N "
+               "go on",
     "hyperband": "Tune's HyperBand: brackets of synchronous halving, from the most cautious to the most aggressive",
     "fifo": "no early stopping: every trial trains to its end",
 }

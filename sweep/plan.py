@@ -62,7 +62,8 @@ class LaunchConfig:
     early_stopping: bool | None = None
     """ASHA on or off; None: the preset's choice."""
     search: str = "grid"
-    """grid (every combination), random (num_samples draws of the ranges per grid point) or optuna (TPE, num_samples trials)."""
+    """grid (every combination), random (num_samples draws of the ranges per grid point) or optuna (TPE, num_samples
+    trials)."""
     scheduler: str | None = None
     """asha, halving, hyperband or fifo (see SCHEDULERS); None: asha or fifo from early_stopping."""
     grace_tokens: int | None = None
@@ -183,8 +184,16 @@ class Plan:
     def halving_rungs(self) -> list[tuple[int, int]]:
         """Synchronous halving's rungs, (where, trials that train to it), from --grace-tokens or --grace-period."""
         if self.grace_tokens is not None:
-            iteration_tokens = min(trial_schedule(t).steps_per_iteration * trial_schedule(t).tokens_per_step for t in self.trials)
-            return halving_rungs(self.trial_count, self.grace_tokens, self.max_tokens_seen, self.launch.reduction_factor, iteration_tokens)
+            iteration_tokens = min(
+                trial_schedule(t).steps_per_iteration * trial_schedule(t).tokens_per_step for t in self.trials
+            )
+            return halving_rungs(
+                self.trial_count,
+                self.grace_tokens,
+                self.max_tokens_seen,
+                self.launch.reduction_factor,
+                iteration_tokens,
+            )
         return halving_rungs(self.trial_count, self.launch.grace_period, self.iterations, self.launch.reduction_factor)
 
     @property
@@ -214,13 +223,24 @@ class Plan:
 
     def record(self) -> dict[str, Any]:
         return {
-            "name": self.name, "launch": asdict(self.launch), "axes": self.axes, "fixed": self.fixed,
-            "space": {key: d.text for key, d in self.distributions.items()}, "search": self.launch.search,
-            "metric": self.launch.metric, "mode": self.launch.mode, "early_stopping": self.early_stopping,
-            "scheduler": self.scheduler, "grace_tokens": self.grace_tokens if self.scheduler in GRACE_TOKEN_SCHEDULERS else None,
-            "trials": self.trial_count, "max_iterations": self.launch.max_iterations,
-            "snapshots": {"schedule": self.fixed.get("snapshots", "log"),
-                          "dtype": self.fixed.get("snapshot_dtype", "float32"), "per_trial": self.snapshot_plan()},
+            "name": self.name,
+            "launch": asdict(self.launch),
+            "axes": self.axes,
+            "fixed": self.fixed,
+            "space": {key: d.text for key, d in self.distributions.items()},
+            "search": self.launch.search,
+            "metric": self.launch.metric,
+            "mode": self.launch.mode,
+            "early_stopping": self.early_stopping,
+            "scheduler": self.scheduler,
+            "grace_tokens": self.grace_tokens if self.scheduler in GRACE_TOKEN_SCHEDULERS else None,
+            "trials": self.trial_count,
+            "max_iterations": self.launch.max_iterations,
+            "snapshots": {
+                "schedule": self.fixed.get("snapshots", "log"),
+                "dtype": self.fixed.get("snapshot_dtype", "float32"),
+                "per_trial": self.snapshot_plan(),
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -239,7 +259,9 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     preset = PRESETS.get(launch.preset)
     dataset = launch.dataset or (preset.dataset if preset else None)
     if not dataset:
-        raise ConfigError(f"DATASET is missing: preset {launch.preset!r} needs one (imdb, wikitext-2, repeat or a path)")
+        raise ConfigError(
+            f"DATASET is missing: preset {launch.preset!r} needs one (imdb, wikitext-2, repeat or a path)"
+        )
     if launch.wandb:
         try:
             import wandb  # noqa: F401
@@ -256,7 +278,10 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
         fixed["tokenizer"] = data_config(fixed).tokenizer
     if distributions and launch.search == "grid":
         first = next(iter(distributions.values()))
-        raise ConfigError(f"--grid {first.key}={first.text} is a range to sample: add --search random or --search optuna (and --num-samples N)")
+        raise ConfigError(
+            f"--grid {first.key}={first.text} is a range to sample: add --search random or --search optuna (and "
+            "--num-samples N)"
+        )
     if launch.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -276,12 +301,21 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
             "limit trials at once with --cpus-per-trial instead of --max-concurrent, and search with grid or random"
         )
     if plan.scheduler not in GRACE_TOKEN_SCHEDULERS and launch.grace_tokens is not None:
-        raise ConfigError(f"--grace-tokens applies to --scheduler asha or halving; {plan.scheduler}'s rungs are set by --reduction-factor")
+        raise ConfigError(
+            f"--grace-tokens applies to --scheduler asha or halving; {plan.scheduler}'s rungs are set by "
+            "--reduction-factor"
+        )
     if plan.scheduler in GRACE_TOKEN_SCHEDULERS and plan.grace_tokens is not None:
         if plan.grace_tokens >= plan.max_tokens_seen:
-            raise ConfigError(f"--grace-tokens {plan.grace_tokens:,} is not below the {plan.max_tokens_seen:,} tokens a trial trains; lower it")
+            raise ConfigError(
+                f"--grace-tokens {plan.grace_tokens:,} is not below the {plan.max_tokens_seen:,} tokens a trial "
+                "trains; lower it"
+            )
     elif plan.early_stopping and launch.grace_period > plan.iterations:
-        raise ConfigError(f"--grace-period {launch.grace_period} is more than the {plan.iterations} iterations a trial makes; lower it")
+        raise ConfigError(
+            f"--grace-period {launch.grace_period} is more than the {plan.iterations} iterations a trial makes; lower "
+            "it"
+        )
     return plan
 
 
@@ -295,7 +329,9 @@ def preflight(plan: Plan) -> None:
         )
 
 
-def halving_rungs(trials: int, first_rung: int, max_t: int, reduction_factor: int, step: int = 1) -> list[tuple[int, int]]:
+def halving_rungs(
+    trials: int, first_rung: int, max_t: int, reduction_factor: int, step: int = 1
+) -> list[tuple[int, int]]:
     """Synchronous halving's rungs as (where, trials that train to it): first_rung x rf^k, the last one at
     max_t, keeping ceil(n / rf) trials at each, as Tune's HyperBand bracket does. A rung less than one
     step (an iteration's tokens) before max_t becomes max_t: it would compare the same results."""
@@ -308,11 +344,15 @@ def halving_rungs(trials: int, first_rung: int, max_t: int, reduction_factor: in
 
 
 def grace_tokens_unused(plan: Plan) -> str | None:
-    """A line for a preset's grace tokens that the chosen scheduler cannot use (an explicit --grace-tokens is refused)."""
+    """A line for a preset's grace tokens that the chosen scheduler cannot use (an explicit --grace-tokens is
+    refused)."""
     if plan.grace_tokens is None or plan.scheduler in GRACE_TOKEN_SCHEDULERS or plan.scheduler == "fifo":
         return None
-    return (f"note: the {plan.launch.preset} preset's {plan.grace_tokens:,} grace tokens do not apply to --scheduler {plan.scheduler} "
-            f"(its brackets set their own rungs, and may compare trials before a phase change); asha and halving use them")
+    return (
+        f"note: the {plan.launch.preset} preset's {plan.grace_tokens:,} grace tokens do not apply to --scheduler "
+        f"{plan.scheduler} "
+        f"(its brackets set their own rungs, and may compare trials before a phase change); asha and halving use them"
+    )
 
 
 STORAGE_CHECKPOINTS = 2
@@ -382,6 +422,8 @@ def load_plan(name: str | None, storage_uri: str | None) -> Plan:
         launch = LaunchConfig(**(record["launch"] | {"grid": tuple(record["launch"]["grid"])}))
         distributions = {key: parse_distribution(key, text) for key, text in record.get("space", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ConfigError(f"{storage.uri_of(record_path)} is unreadable (cut short?); the experiment cannot be resumed") from None
+        raise ConfigError(
+            f"{storage.uri_of(record_path)} is unreadable (cut short?); the experiment cannot be resumed"
+        ) from None
     trials = probe_trials(record["axes"], distributions, record["fixed"])
     return Plan(launch, name, storage, record["axes"], record["fixed"], trials, distributions)

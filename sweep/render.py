@@ -69,9 +69,16 @@ def history(title: str, rows: list[dict], only_head: str | None, as_json: bool) 
     for column in ("iter", "tokens_seen", "test_loss", "icl", "head", *scores):
         table.add_column(column, justify="right")
     for row in rows:
-        run_columns = [str(row["iteration"]), f"{row['tokens_seen']:,}", number(row.get("test_loss")), number(row.get("icl_score"))]
+        run_columns = [
+            str(row["iteration"]),
+            f"{row['tokens_seen']:,}",
+            number(row.get("test_loss")),
+            number(row.get("icl_score")),
+        ]
         for index, (head, values) in enumerate(row["heads"].items()):
-            table.add_row(*(run_columns if index == 0 else [""] * len(run_columns)), head, *(f"{values[s]:.2f}" for s in scores))
+            table.add_row(
+                *(run_columns if index == 0 else [""] * len(run_columns)), head, *(f"{values[s]:.2f}" for s in scores)
+            )
     output.print(table)
 
 
@@ -83,7 +90,9 @@ def tokens(title: str, document: dict, only_head: str | None, as_json: bool) -> 
     if as_json:
         click.echo(json.dumps(document | {"heads": chosen}, indent=2))
         return
-    output.print(f"token tables of {title} over its {document['frequent_tokens']} most frequent training tokens", highlight=False)
+    output.print(
+        f"token tables of {title} over its {document['frequent_tokens']} most frequent training tokens", highlight=False
+    )
 
     def show(caption: str, rows: list[dict], arrow: str) -> None:
         table = Table(title=caption, title_justify="left")
@@ -353,7 +362,9 @@ def atlas(result) -> None:
                   caption=formed_at_caption(result.formed_at_resolution).replace("formed_at", "induction at", 1))
     staged = any(row.stages is not None for row in result.rows)
     stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
-    circuit_columns = ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
+    circuit_columns = (
+        ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
+    )
     for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
                    "matters", "induction at", *stage_columns, *circuit_columns):
         table.add_column(column, justify="right")

@@ -35,7 +35,13 @@ from .table import formed_at_caption, read_table, snapshot_history
 
 VARYING = (*SHAPE_KEYS, "tokenizer", "batch_size")
 LEADERBOARD_METRICS = (
-    "test_loss", "test_accuracy", "icl_score", "induction_score_max", "prev_token_score_max", "copying_score_max", "induction_formed_at",
+    "test_loss",
+    "test_accuracy",
+    "icl_score",
+    "induction_score_max",
+    "prev_token_score_max",
+    "copying_score_max",
+    "induction_formed_at",
 )
 DYNAMICS = (("test_loss", "test loss", "nats per token"),
             ("induction_score_max", "induction score (max over heads)", "score"),
@@ -63,7 +69,8 @@ section.trial { border-top: 1px dashed #888; margin-top: 2rem; }
 .note { color: #555; font-size: 0.9rem; }
 .viewer { border: 1px solid #ccc; border-radius: 0.4rem; padding: 0.6rem; margin: 0.8rem 0; }
 .viewer .tokens { font-family: ui-monospace, monospace; line-height: 2.1; margin: 0.5rem 0; }
-.viewer .tok { padding: 0.15rem 0.2rem; margin: 0 1px; border-radius: 0.2rem; cursor: pointer; border: 1px solid #ddd; white-space: pre; }
+.viewer .tok { padding: 0.15rem 0.2rem; margin: 0 1px; border-radius: 0.2rem; cursor: pointer; border: 1px solid #ddd;
+  white-space: pre; }
 .viewer .tok.query { outline: 2px solid #c00; }
 .viewer .readout { font-size: 0.9rem; color: #333; min-height: 1.3rem; }
 .columns { display: flex; flex-wrap: wrap; gap: 1.5rem; } .columns > div { flex: 1 1 22rem; }
@@ -75,7 +82,8 @@ section.trial { border-top: 1px dashed #888; margin-top: 2rem; }
 SCRIPT = """
 function initViewer(root) {
   var data = JSON.parse(root.querySelector('script[type="application/json"]').textContent);
-  var select = root.querySelector('select'), box = root.querySelector('.tokens'), readout = root.querySelector('.readout');
+  var select = root.querySelector('select'), box = root.querySelector('.tokens');
+  var readout = root.querySelector('.readout');
   var query = data.tokens.length - 1, spans = [];
   data.tokens.forEach(function (token, position) {
     var span = document.createElement('span');
@@ -123,7 +131,12 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     table = read_table(experiment)
     atlas = build_atlas(experiment, table)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        histories = dict(zip((t.trial_id for t in experiment.trials), pool.map(lambda t: trial_history(experiment.storage, t), experiment.trials)))
+        histories = dict(
+            zip(
+                (t.trial_id for t in experiment.trials),
+                pool.map(lambda t: trial_history(experiment.storage, t), experiment.trials),
+            )
+        )
     counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
     stage_documents = [d for d in trial_stages(experiment, table) if d["llc"]]
     circuits = trial_circuits(experiment, table, atlas.circuit_task) if atlas.circuit_task else {}
@@ -136,21 +149,36 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
         ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories | snapshot_history(table))),
-        *((("stages", "Developmental stages", stages),) if (stages := _stages_section(experiment, stage_documents)) else ()),
+        *(
+            (("stages", "Developmental stages", stages),)
+            if (stages := _stages_section(experiment, stage_documents))
+            else ()
+        ),
         ("leaderboard", "Leaderboard", _leaderboard(experiment, ranked, metric)),
-        *((f"trial-{trial.trial_id}", f"#{rank} {trial.trial_id}",
-           _trial_section(experiment, trial, metric, heads[trial.trial_id], scale)
-           + _circuit_section(circuits.get(trial.trial_id), trial, atlas.circuit_task, boundaries.get(trial.trial_id, [])))
-          for rank, trial in enumerate(leaders, 1)),
+        *(
+            (
+                f"trial-{trial.trial_id}",
+                f"#{rank} {trial.trial_id}",
+                _trial_section(experiment, trial, metric, heads[trial.trial_id], scale)
+                + _circuit_section(
+                    circuits.get(trial.trial_id), trial, atlas.circuit_task, boundaries.get(trial.trial_id, [])
+                ),
+            )
+            for rank, trial in enumerate(leaders, 1)
+        ),
     ]
     toc = "".join(f'<li><a href="#{anchor}">{_e(title)}</a></li>' for anchor, title, _ in sections)
-    body = "\n".join([
-        f"<h1>{_e(experiment.name)}</h1>",
-        f"<p>storage <code>{_e(experiment.storage.uri)}</code> &middot; ranked by <b>{_e(metric)}</b> ({_e(mode)}) &middot; "
-        f"{len(experiment.trials)} trials: {_e(counts)} &middot; created {_e(experiment.record.get('created', ''))}</p>",
-        f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>',
-        *(f'<section id="{anchor}"><h2>{_e(title)}</h2>{content}</section>' for anchor, title, content in sections),
-    ])
+    body = "\n".join(
+        [
+            f"<h1>{_e(experiment.name)}</h1>",
+            f"<p>storage <code>{_e(experiment.storage.uri)}</code> &middot; ranked by <b>{_e(metric)}</b> ({_e(mode)}) "
+            "&middot; "
+            f"{len(experiment.trials)} trials: {_e(counts)} &middot; created "
+            f"{_e(experiment.record.get('created', ''))}</p>",
+            f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>',
+            *(f'<section id="{anchor}"><h2>{_e(title)}</h2>{content}</section>' for anchor, title, content in sections),
+        ]
+    )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(experiment.name)}: circuit-sweep report</title><style>{STYLE}</style>"
@@ -192,11 +220,18 @@ def _image(png: bytes, alt: str) -> str:
 
 
 def _grid_section(atlas: Atlas) -> str:
-    parts = ['<p class="note">Each head score\'s max over a trial\'s heads (latest checkpoint), averaged over the trials that share '
-             'a value of an axis. Axes are ordered by how strongly the pattern scores (induction, previous-token, duplicate-token, '
-             'first-token) depend on them: the spread of these means.</p>']
+    parts = [
+        "<p class=\"note\">Each head score's max over a trial's heads (latest checkpoint), averaged over the trials "
+        "that share "
+        "a value of an axis. Axes are ordered by how strongly the pattern scores (induction, previous-token, "
+        "duplicate-token, "
+        "first-token) depend on them: the spread of these means.</p>"
+    ]
     if atlas.axes:
-        spread = ", ".join(f"<b>{_e(axis)}</b> ({atlas.strongest(axis)[0]} means differ by {atlas.strongest(axis)[1]:.2f})" for axis in atlas.axes)
+        spread = ", ".join(
+            f"<b>{_e(axis)}</b> ({atlas.strongest(axis)[0]} means differ by {atlas.strongest(axis)[1]:.2f})"
+            for axis in atlas.axes
+        )
         parts.append(f"<p>Axes by dependence: {spread}.</p>")
         parts.append(_image(_grid_figure(atlas), "head scores over the grid's axes"))
         parts.append(_group_tables(atlas))
@@ -210,7 +245,8 @@ def _grid_section(atlas: Atlas) -> str:
 
 
 def _grid_figure(atlas: Atlas) -> bytes:
-    """Small multiples: one panel per head score, over the two strongest axes (a heatmap) or the strongest one (bars)."""
+    """Small multiples: one panel per head score, over the two strongest axes (a heatmap) or the strongest one
+    (bars)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(3.3 * len(GRID_SCORES), 3.2), dpi=80, layout="constrained")
@@ -230,7 +266,15 @@ def _grid_figure(atlas: Atlas) -> bytes:
             for r, row in enumerate(grid):
                 for c, value in enumerate(row):
                     if not math.isnan(value):
-                        axes.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black")
+                        axes.text(
+                            c,
+                            r,
+                            f"{value:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="white" if value < 0.6 else "black",
+                        )
             axes.set_xticks(range(len(columns)), [json.loads(c) for c in columns], fontsize=8)
             axes.set_yticks(range(len(rows)), [json.loads(r) for r in rows], fontsize=8)
             axes.set_xlabel(second, fontsize=9)
@@ -257,7 +301,10 @@ def _order(text: str) -> tuple:
 
 
 def _group_tables(atlas: Atlas) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in ("axis", "value", "trials", *(f"{s} mean / max" for s in GRID_SCORES), "induction heads", "test_loss"))
+    head = "".join(
+        f"<th>{_e(c)}</th>"
+        for c in ("axis", "value", "trials", *(f"{s} mean / max" for s in GRID_SCORES), "induction heads", "test_loss")
+    )
     rows = []
     for axis in atlas.axes:
         for entry in atlas.groups[axis]:
@@ -345,7 +392,10 @@ def _dynamics_figure(experiment: Experiment, histories: dict[str, list[dict]]) -
         tokens = [r["tokens_seen"] for r in history]
         color = f"C{index % 10}"
         for axes, (key, _, _) in zip(panels, DYNAMICS):
-            values = [r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else math.nan for r in history]
+            values = [
+                r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else math.nan
+                for r in history
+            ]
             axes.plot(tokens, values, color=color, linewidth=0.9 if many else 1.4, alpha=0.6 if many else 0.9,
                       label=None if many else labels[trial.trial_id])
         formed = trial.metrics.get("induction_formed_at")
@@ -399,14 +449,17 @@ def _stages_section(experiment: Experiment, documents: list[dict[str, Any]]) -> 
         return None
     shown = documents[:STAGE_TRIALS]
     more = f" The first {STAGE_TRIALS} of {len(documents)} trials; `sweep stages` lists them all."
-    note = ('<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training '
-            "tokens, after Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: "
-            "the end of each stage); the band spans the SGLD chains' estimates at each snapshot. Markers: where induction heads (triangle) and previous-token heads (square) "
-            "formed. Right: the "
-            "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
-            "principal components across snapshots (circle: the first snapshot, x: a turning point)."
-            + (more if len(documents) > len(shown) else "")
-            + "</p>")
+    note = (
+        '<p class="note">The local learning coefficient (LLC, by SGLD at every snapshot) over training '
+        "tokens, after Hoogland et al. 2024: its critical points bound the developmental stages (dashed lines: "
+        "the end of each stage); the band spans the SGLD chains' estimates at each snapshot. Markers: where induction "
+        "heads (triangle) and previous-token heads (square) "
+        "formed. Right: the "
+        "same trials' essential dynamics, the model's outputs on a fixed batch projected on their first two "
+        "principal components across snapshots (circle: the first snapshot, x: a turning point)."
+        + (more if len(documents) > len(shown) else "")
+        + "</p>"
+    )
     by_id = {t.trial_id: t for t in experiment.trials}
     return note + _image(_stages_figure(shown, by_id), "LLC and essential dynamics of every trial")
 
@@ -516,10 +569,16 @@ def _trial_section(experiment: Experiment, trial: TrialRecord, metric: str, head
     if charts:
         parts.append('<div class="columns">' + "".join(charts) + "</div>")
     if "circuits.json" in files:
-        parts.append("<h3>What the heads do in tokens</h3>" + _token_tables(json.loads(read_text(storage, f"{checkpoint}/circuits.json"))))
+        parts.append(
+            "<h3>What the heads do in tokens</h3>"
+            + _token_tables(json.loads(read_text(storage, f"{checkpoint}/circuits.json")))
+        )
     parts.append(f"<h3>Sample</h3><pre>{_e(read_text(storage, f'{checkpoint}/sample.txt').strip())}</pre>")
     if "heatmaps/patterns.json" in files:
-        parts.append("<h3>Attention viewer</h3>" + _viewer(json.loads(read_text(storage, f"{checkpoint}/heatmaps/patterns.json")), heads))
+        parts.append(
+            "<h3>Attention viewer</h3>"
+            + _viewer(json.loads(read_text(storage, f"{checkpoint}/heatmaps/patterns.json")), heads)
+        )
     parts.append("<h3>Attention heatmaps</h3>")
     grids = sorted(p for p in files if p.startswith("heatmaps/layer") and "_head" not in p and p.endswith(".png"))
     if grids:
@@ -562,8 +621,20 @@ def _ablation_figure(document: dict[str, Any], scale: tuple[float, float] | None
     figure = Figure(figsize=(max(4.0, 0.45 * len(heads) + 1.5), 3.0), dpi=80)
     axes = figure.add_subplot()
     positions = range(len(heads))
-    axes.bar([p - 0.2 for p in positions], [h["ablation"]["held_out"] for h in heads], width=0.4, label="held-out text", color="#4477aa")
-    axes.bar([p + 0.2 for p in positions], [h["ablation"]["repeated"] for h in heads], width=0.4, label="repeated tokens", color="#ee6677")
+    axes.bar(
+        [p - 0.2 for p in positions],
+        [h["ablation"]["held_out"] for h in heads],
+        width=0.4,
+        label="held-out text",
+        color="#4477aa",
+    )
+    axes.bar(
+        [p + 0.2 for p in positions],
+        [h["ablation"]["repeated"] for h in heads],
+        width=0.4,
+        label="repeated tokens",
+        color="#ee6677",
+    )
     axes.axhline(0, color="#444", linewidth=0.8)
     axes.set_xticks(list(positions), names, fontsize=8)
     axes.set_xlabel("head (layer.head)", fontsize=9)
@@ -618,19 +689,24 @@ def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
         for head in range(heads):
             tags = labels.get((layer, head), [])
             fill = "#ffd27f" if "induction" in tags else "#a6d0ff" if "previous_token" in tags else "#eee"
-            nodes.append(f'<circle cx="{x[layer]}" cy="{y[head]}" r="13" fill="{fill}" stroke="#555"><title>{layer}.{head}: '
-                         f'{", ".join(tags) or "no label"}</title></circle><text x="{x[layer]}" y="{y[head] + 4}" font-size="10" '
-                         f'text-anchor="middle">{layer}.{head}</text>')
+            nodes.append(
+                f'<circle cx="{x[layer]}" cy="{y[head]}" r="13" fill="{fill}" stroke="#555"><title>{layer}.{head}: '
+                f'{", ".join(tags) or "no label"}</title></circle><text x="{x[layer]}" y="{y[head] + 4}" '
+                'font-size="10" '
+                f'text-anchor="middle">{layer}.{head}</text>'
+            )
     top = sorted(paths, reverse=True)[:3]
     listed = "; ".join(f"{kind.upper()} {l1}.{h1}&#8594;{l2}.{h2} {value:.3f} (+{excess:.3f})"
                        for excess, kind, l1, h1, l2, h2, value in top) or "none"
     null_line = ", ".join(f"{kind.upper()} {b['mean']:.3f} &#177; {b['std']:.3f}" for kind, b in null.items())
-    legend = (f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} '
-              f'standard deviations above {against} ({null_line}), and above every one of those, '
-              '<span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
-              '<span style="color:#228833">V</span>; width: the excess over that mean, '
-              f'one scale for all three (hover a line for its numbers). Strongest: {listed}. Nodes: '
-              '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>')
+    legend = (
+        f'<p class="note">Lines: the paths whose composition score stands more than {COMPOSITION_SIGMAS:g} '
+        f"standard deviations above {against} ({null_line}), and above every one of those, "
+        '<span style="color:#4477aa">Q</span>, <span style="color:#ee6677">K</span>, '
+        '<span style="color:#228833">V</span>; width: the excess over that mean, '
+        f"one scale for all three (hover a line for its numbers). Strongest: {listed}. Nodes: "
+        '<span style="background:#ffd27f">induction</span>, <span style="background:#a6d0ff">previous-token</span>.</p>'
+    )
     return (f'<svg width="{width}" height="{height}" role="img" aria-label="composition graph">{"".join(edges)}'
             f'{"".join(nodes)}</svg>{legend}')
 
@@ -643,10 +719,17 @@ def _token_tables(document: dict[str, Any]) -> str:
             for e in entries[:limit]
         )
 
-    parts = [f'<p class="note">Read from the weights over the {document["frequent_tokens"]} most frequent training tokens '
-             "(each token embedding alone through the LayerNorms, so the numbers are logits and attention scores). OV: the output tokens a source token raises when attended to. QK (layer 0): the key "
-             "tokens a query token attends to.</p>", '<div class="masonry">']
-    parts.append(f'<div><b>direct path (bigrams)</b><table><tr><th>token</th><th>raises next</th></tr>{rows(document["direct_path"])}</table></div>')
+    parts = [
+        f'<p class="note">Read from the weights over the {document["frequent_tokens"]} most frequent training tokens '
+        "(each token embedding alone through the LayerNorms, so the numbers are logits and attention scores). OV: the "
+        "output tokens a source token raises when attended to. QK (layer 0): the key "
+        "tokens a query token attends to.</p>",
+        '<div class="masonry">',
+    ]
+    parts.append(
+        f"<div><b>direct path (bigrams)</b><table><tr><th>token</th><th>raises "
+        f"next</th></tr>{rows(document['direct_path'])}</table></div>"
+    )
     for head in document["heads"]:
         name = f"{head['layer']}.{head['head']}"
         # each table its own block: the page flows them into columns without gaps
@@ -656,8 +739,12 @@ def _token_tables(document: dict[str, Any]) -> str:
             block.append(f"<div><b>head {name} QK</b><table><tr><th>query</th><th>attends to</th></tr>"
                          f"{rows(head['qk'], 5)}</table></div>")
         if head.get("skip_trigrams"):
-            trigrams = "".join(f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; {_e(repr(t["c"]))}</code></td>'
-                               f'<td>{t["qk"]:+.3g}</td><td>{t["ov"]:+.3g}</td><td>{t["score"]:.3g}</td></tr>' for t in head["skip_trigrams"][:8])
+            trigrams = "".join(
+                f'<tr><td class="text"><code>{_e(repr(t["a"]))} ... {_e(repr(t["b"]))} -&gt; '
+                f'{_e(repr(t["c"]))}</code></td>'
+                f"<td>{t['qk']:+.3g}</td><td>{t['ov']:+.3g}</td><td>{t['score']:.3g}</td></tr>"
+                for t in head["skip_trigrams"][:8]
+            )
             block.append(f"<div><b>head {name} skip-trigrams</b><table><tr><th>A ... B -&gt; C</th>"
                          "<th>A-&gt;B attention</th>"
                          f"<th>B-&gt;C logit</th><th>score</th></tr>{trigrams}</table></div>")
@@ -696,19 +783,23 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
         return ""
     last = circuit.last
     formed = trial.metrics.get("induction_formed_at")
-    at_formed = next((s for s in circuit.snapshots if isinstance(formed, (int, float)) and s.tokens_seen >= formed), None)
+    at_formed = next(
+        (s for s in circuit.snapshots if isinstance(formed, (int, float)) and s.tokens_seen >= formed), None
+    )
     graphs = [(last, "at the last snapshot")]
     if at_formed is not None and at_formed.step != last.step:
         graphs.insert(0, (at_formed, "where induction heads formed (induction_formed_at)"))
     threshold = circuit.threshold
-    note = (f'<p class="note">Every edge patched alone on the <b>{_e(task)}</b> task (path patching: the receiver sees '
-            "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by effect, "
-            "that recover 90% of the clean-to-corrupted difference with every other edge corrupted (faithfulness). "
-            "Lines: the circuit's edges into a head's <span style=\"color:#4477aa\">query</span>, "
-            "<span style=\"color:#ee6677\">key</span> or <span style=\"color:#228833\">value</span>, or into the "
-            "logits; width: the edge's effect (the metric's rise when it alone is corrupted, as a fraction of the "
-            f"difference). Below: those edges' effects over training; an edge appeared where it reached {threshold:g}."
-            "</p>")
+    note = (
+        f'<p class="note">Every edge patched alone on the <b>{_e(task)}</b> task (path patching: the receiver sees '
+        "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by effect, "
+        "that recover 90% of the clean-to-corrupted difference with every other edge corrupted (faithfulness). "
+        "Lines: the circuit's edges into a head's <span style=\"color:#4477aa\">query</span>, "
+        '<span style="color:#ee6677">key</span> or <span style="color:#228833">value</span>, or into the '
+        "logits; width: the edge's effect (the metric's rise when it alone is corrupted, as a fraction of the "
+        f"difference). Below: those edges' effects over training; an edge appeared where it reached {threshold:g}."
+        "</p>"
+    )
     figures = "".join(f"<div>{_circuit_svg(snapshot, title, circuit)}</div>" for snapshot, title in graphs)
     parts = [f"<h3>Causal circuit</h3>{note}", f'<div class="columns">{figures}</div>']
     if len(circuit.snapshots) > 1 and last.circuit:
@@ -728,7 +819,9 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
     return "\n".join(parts)
 
 
-def _node_positions(circuit: TrialCircuit, snapshot: SnapshotCircuit) -> tuple[dict[str, tuple[float, float]], int, int]:
+def _node_positions(
+    circuit: TrialCircuit, snapshot: SnapshotCircuit
+) -> tuple[dict[str, tuple[float, float]], int, int]:
     """x, y of every node: the embedding left, one column a layer (heads, then its MLP), the logits right."""
     names = {name for edge in snapshot.edges for name in edge.split(" -> ")}
     heads = sorted({n.rsplit(".", 1)[0] if n.count(".") == 2 else n for n in names if n[0].isdigit()},
@@ -755,7 +848,13 @@ def _circuit_svg(snapshot: SnapshotCircuit, title: str, circuit: TrialCircuit) -
     edges = []
     for edge in sorted(snapshot.circuit, key=lambda e: effects[e]):  # the strongest drawn last, on top
         sender, receiver = edge.split(" -> ")
-        kind = receiver.rsplit(".", 1)[1] if receiver.count(".") == 2 else "mlp" if receiver.startswith("mlp") else "logits"
+        kind = (
+            receiver.rsplit(".", 1)[1]
+            if receiver.count(".") == 2
+            else "mlp"
+            if receiver.startswith("mlp")
+            else "logits"
+        )
         target = receiver.rsplit(".", 1)[0] if kind in "qkv" else receiver
         x1, y1 = positions[sender]
         x2, y2 = positions[target]

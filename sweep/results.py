@@ -50,7 +50,15 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
 # A checkpoint counts only when all of these landed, each at the size its manifest records:
 # a half-uploaded one is never "latest".
-REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
+REQUIRED_FILES = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "trainer_state.pt",
+    "heads.json",
+    "sample.txt",
+    "heatmaps/patterns.json",
+)
 # What a trial's results show as its metrics: what the trainer reports and the final-failure
 # markers, not the fields Ray adds to every result (time_this_iter_s, iterations_since_restore...).
 PUBLIC_METRICS = frozenset(REPORTED_METRICS) | frozenset(FINAL_FAILURES)
@@ -75,7 +83,14 @@ def list_experiments(storage: Storage) -> list[dict[str, Any]]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 log.warning("%s is unreadable (cut short?); listed without its details", record_path)
                 record = {"metric": "unreadable sweep.json"}
-            found.append({"name": entry.base_name, "created": record.get("created", ""), "trials": record.get("trials"), "metric": record.get("metric")})
+            found.append(
+                {
+                    "name": entry.base_name,
+                    "created": record.get("created", ""),
+                    "trials": record.get("trials"),
+                    "metric": record.get("metric"),
+                }
+            )
     return sorted(found, key=lambda e: (e["created"], e["name"]))
 
 
@@ -133,7 +148,9 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
         if failed:  # the failure's report carries a sentinel metric (inf): the trial's numbers are its last real report
             last = _last_real_result(storage, f"{root}/{directory}", trial_files, last) | {failed[0]: 1.0}
         checkpoints, checkpoint_files = _complete_checkpoints(storage, f"{root}/{directory}", trial_files, sizes)
-        status = state.get("status") or ("TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN")
+        status = state.get("status") or (
+            "TERMINATED" if last.get("done") else "ERROR" if "error.txt" in trial_files else "UNKNOWN"
+        )
         if any(last.get(reason) or f"{FAILURE_MARKER}{reason}" in trial_files for reason in FINAL_FAILURES):
             status = "ERROR"  # it reported a failure that ends it, whatever an older snapshot says
         elif stopped and status in UNFINISHED:
@@ -197,7 +214,11 @@ def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[st
     for trial_json, metadata_json in document.get("trial_data", []):
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
         directory = trial.get("relative_logdir") or trial.get("custom_dirname")
-        states[directory] = {"status": trial.get("status"), "trial_id": trial.get("trial_id"), "last_result": metadata.get("last_result") or {}}
+        states[directory] = {
+            "status": trial.get("status"),
+            "trial_id": trial.get("trial_id"),
+            "last_result": metadata.get("last_result") or {},
+        }
     return states, newest_readable
 
 
@@ -208,7 +229,9 @@ def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> di
     return results[-1] if results else {}
 
 
-def _last_real_result(storage: Storage, trial_path: str, trial_files: set[str], failure: dict[str, Any]) -> dict[str, Any]:
+def _last_real_result(
+    storage: Storage, trial_path: str, trial_files: set[str], failure: dict[str, Any]
+) -> dict[str, Any]:
     """The last result before a final failure's report (which reports the sweep's metric as inf); its config and ids
     kept; {} when the trial failed before reporting anything."""
     lines = _result_lines(read_text(storage, f"{trial_path}/result.json")) if "result.json" in trial_files else []
@@ -332,7 +355,9 @@ def best_document(experiment: Experiment, metric: str, mode: str | None = None, 
         heatmaps = []
         if checkpoint:
             inside = trial.files[checkpoint.rsplit("/", 1)[1]]
-            heatmaps = [storage.uri_of(f"{checkpoint}/{p}") for p in inside if p.startswith("heatmaps/") and p.endswith(".png")]
+            heatmaps = [
+                storage.uri_of(f"{checkpoint}/{p}") for p in inside if p.startswith("heatmaps/") and p.endswith(".png")
+            ]
         trials.append({
             "trial_id": trial.trial_id,
             "status": trial.status,
@@ -366,7 +391,9 @@ def choose_trial(experiment: Experiment, trial: str) -> TrialRecord:
     for record in experiment.trials:
         if trial in (record.trial_id, record.path.rsplit("/", 1)[1]):
             return record
-    raise ConfigError(f"no trial {trial!r} in {experiment.name}; trials: {', '.join(t.trial_id for t in experiment.trials)}")
+    raise ConfigError(
+        f"no trial {trial!r} in {experiment.name}; trials: {', '.join(t.trial_id for t in experiment.trials)}"
+    )
 
 
 def names_a_path(source: str | None) -> bool:
@@ -412,7 +439,12 @@ def local_checkpoint(
     if not storage.is_s3:
         return Path(record.checkpoint), title
     target = Path(workdir) / "checkpoint"
-    pafs.copy_files(record.checkpoint, str(target), source_filesystem=storage.filesystem, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        record.checkpoint,
+        str(target),
+        source_filesystem=storage.filesystem,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
     check_complete(target)  # the download itself may have been cut short
     return target, title
 
@@ -435,11 +467,26 @@ def results_rows(experiment: Experiment) -> tuple[list[str], list[dict[str, Any]
         return f"metric/{metric}" if metric in config_keys else metric
 
     rows = [
-        {"trial_id": t.trial_id, "status": t.status, "iterations": t.iterations, "planned_iterations": t.planned_iterations,
-         "error": t.error or "", **t.config, **{column(k): v for k, v in t.metrics.items()}}
+        {
+            "trial_id": t.trial_id,
+            "status": t.status,
+            "iterations": t.iterations,
+            "planned_iterations": t.planned_iterations,
+            "error": t.error or "",
+            **t.config,
+            **{column(k): v for k, v in t.metrics.items()},
+        }
         for t in experiment.trials
     ]
-    columns = ["trial_id", "status", "iterations", "planned_iterations", "error", *config_keys, *map(column, metric_keys)]
+    columns = [
+        "trial_id",
+        "status",
+        "iterations",
+        "planned_iterations",
+        "error",
+        *config_keys,
+        *map(column, metric_keys),
+    ]
     return columns, rows
 
 
@@ -458,13 +505,19 @@ def head_history(source: str | None, trial: str, storage: Storage) -> tuple[str,
         if not (run / "metrics.jsonl").is_file() and (run.parent / "metrics.jsonl").is_file():
             run = run.parent  # the checkpoint/ folder of a run
         if not (run / "metrics.jsonl").is_file():
-            raise ConfigError(f"{source} holds no metrics.jsonl: --history reads a `sweep train` run folder or an experiment")
+            raise ConfigError(
+                f"{source} holds no metrics.jsonl: --history reads a `sweep train` run folder or an experiment"
+            )
         lines, title = _result_lines((run / "metrics.jsonl").read_text()), str(run)
     else:
         experiment = load_experiment(storage, source)
         record = choose_trial(experiment, trial)
         # The newest checkpoint's own history fills the gaps: an iteration whose report died with its worker is there.
-        saved, lines, title = _checkpoint_history(storage, record), trial_history(storage, record), f"{experiment.name} trial {record.trial_id}"
+        saved, lines, title = (
+            _checkpoint_history(storage, record),
+            trial_history(storage, record),
+            f"{experiment.name} trial {record.trial_id}",
+        )
     reported = [
         {"iteration": line.get("training_iteration", line.get("iteration")), "heads": line[HEAD_HISTORY_KEY],
          **{key: line.get(key) for key in ("tokens_seen", "test_loss", "icl_score")}}

@@ -61,7 +61,11 @@ def build_tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=launch.metric, mode=launch.mode, scheduler=make_scheduler(plan), search_alg=search_alg, num_samples=launch.num_samples,
+            metric=launch.metric,
+            mode=launch.mode,
+            scheduler=make_scheduler(plan),
+            search_alg=search_alg,
+            num_samples=launch.num_samples,
             # A finished trial's worker process takes the next trial: no new Python, torch or
             # Ray worker start-up per trial (benchmarks/sweep_efficiency.py measures it).
             reuse_actors=True,
@@ -83,13 +87,16 @@ def build_tuner(
     )
 
 
-def launch_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False) -> Plan:
+def launch_sweep(
+    plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False
+) -> Plan:
     """Preflight, start Ray, check the cluster, prepare data once, then run every trial to the end."""
     preflight(plan)
     init_ray(plan.launch.address, verbose)
     check_cluster(plan, plan.launch.address is None, log_line)
     log_line(
-        f"experiment {plan.name}: {plan.trial_count} trials ({plan.launch.search} search, {plan.scheduler}), up to {plan.iterations} "
+        f"experiment {plan.name}: {plan.trial_count} trials ({plan.launch.search} search, {plan.scheduler}), up to "
+        f"{plan.iterations} "
         f"iterations each, storage {plan.storage.uri}"
     )
     if plan.scheduler == "halving":
@@ -188,7 +195,13 @@ def storage_full_message(plan: Plan) -> str:
     )
 
 
-def resume_sweep(plan: Plan, callbacks: list = (), log_line: Callable[[str], None] = print, verbose: bool = False, address: str | None = None) -> Plan:
+def resume_sweep(
+    plan: Plan,
+    callbacks: list = (),
+    log_line: Callable[[str], None] = print,
+    verbose: bool = False,
+    address: str | None = None,
+) -> Plan:
     """Restore an interrupted sweep: unfinished and errored trials go on from their checkpoints."""
     experiment = load_experiment(plan.storage, plan.name)
     if not experiment.state_readable:

@@ -61,7 +61,9 @@ def make_search(plan: Plan):
     else:
         # seeded: the same --grid seed draws the same random-search samples again
         grid = {key: tune.grid_search(values) for key, values in plan.axes.items()}
-        search_alg = BasicVariantGenerator(max_concurrent=plan.launch.max_concurrent, random_state=plan.fixed.get("seed", 0))
+        search_alg = BasicVariantGenerator(
+            max_concurrent=plan.launch.max_concurrent, random_state=plan.fixed.get("seed", 0)
+        )
     return search_alg, {**plan.fixed, **grid, **{key: d.domain() for key, d in plan.distributions.items()}}
 
 
@@ -75,11 +77,14 @@ def tpe_sampler(plan: Plan):
     startup = min(10, max(plan.optuna_concurrency, plan.trial_count // 4))
     with warnings.catch_warnings():  # multivariate and constant_liar are marked experimental: not the user's concern
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=plan.fixed.get("seed", 0), n_startup_trials=startup, multivariate=True, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=plan.fixed.get("seed", 0), n_startup_trials=startup, multivariate=True, constant_liar=True
+        )
 
 
 def make_scheduler(plan: Plan):
-    """ASHA (asynchronous), synchronous halving or HyperBand (pausing trials at their rungs) or FIFO (every trial to its end).
+    """ASHA (asynchronous), synchronous halving or HyperBand (pausing trials at their rungs) or FIFO (every trial to
+    its end).
 
     With grace tokens, ASHA and halving compare trials on tokens_seen: none before the
     grace tokens, then at rungs of grace x reduction factor^k tokens, so trials are
@@ -88,9 +93,13 @@ def make_scheduler(plan: Plan):
     """
     launch = plan.launch
     if plan.scheduler == "halving":
-        return synchronous_halving(plan.trial_count, plan.halving_rungs, launch.reduction_factor, plan.halving_time_attr)
+        return synchronous_halving(
+            plan.trial_count, plan.halving_rungs, launch.reduction_factor, plan.halving_time_attr
+        )
     if plan.scheduler == "hyperband":
-        return hyperband_saving_stopped_trials()(time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor)
+        return hyperband_saving_stopped_trials()(
+            time_attr="training_iteration", max_t=plan.iterations, reduction_factor=launch.reduction_factor
+        )
     if plan.scheduler == "fifo":
         return FIFOScheduler()
     where = {"storage_uri": plan.storage.uri, "experiment": plan.name}
@@ -127,7 +136,9 @@ def hyperband_saving_stopped_trials():
     return HyperBand
 
 
-def synchronous_halving(trials: int, rungs: list[tuple[int, int]], reduction_factor: int, time_attr: str = "training_iteration"):
+def synchronous_halving(
+    trials: int, rungs: list[tuple[int, int]], reduction_factor: int, time_attr: str = "training_iteration"
+):
     """Synchronous successive halving (Jamieson & Talwalkar 2016), built on Tune's HyperBandScheduler:
     one bracket holding every trial of the sweep, with the given rungs (iterations, or tokens_seen).
 
@@ -148,7 +159,9 @@ def synchronous_halving(trials: int, rungs: list[tuple[int, int]], reduction_fac
             # rungs, already past its first rungs: halve again until the next rung is ahead of them.
             # Otherwise every trial would pause at a rung already behind it, and the sweep would wait forever.
             action = super()._process_bracket(tune_controller, bracket)
-            while action == self.PAUSE and bracket.current_trials() and bracket.cur_iter_done() and not bracket.finished():
+            while (
+                action == self.PAUSE and bracket.current_trials() and bracket.cur_iter_done() and not bracket.finished()
+            ):
                 action = super()._process_bracket(tune_controller, bracket)
             return action
 

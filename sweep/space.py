@@ -84,27 +84,54 @@ PRESETS = {
     # token budget, so ASHA can act inside the long WikiText epochs.
     "paper": Preset(
         "the study's 96-trial grid (gpt2 tokens, batch 50, AdamW)",
-        axes={"seq_len": [20, 50, 80], "lr": [1e-4, 1e-3], "heads": [4, 8], "d_model": [128, 256], "layers": [1, 2], "mlp": [False, True]},
+        axes={
+            "seq_len": [20, 50, 80],
+            "lr": [1e-4, 1e-3],
+            "heads": [4, 8],
+            "d_model": [128, 256],
+            "layers": [1, 2],
+            "mlp": [False, True],
+        },
         # No torch.compile by default: since the fused loss, compiled and eager steps run at the
         # same speed on CPU (benchmarks/RESULTS.md) and compiling costs ~15 s per trial; --compile turns it on.
         # Snapshots at the GPT-2 vocabulary are 52-109 MB of float32 each: the default log schedule would
         # be about 300 GB for the grid. 10 evenly spaced after the powers of two, in bf16: about 80 GB.
-        fixed={"tokenizer": "gpt2", "batch_size": 50, "max_tokens": 20_000_000, "eval_every_tokens": 1_000_000,
-               "snapshots": "log:10", "snapshot_dtype": "bfloat16"},
+        fixed={
+            "tokenizer": "gpt2",
+            "batch_size": 50,
+            "max_tokens": 20_000_000,
+            "eval_every_tokens": 1_000_000,
+            "snapshots": "log:10",
+            "snapshot_dtype": "bfloat16",
+        },
     ),
     "smoke": Preset(
         "4 tiny trials that finish in minutes on a laptop CPU",
         axes={"lr": [3e-4, 3e-3], "heads": [2, 4]},
-        fixed={"tokenizer": "bpe:2048", "d_model": 32, "seq_len": 32, "layers": 1, "batch_size": 32,
-               "max_tokens": 200_000, "eval_every_tokens": 50_000},
+        fixed={
+            "tokenizer": "bpe:2048",
+            "d_model": 32,
+            "seq_len": 32,
+            "layers": 1,
+            "batch_size": 32,
+            "max_tokens": 200_000,
+            "eval_every_tokens": 50_000,
+        },
     ),
     "induction": Preset(
         "1- vs 2-layer attention-only models on the synthetic repeat task",
         axes={"layers": [1, 2]},
         # Not compiled: with attention written out, compiled steps are only 1.1x faster at this shape, and the
         # first run on a machine compiles for 30 s more than eager training takes (benchmarks/RESULTS.md).
-        fixed={"d_model": 64, "heads": 4, "seq_len": 64, "lr": 1e-3, "batch_size": 32,
-               "max_tokens": 12_000_000, "eval_every_tokens": 1_000_000},
+        fixed={
+            "d_model": 64,
+            "heads": 4,
+            "seq_len": 64,
+            "lr": 1e-3,
+            "batch_size": 32,
+            "max_tokens": 12_000_000,
+            "eval_every_tokens": 1_000_000,
+        },
         dataset="repeat",
         # A comparison, not a search: the 2-layer model's loss falls below the 1-layer one's only
         # once its induction heads form (3-4M tokens), so ASHA would stop it first. With
@@ -129,7 +156,10 @@ def parse_grid(overrides: tuple[str, ...] | list[str]) -> dict[str, list[Any] | 
         # a range is kind:..., except for tokenizer, whose values (bpe:N, paths) hold colons of their own
         if ":" in raw and kind.isalpha() and (key != "tokenizer" or kind == "choice"):
             if kind not in DISTRIBUTIONS:
-                raise ConfigError(f"--grid {key}={raw}: unknown range {kind!r}; use {', '.join(f'{d}:' for d in DISTRIBUTIONS)} or a list")
+                raise ConfigError(
+                    f"--grid {key}={raw}: unknown range {kind!r}; use {', '.join(f'{d}:' for d in DISTRIBUTIONS)} or a "
+                    "list"
+                )
             axes[key] = parse_distribution(key, raw)
         else:
             axes[key] = [_parse_value(key, value.strip()) for value in raw.split(",")]
@@ -159,7 +189,9 @@ def build_grid(
     axes |= {k: list(v) for k, v in overrides.items() if not isinstance(v, Distribution)}
     for key in [k for k, v in axes.items() if len(v) == 1]:
         base = base | {key: axes.pop(key)[0]}  # one value is no axis
-    fixed = {k: v for k, v in (TRIAL_DEFAULTS | preset.fixed | base).items() if k not in axes and k not in distributions}
+    fixed = {
+        k: v for k, v in (TRIAL_DEFAULTS | preset.fixed | base).items() if k not in axes and k not in distributions
+    }
     return axes, distributions, fixed
 
 
@@ -170,7 +202,8 @@ DATA_KEYS = ("tokenizer", "seq_len")
 
 @dataclass(frozen=True)
 class Distribution:
-    """A searched range of one trial key: `loguniform:A:B`, `uniform:A:B`, `randint:A:B` (A..B inclusive), `choice:a,b,c`."""
+    """A searched range of one trial key: `loguniform:A:B`, `uniform:A:B`, `randint:A:B` (A..B inclusive),
+    `choice:a,b,c`."""
 
     key: str
     kind: str
@@ -198,7 +231,8 @@ class Distribution:
         return tune.choice(list(self.values))
 
     def probes(self) -> list[Any]:
-        """Values every combination is validated with before Ray starts: the ends (and middle) of a range, every choice."""
+        """Values every combination is validated with before Ray starts: the ends (and middle) of a range, every
+        choice."""
         if self.kind == "choice":
             return list(self.values)
         low, high = self.values
@@ -222,7 +256,9 @@ def parse_distribution(key: str, raw: str) -> Distribution:
             raise ConfigError(f"{typed}: give choice:a,b,c")
         return Distribution(key, kind, values, raw)
     if key in DATA_KEYS:
-        raise ConfigError(f"{typed}: {key} takes a list or choice:a,b (its data is prepared once per value before the sweep)")
+        raise ConfigError(
+            f"{typed}: {key} takes a list or choice:a,b (its data is prepared once per value before the sweep)"
+        )
     parts = rest.split(":")
     if len(parts) != 2:
         raise ConfigError(f"{typed}: use {kind}:LOW:HIGH")
@@ -245,12 +281,18 @@ def parse_distribution(key: str, raw: str) -> Distribution:
     return Distribution(key, kind, (low, high), raw)
 
 
-def probe_trials(axes: dict[str, list[Any]], distributions: dict[str, Distribution], fixed: dict[str, Any], limit: int = 5000) -> list[dict[str, Any]]:
-    """The grid's trials with every distribution at its probe values: what is validated and prepared before Ray starts."""
+def probe_trials(
+    axes: dict[str, list[Any]], distributions: dict[str, Distribution], fixed: dict[str, Any], limit: int = 5000
+) -> list[dict[str, Any]]:
+    """The grid's trials with every distribution at its probe values: what is validated and prepared before Ray
+    starts."""
     probes = {**axes, **{k: d.probes() for k, d in distributions.items()}}
     count = math.prod(len(v) for v in probes.values())
     if count > limit:
-        raise ConfigError(f"the search space has {count:,} combinations of grid values and range ends to check; narrow it below {limit:,}")
+        raise ConfigError(
+            f"the search space has {count:,} combinations of grid values and range ends to check; narrow it below "
+            f"{limit:,}"
+        )
     return expand(probes, fixed)
 
 

@@ -147,8 +147,19 @@ def describe_storage_error(storage: Storage, error: Exception) -> str:
     text = str(error)
     if storage.is_s3:
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-        if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ACCESS_DENIED", "Forbidden", "403")):
-            return f"S3 refused the credentials for {storage.uri}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        if any(
+            code in text
+            for code in (
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "ACCESS_DENIED",
+                "Forbidden",
+                "403",
+            )
+        ):
+            return (f"S3 refused the credentials for {storage.uri}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                    "or AWS_PROFILE")
         if "NoSuchBucket" in text or "NOT_FOUND" in text:
             return f"bucket of {storage.uri} does not exist; create it or pick another --storage"
         if any(word in text.lower() for word in ("connect", "resolve", "timed out", "timeout", "network", "curl")):

@@ -95,7 +95,8 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
         # A full disk stays full: no retry, and the half-copied checkpoint was never registered.
         _report_final_failure(settings, "storage_full", trainer.tokens_seen if trainer else 0)
         raise StorageFull(
-            errno.ENOSPC, f"storage_full: no space left for this trial's checkpoint ({str(error).splitlines()[0][:160]})"
+            errno.ENOSPC,
+            f"storage_full: no space left for this trial's checkpoint ({str(error).splitlines()[0][:160]})",
         ) from None
     except NonFiniteLossError:
         _report_final_failure(settings, "nan_loss", trainer.tokens_seen)
@@ -128,8 +129,10 @@ def start_gpu(gpu_ids: list, node: str) -> None:
         log.warning("GPU %s is a logical GPU of Ray's fake multinode cluster: training on CPU", gpu_ids)
         return
     if not torch.cuda.is_available():
-        raise GpuUnavailable(f"gpu_unavailable: Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node {node}, "
-                             "but CUDA is not available there (its driver, CUDA_VISIBLE_DEVICES, a CPU build of torch?)")
+        raise GpuUnavailable(
+            f"gpu_unavailable: Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node {node}, "
+            "but CUDA is not available there (its driver, CUDA_VISIBLE_DEVICES, a CPU build of torch?)"
+        )
     torch.cuda.init()
 
 

@@ -113,7 +113,18 @@ def ray_process_ids() -> set[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if any(name in command for name in (b"raylet", b"gcs_server", b"ray::", b"default_worker.py", b"ray/dashboard", b"log_monitor.py", b"ray/autoscaler")):
+        if any(
+            name in command
+            for name in (
+                b"raylet",
+                b"gcs_server",
+                b"ray::",
+                b"default_worker.py",
+                b"ray/dashboard",
+                b"log_monitor.py",
+                b"ray/autoscaler",
+            )
+        ):
             found.add(int(entry.name))
     return found
 
@@ -163,7 +174,11 @@ S3_SECRET = "sweep-test-secret-4f1c9e"
 
 
 def s3_keys(client, bucket: str = "bucket") -> list[str]:
-    return [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for item in page.get("Contents", [])]
+    return [
+        item["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for item in page.get("Contents", [])
+    ]
 
 
 def s3_objects(client, bucket: str = "bucket") -> dict[str, bytes]:

@@ -169,7 +169,14 @@ def test_heads_document_and_files(tmp_path):
     assert len(document["heads"]) == 8
     head = document["heads"][5]
     assert (head["layer"], head["head"]) == (1, 1)
-    assert set(head["scores"]) == {"previous_token", "current_token", "first_token", "duplicate_token", "induction", "copying"}
+    assert set(head["scores"]) == {
+        "previous_token",
+        "current_token",
+        "first_token",
+        "duplicate_token",
+        "induction",
+        "copying",
+    }
     assert all(-1.0 <= v <= 1.0 for h in document["heads"] for v in h["scores"].values())
     assert len(document["composition"]["q"]) == 2 and len(document["composition"]["q"][0][0][1]) == 4
     write_analysis(model, tokenizer, tmp_path, document, AnalysisConfig(prompt="This movie is"))

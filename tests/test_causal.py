@@ -104,7 +104,10 @@ def test_the_graph_run_is_the_model_with_every_edge_clean_and_the_corrupted_run_
     model = random_model(mlp)
     patched = patched_model(model)
     edges = len(patched.graph.edges)
-    for mask, tokens in ((torch.ones(1, edges), patched.inputs.clean), (torch.zeros(1, edges), patched.inputs.corrupted)):
+    for mask, tokens in (
+        (torch.ones(1, edges), patched.inputs.clean),
+        (torch.zeros(1, edges), patched.inputs.corrupted),
+    ):
         _, residual = patched.run(mask, patched.clean_embed)
         assert torch.allclose(model.unembed(residual[0]), model(tokens), atol=1e-5)
 

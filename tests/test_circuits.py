@@ -56,7 +56,9 @@ def test_token_tables_read_the_circuits_off_the_weights(ov_shift):
     head = tables["heads"][0]
     assert [row["token"] for row in head["ov"]] == [f"t{i}" for i in range(VOCAB)]
     assert len(head["qk"]) == len(tables["direct_path"]) == VOCAB and len(head["skip_trigrams"]) >= VOCAB
-    assert all(row["top"][0][0] == f"t{(i + ov_shift) % VOCAB}" for i, row in enumerate(head["ov"]))  # OV: a raises a + shift
+    assert all(
+        row["top"][0][0] == f"t{(i + ov_shift) % VOCAB}" for i, row in enumerate(head["ov"])
+    )  # OV: a raises a + shift
     assert all(row["top"][0][0] == f"t{(i + 3) % VOCAB}" for i, row in enumerate(head["qk"]))  # QK: a attends a + 3
     assert all(row["top"][0][0] == row["token"] for row in tables["direct_path"])  # bigram path: identity
     # skip-trigrams "a ... a+3 -> a+3+shift": attend to a + 3, which raises a + 3 + shift
@@ -82,14 +84,19 @@ def test_token_tables_see_the_embeddings_through_layernorm():
     after = token_tables(model, names, frequencies)
 
     def values(rows, scale=1.0):
-        return [(row["token"], [(token, pytest.approx(value * scale, abs=2e-4)) for token, value in row["top"]]) for row in rows]
+        return [
+            (row["token"], [(token, pytest.approx(value * scale, abs=2e-4)) for token, value in row["top"]])
+            for row in rows
+        ]
 
     assert values(after["direct_path"]) == values(before["direct_path"])
     for table in (before["direct_path"], before["heads"][0]["qk"], before["heads"][0]["ov"]):  # logits, not vanishing
         assert max(abs(value) for row in table for _, value in row["top"]) > 0.1
     for head_before, head_after in zip(before["heads"], after["heads"]):
         assert values(head_after["qk"]) == values(head_before["qk"])
-        assert [[t for t, _ in row["top"]] for row in head_after["ov"]] == [[t for t, _ in row["top"]] for row in head_before["ov"]]
+        assert [[t for t, _ in row["top"]] for row in head_after["ov"]] == [
+            [t for t, _ in row["top"]] for row in head_before["ov"]
+        ]
         assert values(head_after["ov"]) == values(head_before["ov"], scale=1 / 20)
 
 
@@ -129,7 +136,9 @@ def evaluator(windows: np.ndarray) -> Trainer:
     tokenizer = TextTokenizer(synthetic_tokenizer(DATA_VOCAB), "synthetic")
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=4 * tokenizer.vocab_size, n_heads=1, n_layers=2,
                             seq_len=windows.shape[1] - 1, norm="none")
-    train_cfg = TrainConfig(batch_size=8, max_tokens=1000, eval_every_tokens=1000, eval_tokens=windows.size, dtype="float32")
+    train_cfg = TrainConfig(
+        batch_size=8, max_tokens=1000, eval_every_tokens=1000, eval_tokens=windows.size, dtype="float32"
+    )
     return Trainer(model_cfg, train_cfg, windows, windows, tokenizer)
 
 
@@ -198,12 +207,15 @@ def test_the_wired_induction_circuit_is_read_back_by_the_head_scores_ablation_an
     wire_induction_circuit(trainer.model)
     document = head_scores(trainer.model, trainer.eval_windows, ablate=True)
     previous_token, induction = document["heads"]
-    assert previous_token["scores"]["previous_token"] > 0.95 and {"previous_token", "matters"} <= set(previous_token["labels"])
+    assert previous_token["scores"]["previous_token"] > 0.95 and {"previous_token", "matters"} <= set(
+        previous_token["labels"]
+    )
     # The probe draws r without repeats, so the hand-wired head scores near what an ideal one does (1.0; its
     # softmax is finite).
     assert induction["scores"]["induction"] > 0.95 and {"induction", "matters"} <= set(induction["labels"])
     assert induction["ablation"]["repeated"] > 1.0  # removing it costs the copy
     # The previous-token head feeds the induction head's keys only: K-composition, no Q or V path.
     composition = document["composition"]
-    assert composition["k"][0][0][1][0] > 0.1 and composition["q"][0][0][1][0] == 0 and composition["v"][0][0][1][0] == 0
-
+    assert (
+        composition["k"][0][0][1][0] > 0.1 and composition["q"][0][0][1][0] == 0 and composition["v"][0][0][1][0] == 0
+    )

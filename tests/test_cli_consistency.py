@@ -25,16 +25,45 @@ def fake_experiment(storage: Path, name: str, trials: dict[str, dict], created: 
     """An experiment as Tune leaves it: sweep.json plus one result.json line per iteration of each trial."""
     root = storage / name
     root.mkdir(parents=True)
-    (root / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": len(trials), "created": created,
-                                                 "launch": {"max_iterations": None}}))
+    (root / "sweep.json").write_text(
+        json.dumps(
+            {
+                "metric": "test_loss",
+                "mode": "min",
+                "trials": len(trials),
+                "created": created,
+                "launch": {"max_iterations": None},
+            }
+        )
+    )
     for trial_id, spec in trials.items():
-        config = {"seq_len": 16, "batch_size": 16, "max_tokens": 1024, "eval_every_tokens": 256, "lr": spec["lr"], "heads": 2, "d_model": 16}
+        config = {
+            "seq_len": 16,
+            "batch_size": 16,
+            "max_tokens": 1024,
+            "eval_every_tokens": 256,
+            "lr": spec["lr"],
+            "heads": 2,
+            "d_model": 16,
+        }
         lines = []
         for iteration, loss in enumerate(spec["losses"], 1):
-            lines.append({"trial_id": trial_id, "config": config, "training_iteration": iteration, "test_loss": loss, "train_loss": loss + 0.1, "tokens_seen": iteration * 256,
-                          "induction_score_max": spec["induction"], "time_this_iter_s": 0.5, "iterations_since_restore": iteration,
-                          "time_total_s": iteration * 0.5, "done": iteration == len(spec["losses"]),
-                          "induction_formed_at": spec.get("formed_at")})
+            lines.append(
+                {
+                    "trial_id": trial_id,
+                    "config": config,
+                    "training_iteration": iteration,
+                    "test_loss": loss,
+                    "train_loss": loss + 0.1,
+                    "tokens_seen": iteration * 256,
+                    "induction_score_max": spec["induction"],
+                    "time_this_iter_s": 0.5,
+                    "iterations_since_restore": iteration,
+                    "time_total_s": iteration * 0.5,
+                    "done": iteration == len(spec["losses"]),
+                    "induction_formed_at": spec.get("formed_at"),
+                }
+            )
         (root / f"trial_{trial_id}").mkdir()
         (root / f"trial_{trial_id}" / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
@@ -43,7 +72,12 @@ def fake_experiment(storage: Path, name: str, trials: dict[str, dict], created: 
 @pytest.fixture
 def storage(tmp_path) -> Path:
     # 4 iterations planned (1024 tokens / 256 a step); trial b stopped after its first
-    fake_experiment(tmp_path / "results", "older", {"z": {"lr": 1e-3, "losses": [3.0], "induction": 0.1}}, created="2025-01-01T00:00:00")
+    fake_experiment(
+        tmp_path / "results",
+        "older",
+        {"z": {"lr": 1e-3, "losses": [3.0], "induction": 0.1}},
+        created="2025-01-01T00:00:00",
+    )
     fake_experiment(tmp_path / "results", "newest", {
         "a": {"lr": 1e-3, "losses": [3.0, 2.5, 2.2, 2.0], "induction": 0.2},
         "b": {"lr": 1e-6, "losses": [4.0], "induction": 0.6},
@@ -98,7 +132,9 @@ def test_best_infers_the_mode_from_the_metric(storage):
     assert by_score["mode"] == "max" and [t["trial_id"] for t in by_score["trials"]] == ["b", "a"]
     by_loss = json.loads(invoke("best", "--storage", storage, "--metric", "test_loss", "--json").output)
     assert by_loss["mode"] == "min" and by_loss["trials"][0]["trial_id"] == "a"
-    overridden = json.loads(invoke("best", "--storage", storage, "--metric", "induction_score_max", "--mode", "min", "--json").output)
+    overridden = json.loads(
+        invoke("best", "--storage", storage, "--metric", "induction_score_max", "--mode", "min", "--json").output
+    )
     assert overridden["trials"][0]["trial_id"] == "a"
     unreported = invoke("best", "--storage", storage, "--metric", "icl_score")
     listed = unreported.stderr.split("reported:")[1]
@@ -131,7 +167,9 @@ def test_the_launch_record_is_true(tmp_path):
     assert set(record["axes"]) == {"lr", "heads"}
     assert not {"lr", "heads"} & set(record["fixed"])  # what varies is not also listed as fixed
     assert record["mode"] == "min" and not {"sweep_metric", "cpus_per_trial"} & set(record["fixed"])
-    scored = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), metric="induction_score_max"))
+    scored = plan_sweep(
+        LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), metric="induction_score_max")
+    )
     assert scored.launch.mode == "max"
 
 
@@ -139,7 +177,11 @@ def test_one_count_of_iterations(tmp_path):
     # 100000 tokens, 33000 an iteration, 1024 tokens a step: 98 steps of 33 -> 3 iterations, not 4
     config = {"max_tokens": 100_000, "eval_every_tokens": 33_000, "batch_size": 32, "seq_len": 32}
     assert planned_iterations(config) == 3
-    plan = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), grid=tuple(f"{k}={v}" for k, v in config.items())))
+    plan = plan_sweep(
+        LaunchConfig(
+            dataset="repeat", preset="smoke", storage=str(tmp_path), grid=tuple(f"{k}={v}" for k, v in config.items())
+        )
+    )
     assert plan.iterations == 3
     assert TrainConfig(max_tokens=100_000, eval_every_tokens=33_000, batch_size=32).schedule_for(32).iterations == 3
 
@@ -149,18 +191,66 @@ def test_the_trial_key_table_drives_train_and_launch(tmp_path, monkeypatch):
     for key in TRIAL_KEYS:
         assert "--" + key.replace("_", "-") in train_help
     monkeypatch.chdir(tmp_path)
-    result = invoke("train", "repeat", "--d-model", "16", "--heads", "2", "--seq-len", "16", "--batch-size", "8", "--max-tokens", "256",
-                    "--eval-every-tokens", "256", "--weight-decay", "0.2", "--warmup-fraction", "0", "--threads", "1", "--out", "run")
+    result = invoke(
+        "train",
+        "repeat",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--max-tokens",
+        "256",
+        "--eval-every-tokens",
+        "256",
+        "--weight-decay",
+        "0.2",
+        "--warmup-fraction",
+        "0",
+        "--threads",
+        "1",
+        "--out",
+        "run",
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
-    assert saved["train"]["weight_decay"] == 0.2 and saved["train"]["warmup_fraction"] == 0 and saved["model"]["n_heads"] == 2
+    assert (
+        saved["train"]["weight_decay"] == 0.2
+        and saved["train"]["warmup_fraction"] == 0
+        and saved["model"]["n_heads"] == 2
+    )
     assert "1 threads" in result.output
 
 
 def test_sweep_train_takes_threads_from_the_cpus_it_may_use(tmp_path):
     """Two runs that each take every core collapse: by default a run uses only the CPUs it was given."""
-    command = ["taskset", "-c", "0", sys.executable, "-m", "sweep.cli", "train", "repeat", "--d-model", "16", "--heads", "2",
-               "--seq-len", "16", "--batch-size", "8", "--max-tokens", "128", "--eval-every-tokens", "128", "--out", tmp_path / "run"]
+    command = [
+        "taskset",
+        "-c",
+        "0",
+        sys.executable,
+        "-m",
+        "sweep.cli",
+        "train",
+        "repeat",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--max-tokens",
+        "128",
+        "--eval-every-tokens",
+        "128",
+        "--out",
+        tmp_path / "run",
+    ]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=run_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "1 threads" in result.stderr
@@ -187,14 +277,25 @@ def test_read_commands_start_without_torch_or_ray(storage):
 
 
 @pytest.mark.usefixtures("no_stray_ray")
-@pytest.mark.parametrize("request_args, wanted", [
-    (["--gpus-per-trial", "1"], "each needs 1 CPU, 1 GPU but this machine (local Ray) has"),
-    (["--cpus-per-trial", str((os.cpu_count() or 2) + 2)], f"each needs {(os.cpu_count() or 2) + 2} CPUs, no GPU but this machine (local Ray) has"),
-])
+@pytest.mark.parametrize(
+    "request_args, wanted",
+    [
+        (["--gpus-per-trial", "1"], "each needs 1 CPU, 1 GPU but this machine (local Ray) has"),
+        (
+            ["--cpus-per-trial", str((os.cpu_count() or 2) + 2)],
+            f"each needs {(os.cpu_count() or 2) + 2} CPUs, no GPU but this machine (local Ray) has",
+        ),
+    ],
+)
 def test_a_request_no_node_can_meet_fails_before_anything_is_written(request_args, wanted, tmp_path):
     storage = tmp_path / "results"
-    result = subprocess.run([sys.executable, "-m", "sweep.cli", "launch", "repeat", *request_args, "--storage", str(storage)],
-                            capture_output=True, text=True, env=run_env(CUDA_VISIBLE_DEVICES=""), timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "launch", "repeat", *request_args, "--storage", str(storage)],
+        capture_output=True,
+        text=True,
+        env=run_env(CUDA_VISIBLE_DEVICES=""),
+        timeout=180,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert wanted in result.stderr and "other nodes" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nor Ray's token notice

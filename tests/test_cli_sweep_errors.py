@@ -31,7 +31,10 @@ def storage(tmp_path):
         (["launch", "imdb", "--grid", "heads=2.5"], "--grid heads=2.5: expected an integer"),
         (["launch", "imdb", "--grid", "mlp=maybe"], "--grid mlp=maybe: expected on/off"),
         (["launch", "imdb", "--grid", "lr"], "must look like key=v1,v2"),
-        (["launch", "imdb", "--grid", "heads=3", "--grid", "d_model=64"], "--grid heads=3 does not divide --grid d_model=64"),
+        (
+            ["launch", "imdb", "--grid", "heads=3", "--grid", "d_model=64"],
+            "--grid heads=3 does not divide --grid d_model=64",
+        ),
         (["launch", "imdb", "--grid", "seq_len=99999"], "--grid seq_len=99999 must be between 2 and"),
         (["launch", "imdb", "--grid", "lr=-1"], "--grid lr=-1.0 must be positive"),
         (["launch", "imdb", "--grid", "batch_size=0"], "--grid batch_size=0 must be positive"),
@@ -115,8 +118,12 @@ def test_read_only_storage(tmp_path, data_mirror):
 def test_metric_never_reported_lists_the_reported_ones(tmp_path):
     experiment = tmp_path / "results" / "exp"
     (experiment / "trial_a").mkdir(parents=True)
-    (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 1, "created": "x"}))
-    (experiment / "trial_a" / "result.json").write_text(json.dumps({"test_loss": 3.0, "training_iteration": 1, "done": True}) + "\n")
+    (experiment / "sweep.json").write_text(
+        json.dumps({"metric": "test_loss", "mode": "min", "trials": 1, "created": "x"})
+    )
+    (experiment / "trial_a" / "result.json").write_text(
+        json.dumps({"test_loss": 3.0, "training_iteration": 1, "done": True}) + "\n"
+    )
     result = CliRunner().invoke(main, ["best", "exp", "--metric", "icl_score", "--storage", str(tmp_path / "results")])
     assert result.exit_code == 2
     assert "--metric 'icl_score' was never reported in exp; reported: test_loss" in result.stderr
@@ -129,7 +136,9 @@ def test_wrong_credentials(tmp_path, monkeypatch, data_mirror):
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="1")  # only the bucket creation is unauthenticated
     moto = str(Path(sys.executable).with_name("moto_server"))
-    server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 30
         while True:

@@ -28,7 +28,10 @@ def test_train_writes_metrics_and_a_complete_checkpoint(reviews_file, tmp_path):
                  "heatmaps/patterns.json", "heatmaps/layer0_head0.png", "heatmaps/layer0.png"):
         assert (checkpoint / name).is_file(), name
     assert not list(tmp_path.glob("run/*.partial"))
-    assert set(json.loads((checkpoint / "manifest.json").read_text())["files"]) >= {"model.safetensors", "heatmaps/layer0.png"}
+    assert set(json.loads((checkpoint / "manifest.json").read_text())["files"]) >= {
+        "model.safetensors",
+        "heatmaps/layer0.png",
+    }
 
     generated = invoke("generate", checkpoint, "--prompt", "the movie", "--tokens", "5")
     assert generated.exit_code == 0
@@ -81,7 +84,9 @@ def test_a_checkpoint_cut_short_is_refused_by_every_reader(reviews_file, tmp_pat
 
 
 def test_diverging_run_stops_with_a_clear_error(reviews_file, tmp_path):
-    result = CliRunner().invoke(main, ["train", str(reviews_file), *SMALL[:-2], "--lr", "1e5", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        main, ["train", str(reviews_file), *SMALL[:-2], "--lr", "1e5", "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error: nan_loss")
 

@@ -44,14 +44,42 @@ def test_fake_multinode_cluster_autoscales_gpu_workers_for_a_sweep(tmp_path, s3_
     try:
         reviews = tmp_path / "reviews.jsonl"
         write_reviews(reviews, count=600)
-        args = [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16",
-                "--grid", "seq_len=16", "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
-                "--grid", "heads=2,4", "--gpus-per-trial", "0.5", "--address", ray.address, "--name", "fake",
-                "--no-early-stopping"]  # both trials train to the end: ASHA's verdict is not what this checks
-        local = subprocess.run([*args, "--storage", str(tmp_path / "local")], env=env, capture_output=True, text=True, timeout=200)
+        args = [
+            sys.executable,
+            "-m",
+            "sweep.cli",
+            "launch",
+            str(reviews),
+            "--tokenizer",
+            "bytes",
+            "--grid",
+            "d_model=16",
+            "--grid",
+            "seq_len=16",
+            "--grid",
+            "max_tokens=8192",
+            "--grid",
+            "eval_every_tokens=2048",
+            "--grid",
+            "lr=3e-3",
+            "--grid",
+            "heads=2,4",
+            "--gpus-per-trial",
+            "0.5",
+            "--address",
+            ray.address,
+            "--name",
+            "fake",
+            "--no-early-stopping",
+        ]  # both trials train to the end: ASHA's verdict is not what this checks
+        local = subprocess.run(
+            [*args, "--storage", str(tmp_path / "local")], env=env, capture_output=True, text=True, timeout=200
+        )
         assert local.returncode == 2 and "is a local path; pass --storage s3://" in local.stderr, local.stderr
         assert not (tmp_path / "local" / "fake").exists()
-        launch = subprocess.run([*args, "--storage", "s3://bucket/fake"], env=env, capture_output=True, text=True, timeout=400)
+        launch = subprocess.run(
+            [*args, "--storage", "s3://bucket/fake"], env=env, capture_output=True, text=True, timeout=400
+        )
         assert launch.returncode == 0, launch.stdout + launch.stderr
         probe = subprocess.run([sys.executable, "-c", PROBE, ray.address], env=env, capture_output=True, text=True,
                                timeout=120)
@@ -102,12 +130,15 @@ def sshd(tmp_path):
     node_command.chmod(0o755)
     port = free_port()
     (folder / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nAuthorizedKeysFile "
+        f"{folder / 'authorized_keys'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
         f"StrictModes no\nPidFile {folder / 'sshd.pid'}\nForceCommand {node_command}\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 30
     while True:
         try:
@@ -162,8 +193,15 @@ def test_ray_up_over_ssh_runs_a_sweep_then_ray_down(tmp_path, sshd):
         assert not wait_for_ray_gone(before), "ray down left Ray processes behind"
     finally:
         ray.stop()  # only when `ray down` failed is anything left to stop
-    best = json.loads(subprocess.run([sys.executable, "-m", "sweep.cli", "best", "--storage", str(tmp_path / "results"), "--json"],
-                                     env=run_env(), capture_output=True, text=True, timeout=120).stdout)
+    best = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "sweep.cli", "best", "--storage", str(tmp_path / "results"), "--json"],
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    )
     assert best["experiment"] == "on-ssh" and best["trials"][0]["config"]["lr"] == 3e-3
 
 
@@ -188,10 +226,37 @@ def run_sweep_on_ssh_cluster(tmp_path, cluster_yaml, env, address):
         reviews = tmp_path / "reviews.jsonl"
         write_reviews(reviews, count=600)
         launch = subprocess.run(
-            [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16",
-             "--grid", "seq_len=16", "--grid", "max_tokens=8192", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3,1e-3",
-             "--grid", "heads=2", "--address", address, "--storage", str(tmp_path / "results"), "--name", "on-ssh"],
-            env=env, capture_output=True, text=True, timeout=400,
+            [
+                sys.executable,
+                "-m",
+                "sweep.cli",
+                "launch",
+                str(reviews),
+                "--tokenizer",
+                "bytes",
+                "--grid",
+                "d_model=16",
+                "--grid",
+                "seq_len=16",
+                "--grid",
+                "max_tokens=8192",
+                "--grid",
+                "eval_every_tokens=2048",
+                "--grid",
+                "lr=3e-3,1e-3",
+                "--grid",
+                "heads=2",
+                "--address",
+                address,
+                "--storage",
+                str(tmp_path / "results"),
+                "--name",
+                "on-ssh",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert launch.returncode == 0, launch.stdout + launch.stderr
     finally:

@@ -98,7 +98,10 @@ def test_hub_loading_code_reads_a_dataset_folder(tmp_path, monkeypatch):
     folder = tmp_path / "fake-imdb"
     folder.mkdir()
     for split in ("train", "test"):
-        pq.write_table(pa.table({"text": [f"{split} review {i}" for i in range(20)], "label": [0] * 20}), folder / f"{split}.parquet")
+        pq.write_table(
+            pa.table({"text": [f"{split} review {i}" for i in range(20)], "label": [0] * 20}),
+            folder / f"{split}.parquet",
+        )
     monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)
     monkeypatch.setitem(data_module.HUB_DATASETS, "imdb", HubDataset(str(folder), None, ("train", "test")))
     texts = load_texts(DataConfig(dataset="imdb"), "test")
@@ -182,7 +185,9 @@ def test_local_hugging_face_tokenizer_folder(tmp_path, reviews_file):
 
 def test_gpt2_without_hub_names_the_offline_alternatives(monkeypatch):
     monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)  # no mirrored copy either
-    with pytest.raises(ConfigError, match=r"gpt2 needs the Hugging Face Hub, which is unreachable; use --tokenizer bpe:N"):
+    with pytest.raises(
+        ConfigError, match=r"gpt2 needs the Hugging Face Hub, which is unreachable; use --tokenizer bpe:N"
+    ):
         load_tokenizer("gpt2")
 
 
@@ -201,7 +206,9 @@ def test_gpt2_resolves_offline_from_the_mirror_as_the_study_tokenized(data_mirro
 def test_missing_splits_are_caught_before_any_data_is_read(data_mirror, tmp_path):
     from model.data import check_data
 
-    with pytest.raises(ConfigError, match="split 'train' of wikitext-2 is not in SWEEP_DATA_DIR.*splits there: test, validation"):
+    with pytest.raises(
+        ConfigError, match="split 'train' of wikitext-2 is not in SWEEP_DATA_DIR.*splits there: test, validation"
+    ):
         check_data(DataConfig(dataset="wikitext-2", tokenizer="bytes"))
     check_data(DataConfig(dataset="wikitext-2", tokenizer="bytes", train_split="validation"))
     folder = tmp_path / "named"

@@ -43,11 +43,34 @@ def test_sweep_export_command(tmp_path, reviews_file):
     from sweep.cli import main
 
     runner = CliRunner()
-    trained = runner.invoke(main, ["train", str(reviews_file), "--tokenizer", "bytes", "--heads", "2", "--d-model", "16",
-                                   "--seq-len", "16", "--batch-size", "8", "--max-tokens", "256", "--eval-every-tokens", "256",
-                                   "--out", str(tmp_path / "run")])
+    trained = runner.invoke(
+        main,
+        [
+            "train",
+            str(reviews_file),
+            "--tokenizer",
+            "bytes",
+            "--heads",
+            "2",
+            "--d-model",
+            "16",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "8",
+            "--max-tokens",
+            "256",
+            "--eval-every-tokens",
+            "256",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    result = runner.invoke(main, ["export", str(tmp_path / "run" / "checkpoint"), "--format", "transformer-lens", "--out", str(tmp_path / "tl")])
+    result = runner.invoke(
+        main,
+        ["export", str(tmp_path / "run" / "checkpoint"), "--format", "transformer-lens", "--out", str(tmp_path / "tl")],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "tl" / "hooked_transformer_config.json").read_text())
     assert config["d_vocab"] == 257 and config["attn_only"] is True

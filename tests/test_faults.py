@@ -18,7 +18,15 @@ from moto.server import ThreadedMotoServer
 
 from conftest import free_port, reached_checkpoint, run_env, s3_keys, s3_objects, write_reviews
 
-REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json")
+REQUIRED = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "trainer_state.pt",
+    "heads.json",
+    "sample.txt",
+    "heatmaps/patterns.json",
+)
 
 
 @pytest.mark.usefixtures("no_stray_ray")
@@ -27,22 +35,58 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{port}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "AKIDOUTAGE", "AWS_SECRET_ACCESS_KEY": "outage-secret",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIDOUTAGE",
+        "AWS_SECRET_ACCESS_KEY": "outage-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="outage")  # moto state outlives servers in this process: a bucket of its own
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=600)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16",
-         "--grid", "batch_size=16", "--grid", "max_tokens=40960", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
-         "--grid", "heads=2,4", "--grace-period", "20", "--storage", "s3://outage/exp", "--name", "outage"],
-        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sweep.cli",
+            "launch",
+            str(reviews),
+            "--tokenizer",
+            "bytes",
+            "--grid",
+            "d_model=16",
+            "--grid",
+            "seq_len=16",
+            "--grid",
+            "batch_size=16",
+            "--grid",
+            "max_tokens=40960",
+            "--grid",
+            "eval_every_tokens=2048",
+            "--grid",
+            "lr=3e-3",
+            "--grid",
+            "heads=2,4",
+            "--grace-period",
+            "20",
+            "--storage",
+            "s3://outage/exp",
+            "--name",
+            "outage",
+        ],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.time() + 180
-        while not any(key.startswith("exp/outage/") and key.endswith("checkpoint_000002/heads.json") for key in s3_keys(client, "outage")):
+        while not any(
+            key.startswith("exp/outage/") and key.endswith("checkpoint_000002/heads.json")
+            for key in s3_keys(client, "outage")
+        ):
             assert process.poll() is None, process.stdout.read()
             assert time.time() < deadline, "no checkpoint reached storage"
             time.sleep(0.5)
@@ -59,12 +103,20 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
     trials = sorted({re.match(r"exp/outage/(trial_[^/]+)/", k).group(1) for k in objects if "/trial_" in k})
     assert len(trials) == 2
     for trial in trials:
-        checkpoints = sorted({re.match(rf"exp/outage/{trial}/(checkpoint_\d+)/", k).group(1) for k in objects if f"{trial}/checkpoint_" in k})
+        checkpoints = sorted(
+            {
+                re.match(rf"exp/outage/{trial}/(checkpoint_\d+)/", k).group(1)
+                for k in objects
+                if f"{trial}/checkpoint_" in k
+            }
+        )
         for checkpoint in checkpoints:  # no half-written checkpoint left behind
             assert all(f"exp/outage/{trial}/{checkpoint}/{name}" in objects for name in REQUIRED), checkpoint
         # every trial trained to the end: its last checkpoint (written by the trial itself) says so
         assert checkpoints[-1] == "checkpoint_000019", output[-4000:]
-        state = torch.load(io.BytesIO(objects[f"exp/outage/{trial}/{checkpoints[-1]}/trainer_state.pt"]), weights_only=True)
+        state = torch.load(
+            io.BytesIO(objects[f"exp/outage/{trial}/{checkpoints[-1]}/trainer_state.pt"]), weights_only=True
+        )
         assert state["tokens_seen"] == 40960
 
 
@@ -119,10 +171,39 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=600)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), "--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16",
-         "--grid", "batch_size=16", "--grid", "max_tokens=40960", "--grid", "eval_every_tokens=2048", "--grid", "lr=3e-3",
-         "--grid", "heads=2,4", "--grace-period", "20", "--storage", str(tiny_disk), "--name", "full"],
-        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sweep.cli",
+            "launch",
+            str(reviews),
+            "--tokenizer",
+            "bytes",
+            "--grid",
+            "d_model=16",
+            "--grid",
+            "seq_len=16",
+            "--grid",
+            "batch_size=16",
+            "--grid",
+            "max_tokens=40960",
+            "--grid",
+            "eval_every_tokens=2048",
+            "--grid",
+            "lr=3e-3",
+            "--grid",
+            "heads=2,4",
+            "--grace-period",
+            "20",
+            "--storage",
+            str(tiny_disk),
+            "--name",
+            "full",
+        ],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while not reached_checkpoint(tiny_disk / "full" / "trial_*", 2):  # after the trials first report
@@ -145,7 +226,9 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
     # room, but the empty file `final_failure-storage_full` it leaves in its folder always does.
     recorded = [t for t in experiment.trials if (Path(t.path) / "final_failure-storage_full").is_file()]
     assert recorded, [sorted(p.name for p in Path(t.path).iterdir()) for t in experiment.trials]
-    assert all(t.status == "ERROR" and t.error == "storage_full" for t in recorded), [(t.status, t.error) for t in experiment.trials]
+    assert all(t.status == "ERROR" and t.error == "storage_full" for t in recorded), [
+        (t.status, t.error) for t in experiment.trials
+    ]
     on_disk = sorted(tiny_disk.glob("full/trial_*/checkpoint_*"))
     assert on_disk, "no checkpoint reached the disk before it filled"
     listed = {Path(c) for trial in experiment.trials for c in trial.checkpoints}
@@ -207,7 +290,9 @@ def test_a_trial_that_reported_storage_full_reads_back_as_that_error_past_a_cut_
     (root / "sweep.json").write_text(json.dumps({"created": "2026-11-28T00:00:00"}))
     trial = {"status": "RUNNING", "trial_id": "a_00000", "relative_logdir": "trial_a_00000"}
     older = {"last_result": {"training_iteration": 2, "test_loss": 3.0, "config": {"lr": 0.001}}}
-    (root / "experiment_state-2026-11-28_00-00-00.json").write_text(json.dumps({"trial_data": [[json.dumps(trial), json.dumps(older)]]}))
+    (root / "experiment_state-2026-11-28_00-00-00.json").write_text(
+        json.dumps({"trial_data": [[json.dumps(trial), json.dumps(older)]]})
+    )
     (root / "experiment_state-2026-11-28_00-00-09.json").write_text('{"trial_data": [["{\\"status')
     lines = [{"training_iteration": i, "test_loss": 3.0, "config": {"lr": 0.001}} for i in (1, 2)]
     lines.append({"training_iteration": 3, "storage_full": 1.0, "test_loss": float("inf"), "config": {"lr": 0.001}})
@@ -273,7 +358,9 @@ def test_records_are_written_whole_or_not_at_all(tmp_path):
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["sweep.json"]  # no partial file left
 
 
-@pytest.mark.parametrize("cut_short", [pickle.UnpicklingError("pickle data was truncated"), EOFError(), ValueError("bad JSON")])
+@pytest.mark.parametrize(
+    "cut_short", [pickle.UnpicklingError("pickle data was truncated"), EOFError(), ValueError("bad JSON")]
+)
 def test_ray_files_cut_short_by_a_full_disk_end_in_the_storage_full_line(tmp_path, cut_short):
     """Which of Ray's files the full disk cuts short first is a race; every one ends the same way."""
     from sweep.plan import LaunchConfig, plan_sweep

@@ -50,7 +50,9 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     torch.manual_seed(0)
     untrained = Transformer(ModelConfig(**read_config(tmp_path / "two" / "checkpoint")["model"]))
     k_at_init = composition_scores(untrained)["k"][0]
-    baseline = sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
+    baseline = (
+        sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
+    )
     assert k_into_best[source] > 1.5 * baseline, (k_into_best, baseline)
     # Against the null of the same trained heads in the order they cannot compose, that path stands out, and not
     # every layer-0 -> layer-1 K path does (against random matrices nearly all did: shared trained subspaces).
@@ -80,7 +82,9 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     # When: the phase change is recorded, and the head history shows the jump.
     final = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["induction_formed_at"] is not None and final["induction_formed_at"] < PRESET["max_tokens"], final
-    history = json.loads(CliRunner().invoke(main, ["heads", str(tmp_path / "two"), "--history", "--head", f"1.{best}", "--json"]).output)
+    history = json.loads(
+        CliRunner().invoke(main, ["heads", str(tmp_path / "two"), "--history", "--head", f"1.{best}", "--json"]).output
+    )
     series = [row["heads"][f"1.{best}"]["induction"] for row in history["history"]]
     icl = [row["icl_score"] for row in history["history"]]
     print("induction score of head 1.%d over training:" % best, series, "icl_score:", icl)

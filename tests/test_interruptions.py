@@ -111,7 +111,10 @@ def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_unint
     assert "`sweep resume sig` continues them" in status.stderr
     assert json.loads((storage / "sig" / "driver.json").read_text())["state"] == "interrupted"
     # one count everywhere: both trials were running when the signal came
-    assert "2 unfinished" in stderr and "2 of 2 trials started (2 interrupted)" in status.stdout, (stderr, status.stdout)
+    assert "2 unfinished" in stderr and "2 of 2 trials started (2 interrupted)" in status.stdout, (
+        stderr,
+        status.stdout,
+    )
 
     resumed = sweep("resume", "sig", "--storage", storage, timeout=400)
     assert "resuming sig: 2 of 2 trials unfinished (2 interrupted)" in resumed.stderr, resumed.stderr

@@ -11,8 +11,16 @@ from click.testing import CliRunner
 
 from sweep.cli import main
 
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--virtual-time-budget=5000"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=5000",
+]
 
 
 def fake_experiment(tmp_path, reviews_file):
@@ -21,19 +29,55 @@ def fake_experiment(tmp_path, reviews_file):
     experiment = storage / "exp"
     for index, lr in enumerate(("3e-3", "1e-5")):
         run = tmp_path / f"run{index}"
-        result = CliRunner().invoke(main, ["train", str(reviews_file), "--tokenizer", "bytes", "--heads", "2", "--d-model", "16",
-                                           "--seq-len", "16", "--batch-size", "8", "--max-tokens", "1024", "--eval-every-tokens", "512",
-                                           "--lr", lr, "--out", str(run)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "train",
+                str(reviews_file),
+                "--tokenizer",
+                "bytes",
+                "--heads",
+                "2",
+                "--d-model",
+                "16",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "8",
+                "--max-tokens",
+                "1024",
+                "--eval-every-tokens",
+                "512",
+                "--lr",
+                lr,
+                "--out",
+                str(run),
+            ],
+        )
         assert result.exit_code == 0, result.output
         trial = experiment / f"trial_t{index}"
         shutil.copytree(run / "checkpoint", trial / "checkpoint_000001")
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         config = {"lr": float(lr), "heads": 2, "d_model": 16, "seq_len": 16, "layers": 1, "mlp": False, "batch_size": 8,
                   "max_tokens": 1024, "eval_every_tokens": 512, "tokenizer": "bytes"}
-        (trial / "result.json").write_text("".join(
-            json.dumps(line | {"training_iteration": i + 1, "trial_id": f"t{index}", "config": config, "done": i == len(lines) - 1}) + "\n"
-            for i, line in enumerate(lines)))
-    (experiment / "sweep.json").write_text(json.dumps({"metric": "test_loss", "mode": "min", "trials": 2, "created": "2026-01-01"}))
+        (trial / "result.json").write_text(
+            "".join(
+                json.dumps(
+                    line
+                    | {
+                        "training_iteration": i + 1,
+                        "trial_id": f"t{index}",
+                        "config": config,
+                        "done": i == len(lines) - 1,
+                    }
+                )
+                + "\n"
+                for i, line in enumerate(lines)
+            )
+        )
+    (experiment / "sweep.json").write_text(
+        json.dumps({"metric": "test_loss", "mode": "min", "trials": 2, "created": "2026-01-01"})
+    )
     return storage
 
 
@@ -54,7 +98,9 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, reviews_file
 
 
 def test_report_of_unknown_experiment(tmp_path):
-    result = CliRunner().invoke(main, ["report", "ghost", "--storage", str(tmp_path), "--out", str(tmp_path / "r.html")])
+    result = CliRunner().invoke(
+        main, ["report", "ghost", "--storage", str(tmp_path), "--out", str(tmp_path / "r.html")]
+    )
     assert result.exit_code == 2 and "no experiment 'ghost'" in result.stderr
     assert not (tmp_path / "r.html").exists()
 
@@ -67,7 +113,13 @@ def open_in_chromium(page: Path, screenshot: Path):
 
     options = Options()
     options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2400", "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1300,2400",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -82,14 +134,25 @@ def test_report_in_a_real_browser(tmp_path, reviews_file):
 
     storage = fake_experiment(tmp_path, reviews_file)
     out = tmp_path / "report.html"
-    assert CliRunner().invoke(main, ["report", "exp", "--storage", str(storage), "--out", str(out), "--top", "1"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["report", "exp", "--storage", str(storage), "--out", str(out), "--top", "1"])
+        .exit_code
+        == 0
+    )
     driver = open_in_chromium(out, tmp_path / "report.png")
     try:
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        )
         body = driver.find_element(By.TAG_NAME, "body")
         images = int(body.get_attribute("data-images"))
         assert images >= 4 and int(body.get_attribute("data-images-loaded")) == images
-        assert [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav.toc a")][:3] == ["What grew where", "Dynamics of every trial", "Leaderboard"]
+        assert [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav.toc a")][:3] == [
+            "What grew where",
+            "Dynamics of every trial",
+            "Leaderboard",
+        ]
         viewer = driver.find_element(By.CSS_SELECTOR, ".viewer")
         readout = viewer.find_element(By.CSS_SELECTOR, ".readout")
         tokens = viewer.find_elements(By.CSS_SELECTOR, ".tok")
@@ -128,7 +191,9 @@ def test_atlas_of_an_experiment(tmp_path, reviews_file):
     assert set(by_lr) == {0.003, 1e-05} and all(entry["trials"] == 1 for entry in by_lr.values())
     trial = next(t for t in document["trials"] if t["trial_id"] == "t0")
     heads = json.loads(next((storage / "exp" / "trial_t0").glob("checkpoint_*/heads.json")).read_text())["heads"]
-    assert trial["induction_max"] == max(h["scores"]["induction"] for h in heads)  # read from the trial's own heads.json
+    assert trial["induction_max"] == max(
+        h["scores"]["induction"] for h in heads
+    )  # read from the trial's own heads.json
     assert by_lr[0.003]["induction_max"]["mean"] == trial["induction_max"]
     table = CliRunner().invoke(main, ["atlas", "exp", "--storage", str(storage)]).output
     assert "by lr" in table and "t0" in table

@@ -26,25 +26,40 @@ def reviews(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("grid, extra, message", [
-    ("lr=loguniform:1e-2:1e-5", [], "--grid lr=loguniform:1e-2:1e-5: LOW must be below HIGH"),
-    ("lr=loguniform:0:1", [], "loguniform needs LOW > 0"),
-    ("lr=loguniform:1e-5", [], "use loguniform:LOW:HIGH"),
-    ("lr=uniform:a:b", [], "LOW and HIGH must be numbers"),
-    ("heads=uniform:1:8", [], "heads takes integers; use randint:A:B or choice:a,b"),
-    ("lr=randint:1:3", [], "randint is for integer keys"),
-    ("seq_len=randint:16:64", [], "seq_len takes a list or choice:a,b"),
-    ("lr=normal:0:1", [], "unknown range 'normal'"),
-    ("heads=choice:2,x", [], "every choice must be an integer"),
-    ("lr=loguniform:1e-5:1e-2", [], "is a range to sample: add --search random or --search optuna"),
-    ("heads=choice:3,4", ["--search", "random", "--grid", "d_model=64"], "--grid heads=3 does not divide --grid d_model=64"),
-    ("batch_size=randint:0:4", ["--search", "random"], "--grid batch_size=0 must be positive"),
-    ("lr=1e-3", ["--scheduler", "hyperband", "--no-early-stopping"], "contradicts --no-early-stopping"),
-    ("lr=1e-3", ["--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
-    ("lr=1e-3", ["--scheduler", "hyperband", "--grace-tokens", "1000"], "--grace-tokens applies to --scheduler asha or halving"),
-    ("lr=1e-3", ["--scheduler", "halving", "--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
-    ("lr=1e-3", ["--scheduler", "halving", "--max-concurrent", "2"], "all must exist from the start"),
-])
+@pytest.mark.parametrize(
+    "grid, extra, message",
+    [
+        ("lr=loguniform:1e-2:1e-5", [], "--grid lr=loguniform:1e-2:1e-5: LOW must be below HIGH"),
+        ("lr=loguniform:0:1", [], "loguniform needs LOW > 0"),
+        ("lr=loguniform:1e-5", [], "use loguniform:LOW:HIGH"),
+        ("lr=uniform:a:b", [], "LOW and HIGH must be numbers"),
+        ("heads=uniform:1:8", [], "heads takes integers; use randint:A:B or choice:a,b"),
+        ("lr=randint:1:3", [], "randint is for integer keys"),
+        ("seq_len=randint:16:64", [], "seq_len takes a list or choice:a,b"),
+        ("lr=normal:0:1", [], "unknown range 'normal'"),
+        ("heads=choice:2,x", [], "every choice must be an integer"),
+        ("lr=loguniform:1e-5:1e-2", [], "is a range to sample: add --search random or --search optuna"),
+        (
+            "heads=choice:3,4",
+            ["--search", "random", "--grid", "d_model=64"],
+            "--grid heads=3 does not divide --grid d_model=64",
+        ),
+        ("batch_size=randint:0:4", ["--search", "random"], "--grid batch_size=0 must be positive"),
+        ("lr=1e-3", ["--scheduler", "hyperband", "--no-early-stopping"], "contradicts --no-early-stopping"),
+        ("lr=1e-3", ["--grace-tokens", "999999999"], "--grace-tokens 999,999,999 is not below"),
+        (
+            "lr=1e-3",
+            ["--scheduler", "hyperband", "--grace-tokens", "1000"],
+            "--grace-tokens applies to --scheduler asha or halving",
+        ),
+        (
+            "lr=1e-3",
+            ["--scheduler", "halving", "--grace-tokens", "999999999"],
+            "--grace-tokens 999,999,999 is not below",
+        ),
+        ("lr=1e-3", ["--scheduler", "halving", "--max-concurrent", "2"], "all must exist from the start"),
+    ],
+)
 def test_bad_ranges_and_schedules_are_one_line(grid, extra, message, tmp_path, data_mirror):
     storage = tmp_path / "results"
     result = CliRunner().invoke(main, ["launch", "imdb", "--grid", grid, *extra, "--storage", str(storage)])
@@ -56,7 +71,10 @@ def test_bad_ranges_and_schedules_are_one_line(grid, extra, message, tmp_path, d
 
 def test_optuna_is_an_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
-    result = CliRunner().invoke(main, ["launch", "repeat", "--search", "optuna", "--grid", "lr=loguniform:1e-4:1e-2", "--storage", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        ["launch", "repeat", "--search", "optuna", "--grid", "lr=loguniform:1e-4:1e-2", "--storage", str(tmp_path)],
+    )
     assert result.exit_code == 2 and "pip install 'circuit-sweep[optuna]'" in result.stderr
 
 
@@ -64,8 +82,17 @@ def test_the_plan_records_the_space_and_resume_reads_it_back(tmp_path):
     from sweep.plan import load_plan
     from sweep.storage import write_text
 
-    plan = plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), name="ranges", search="random", num_samples=5,
-                                   grid=("lr=loguniform:1e-4:1e-2", "heads=choice:2,4", "batch_size=randint:16:32")))
+    plan = plan_sweep(
+        LaunchConfig(
+            dataset="repeat",
+            preset="smoke",
+            storage=str(tmp_path),
+            name="ranges",
+            search="random",
+            num_samples=5,
+            grid=("lr=loguniform:1e-4:1e-2", "heads=choice:2,4", "batch_size=randint:16:32"),
+        )
+    )
     record = plan.record()
     # as typed (messages echo it too); it parses back to the same values
     assert record["space"] == {"lr": "loguniform:1e-4:1e-2", "heads": "choice:2,4", "batch_size": "randint:16:32"}
@@ -82,13 +109,33 @@ def test_grace_tokens_make_asha_compare_on_tokens(tmp_path):
     milestones = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)  # where ASHA compares trials
     assert plan.grace_tokens == 6_000_000 and scheduler._time_attr == "tokens_seen" and milestones[0] == 6_000_000
     assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))).scheduler == "fifo"
-    assert plan_sweep(LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), metric="icl_score")).launch.mode == "min"
+    assert (
+        plan_sweep(
+            LaunchConfig(dataset="repeat", preset="smoke", storage=str(tmp_path), metric="icl_score")
+        ).launch.mode
+        == "min"
+    )
 
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_random_search_samples_the_ranges(reviews, tmp_path):
-    sweep("launch", reviews, *TINY, "--grid", "lr=loguniform:1e-4:1e-2", "--grid", "heads=2", "--search", "random", "--num-samples", "3",
-          "--storage", tmp_path / "results", "--name", "random")
+    sweep(
+        "launch",
+        reviews,
+        *TINY,
+        "--grid",
+        "lr=loguniform:1e-4:1e-2",
+        "--grid",
+        "heads=2",
+        "--search",
+        "random",
+        "--num-samples",
+        "3",
+        "--storage",
+        tmp_path / "results",
+        "--name",
+        "random",
+    )
     results = trial_results(tmp_path / "results", "random")
     rates = [lines[0]["config"]["lr"] for lines in results.values()]
     assert len(rates) == 3 and len(set(rates)) == 3 and all(1e-4 <= r <= 1e-2 for r in rates)
@@ -127,7 +174,9 @@ def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
     configs = [(lines[0]["config"]["lr"], lines[0]["config"]["heads"]) for lines in results.values()]
     assert len(set(configs)) == 3, configs
     assert all(results[name][0]["config"] == config for name, config in before.items())
-    assert all(1e-4 <= lines[0]["config"]["lr"] <= 1e-2 and lines[0]["config"]["heads"] in (1, 2) for lines in results.values())
+    assert all(
+        1e-4 <= lines[0]["config"]["lr"] <= 1e-2 and lines[0]["config"]["heads"] in (1, 2) for lines in results.values()
+    )
     state = list((tmp_path / "results" / "tpe").glob("searcher-state-*.pkl"))
     assert state, "Tune keeps the searcher's state beside the experiment for resume"
 
@@ -155,13 +204,37 @@ def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeati
     assert sorted(len(lines) for lines in results.values()) == [1, 1, 2, 4]
     best = max(results.values(), key=len)
     assert best[0]["config"]["lr"] != 1e-6
-    assert trial_statuses(tmp_path / "results", "hb") == ["STOPPED_EARLY", "STOPPED_EARLY", "STOPPED_EARLY", "TERMINATED"]
+    assert trial_statuses(tmp_path / "results", "hb") == [
+        "STOPPED_EARLY",
+        "STOPPED_EARLY",
+        "STOPPED_EARLY",
+        "TERMINATED",
+    ]
 
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_synchronous_halving_with_grace_tokens_compares_no_trial_before_them(reviews, tmp_path):
-    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-3,3e-4,1e-6", "--grid", "heads=2", "--scheduler", "halving",
-          "--reduction-factor", "2", "--grace-tokens", "4096", "--cpus-per-trial", "1", "--storage", tmp_path / "results", "--name", "hbg")
+    sweep(
+        "launch",
+        reviews,
+        *TINY,
+        "--grid",
+        "lr=3e-3,1e-3,3e-4,1e-6",
+        "--grid",
+        "heads=2",
+        "--scheduler",
+        "halving",
+        "--reduction-factor",
+        "2",
+        "--grace-tokens",
+        "4096",
+        "--cpus-per-trial",
+        "1",
+        "--storage",
+        tmp_path / "results",
+        "--name",
+        "hbg",
+    )
     results = trial_results(tmp_path / "results", "hbg")
     # rungs at 4096 and 8192 tokens (2 and 4 iterations of 2048): all train to 4096, the best 2 go on to the end;
     # without grace tokens the same grid stops two trials after 1 iteration (the test above)
@@ -179,9 +252,33 @@ def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_alrea
     past several rungs already: it used to wait forever, for finished trials and for a rung behind it."""
     storage = tmp_path / "results"
     process = subprocess.Popen(
-        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=65536", "--grid", "lr=3e-3,1e-3,3e-4,1e-6",
-         "--grid", "heads=2", "--scheduler", "halving", "--cpus-per-trial", "1", "--storage", str(storage), "--name", "hbr"],
-        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "sweep.cli",
+            "launch",
+            str(reviews),
+            *TINY,
+            "--grid",
+            "max_tokens=65536",
+            "--grid",
+            "lr=3e-3,1e-3,3e-4,1e-6",
+            "--grid",
+            "heads=2",
+            "--scheduler",
+            "halving",
+            "--cpus-per-trial",
+            "1",
+            "--storage",
+            str(storage),
+            "--name",
+            "hbr",
+        ],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     def past_five_iterations() -> bool:  # read from result.json: checkpoints are rotated within a fraction of a second
         for result in storage.glob("hbr/trial_*/result.json"):
@@ -207,10 +304,26 @@ def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_alrea
 
 @pytest.mark.usefixtures("no_stray_ray")
 def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
-    sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-6", "--grid", "heads=2", "--max-concurrent", "1", "--grace-tokens", "6144",
-          "--storage", tmp_path / "results", "--name", "grace")
+    sweep(
+        "launch",
+        reviews,
+        *TINY,
+        "--grid",
+        "lr=3e-3,1e-6",
+        "--grid",
+        "heads=2",
+        "--max-concurrent",
+        "1",
+        "--grace-tokens",
+        "6144",
+        "--storage",
+        tmp_path / "results",
+        "--name",
+        "grace",
+    )
     results = trial_results(tmp_path / "results", "grace")
-    # without grace tokens the 1e-6 trial stops after its first iteration (test_sweeps); here it trains to 6144 tokens first
+    # without grace tokens the 1e-6 trial stops after its first iteration (test_sweeps); here it trains to 6144 tokens
+    # first
     assert sorted(lines[-1]["tokens_seen"] for lines in results.values()) == [6144, 8192]
 
 
@@ -221,7 +334,18 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     """Early stopping on test_loss, but nothing compared before the preset's 6M grace tokens: by then the
     2-layer model's induction heads have formed (3-4M) and its loss has left the 1-layer one's behind.
     Without grace tokens ASHA stopped the 2-layer trial after its first iteration, before the phase change."""
-    sweep("launch", "--preset", "induction", "--scheduler", scheduler, "--storage", tmp_path / "results", "--name", "ind", timeout=900)
+    sweep(
+        "launch",
+        "--preset",
+        "induction",
+        "--scheduler",
+        scheduler,
+        "--storage",
+        tmp_path / "results",
+        "--name",
+        "ind",
+        timeout=900,
+    )
     results = trial_results(tmp_path / "results", "ind")
     by_layers = {lines[0]["config"]["layers"]: lines for lines in results.values()}
     assert len(by_layers[2]) == 12 and by_layers[2][-1]["induction_formed_at"] is not None
@@ -233,13 +357,17 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
         return
     # Storage alone, in new processes, answers when the induction heads formed, where, and the phase change.
     storage = tmp_path / "results"
-    best = json.loads(sweep("best", "ind", "--storage", storage, "--metric", "induction_score_max", "--json").stdout)["trials"][0]
+    best = json.loads(sweep("best", "ind", "--storage", storage, "--metric", "induction_score_max", "--json").stdout)[
+        "trials"
+    ][0]
     assert best["config"]["layers"] == 2 and 1_000_000 <= best["metrics"]["induction_formed_at"] <= 6_000_000
     atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
     assert atlas["axes"][0] == "layers"
     induction_heads = {group["value"]: group["induction_heads"]["mean"] for group in atlas["groups"]["layers"]}
     assert induction_heads[1] == 0 and induction_heads[2] >= 1
-    history = json.loads(sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--history", "--json").stdout)["history"]
+    history = json.loads(
+        sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--history", "--json").stdout
+    )["history"]
     formed = next(i for i, row in enumerate(history) if row["tokens_seen"] == best["metrics"]["induction_formed_at"])
     assert formed >= 1 and history[formed]["icl_score"] < history[formed - 1]["icl_score"] - 0.1, history
 
@@ -344,7 +472,9 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     (20, 3, [1, 3, 9, 20], [16, 6, 2, 1]),
     (1, 2, [1], [16]),
 ])
-def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(iterations, factor, rungs, trials_at_rungs):
+def test_synchronous_halving_rungs_start_at_one_iteration_and_end_at_the_last(
+    iterations, factor, rungs, trials_at_rungs
+):
     from sweep.plan import halving_rungs
     from sweep.schedulers import synchronous_halving
 
@@ -376,7 +506,9 @@ def test_a_preset_s_grace_tokens_unused_by_hyperband_are_said(tmp_path):
     from sweep.plan import grace_tokens_unused
 
     def note(scheduler: str) -> str | None:
-        return grace_tokens_unused(plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler=scheduler, storage=str(tmp_path))))
+        return grace_tokens_unused(
+            plan_sweep(LaunchConfig(dataset="repeat", preset="induction", scheduler=scheduler, storage=str(tmp_path)))
+        )
 
     assert "6,000,000 grace tokens do not apply to --scheduler hyperband" in note("hyperband")
     assert note("asha") is None and note("halving") is None and note("fifo") is None

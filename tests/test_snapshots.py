@@ -479,7 +479,9 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
     assert one["edges_in_graph"] == len(graph.edges) and one["order"] == sorted(one["order"], key=lambda e: next(
         (c["appeared"] or {"step": 10**9})["step"] for c in one["circuit"] if c["edge"] == e))
     rows = _table_rows(storage / "snap" / "analysis")
-    assert {(r[0], r[1]) for r in rows if r[7] == "circuit:induction"} == {(trial.trial_id, s) for s in (0, 8, 16, 24, 32)}
+    assert {(r[0], r[1]) for r in rows if r[7] == "circuit:induction"} == {
+        (trial.trial_id, s) for s in (0, 8, 16, 24, 32)
+    }
     again = sweep("circuit", "snap", "--storage", storage, "--trial", trial.trial_id, "--json")
     assert json.loads(again.stdout)["computed_snapshots"] == 0  # read back, nothing computed twice
     at = json.loads(sweep("circuit", "snap", "--storage", storage, "--trial", trial.trial_id, "--step", "16",

@@ -48,7 +48,15 @@ def test_smoke_sweep_on_s3_then_best_from_a_fresh_process(s3_server, data_mirror
     assert top["config"]["lr"] == 3e-3  # the smoke grid's good learning rate wins
     objects = s3_objects(s3_server)
     prefix = top["checkpoint"].removeprefix("s3://bucket/")
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "sample.txt", "heatmaps/patterns.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.pt",
+        "heads.json",
+        "sample.txt",
+        "heatmaps/patterns.json",
+    ):
         assert f"{prefix}/{name}" in objects, name
     assert top["heatmaps"] and all(h.startswith("s3://bucket/exp/imdb-smoke/") for h in top["heatmaps"])
     assert all(h.removeprefix("s3://bucket/") in objects for h in top["heatmaps"])
@@ -81,7 +89,9 @@ def test_the_induction_preset_lets_both_models_finish(tmp_path):
     from sweep.plan import LaunchConfig, plan_sweep
 
     assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))).early_stopping is False
-    assert plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path), early_stopping=True)).early_stopping
+    assert plan_sweep(
+        LaunchConfig(dataset="", preset="induction", storage=str(tmp_path), early_stopping=True)
+    ).early_stopping
     assert plan_sweep(LaunchConfig(dataset=str(tmp_path), preset="smoke", storage=str(tmp_path))).early_stopping
 
 
@@ -129,12 +139,16 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
     # the restarted worker continued from the checkpoint: no gap, nothing trained twice
     assert all(line["tokens_seen"] == 2048 * line["training_iteration"] for line in lines)
     # every head's history survives the restart and the checkpoints' rotation (2 kept of 20), read from storage alone
-    assert len(list(storage.glob("kill/trial_*/checkpoint_*"))) <= 3  # the 2 best, and the latest if it is not one of them
+    assert (
+        len(list(storage.glob("kill/trial_*/checkpoint_*"))) <= 3
+    )  # the 2 best, and the latest if it is not one of them
     history = json.loads(sweep("heads", "kill", "--storage", storage, "--history", "--json").stdout)["history"]
     assert [row["iteration"] for row in history] == list(range(1, 21))
     assert [row["tokens_seen"] for row in history] == [2048 * i for i in range(1, 21)]
     assert all(set(row["heads"]) == {"0.0", "0.1"} for row in history)
-    best = json.loads(sweep("best", "kill", "--storage", storage, "--metric", "test_loss", "--json").stdout)["trials"][0]
+    best = json.loads(sweep("best", "kill", "--storage", storage, "--metric", "test_loss", "--json").stdout)["trials"][
+        0
+    ]
     assert {"induction_formed_at", "prev_token_formed_at", "icl_score"} <= set(best["metrics"])
 
 

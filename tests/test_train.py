@@ -28,7 +28,10 @@ def small_data(reviews_file):
 
 def make_trainer(data, **train_values) -> Trainer:
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2, seq_len=16)
-    values = dict(lr=3e-3, batch_size=8, max_tokens=2048, eval_every_tokens=512, eval_tokens=512, dtype="float32") | train_values
+    values = (
+        dict(lr=3e-3, batch_size=8, max_tokens=2048, eval_every_tokens=512, eval_tokens=512, dtype="float32")
+        | train_values
+    )
     return Trainer(model_cfg, TrainConfig(**values), data.train, data.test, data.tokenizer)
 
 
@@ -67,7 +70,9 @@ def test_resume_continues_exactly(small_data, tmp_path):
     assert resumed_metrics["train_loss"] == pytest.approx(straight_metrics["train_loss"], abs=1e-5)
     assert resumed_metrics["test_loss"] == pytest.approx(straight_metrics["test_loss"], abs=1e-5)
     # the head history carried by the checkpoint goes on: every iteration once, as in the straight run
-    assert [row["iteration"] for row in resumed.history] == [row["iteration"] for row in straight.history] == [1, 2, 3, 4]
+    assert (
+        [row["iteration"] for row in resumed.history] == [row["iteration"] for row in straight.history] == [1, 2, 3, 4]
+    )
     assert json.loads((tmp_path / "ckpt" / "history.json").read_text()) == first.history
 
 
@@ -76,7 +81,15 @@ def test_checkpoint_round_trip_gives_the_same_loss(small_data, tmp_path):
     trainer.train_iteration()
     trainer.save_checkpoint(tmp_path / "ckpt")
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "heads.json", "heatmaps", "sample.txt"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.pt",
+        "heads.json",
+        "heatmaps",
+        "sample.txt",
+    } <= names
     net = load_checkpoint(tmp_path / "ckpt")
     batch = torch.as_tensor(small_data.test[:8]).long()
     _, loss = net(batch[:, :-1], batch[:, 1:])
@@ -177,8 +190,16 @@ def test_an_iteration_whose_report_was_lost_is_read_from_the_checkpoint_history(
     trial = tmp_path / "lost" / "trial_a_00000"
     trainer.save_checkpoint(trial / "checkpoint_000003")
     (tmp_path / "lost" / "sweep.json").write_text(json.dumps({"created": "2026-11-28T00:00:00"}))
-    reported = [{"training_iteration": row["iteration"], "tokens_seen": row["tokens_seen"], "head_scores": row["heads"], "config": {}}
-                for row in trainer.history if row["iteration"] != 3]
+    reported = [
+        {
+            "training_iteration": row["iteration"],
+            "tokens_seen": row["tokens_seen"],
+            "head_scores": row["heads"],
+            "config": {},
+        }
+        for row in trainer.history
+        if row["iteration"] != 3
+    ]
     (trial / "result.json").write_text("".join(json.dumps(line) + "\n" for line in reported))
     _, rows = head_history("lost", "a_00000", open_storage(str(tmp_path)))
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
