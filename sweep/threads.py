@@ -20,7 +20,7 @@ from typing import Callable
 
 import ray
 from ray import tune
-from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_initialized, _internal_kv_put
+from ray.experimental import internal_kv
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def share_threads(running: list[str], own_threads: int, node_cpus: int) -> dict[
 
 def granted_threads(experiment: str, trial_id: str, own_threads: int) -> int:
     """The threads this trial may train with now: its share of idle CPUs when the driver gave one, else its own."""
-    if not experiment or not _internal_kv_initialized():
+    if not experiment or not internal_kv._internal_kv_initialized():
         return own_threads
-    value = _internal_kv_get(threads_key(experiment, trial_id), namespace=KEY_NAMESPACE)
+    value = internal_kv._internal_kv_get(threads_key(experiment, trial_id), namespace=KEY_NAMESPACE)
     return max(own_threads, int(value)) if value else own_threads
 
 
@@ -88,7 +88,7 @@ class SpareThreads(tune.Callback):
 
     def _update(self, trials, ended=None) -> None:
         """Publish each running trial's threads; `ended`: a trial Tune has not yet marked as ended."""
-        if not _internal_kv_initialized():
+        if not internal_kv._internal_kv_initialized():
             return
         running = sorted((t for t in trials if t.status == "RUNNING" and t is not ended),
                          key=lambda t: t.last_result.get("training_iteration", 0))
@@ -101,11 +101,11 @@ class SpareThreads(tune.Callback):
             shares = share_threads([t.trial_id for t in running], self.own_threads,
                                    self.own_threads * len(running) + free)
         for trial_id in set(self.published) - set(shares):
-            _internal_kv_del(threads_key(self.experiment, trial_id), namespace=KEY_NAMESPACE)
+            internal_kv._internal_kv_del(threads_key(self.experiment, trial_id), namespace=KEY_NAMESPACE)
             del self.published[trial_id]
         for trial_id, threads in shares.items():
             if self.published.get(trial_id, self.own_threads) != threads:
-                _internal_kv_put(threads_key(self.experiment, trial_id), str(threads), overwrite=True,
+                internal_kv._internal_kv_put(threads_key(self.experiment, trial_id), str(threads), overwrite=True,
                                  namespace=KEY_NAMESPACE)
                 if self.log_line and threads > self.own_threads:
                     self.log_line(f"{trial_id} trains with {threads} threads from its next iteration (idle CPUs)")

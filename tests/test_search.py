@@ -170,7 +170,10 @@ def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
     assert 1 <= finished() < 3, before  # interrupted with the search unfinished
     sweep("resume", "tpe", "--storage", storage, timeout=400)
     results = trial_results(storage, "tpe")
-    assert len(results) == 3 and max(len(lines) for lines in results.values()) == 4  # ASHA lets the best one finish
+    # ASHA lets the best one finish (an iteration reported before the interruption and again after it, from the
+    # checkpoint before, counts once)
+    assert len(results) == 3 and max(len({line["training_iteration"] for line in lines})
+                                     for lines in results.values()) == 4
     configs = [(lines[0]["config"]["lr"], lines[0]["config"]["heads"]) for lines in results.values()]
     assert len(set(configs)) == 3, configs
     assert all(results[name][0]["config"] == config for name, config in before.items())
@@ -424,17 +427,17 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     by_trial = {t["trial_id"]: t for t in circuits["trials"]}
     heads = json.loads(sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--json").stdout)
     labels = {f"{h['layer']}.{h['head']}": h["labels"] for h in heads["heads"]}
-    two = by_trial[best["trial_id"]]
+    two_circuit = by_trial[best["trial_id"]]
 
     def sender_receiver(edge: str) -> tuple[str, str]:
         sender, receiver = edge.split(" -> ")
         return sender, receiver.rsplit(".", 1)[0]
 
-    k_edges = [c for c in two["circuit"] if c["kind"] == "head -> k"
+    k_edges = [c for c in two_circuit["circuit"] if c["kind"] == "head -> k"
                and "previous_token" in labels[sender_receiver(c["edge"])[0]]
                and "induction" in labels[sender_receiver(c["edge"])[1]]]
-    assert k_edges and two["faithfulness"] >= 0.9, (two["circuit"], labels)
-    tokens = [s["tokens_seen"] for s in two["snapshots"]]
+    assert k_edges and two_circuit["faithfulness"] >= 0.9, (two_circuit["circuit"], labels)
+    tokens = [s["tokens_seen"] for s in two_circuit["snapshots"]]
     formed_index = tokens.index(formed_at[best["trial_id"]])
     assert any(abs(tokens.index(c["appeared"]["tokens_seen"]) - formed_index) <= 1 for c in k_edges), k_edges
     (one,) = [t for trial, t in by_trial.items() if trial != best["trial_id"]]
