@@ -29,6 +29,17 @@ SHAPES = {
 }
 
 
+def cpu_name() -> str:
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    extras = [flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {flag}" in flags]
+    return f"{name} ({', '.join(extras[:2])})"
+
+
 def best_of(repeats: int, work) -> float:
     times = []
     for _ in range(repeats):
@@ -45,7 +56,7 @@ def main() -> None:
     parser.add_argument("--skip-large-vocab", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s)")
     cfg = CircuitConfig()
     for name, shape in SHAPES.items():
         if args.skip_large_vocab and shape["vocab_size"] > 1000:

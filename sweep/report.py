@@ -879,7 +879,7 @@ def _circuit_svg(snapshot: SnapshotCircuit, title: str, circuit: TrialCircuit) -
         else:
             nodes.append(f'<circle cx="{x}" cy="{y}" r="15" fill="#f6f6f6" stroke="#555"{faded}></circle>'
                          f'<text x="{x}" y="{y + 4}" font-size="10" text-anchor="middle"{faded}>{_e(name)}</text>')
-    faithful = _number(snapshot.faithfulness)
+    faithful = "-" if snapshot.faithfulness is None else f"{snapshot.faithfulness:.2f}"
     caption = (f"<p><b>{_e(title)}</b>: {snapshot.tokens_seen:,} tokens, {len(snapshot.circuit)} of "
                f"{len(snapshot.edges)} edges, faithfulness {faithful}</p>") if snapshot.circuit else (
         f"<p><b>{_e(title)}</b>: {snapshot.tokens_seen:,} tokens, no circuit (the model does not do the task)</p>")
