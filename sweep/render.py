@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -17,7 +18,8 @@ from .space import SHAPE_KEYS
 
 console = Console(stderr=True, soft_wrap=True)
 # Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
-output = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+# COLUMNS, where set, says the width (rich reads it).
+output = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def metrics_line(iteration: int, metrics: dict) -> str:
@@ -365,20 +367,27 @@ def atlas(result) -> None:
     circuit_columns = (
         ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
     )
-    for column in ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
-                   "matters", "induction at", *stage_columns, *circuit_columns):
-        table.add_column(column, justify="right")
+    columns = ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
+               "matters", "induction at", *stage_columns, *circuit_columns)
+    rows = []
     for row in result.rows:
         stage_cells = (number(row.stages), millions(row.stage_boundaries)) if staged else ()
         circuit = row.circuit or {}
         circuit_cells = (number(circuit.get("edges")), number(circuit.get("faithfulness"), 2),
                          number(circuit.get("composition_edges")),
                          number(circuit.get("composition_appeared_at"))) if circuit_columns else ()
-        table.add_row(row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
-                      number(row.values["test_loss"]), number(row.values["icl_score"]),
-                      *(number(row.values[f"{s}_max"], 2) for s in scores),
-                      *(str(row.label_counts[label]) for label in ("induction", "previous_token", "matters")),
-                      number(row.induction_formed_at), *stage_cells, *circuit_cells)
+        rows.append((row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
+                     number(row.values["test_loss"]), number(row.values["icl_score"]),
+                     *(number(row.values[f"{s}_max"], 2) for s in scores),
+                     *(str(row.label_counts[label]) for label in ("induction", "previous_token", "matters")),
+                     number(row.induction_formed_at), *stage_cells, *circuit_cells))
+    # A narrow terminal squeezes the numbers' headers, never the trial ids and token counts a user copies.
+    whole = {"trial", "status", "induction at", "composition at"}
+    for index, column in enumerate(columns):
+        width = max((len(cells[index]) for cells in rows), default=0) if column in whole else None
+        table.add_column(column, justify="right", min_width=width)
+    for cells in rows:
+        table.add_row(*cells)
     output.print(table)
     if result.circuit_task:
         output.print(f"circuit: on {result.circuit_task} at the last snapshot (`sweep circuit`); composition at: "

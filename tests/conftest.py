@@ -20,6 +20,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # The README's command gives SWEEP_DATA_DIR relative to the checkout; tests change directory.
 if os.environ.get("SWEEP_DATA_DIR"):
     os.environ["SWEEP_DATA_DIR"] = str(Path(os.environ["SWEEP_DATA_DIR"]).resolve())
+# Tables are read back at the width a pipe gets (200 columns), whatever terminal runs the suite.
+os.environ.pop("COLUMNS", None)
 
 WORDS = (
     "the a movie film actor plot scene great bad boring funny story ending music camera love hate "
