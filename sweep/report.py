@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from model.edges import CircuitConfig
 from model.metrics import current_labels
 
 from .atlas import GRID_SCORES, Atlas, build_atlas
@@ -793,7 +794,8 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
     note = (
         f'<p class="note">Every edge patched alone on the <b>{_e(task)}</b> task (path patching: the receiver sees '
         "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by effect, "
-        "that recover 90% of the clean-to-corrupted difference with every other edge corrupted (faithfulness). "
+        f"that recover {CircuitConfig().faithfulness:.0%} of the clean-to-corrupted difference with every other edge "
+        "corrupted (faithfulness). "
         "Lines: the circuit's edges into a head's <span style=\"color:#4477aa\">query</span>, "
         '<span style="color:#ee6677">key</span> or <span style="color:#228833">value</span>, or into the '
         "logits; width: the edge's effect (the metric's rise when it alone is corrupted, as a fraction of the "
