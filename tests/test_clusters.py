@@ -34,7 +34,7 @@ def test_fake_multinode_cluster_autoscales_gpu_workers_for_a_sweep(tmp_path, s3_
 
     before = ray_process_ids()
     env = run_env(RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster_token(tmp_path)))
-    # Its GPUs are logical: a raylet refuses to start with one when CUDA_VISIBLE_DEVICES lists none (the tests hide CUDA)
+    # Its GPUs are logical: a raylet refuses to start with one when CUDA_VISIBLE_DEVICES lists none (tests hide CUDA)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     ray = OwnRay()
     config = yaml.safe_load((REPO / "cluster" / "fake-multinode.yaml").read_text())
