@@ -8,6 +8,7 @@ import base64
 import shutil
 import sys
 from pathlib import Path
+
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -23,7 +24,8 @@ try:
     driver.get(page.as_uri())
     section = driver.find_element(By.ID, f"trial-{trial}")
     graphs = 'svg[aria-label="circuit graph"]'
-    columns = [c for c in section.find_elements(By.CSS_SELECTOR, "div.columns") if c.find_elements(By.CSS_SELECTOR, graphs)]
+    columns = [c for c in section.find_elements(By.CSS_SELECTOR, "div.columns")
+               if c.find_elements(By.CSS_SELECTOR, graphs)]
     driver.execute_script("arguments[0].scrollIntoView();", columns[0])
     columns[0].screenshot(str(out / "induction-circuit.png"))
 
