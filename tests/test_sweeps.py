@@ -26,10 +26,16 @@ def reviews(tmp_path) -> Path:
 
 
 def trial_results(storage: Path, name: str) -> dict[str, list[dict]]:
-    return {
-        d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
-        for d in sorted((storage / name).glob("trial_*"))
-    }
+    """Every trial's reported results, by trial folder. A trial that has not reported yet (its folder made, no
+    result.json) is left out, and so is a line a killed driver left half-written (Tune ends each line it writes
+    with a newline)."""
+    results = {}
+    for folder in sorted((storage / name).glob("trial_*")):
+        path = folder / "result.json"
+        if path.is_file():
+            whole = path.read_text().rpartition("\n")[0]
+            results[folder.name] = [json.loads(line) for line in whole.splitlines() if line.strip()]
+    return results
 
 
 @pytest.mark.usefixtures("no_stray_ray")
