@@ -17,7 +17,8 @@ from conftest import write_reviews
 
 TRIALS = 200
 GROWTH_MB = 1.0
-READS_PER_TRIAL = 2
+READS_PER_TRIAL = 1  # the manifest of the one checkpoint Tune keeps
+EXPERIMENT_READS = 5  # sweep.json, Tune's state, the driver's record
 
 
 class CountingFilesystem:
@@ -90,7 +91,8 @@ def test_200_trial_sweep(tmp_path):
     assert len(document["trials"]) == 5
     # bounded: the driver's memory may grow by at most GROWTH_MB a trial (Tune keeps a small record of each)
     assert growth < GROWTH_MB, rss.rss
-    # quick to read: one recursive listing of the experiment, and a bounded number of small reads a trial
-    # (its checkpoints' manifests), never one a result line
+    # quick to read: one recursive listing of the experiment, a few reads of the experiment's own files and one small
+    # read a trial (its checkpoint's manifest); a trial's last result comes from Tune's state, never its result.json
     counts = storage.filesystem.counts
-    assert counts["get_file_info"] <= 10 and counts["open_input_stream"] <= READS_PER_TRIAL * TRIALS, counts
+    assert counts["get_file_info"] <= 10, counts
+    assert counts["open_input_stream"] <= READS_PER_TRIAL * TRIALS + EXPERIMENT_READS, counts
