@@ -222,6 +222,27 @@ def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[st
     return states, newest_readable
 
 
+def restore_points(storage: Storage, name: str) -> dict[str, str]:
+    """Trial folder -> the checkpoint Tune's newest state restores it from: the one its last result names, or, when
+    that result carried none (a final failure's report), the last one its result.json names up to that result."""
+    root = storage.path(name)
+    listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = {info.path[len(root) + 1 :] for info in listing if info.type == pafs.FileType.File}
+    states, _ = _trial_states(storage, root, files)
+    points = {}
+    for directory, state in states.items():
+        last = state["last_result"]
+        named = last.get("checkpoint_dir_name")
+        if not named and f"{directory}/result.json" in files:
+            reported = _result_lines(read_text(storage, f"{root}/{directory}/result.json"))
+            upto = last.get("training_iteration", 0)
+            named = next((line["checkpoint_dir_name"] for line in reversed(reported)
+                          if line.get("checkpoint_dir_name") and line.get("training_iteration", 0) <= upto), None)
+        if directory and named:
+            points[directory] = named
+    return points
+
+
 def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:
     if "result.json" not in trial_files:
         return {}

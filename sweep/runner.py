@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs as pafs
 from ray import tune
 
 from model.config import ConfigError
@@ -23,9 +24,9 @@ from .datasets import prepare_datasets
 from .driver import TUNE_STATE_COPIES, DriverRecord, RayWatch, ray_output_to, restore_tune_state
 from .names import SWEEP_FILE, display_state
 from .plan import Plan, check_room, grace_tokens_unused, preflight, snapshot_summary
-from .results import load_experiment, status_counts
+from .results import load_experiment, restore_points, status_counts
 from .schedulers import make_scheduler, make_search
-from .storage import is_storage_full, write_text
+from .storage import Storage, is_storage_full, write_text
 from .threads import SpareThreads
 from .trainable import FinalFailureCallback, train_trial
 
@@ -195,6 +196,20 @@ def storage_full_message(plan: Plan) -> str:
     )
 
 
+def stand_in_for_missing_checkpoints(storage: Storage, name: str) -> list[str]:
+    """Tune restores a trial from the checkpoint its state names and refuses one that no longer exists, which a kept
+    copy of its state (after a full disk) or a state saved just before Tune rotated that checkpoint away may name.
+    An empty folder stands in for each: the trial finds it incomplete and retraces from its newest whole checkpoint
+    before it, or from the start (sweep.trainable.resume_point). Returns the stand-ins made."""
+    made = []
+    for directory, checkpoint in restore_points(storage, name).items():
+        path = f"{storage.path(name)}/{directory}/{checkpoint}"
+        if storage.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            storage.filesystem.create_dir(path)
+            made.append(f"{directory}/{checkpoint}")
+    return made
+
+
 def resume_sweep(
     plan: Plan,
     callbacks: list = (),
@@ -225,6 +240,10 @@ def resume_sweep(
         states = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
         raise ConfigError(f"experiment {plan.name!r} already finished: {len(experiment.trials)} trials ({states}); "
                           "nothing to resume")
+    stood_in = stand_in_for_missing_checkpoints(plan.storage, plan.name)
+    if stood_in:
+        log_line(f"checkpoints Tune's state names are gone ({', '.join(stood_in)}): those trials retrace from their "
+                 "newest whole checkpoint before it, or from the start")
     init_ray(address, verbose)
     check_cluster(plan, address is None, log_line)
     errored = sum(1 for t in unfinished if t.tune_status == "ERROR")

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,48 @@ def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
         assert after[name] == before[name]
     again = sweep("resume", "driver", "--storage", storage, check=False)
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.usefixtures("no_stray_ray")
+def test_resume_goes_on_when_the_checkpoint_tunes_state_names_is_gone(reviews, tmp_path):
+    """Tune restores a trial from the checkpoint its state names and refuses one that is gone (a kept copy of the
+    state after a full disk names one Tune has rotated away since, or a state saved just before the rotation):
+    resume stands an empty folder in for it, and the trial retraces Tune's iterations from the start unreported."""
+    from sweep.results import restore_points
+    from sweep.storage import open_storage
+
+    storage = tmp_path / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sweep.cli", "launch", str(reviews), *TINY, "--grid", "max_tokens=40960",
+         "--grid", "lr=1e-3", "--grid", "heads=2", "--storage", str(storage), "--name", "gone"],
+        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+    def named() -> dict[str, str]:
+        try:
+            return restore_points(open_storage(str(storage)), "gone")
+        except (OSError, ValueError):  # no experiment yet, or Tune's state caught mid-write
+            return {}
+
+    try:  # killed once Tune's state names a checkpoint past the first
+        _wait_for(lambda: (storage / "gone").is_dir() and any(c != "checkpoint_000000" for c in named().values()),
+                  process, 180)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    ((trial, checkpoint),) = named().items()
+    shutil.rmtree(storage / "gone" / trial / checkpoint, ignore_errors=True)
+    assert not (storage / "gone" / trial / checkpoint).exists()
+    before = len(trial_results(storage, "gone")[trial])
+    resumed = sweep("resume", "gone", "--storage", storage, timeout=400)
+    assert f"are gone ({trial}/{checkpoint})" in resumed.stdout + resumed.stderr
+    lines = trial_results(storage, "gone")[trial]
+    after = lines[before:]  # what the resumed run reported: Tune's iterations go on where its state left them
+    assert after and after[-1]["training_iteration"] == 20 and after[-1]["tokens_seen"] == 40960, after
+    assert [line["tokens_seen"] for line in after] == [2048 * line["training_iteration"] for line in after]
+    rows = _csv_rows(tmp_path, "gone")
+    assert [(r["status"], r["iterations"]) for r in rows] == [("TERMINATED", "20")], rows
 
 
 @pytest.mark.usefixtures("no_stray_ray")
