@@ -223,14 +223,17 @@ def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[st
 
 
 def restore_points(storage: Storage, name: str) -> dict[str, str]:
-    """Trial folder -> the checkpoint Tune's newest state restores it from: the one its last result names, or, when
-    that result carried none (a final failure's report), the last one its result.json names up to that result."""
+    """Trial folder -> the checkpoint Tune's newest state restores it from, for every trial Tune would go on with (not
+    a finished one): the one its last result names, or, when that result carried none (a final failure's report),
+    the last one its result.json names up to that result."""
     root = storage.path(name)
     listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     files = {info.path[len(root) + 1 :] for info in listing if info.type == pafs.FileType.File}
     states, _ = _trial_states(storage, root, files)
     points = {}
     for directory, state in states.items():
+        if state["status"] == "TERMINATED":
+            continue
         last = state["last_result"]
         named = last.get("checkpoint_dir_name")
         if not named and f"{directory}/result.json" in files:
