@@ -232,7 +232,7 @@ def restore_points(storage: Storage, name: str) -> dict[str, str]:
     states, _ = _trial_states(storage, root, files)
     points = {}
     for directory, state in states.items():
-        if state["status"] == "TERMINATED":
+        if not directory or state["status"] == "TERMINATED":
             continue
         last = state["last_result"]
         named = last.get("checkpoint_dir_name")
@@ -241,7 +241,7 @@ def restore_points(storage: Storage, name: str) -> dict[str, str]:
             upto = last.get("training_iteration", 0)
             named = next((line["checkpoint_dir_name"] for line in reversed(reported)
                           if line.get("checkpoint_dir_name") and line.get("training_iteration", 0) <= upto), None)
-        if directory and named:
+        if named:
             points[directory] = named
     return points
 
