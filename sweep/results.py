@@ -218,14 +218,16 @@ def _trial_states(storage: Storage, root: str, files: set[str]) -> tuple[dict[st
             "status": trial.get("status"),
             "trial_id": trial.get("trial_id"),
             "last_result": metadata.get("last_result") or {},
+            "metadata_json": metadata_json,  # decoded only where the checkpoint Tune restores from is needed
         }
     return states, newest_readable
 
 
 def restore_points(storage: Storage, name: str) -> dict[str, str]:
     """Trial folder -> the checkpoint Tune's newest state restores it from, for every trial Tune would go on with (not
-    a finished one): the one its last result names, or, when that result carried none (a final failure's report),
-    the last one its result.json names up to that result."""
+    a finished one). That is the latest checkpoint its checkpoint manager holds; where that cannot be read, the one
+    its last result names, or, when that result carried none (a final failure's report), the last one its result.json
+    names up to that result."""
     root = storage.path(name)
     listing = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     files = {info.path[len(root) + 1 :] for info in listing if info.type == pafs.FileType.File}
@@ -235,7 +237,7 @@ def restore_points(storage: Storage, name: str) -> dict[str, str]:
         if not directory or state["status"] == "TERMINATED":
             continue
         last = state["last_result"]
-        named = last.get("checkpoint_dir_name")
+        named = _tune_checkpoint_name(state["metadata_json"]) or last.get("checkpoint_dir_name")
         if not named and f"{directory}/result.json" in files:
             reported = _result_lines(read_text(storage, f"{root}/{directory}/result.json"))
             upto = last.get("training_iteration", 0)
@@ -244,6 +246,19 @@ def restore_points(storage: Storage, name: str) -> dict[str, str]:
         if named:
             points[directory] = named
     return points
+
+
+def _tune_checkpoint_name(metadata_json: str) -> str | None:
+    """The folder name of the latest checkpoint in a trial's saved run metadata: the one Tune restores it from."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata  # Tune's own reader of what it wrote
+
+    try:
+        manager = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager else None
+    except Exception as error:  # noqa: BLE001 (a state another Ray version wrote: fall back on the results)
+        log.debug("cannot read the trial's checkpoint manager: %s", error)
+        return None
+    return latest.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if latest and latest.checkpoint else None
 
 
 def _last_result(storage: Storage, trial_path: str, trial_files: set[str]) -> dict[str, Any]:

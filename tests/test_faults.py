@@ -137,8 +137,12 @@ def tiny_disk(tmp_path):
 
 
 def fill_up(disk: Path) -> None:
-    """Another process's file takes every byte left on the disk."""
-    with open(disk / "ballast", "wb") as ballast:
+    """Another process's file takes every byte left on the disk (none, when the sweep's own writes took the last)."""
+    try:
+        ballast = open(disk / "ballast", "wb")
+    except OSError:  # already full: not even room for the file's entry
+        return
+    with ballast:
         try:
             while True:
                 ballast.write(b"\0" * 65536)
@@ -274,7 +278,8 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
                              env=run_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     finished = load_experiment(open_storage(str(roomy)), "full")
-    assert [(t.status, t.iterations) for t in finished.trials] == [("TERMINATED", 20)] * 2, finished.trials
+    assert [(t.status, t.iterations) for t in finished.trials] == [("TERMINATED", 20)] * 2, (
+        [(Path(t.path).name, t.status, t.iterations, t.error) for t in finished.trials], resumed.stderr[-3000:])
     for trial in finished.trials:
         assert sorted(p.name for p in Path(trial.path).glob("checkpoint_*"))[-1] == "checkpoint_000019"
 

@@ -256,6 +256,39 @@ def test_resume_goes_on_when_the_checkpoint_tunes_state_names_is_gone(reviews, t
     assert [(r["status"], r["iterations"]) for r in rows] == [("TERMINATED", "20")], rows
 
 
+def test_resume_stands_in_for_the_checkpoint_tunes_checkpoint_manager_holds(tmp_path):
+    """Tune restores a trial from the latest checkpoint its checkpoint manager holds. After a final failure's report
+    (no checkpoint of its own) on a full disk, result.json may lack the lines naming that checkpoint: the stand-in
+    goes where Tune will look, not where the results point."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    from sweep.runner import stand_in_for_missing_checkpoints
+    from sweep.storage import open_storage
+
+    root = tmp_path / "full"
+    folder = root / "trial_a_00000"
+    (folder / "checkpoint_000002").mkdir(parents=True)
+    metadata = _TrainingRunMetadata()
+    metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(Checkpoint(str(folder / "checkpoint_000004")), {"training_iteration": 5}))
+    metadata.last_result = {"training_iteration": 6, "storage_full": 1.0}  # the failure's report names none
+    trial = {"status": "ERROR", "trial_id": "a_00000", "relative_logdir": folder.name}
+    (root / "experiment_state-2026-12-03_00-00-00.json").write_text(
+        json.dumps({"trial_data": [[json.dumps(trial), metadata.get_json_state()]]}))
+    # The disk kept the results only up to checkpoint_000002 (iterations 4 and 5 found no room).
+    lines = [{"training_iteration": i, "checkpoint_dir_name": f"checkpoint_{i - 1:06d}"} for i in (1, 2, 3)]
+    (folder / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    made = stand_in_for_missing_checkpoints(open_storage(str(tmp_path)), "full")
+    assert made == ["trial_a_00000/checkpoint_000004"]
+    assert (folder / "checkpoint_000004").is_dir() and not list((folder / "checkpoint_000004").iterdir())
+    assert stand_in_for_missing_checkpoints(open_storage(str(tmp_path)), "full") == []  # it exists now
+
+
 @pytest.mark.usefixtures("no_stray_ray")
 def test_wandb_offline_run_files(reviews, tmp_path):
     env = run_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_SILENT="true")
