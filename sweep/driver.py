@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import pickletools
 import re
 import signal
 import socket
@@ -34,7 +35,7 @@ import pyarrow.fs as pafs
 
 from model.config import ConfigError
 
-from .storage import Storage, put_bytes, read_text, write_text
+from .storage import Storage, put_bytes, write_text
 
 DRIVER_FILE = "driver.json"
 # A running driver refreshes driver.json this often; one silent for STALE_SECONDS is gone (tests shorten both).
@@ -43,7 +44,9 @@ STALE_SECONDS = float(os.environ.get("SWEEP_DRIVER_STALE_SECONDS", 120))
 # Copies of Tune's state files as they last read whole: a full disk cuts Tune's own copy short, and
 # `sweep resume` then restores from these (sweep.driver.restore_tune_state).
 TUNE_STATE_COPIES = ".tune-state"
-TUNE_STATE_FILE = re.compile(r"^(experiment_state|basic-variant-state|searcher-state)-.*\.(json|pkl)$")
+TUNE_STATE_FILE = re.compile(
+    r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)-.*\.(json|pkl)$"
+)
 STATE_COPY_SECONDS = 2.0  # after the first minute; every 0.5 s before it (a small disk fills in seconds)
 # The exit status of a process ended by a signal, as shells report it.
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -332,28 +335,48 @@ class TuneStateCopies:
             try:
                 with self.storage.filesystem.open_input_stream(info.path) as stream:
                     data = stream.read()
-                if name.startswith("experiment_state"):  # (the searchers' ".json" files are pickles)
-                    json.loads(data)  # a file caught mid-write (or cut short) is not a copy worth keeping
+                if not state_file_whole(name, data):  # caught mid-write, or cut short: not a copy worth keeping
+                    continue
                 put_bytes(self.storage, f"{self.root}/{TUNE_STATE_COPIES}/{name}", data)
                 self.copied[name] = stamp
-            except (OSError, ValueError):
-                continue  # the disk is full or the file was being written: the last copy stands
+            except OSError:
+                continue  # the disk is full: the last copy stands
+
+
+def state_file_whole(name: str, data: bytes) -> bool:
+    """Whether one of Tune's state files reads whole: experiment_state is JSON; the searchers' files (".json" or
+    ".pkl") are pickles, walked opcode by opcode without running them. Tune uploads its state over the old file, so a
+    full disk leaves it cut short, often empty; Tune then cannot restore it and starts the sweep over."""
+    if name.startswith("experiment_state"):
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    try:
+        return bool(data) and any(op.name == "STOP" for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 (pickletools raises ValueError and others on a cut pickle)
+        return False
+
+
+def damaged_tune_state(storage: Storage, name: str) -> list[str]:
+    """Tune's state files in the experiment's folder that do not read whole (state_file_whole)."""
+    root = storage.path(name)
+    try:
+        current = _file_names(storage, root)
+    except (OSError, FileNotFoundError):
+        return []
+    return [file for file in current if TUNE_STATE_FILE.match(file) and not _reads_whole(storage, f"{root}/{file}")]
 
 
 def restore_tune_state(storage: Storage, name: str) -> list[str]:
     """Put the kept copy in place of each of Tune's state files that no longer reads whole (the damaged
     file is kept beside the copies, never deleted). Returns the files restored; [] when a damaged file
-    has no copy, which leaves the experiment as it was."""
+    has no whole copy, which leaves the experiment as it was."""
     root = storage.path(name)
     copies_root = f"{root}/{TUNE_STATE_COPIES}"
-    try:
-        kept = set(_file_names(storage, copies_root))
-        current = _file_names(storage, root)
-    except (OSError, FileNotFoundError):
-        return []
-    damaged = [file for file in current if file.startswith("experiment_state-") and file.endswith(".json")
-               and not _reads_whole(storage, f"{root}/{file}")]
-    if not damaged or any(file not in kept for file in damaged):
+    damaged = damaged_tune_state(storage, name)
+    if not damaged or any(not _reads_whole(storage, f"{copies_root}/{file}") for file in damaged):
         return []
     for file in damaged:
         storage.filesystem.move(f"{root}/{file}", f"{copies_root}/damaged-{int(time.time())}-{file}")
@@ -368,7 +391,7 @@ def _file_names(storage: Storage, folder: str) -> list[str]:
 
 def _reads_whole(storage: Storage, path: str) -> bool:
     try:
-        json.loads(read_text(storage, path))
-        return True
-    except (OSError, ValueError):
+        with storage.filesystem.open_input_stream(path) as stream:
+            return state_file_whole(path.rsplit("/", 1)[-1], stream.read())
+    except (OSError, FileNotFoundError):
         return False

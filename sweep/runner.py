@@ -21,7 +21,14 @@ from model.paths import cache_dir
 
 from .cluster import check_cluster, init_ray
 from .datasets import prepare_datasets
-from .driver import TUNE_STATE_COPIES, DriverRecord, RayWatch, ray_output_to, restore_tune_state
+from .driver import (
+    TUNE_STATE_COPIES,
+    DriverRecord,
+    RayWatch,
+    damaged_tune_state,
+    ray_output_to,
+    restore_tune_state,
+)
 from .names import SWEEP_FILE, display_state
 from .plan import Plan, check_room, grace_tokens_unused, preflight, snapshot_summary
 from .results import load_experiment, restore_points, status_counts
@@ -219,15 +226,17 @@ def resume_sweep(
 ) -> Plan:
     """Restore an interrupted sweep: unfinished and errored trials go on from their checkpoints."""
     experiment = load_experiment(plan.storage, plan.name)
-    if not experiment.state_readable:
+    # Tune restores a state file it cannot read by starting the sweep over: every file must read whole first.
+    if damaged := damaged_tune_state(plan.storage, plan.name):
         restored = restore_tune_state(plan.storage, plan.name)
         if not restored:
             raise ConfigError(
-                f"experiment {plan.name!r} cannot be resumed: Ray Tune's state file in storage was cut short "
-                "(the storage filled up?) and no whole copy of it was kept; launch it again under a new --name"
+                f"experiment {plan.name!r} cannot be resumed: Ray Tune's state in storage ({', '.join(damaged)}) was "
+                "cut short (the storage filled up?) and no whole copy of it was kept; launch it again under a new "
+                "--name"
             )
-        log_line(f"{', '.join(restored)} was cut short: resuming from the copy the driver kept "
-                 f"(the damaged file is kept in {TUNE_STATE_COPIES}/)")
+        log_line(f"{', '.join(restored)} {'was' if len(restored) == 1 else 'were'} cut short: resuming from the "
+                 f"copies the driver kept (the damaged files are kept in {TUNE_STATE_COPIES}/)")
         experiment = load_experiment(plan.storage, plan.name)
     if not experiment.state_found:
         raise ConfigError(

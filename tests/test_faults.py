@@ -284,6 +284,45 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
         assert sorted(p.name for p in Path(trial.path).glob("checkpoint_*"))[-1] == "checkpoint_000019"
 
 
+def test_tunes_state_cut_short_by_a_full_disk_is_put_back_from_the_driver_s_whole_copies(tmp_path):
+    """Tune uploads its state over the old files, so a full disk leaves them cut short (the searcher's pickle often
+    empty), and Tune, unable to read one, starts the sweep over. The driver's copies are taken only of files that
+    read whole, and resume puts them back for every damaged file, the searcher's included."""
+    from sweep.driver import TUNE_STATE_COPIES, TuneStateCopies, damaged_tune_state, restore_tune_state
+    from sweep.storage import open_storage
+
+    storage, root = open_storage(str(tmp_path)), tmp_path / "full"
+    root.mkdir()
+    state = json.dumps({"trial_data": [], "runner_data": {}}).encode()
+    searcher = pickle.dumps({"_counter": 2, "_finished": True, "_live_trials": {"a_00000", "a_00001"}})
+    files = {"experiment_state-2026-12-03_00-00-00.json": state, "basic-variant-state-2026-12-03_00-00-00.json":
+             searcher, "searcher-state-2026-12-03_00-00-00.pkl": searcher}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    copies = TuneStateCopies(storage, "full")
+    copies.refresh()
+    assert damaged_tune_state(storage, "full") == []
+
+    # The disk fills: each file is cut short, one to nothing; a refresh keeps the whole copies.
+    (root / "experiment_state-2026-12-03_00-00-00.json").write_bytes(state[:9])
+    (root / "basic-variant-state-2026-12-03_00-00-00.json").write_bytes(b"")
+    (root / "searcher-state-2026-12-03_00-00-00.pkl").write_bytes(searcher[: len(searcher) // 2])
+    copies.refresh()
+    assert {p.name: p.read_bytes() for p in (root / TUNE_STATE_COPIES).iterdir()} == files
+    assert sorted(damaged_tune_state(storage, "full")) == sorted(files)
+
+    assert sorted(restore_tune_state(storage, "full")) == sorted(files)
+    assert {name: (root / name).read_bytes() for name in files} == files
+    assert damaged_tune_state(storage, "full") == []
+    assert len(list((root / TUNE_STATE_COPIES).glob("damaged-*"))) == 3  # the damaged files are kept, not deleted
+
+    # A damaged file without a whole copy: nothing is moved, and resume refuses (runner.resume_sweep).
+    (root / "basic-variant-state-2026-12-03_00-00-00.json").write_bytes(b"")
+    (root / TUNE_STATE_COPIES / "basic-variant-state-2026-12-03_00-00-00.json").unlink()
+    assert restore_tune_state(storage, "full") == []
+    assert damaged_tune_state(storage, "full") == ["basic-variant-state-2026-12-03_00-00-00.json"]
+
+
 def test_a_trial_that_reported_storage_full_reads_back_as_that_error_past_a_cut_short_snapshot(tmp_path):
     """On a full disk the newest experiment_state is cut short and the older one still says RUNNING: the
     trial's own result.json, further along, decides."""
