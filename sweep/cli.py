@@ -385,6 +385,7 @@ def launch(
     sweep launch imdb --preset paper --storage s3://bucket/prefix --address auto
     sweep launch --preset induction
     """
+    from .driver import SweepInterrupted
     from .plan import LaunchConfig, plan_sweep
     from .progress import ProgressCallback
     from .runner import launch_sweep
@@ -424,7 +425,11 @@ def launch(
     )
     plan = plan_sweep(config)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)
-    launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
+    try:
+        launch_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"])
+    except SweepInterrupted:
+        progress.summarize_interrupted()
+        raise
     _print_closing(plan)
 
 
@@ -546,13 +551,19 @@ def results(name, storage, csv_path):
 def resume(ctx, name, storage, address):
     """Finish an interrupted sweep NAME (default: the newest): unfinished and errored trials continue from their
     checkpoints."""
+    from .driver import SweepInterrupted
     from .plan import load_plan
     from .progress import ProgressCallback
     from .runner import resume_sweep
 
     plan = load_plan(name, storage)
     progress = ProgressCallback(plan.launch.metric, plan.launch.mode, plan.launch.max_iterations, plan.trial_count)
-    resume_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"], address=address)
+    try:
+        resume_sweep(plan, [progress], log_line=console.print, verbose=ctx.find_root().params["verbose"],
+                     address=address)
+    except SweepInterrupted:
+        progress.summarize_interrupted()
+        raise
     _print_closing(plan)
 
 

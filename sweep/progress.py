@@ -28,6 +28,8 @@ class ProgressCallback(tune.Callback):
         self._live: Live | None = None
         self.unfinished: set[str] = set()
         """Trials that had not finished when the sweep was last seen uninterrupted."""
+        self._seen: list = []  # the trials as Tune last showed them
+        self._summarized = False
 
     def __getstate__(self):
         # Tune pickles callbacks into the experiment state; consoles stay behind.
@@ -72,6 +74,7 @@ class ProgressCallback(tune.Callback):
             self._log(f"{trial.trial_id} errored")
 
     def on_step_end(self, iteration, trials, **info) -> None:
+        self._seen = trials
 
         if not interruption():
             self.unfinished = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
@@ -102,10 +105,22 @@ class ProgressCallback(tune.Callback):
             self._live.stop()
             self._live = None
         self._log(self._summary(trials))
+        self._summarized = True
 
-    def _summary(self, trials: list) -> str:
+    def summarize_interrupted(self) -> None:
+        """The summary line Tune's end of the experiment would have printed, when a second Ctrl-C stopped the
+        driver before Tune got there: the counts of the trials as Tune last showed them."""
+        if self._summarized or self._console is None or not self._seen:
+            return
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        self._log(self._summary(self._seen, interrupted=True))
+        self._summarized = True
 
-        if interruption():  # Tune stopped the running trials: they did not finish, whatever their state says now
+    def _summary(self, trials: list, interrupted: bool = False) -> str:
+        # Interrupted, Tune stopped the running trials: they did not finish, whatever their state says now.
+        if interrupted or interruption():
             self.counts = self._interrupted_counts(trials)
         counts = ", ".join(f"{n} {state}" for state, n in self.counts.items() if n)
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"

@@ -347,11 +347,15 @@ def _checkpoint_history(storage: Storage, trial: TrialRecord) -> list[dict[str, 
 
 
 def trial_history(storage: Storage, trial: TrialRecord) -> list[dict[str, Any]]:
-    """Every reported result of a trial, in order."""
+    """Every reported result of a trial, in order, one per iteration: the last one reported. A resumed trial reports
+    again what Tune's saved state had not recorded (a driver killed between a report and the state's save)."""
     path = f"{trial.path}/result.json"
     if not exists(storage, path):
         return []
-    return _result_lines(read_text(storage, path))
+    by_iteration = {}
+    for line in _result_lines(read_text(storage, path)):
+        by_iteration[line.get("training_iteration")] = line
+    return list(by_iteration.values())
 
 
 def reported_metrics(experiment: Experiment) -> list[str]:

@@ -191,8 +191,18 @@ def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     def finished() -> set[str]:
-        results = [path for path in (storage / "driver").glob("trial_*/result.json")]
-        return {path.parent.name for path in results if '"done": true' in path.read_text()}
+        """The trials Tune's saved state records as finished. (A trial whose last report says done, killed before
+        Tune saved that, is one Tune goes on with: it retraces its last iteration and reports it again.)"""
+        from sweep.results import _trial_states
+        from sweep.storage import open_storage
+
+        store = open_storage(str(storage))
+        files = {path.name for path in (storage / "driver").glob("experiment_state-*.json")}
+        try:
+            states, _ = _trial_states(store, store.path("driver"), files)
+        except (OSError, ValueError):  # caught mid-write
+            return set()
+        return {directory for directory, state in states.items() if state["status"] == "TERMINATED"}
 
     try:  # killed once a trial has finished and the others have not: resume must leave the finished one alone
         _wait_for(lambda: (storage / "driver").is_dir() and finished(), process, 180)
@@ -287,6 +297,26 @@ def test_resume_stands_in_for_the_checkpoint_tunes_checkpoint_manager_holds(tmp_
     assert made == ["trial_a_00000/checkpoint_000004"]
     assert (folder / "checkpoint_000004").is_dir() and not list((folder / "checkpoint_000004").iterdir())
     assert stand_in_for_missing_checkpoints(open_storage(str(tmp_path)), "full") == []  # it exists now
+
+
+def test_a_trial_history_holds_one_result_per_iteration_after_a_resume_reported_one_again(tmp_path):
+    """A driver killed between a trial's last report and Tune saving its state: resume retraces that iteration and
+    reports it again. The history readers (trajectories, --history) read it once."""
+    from sweep.results import load_experiment, trial_history
+    from sweep.storage import open_storage
+
+    root = tmp_path / "driver"
+    (root / "trial_a_00000").mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({"created": "2026-12-03T00:00:00"}))
+    lines = [{"training_iteration": i, "test_loss": 4.0 - i / 10, "done": i == 3, "iterations_since_restore": i}
+             for i in (1, 2, 3)]
+    lines.append(lines[-1] | {"iterations_since_restore": 1})  # the resumed run's report of iteration 3
+    (root / "trial_a_00000" / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    storage = open_storage(str(tmp_path))
+    (trial,) = load_experiment(storage, "driver").trials
+    history = trial_history(storage, trial)
+    assert [row["training_iteration"] for row in history] == [1, 2, 3]
+    assert history[-1]["iterations_since_restore"] == 1  # the last report of an iteration stands
 
 
 @pytest.mark.usefixtures("no_stray_ray")
