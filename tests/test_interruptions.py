@@ -247,3 +247,23 @@ def test_reading_an_s3_storage_with_no_server_fails_in_seconds(monkeypatch):
             f"Error: cannot reach the S3 endpoint {env['AWS_ENDPOINT_URL']} for s3://bucket/prefix: "
             "check AWS_ENDPOINT_URL and the network"
         ], result.stderr
+
+
+def test_a_second_ctrl_c_before_tunes_end_still_prints_the_one_count_of_trials(capsys):
+    """A second Ctrl-C stops the driver before Tune's end of the experiment, which prints the count of trials:
+    launch and resume print it from the trials as Tune last showed them, once, counted as `sweep status` counts."""
+    from types import SimpleNamespace
+
+    from sweep.progress import ProgressCallback
+
+    progress = ProgressCallback("test_loss", "min", max_iterations=4, trials=3)
+    progress.setup()
+    trials = [SimpleNamespace(trial_id=f"a_0000{i}", status="RUNNING", last_result={"training_iteration": 2},
+                              config={}) for i in range(2)]
+    progress.on_step_end(1, trials)
+    capsys.readouterr()
+    progress.summarize_interrupted()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "2 unfinished, 1 not started" in line, line
+    progress.summarize_interrupted()  # said once
+    assert capsys.readouterr().err == ""
