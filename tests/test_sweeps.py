@@ -301,7 +301,7 @@ def test_resume_stands_in_for_the_checkpoint_tunes_checkpoint_manager_holds(tmp_
 
 def test_a_trial_history_holds_one_result_per_iteration_after_a_resume_reported_one_again(tmp_path):
     """A driver killed between a trial's last report and Tune saving its state: resume retraces that iteration and
-    reports it again. The history readers (trajectories, --history) read it once."""
+    reports it again. The history readers (the report's curves, `sweep heads --history`) read it once."""
     from sweep.results import load_experiment, trial_history
     from sweep.storage import open_storage
 
