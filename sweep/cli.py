@@ -53,6 +53,8 @@ class SweepGroup(click.Group):
             raise UserError(str(error)) from None
         except NonFiniteLossError as error:
             raise click.ClickException(str(error)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # -h, usage errors: Click's own, and no reason to load the sweep's runner (torch, Ray) to say so
         except Exception as error:
             from .driver import SweepInterrupted
             from .runner import RayLostError

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,14 +32,28 @@ WORDS = (
 ).split()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine."""
-    if torch.cuda.is_available():
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine.
+
+    With pytest-xdist (`-n 2 --dist loadgroup`, the README's command), the readers of the session's induction
+    experiment share one worker (it is trained once a worker), and the longest tests are handed out first so that
+    neither worker is left with a long tail."""
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    for item in items:
+        if "induction_experiment" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("induction"))
+
+    def first(item) -> int:
+        if "induction_experiment" in getattr(item, "fixturenames", ()):
+            return 0
+        return 1 if item.get_closest_marker("slow") or "no_stray_ray" in getattr(item, "fixturenames", ()) else 2
+
+    items.sort(key=first)
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +123,8 @@ def reached_checkpoint(trials: Path, index: int) -> bool:
 
 
 def ray_process_ids() -> set[int]:
-    """PIDs of Ray's processes (raylet, GCS, workers) on this machine, read from /proc."""
+    """PIDs of Ray's processes (raylet, GCS, workers) on this machine, read from /proc; the session's shared Ray
+    (shared_ray) is not counted: it outlives every test."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -128,26 +146,76 @@ def ray_process_ids() -> set[int]:
             )
         ):
             found.add(int(entry.name))
-    return found
+    return found - (SHARED_RAY.process_ids() if SHARED_RAY is not None else set())
 
 
 @pytest.fixture
 def no_stray_ray():
-    """Kill any Ray process a test started (a SIGKILLed driver leaves its cluster behind)."""
-    import signal
-    import time
-
+    """Stop any Ray process a test started (a SIGKILLed driver leaves its cluster behind): a Ray whose driver
+    ended normally is gone within a second or two; what is left after STRAY_GRACE_S is killed."""
     before = ray_process_ids()
     yield
-    deadline = time.time() + 30
+    deadline = time.time() + STRAY_GRACE_S
     while ray_process_ids() - before and time.time() < deadline:
-        time.sleep(1)
-    for pid in ray_process_ids() - before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ray_process_ids() - before:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        while ray_process_ids() - before and time.time() < deadline:
+            time.sleep(0.2)
 
+
+STRAY_GRACE_S = 5.0
+"""A driver's own Ray stops within 1-2 s of the driver; one a killed driver left never stops by itself."""
+
+
+# ---------------------------------------------------------------- one Ray for the session
+
+SHARED_RAY: OwnRay | None = None
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+
+
+def session_env(root: Path) -> dict[str, str]:
+    """What isolated_environment gives a test, for processes that outlive one (the shared Ray's workers)."""
+    env = run_env(SWEEP_CACHE_DIR=str(root / "cache"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1",
+                  WANDB_MODE="offline", AWS_EC2_METADATA_DISABLED="true", CUDA_VISIBLE_DEVICES="")
+    env.pop("SWEEP_STORAGE", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def shared_ray_cluster(tmp_path_factory):
+    """One Ray started once for every test that only needs a running Ray (a sweep, `sweep analyse`): a launch
+    joins it through RAY_ADDRESS instead of starting and stopping one of its own (3-5 s each). Tests that kill
+    Ray's nodes or drivers, need S3 credentials in the trials, or start a cluster of their own keep their own."""
+    global SHARED_RAY
+    root = tmp_path_factory.mktemp("shared-ray")
+    token = root / "auth_token"  # `ray start` with token authentication needs a token and never makes one
+    token.write_text(secrets.token_hex(32))
+    ray = OwnRay()
+    joining = {"RAY_ADDRESS": ray.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = session_env(root) | joining
+    started = subprocess.run([RAY_CLI, "start", "--head", "--include-dashboard=false", *ray.start_args()], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    SHARED_RAY = ray
+    try:
+        yield joining
+    finally:
+        SHARED_RAY = None
+        ray.stop(timeout=10)
+
+
+@pytest.fixture
+def shared_ray(shared_ray_cluster, monkeypatch):
+    """This test's sweeps (in this process and the ones it starts) join the session's Ray."""
+    for name, value in shared_ray_cluster.items():
+        monkeypatch.setenv(name, value)
+    return shared_ray_cluster
 
 
 @pytest.fixture
@@ -192,3 +260,21 @@ def s3_objects(client, bucket: str = "bucket") -> dict[str, bytes]:
         except client.exceptions.NoSuchKey:
             continue
     return objects
+
+
+# ---------------------------------------------------------------- experiments trained once, read many times
+
+
+@pytest.fixture(scope="session")
+def induction_experiment(shared_ray_cluster, tmp_path_factory) -> tuple[Path, str]:
+    """The induction preset launched once (ASHA on test_loss, nothing compared before its 6M grace tokens): the
+    2-layer trial forms induction heads, the 1-layer one cannot. Its readers (the preset's end-to-end check, the
+    scientific checks, the circuits) read it; a test that would change what another reads copies it."""
+    root = tmp_path_factory.mktemp("induction")
+    storage = root / "results"
+    env = session_env(root) | shared_ray_cluster
+    launched = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "launch", "--preset", "induction", "--scheduler", "asha", "--storage",
+         str(storage), "--name", "ind"], env=env, capture_output=True, text=True, timeout=900)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    return storage, "ind"

@@ -276,7 +276,7 @@ def test_read_commands_start_without_torch_or_ray(storage):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 @pytest.mark.parametrize(
     "request_args, wanted",
     [

@@ -29,6 +29,10 @@ REQUIRED = (
 )
 
 
+OUTAGE_S = 10
+"""An iteration of these trials takes well under a second: a 10 s outage spans many checkpoint uploads."""
+
+
 @pytest.mark.usefixtures("no_stray_ray")
 def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
     port = free_port()
@@ -90,8 +94,8 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
             assert process.poll() is None, process.stdout.read()
             assert time.time() < deadline, "no checkpoint reached storage"
             time.sleep(0.5)
-        server.stop()  # the endpoint is gone...
-        time.sleep(20)
+        server.stop()  # the endpoint is gone for OUTAGE_S: several checkpoints' uploads fail and are retried...
+        time.sleep(OUTAGE_S)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()  # ...and back, with its data (moto keeps state in this process)
         output, _ = process.communicate(timeout=400)

@@ -1,12 +1,13 @@
 """The scientific check: induction heads form in 2 layers and not in 1 (Olsson et al. 2022).
 
-Both runs use the `induction` preset's shape and budget (d_model 64, 4 heads,
-seq_len 64, 12M tokens of the synthetic `repeat` task), about 2.5 minutes for
-two layers on a 2-core CPU.
+Both trials of the `induction` preset (d_model 64, 4 heads, seq_len 64, 12M tokens of the synthetic `repeat`
+task), trained once for the session (conftest.induction_experiment) and read here from storage.
 """
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -15,28 +16,25 @@ from model.checkpoint import read_config
 from model.config import ModelConfig
 from model.transformer import Transformer
 from sweep.cli import main
-from sweep.space import PRESETS
+from sweep.results import load_experiment
+from sweep.storage import open_storage
 
-PRESET = PRESETS["induction"].fixed
+pytestmark = pytest.mark.usefixtures("shared_ray")
 
 
-def train_repeat(layers: int, out) -> dict:
-    """`sweep train repeat` with the preset's values; returns the final checkpoint's heads.json."""
-    args = ["train", "repeat", "--layers", str(layers), "--out", str(out), "--seed", "0"]
-    for key, value in PRESET.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag if value else flag.replace("--", "--no-", 1)] if isinstance(value, bool) else [flag, str(value)]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "checkpoint" / "heads.json").read_text())
+def trained(induction_experiment, layers: int):
+    """The preset's trial with `layers` layers and its final checkpoint's heads.json."""
+    storage, name = induction_experiment
+    (trial,) = [t for t in load_experiment(open_storage(str(storage)), name).trials if t.config["layers"] == layers]
+    return trial, json.loads((Path(trial.checkpoint) / "heads.json").read_text())
 
 
 def scores(heads: dict, layer: int, name: str) -> list[float]:
     return [head["scores"][name] for head in heads["heads"] if head["layer"] == layer]
 
 
-def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path):
-    heads = train_repeat(2, tmp_path / "two")
+def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(induction_experiment):
+    trial, heads = trained(induction_experiment, 2)
     induction = scores(heads, 1, "induction")
     best = max(range(len(induction)), key=induction.__getitem__)
     assert induction[best] > 0.4, induction
@@ -48,7 +46,7 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     source = max(range(len(k_into_best)), key=k_into_best.__getitem__)
     assert scores(heads, 0, "previous_token")[source] > 0.4, (k_into_best, scores(heads, 0, "previous_token"))
     torch.manual_seed(0)
-    untrained = Transformer(ModelConfig(**read_config(tmp_path / "two" / "checkpoint")["model"]))
+    untrained = Transformer(ModelConfig(**read_config(Path(trial.checkpoint))["model"]))
     k_at_init = composition_scores(untrained)["k"][0]
     baseline = (
         sum(k_at_init[h1][1][h2] for h1 in range(len(induction)) for h2 in range(len(induction))) / len(induction) ** 2
@@ -80,11 +78,11 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     assert all("matters" in h["labels"] for h in heads["heads"] if "induction" in h["labels"])
 
     # When: the phase change is recorded, and the head history shows the jump.
-    final = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert final["induction_formed_at"] is not None and final["induction_formed_at"] < PRESET["max_tokens"], final
-    history = json.loads(
-        CliRunner().invoke(main, ["heads", str(tmp_path / "two"), "--history", "--head", f"1.{best}", "--json"]).output
-    )
+    final = trial.metrics
+    assert final["induction_formed_at"] is not None and final["induction_formed_at"] < 12_000_000, final
+    storage, name = induction_experiment
+    history = json.loads(CliRunner().invoke(main, ["heads", name, "--storage", str(storage), "--trial", trial.trial_id,
+                                                   "--history", "--head", f"1.{best}", "--json"]).output)
     series = [row["heads"][f"1.{best}"]["induction"] for row in history["history"]]
     icl = [row["icl_score"] for row in history["history"]]
     print("induction score of head 1.%d over training:" % best, series, "icl_score:", icl)
@@ -97,7 +95,7 @@ def test_two_layers_grow_an_induction_head_fed_by_a_previous_token_head(tmp_path
     assert icl[-1] < icl[0] - 0.3, icl
 
 
-def test_one_layer_cannot_do_induction(tmp_path):
-    heads = train_repeat(1, tmp_path / "one")
+def test_one_layer_cannot_do_induction(induction_experiment):
+    _, heads = trained(induction_experiment, 1)
     assert max(scores(heads, 0, "induction")) < 0.2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, reached_checkpoint, run_env, sweep, write_reviews
+from conftest import free_port, reached_checkpoint, run_env, session_env, sweep, write_reviews
 
 TINY = [
     "--tokenizer",
@@ -75,6 +75,19 @@ def wait_for_checkpoint(storage: Path, name: str, process: subprocess.Popen, tim
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_ray_cluster) -> dict:
+    """Final results of the sweep the interrupted ones resume, launched once straight through (same data, same
+    grid): what every interruption must end with."""
+    root = tmp_path_factory.mktemp("straight")
+    reviews = root / "reviews.jsonl"
+    write_reviews(reviews, count=600)
+    env = session_env(root) | shared_ray_cluster
+    sweep("launch", reviews, *TINY, "--grid", "max_tokens=24576", "--grid", "heads=2,4", "--storage",
+          root / "results", "--name", "straight", env=env, timeout=400)
+    return final_losses(root / "results", "straight")
+
+
 def final_losses(storage: Path, name: str) -> dict:
     rows = json.loads(
         sweep("best", name, "--storage", storage, "--metric", "test_loss", "--top", "10", "--json").stdout
@@ -90,7 +103,7 @@ def final_losses(storage: Path, name: str) -> dict:
     "signals, exit_code", [((signal.SIGINT,), 130), ((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)]
 )
 def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_uninterrupted(
-    reviews, tmp_path, signals, exit_code
+    reviews, tmp_path, signals, exit_code, uninterrupted
 ):
     storage = tmp_path / "results"
     process = start(reviews, storage, "sig")
@@ -121,21 +134,7 @@ def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_unint
     # Ray's and Tune's own messages are in the log file, not on the terminal
     assert not any(word in resumed.stderr for word in ("Failed to fetch", "FileNotFoundError", "Traceback",
                                                        "WARNING", "(raylet)")), resumed.stderr
-    sweep(
-        "launch",
-        reviews,
-        *TINY,
-        "--grid",
-        "max_tokens=24576",
-        "--grid",
-        "heads=2,4",
-        "--storage",
-        storage,
-        "--name",
-        "straight",
-        timeout=400,
-    )
-    assert final_losses(storage, "sig") == final_losses(storage, "straight")
+    assert final_losses(storage, "sig") == uninterrupted
     assert all(state == "TERMINATED" for state, _, _ in final_losses(storage, "sig").values())
     snapshots = json.loads(sweep("snapshots", "sig", "--storage", storage, "--json").stdout)["trials"]
     assert all(

@@ -117,7 +117,7 @@ def test_grace_tokens_make_asha_compare_on_tokens(tmp_path):
     )
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_random_search_samples_the_ranges(reviews, tmp_path):
     sweep(
         "launch",
@@ -191,7 +191,7 @@ def trial_statuses(storage: Path, name: str) -> list[str]:
     return sorted(trial.status for trial in load_experiment(open_storage(str(storage)), name).trials)
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeating_tokens(reviews, tmp_path):
     sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-3,3e-4,1e-6", "--grid", "heads=2", "--scheduler", "halving",
           "--reduction-factor", "2", "--cpus-per-trial", "1", "--storage", tmp_path / "results", "--name", "hb")
@@ -215,7 +215,7 @@ def test_synchronous_halving_pauses_and_resumes_trials_without_losing_or_repeati
     ]
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_synchronous_halving_with_grace_tokens_compares_no_trial_before_them(reviews, tmp_path):
     sweep(
         "launch",
@@ -305,7 +305,7 @@ def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_alrea
     assert survivor[-1]["training_iteration"] == 32 and survivor[-1]["tokens_seen"] == 65536
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
     sweep(
         "launch",
@@ -330,54 +330,55 @@ def test_grace_tokens_keep_every_trial_until_then(reviews, tmp_path):
     assert sorted(lines[-1]["tokens_seen"] for lines in results.values()) == [6144, 8192]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("no_stray_ray")
-@pytest.mark.parametrize("scheduler", ["asha", "halving"])
-def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(tmp_path, scheduler):
-    """Early stopping on test_loss, but nothing compared before the preset's 6M grace tokens: by then the
-    2-layer model's induction heads have formed (3-4M) and its loss has left the 1-layer one's behind.
-    Without grace tokens ASHA stopped the 2-layer trial after its first iteration, before the phase change."""
-    sweep(
-        "launch",
-        "--preset",
-        "induction",
-        "--scheduler",
-        scheduler,
-        "--storage",
-        tmp_path / "results",
-        "--name",
-        "ind",
-        timeout=900,
-    )
-    results = trial_results(tmp_path / "results", "ind")
+def both_kept_to_the_grace_tokens(results: dict[str, list[dict]]) -> None:
+    """The 2-layer trial trains to the end and forms induction heads; the 1-layer one reaches the 6M grace tokens."""
     by_layers = {lines[0]["config"]["layers"]: lines for lines in results.values()}
     assert len(by_layers[2]) == 12 and by_layers[2][-1]["induction_formed_at"] is not None
     assert by_layers[2][-1]["induction_score_max"] > 0.4
-    # ASHA is asynchronous: the faster 1-layer trial reaches the 6M rung first, alone, and goes on. Halving
-    # waits for both at 6M and keeps the better. Either way nothing is stopped before the grace tokens.
     assert by_layers[1][-1]["tokens_seen"] >= 6_000_000
-    if scheduler == "halving":
-        return
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
+def test_synchronous_halving_on_the_induction_preset_keeps_the_model_that_forms_induction_heads(tmp_path):
+    """Halving waits for both trials at the 6M grace tokens and keeps the better: by then the 2-layer model's
+    induction heads have formed (3-4M) and its loss has left the 1-layer one's behind. Without grace tokens it
+    stopped the 2-layer trial after its first iteration, before the phase change."""
+    sweep("launch", "--preset", "induction", "--scheduler", "halving", "--storage", tmp_path / "results", "--name",
+          "ind", timeout=900)
+    both_kept_to_the_grace_tokens(trial_results(tmp_path / "results", "ind"))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
+def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(
+    induction_experiment, tmp_path
+):
+    """Early stopping on test_loss (ASHA), but nothing compared before the preset's 6M grace tokens: ASHA is
+    asynchronous, the faster 1-layer trial reaches the 6M rung first, alone, and goes on; the 2-layer trial forms
+    its induction heads. Then storage alone, in new processes, answers when, where, and what circuit."""
+    storage, name = induction_experiment
+    results = trial_results(storage, name)
+    both_kept_to_the_grace_tokens(results)
     # Storage alone, in new processes, answers when the induction heads formed, where, and the phase change.
-    storage = tmp_path / "results"
-    best = json.loads(sweep("best", "ind", "--storage", storage, "--metric", "induction_score_max", "--json").stdout)[
+    best = json.loads(sweep("best", name, "--storage", storage, "--metric", "induction_score_max", "--json").stdout)[
         "trials"
     ][0]
     assert best["config"]["layers"] == 2 and 1_000_000 <= best["metrics"]["induction_formed_at"] <= 6_000_000
-    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    atlas = json.loads(sweep("atlas", name, "--storage", storage, "--json").stdout)
     assert atlas["axes"][0] == "layers"
     induction_heads = {group["value"]: group["induction_heads"]["mean"] for group in atlas["groups"]["layers"]}
     assert induction_heads[1] == 0 and induction_heads[2] >= 1
     history = json.loads(
-        sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--history", "--json").stdout
+        sweep("heads", name, "--storage", storage, "--trial", best["trial_id"], "--history", "--json").stdout
     )["history"]
     formed = next(i for i, row in enumerate(history) if row["tokens_seen"] == best["metrics"]["induction_formed_at"])
     assert formed >= 1 and history[formed]["icl_score"] < history[formed - 1]["icl_score"] - 0.1, history
 
     # The snapshots locate the phase change between two of them, inside the iteration the history names.
-    analysed = sweep("analyse", "ind", "--storage", storage, timeout=600)
+    analysed = sweep("analyse", name, "--storage", storage, timeout=600)
     assert "measured" in analysed.stderr
-    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    atlas = json.loads(sweep("atlas", name, "--storage", storage, "--json").stdout)
     assert atlas["formed_at_resolution"] == "snapshots"
     formed_at = {row["trial_id"]: row["induction_formed_at"] for row in atlas["trials"]}
     iteration_tokens = history[1]["tokens_seen"] - history[0]["tokens_seen"]
@@ -387,7 +388,7 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     assert [value for trial, value in formed_at.items() if trial != best["trial_id"]] == [None]
     import pyarrow.dataset as ds
 
-    table = ds.dataset(str(storage / "ind" / "analysis")).to_table().to_pandas()
+    table = ds.dataset(str(storage / name / "analysis")).to_table().to_pandas()
     scores = table[(table.trial == best["trial_id"]) & (table.measure == "induction")]
     induction = scores.groupby("tokens_seen").value.max()
     jump = induction.diff().idxmax()  # the snapshot after the steepest rise of the best induction head
@@ -399,7 +400,7 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     # Developmental stages: the LLC at every snapshot has a stage boundary at the induction phase change of the
     # 2-layer trial (within one snapshot of its formed_at) and none there for the 1-layer trial.
     # (stages computes the LLC it needs at every snapshot first, as `sweep analyse --what llc` would)
-    listed = json.loads(sweep("stages", "ind", "--storage", storage, "--json", timeout=900).stdout)["trials"]
+    listed = json.loads(sweep("stages", name, "--storage", storage, "--json", timeout=900).stdout)["trials"]
     stages = {t["trial_id"]: t for t in listed}
     two = stages[best["trial_id"]]
     snapshot_tokens = [row["tokens_seen"] for row in two["llc"]]
@@ -411,11 +412,11 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     near = [b for b in one["llc_boundaries"] if abs(b["tokens"] - formed_at[best["trial_id"]]) <= 2 * 401_408]
     assert not near, one["llc_boundaries"]
     # the boundaries are kept in the analysis table, the atlas groups them by axis, the report draws them
-    table = ds.dataset(str(storage / "ind" / "analysis")).to_table().to_pandas()
+    table = ds.dataset(str(storage / name / "analysis")).to_table().to_pandas()
     stored = table[(table.analysis == "llc_stages") & (table.trial == best["trial_id"])]
     kept = sorted(int(v) for v in stored[stored.measure.str.startswith("llc_stage_")].value)
     assert kept == sorted(b["tokens"] for b in boundaries)
-    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    atlas = json.loads(sweep("atlas", name, "--storage", storage, "--json").stdout)
     by_layers = {group["value"]: group for group in atlas["groups"]["layers"]}
     assert by_layers[2]["stages"]["mean"] == two["stages"] and by_layers[2]["stage_boundaries"] == kept
 
@@ -423,9 +424,9 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     # holds a previous-token head's K-composition into an induction head, recovers at least 90% of the
     # clean-to-corrupted difference, and that edge appeared within one snapshot of induction_formed_at; the
     # 1-layer trial's circuit is direct paths only (embedding -> head -> logits).
-    circuits = json.loads(sweep("circuit", "ind", "--storage", storage, "--json", timeout=900).stdout)
+    circuits = json.loads(sweep("circuit", name, "--storage", storage, "--json", timeout=900).stdout)
     by_trial = {t["trial_id"]: t for t in circuits["trials"]}
-    heads = json.loads(sweep("heads", "ind", "--storage", storage, "--trial", best["trial_id"], "--json").stdout)
+    heads = json.loads(sweep("heads", name, "--storage", storage, "--trial", best["trial_id"], "--json").stdout)
     labels = {f"{h['layer']}.{h['head']}": h["labels"] for h in heads["heads"]}
     two_circuit = by_trial[best["trial_id"]]
 
@@ -444,22 +445,22 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     kinds = {c["kind"] for c in one["circuit"]}
     assert "head -> logits" in kinds and kinds <= {"embed -> q", "embed -> k", "embed -> v", "head -> logits",
                                                   "embed -> logits"}, one["circuit"]
-    atlas = json.loads(sweep("atlas", "ind", "--storage", storage, "--json").stdout)
+    atlas = json.loads(sweep("atlas", name, "--storage", storage, "--json").stdout)
     by_layers = {group["value"]: group["circuit"] for group in atlas["groups"]["layers"]}
     assert "head -> k" in by_layers[2]["kinds"] and "head -> k" not in by_layers[1]["kinds"]
 
     # One formed_at per trial everywhere: best (with its default metric), results, the atlas, stages, the report
-    by_loss = json.loads(sweep("best", "ind", "--storage", storage, "--json").stdout)
+    by_loss = json.loads(sweep("best", name, "--storage", storage, "--json").stdout)
     readings = {row["trial_id"]: row["metrics"]["induction_formed_at"] for row in by_loss["trials"]}
     assert readings == formed_at and by_loss["formed_at_resolution"] == "snapshots", (readings, formed_at)
-    sweep("results", "ind", "--storage", storage, "--csv", tmp_path / "results.csv")
+    sweep("results", name, "--storage", storage, "--csv", tmp_path / "results.csv")
     import csv
 
     rows = {r["trial_id"]: r["induction_formed_at"] for r in csv.DictReader((tmp_path / "results.csv").open())}
     assert {t: int(v) if v else None for t, v in rows.items()} == formed_at
     assert two["circuits"]["induction_formed_at"]["tokens_seen"] == formed_at[best["trial_id"]]
 
-    sweep("report", "ind", "--storage", storage, "--out", tmp_path / "report.html")
+    sweep("report", name, "--storage", storage, "--out", tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
     assert 'id="stages"' in html and "LLC and essential dynamics of every trial" in html
     assert f"{formed_at[best['trial_id']]:,}" in html and "formed_at: the first snapshot" in html

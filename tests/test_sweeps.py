@@ -76,7 +76,7 @@ def test_smoke_sweep_on_s3_then_best_from_a_fresh_process(s3_server, data_mirror
     assert not [key for key, body in objects.items() if S3_SECRET.encode() in body]
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_asha_stops_a_clearly_bad_learning_rate_early(reviews, tmp_path):
     sweep("launch", reviews, *TINY, "--grid", "lr=3e-3,1e-6", "--grid", "heads=2", "--max-concurrent", "1",
           "--storage", tmp_path / "results", "--name", "asha", "--grace-period", "1", "--reduction-factor", "2")
@@ -102,7 +102,7 @@ def test_the_induction_preset_lets_both_models_finish(tmp_path):
     assert plan_sweep(LaunchConfig(dataset=str(tmp_path), preset="smoke", storage=str(tmp_path))).early_stopping
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_nan_trial_errors_once_and_the_others_finish(reviews, tmp_path):
     sweep("launch", reviews, *TINY, "--grid", "lr=1e-3,1e4", "--grid", "heads=2", "--storage", tmp_path / "results",
           "--name", "nan", "--grace-period", "4", "--max-failures", "3")
@@ -319,7 +319,7 @@ def test_a_trial_history_holds_one_result_per_iteration_after_a_resume_reported_
     assert history[-1]["iterations_since_restore"] == 1  # the last report of an iteration stands
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_wandb_offline_run_files(reviews, tmp_path):
     env = run_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_SILENT="true")
     sweep("launch", reviews, *TINY, "--grid", "lr=3e-3", "--grid", "heads=2", "--storage", tmp_path / "results",

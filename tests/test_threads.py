@@ -97,7 +97,7 @@ def test_a_trial_adopts_its_threads():
         torch.set_num_threads(before)
 
 
-@pytest.mark.usefixtures("no_stray_ray")
+@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
 def test_the_last_trial_of_a_sweep_trains_on_the_cpus_the_others_left(tmp_path):
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=600)
