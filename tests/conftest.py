@@ -36,17 +36,14 @@ WORDS = (
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine.
 
-    With pytest-xdist (`-n 2 --dist loadgroup`, the README's command), the readers of the session's induction
-    experiment share one worker (it is trained once a worker), and the longest tests are handed out first so that
-    neither worker is left with a long tail."""
+    With pytest-xdist (`-n 2 --dist loadgroup`, the README's command), the longest tests are handed out first so
+    that neither worker is left with a long tail; the readers of the session's induction experiment are marked
+    xdist_group("induction"): one worker trains it once and runs them all."""
     if not torch.cuda.is_available():
         gpu = [item for item in items if item.get_closest_marker("gpu")]
         if gpu:
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-    for item in items:
-        if "induction_experiment" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("induction"))
 
     def first(item) -> int:
         if "induction_experiment" in getattr(item, "fixturenames", ()):
