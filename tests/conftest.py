@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ def isolated_environment(tmp_path_factory, monkeypatch, request):
     if not request.node.get_closest_marker("gpu"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    global TEST_OWNER
+    TEST_OWNER = f"test-{uuid.uuid4().hex}"
+    monkeypatch.setenv(OWNER_VARIABLE, TEST_OWNER)  # inherited by every process the test starts (ray_process_ids)
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("SWEEP_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HOME", str(cache / "hf"))
@@ -119,9 +123,24 @@ def reached_checkpoint(trials: Path, index: int) -> bool:
                for path in trials.parent.glob(f"{trials.name}/checkpoint_*/heads.json"))
 
 
+OWNER_VARIABLE = "SWEEP_TEST_OWNER"
+TEST_OWNER = ""
+"""The running test's mark: processes it starts inherit it, those of a test on another xdist worker carry theirs,
+and the session's shared Ray carries `shared`."""
+
+
+def _owner(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{OWNER_VARIABLE}=".encode()
+    return next((item[len(prefix):].decode() for item in environ if item.startswith(prefix)), None)
+
+
 def ray_process_ids() -> set[int]:
-    """PIDs of Ray's processes (raylet, GCS, workers) on this machine, read from /proc; the session's shared Ray
-    (shared_ray) is not counted: it outlives every test."""
+    """PIDs of this test's Ray processes (raylet, GCS, workers), read from /proc: those carrying its mark or none
+    (a Ray started over SSH gets a fresh environment), never the session's shared Ray or another worker's test's."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -141,9 +160,9 @@ def ray_process_ids() -> set[int]:
                 b"log_monitor.py",
                 b"ray/autoscaler",
             )
-        ):
+        ) and _owner(int(entry.name)) in (TEST_OWNER, None):
             found.add(int(entry.name))
-    return found - (SHARED_RAY.process_ids() if SHARED_RAY is not None else set())
+    return found
 
 
 @pytest.fixture
@@ -172,14 +191,14 @@ STRAY_GRACE_S = 5.0
 
 # ---------------------------------------------------------------- one Ray for the session
 
-SHARED_RAY: OwnRay | None = None
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def session_env(root: Path) -> dict[str, str]:
     """What isolated_environment gives a test, for processes that outlive one (the shared Ray's workers)."""
     env = run_env(SWEEP_CACHE_DIR=str(root / "cache"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1",
-                  WANDB_MODE="offline", AWS_EC2_METADATA_DISABLED="true", CUDA_VISIBLE_DEVICES="")
+                  WANDB_MODE="offline", AWS_EC2_METADATA_DISABLED="true", CUDA_VISIBLE_DEVICES="",
+                  **{OWNER_VARIABLE: "shared"})
     env.pop("SWEEP_STORAGE", None)
     return env
 
@@ -189,7 +208,6 @@ def shared_ray_cluster(tmp_path_factory):
     """One Ray started once for every test that only needs a running Ray (a sweep, `sweep analyse`): a launch
     joins it through RAY_ADDRESS instead of starting and stopping one of its own (3-5 s each). Tests that kill
     Ray's nodes or drivers, need S3 credentials in the trials, or start a cluster of their own keep their own."""
-    global SHARED_RAY
     root = tmp_path_factory.mktemp("shared-ray")
     token = root / "auth_token"  # `ray start` with token authentication needs a token and never makes one
     token.write_text(secrets.token_hex(32))
@@ -199,11 +217,9 @@ def shared_ray_cluster(tmp_path_factory):
     started = subprocess.run([RAY_CLI, "start", "--head", "--include-dashboard=false", *ray.start_args()], env=env,
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
-    SHARED_RAY = ray
     try:
         yield joining
     finally:
-        SHARED_RAY = None
         ray.stop(timeout=10)
 
 
