@@ -225,7 +225,8 @@ def shared_ray_cluster(tmp_path_factory):
 
 @pytest.fixture
 def shared_ray(shared_ray_cluster, monkeypatch):
-    """This test's sweeps (in this process and the ones it starts) join the session's Ray."""
+    """The sweeps this test starts in new processes join the session's Ray (not one in this process: Ray reads
+    RAY_AUTH_MODE once, when it is first imported)."""
     for name, value in shared_ray_cluster.items():
         monkeypatch.setenv(name, value)
     return shared_ray_cluster

@@ -65,7 +65,6 @@ class RssAtTrials(tune.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("shared_ray")
 def test_200_trial_sweep(tmp_path):
     reviews = tmp_path / "reviews.jsonl"
     write_reviews(reviews, count=300)

@@ -396,7 +396,7 @@ def _table_rows(folder: Path) -> list[tuple]:
     return sorted(rows)
 
 
-@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
+@pytest.mark.usefixtures("no_stray_ray")  # its own Ray: a driver interrupted with tasks pending churns the cluster
 def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_backfills(reviews_file, tmp_path):
     from sweep.analyse import analyse_experiment
     from sweep.results import load_experiment

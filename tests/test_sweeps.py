@@ -321,7 +321,7 @@ def test_a_trial_history_holds_one_result_per_iteration_after_a_resume_reported_
     assert history[-1]["iterations_since_restore"] == 1  # the last report of an iteration stands
 
 
-@pytest.mark.usefixtures("no_stray_ray", "shared_ray")
+@pytest.mark.usefixtures("no_stray_ray")  # its own Ray: Tune logs to W&B from an actor, in the Ray's environment
 def test_wandb_offline_run_files(reviews, tmp_path):
     env = run_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_SILENT="true")
     sweep("launch", reviews, *TINY, "--grid", "lr=3e-3", "--grid", "heads=2", "--storage", tmp_path / "results",
