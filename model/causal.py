@@ -212,7 +212,7 @@ class CircuitResult:
             "panel": self.panel, "panel_spread": self.panel_spread, "robust": self.robust,
             "edges": [{"edge": e, "effect": effects[i], "interval": [_finite(self.effect_low[i]),
                                                                      _finite(self.effect_high[i])],
-                       "change": self.change[i], "eap": eap[i], "eap_ig": eap_ig[i]}
+                       "change": _finite(self.change[i]), "eap": eap[i], "eap_ig": eap_ig[i]}
                       for i, e in enumerate(self.edges)],
             "agreement": {"eap": self.agreement(self.eap), "eap_ig": self.agreement(self.eap_ig)},
             "eap_ig_completeness_error": self.completeness_error,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CIRCUIT_PREFIX = "circuit:"
-"""The analysis table names a circuit measure `circuit:<task>`."""
+"""The analysis table names a circuit measure `circuit:<task>` (the greedy circuit) or `circuit:<task>:acdc`."""
 CIRCUIT_VERSION = 2
 """2: per-sequence intervals, the null of untrained models, isolating tasks, |effect| discovery, the panel."""
 
@@ -131,3 +131,16 @@ def edge_kind(edge: str) -> str:
 
 
 COMPOSITION_KINDS = {"head -> q": "Q-composition", "head -> k": "K-composition", "head -> v": "V-composition"}
+
+
+def circuit_analysis(task: str, method: str = "greedy") -> str:
+    """The analysis table's name of the circuit measure on `task` found by `method`."""
+    return f"{CIRCUIT_PREFIX}{task}" + ("" if method == "greedy" else f":{method}")
+
+
+def parse_circuit_analysis(name: str) -> tuple[str, str] | None:
+    """(task, method) of a circuit measure's name; None for another measure."""
+    if not name.startswith(CIRCUIT_PREFIX):
+        return None
+    task, _, method = name[len(CIRCUIT_PREFIX):].partition(":")
+    return (task, method or "greedy") if (method or "greedy") in METHODS else None

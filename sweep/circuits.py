@@ -26,7 +26,9 @@ from model.edges import (
     COMPOSITION_KINDS,
     ROBUST_SPREAD,
     CircuitConfig,
+    circuit_analysis,
     edge_kind,
+    parse_circuit_analysis,
 )
 from model.intervals import Appearance, appearance
 
@@ -206,24 +208,23 @@ class TrialCircuit:
         }
 
 
-def analysis_name(task: str) -> str:
-    return f"{CIRCUIT_PREFIX}{task}"
-
-
 def tasks_in(table: pa.Table | None) -> list[str]:
-    """The circuit tasks the table holds at the current version."""
+    """The circuit tasks the table holds at the current version (by either method)."""
     if table is None:
         return []
     rows = table.filter(pc.and_(pc.starts_with(table["analysis"], CIRCUIT_PREFIX),
                                 pc.equal(table["version"], CIRCUIT_VERSION)))
-    return sorted(name.removeprefix(CIRCUIT_PREFIX) for name in pc.unique(rows["analysis"]).to_pylist())
+    found = (parse_circuit_analysis(name) for name in pc.unique(rows["analysis"]).to_pylist())
+    return sorted({parsed[0] for parsed in found if parsed is not None})
 
 
-def trial_circuits(experiment: Experiment, table: pa.Table | None, task: str = "induction") -> dict[str, TrialCircuit]:
-    """trial -> its circuit over the snapshots the table holds for `task` (trials without any are left out)."""
+def trial_circuits(experiment: Experiment, table: pa.Table | None, task: str = "induction",
+                   method: str = "greedy") -> dict[str, TrialCircuit]:
+    """trial -> its circuit found by `method` over the snapshots the table holds for `task` (trials without any are
+    left out)."""
     if table is None:
         return {}
-    rows = table.filter(pc.and_(pc.equal(table["analysis"], analysis_name(task)),
+    rows = table.filter(pc.and_(pc.equal(table["analysis"], circuit_analysis(task, method)),
                                 pc.equal(table["version"], CIRCUIT_VERSION)))
     if rows.num_rows == 0:
         return {}
@@ -286,6 +287,8 @@ class CircuitRequest:
     """A trial id, `best` (by the sweep's metric), or None: every trial with snapshots."""
     at: Any = None
     """A SnapshotAddress (sweep.trajectory), or None: the last snapshot."""
+    method: str = "greedy"
+    """greedy (the prefix by |effect|) or acdc (ACDC's, with the greedy circuit and their overlap beside it)."""
 
 
 def circuits_of(experiment: Experiment, request: CircuitRequest, analyse=None) -> dict[str, Any]:
@@ -313,14 +316,15 @@ def circuits_of(experiment: Experiment, request: CircuitRequest, analyse=None) -
     if analyse is None:
         def analyse(chosen, measures):
             return analyse_experiment(experiment, measures, chosen)
-    counts = analyse(trials, (analysis_name(request.task),))
-    found = trial_circuits(experiment, read_table(experiment), request.task)
+    counts = analyse(trials, (circuit_analysis(request.task, request.method),))
+    found = trial_circuits(experiment, read_table(experiment), request.task, request.method)
     documents = []
     for trial in trials:
         circuit = found[trial.trial_id]
         documents.append(circuit.document(circuit.at(chosen.step) if chosen else None))
     settings = CircuitConfig()
-    return {"experiment": experiment.name, "task": request.task, "edge_threshold": settings.edge_threshold,
+    return {"experiment": experiment.name, "task": request.task, "method": request.method,
+            "edge_threshold": settings.edge_threshold,
             "persist": settings.persist, "faithfulness_target": settings.faithfulness,
             "robust_spread": ROBUST_SPREAD, "computed_snapshots": counts["done"],
             "trials": documents}

@@ -486,3 +486,19 @@ def test_copying_is_labelled_only_where_the_head_copies_and_matters():
     assert {"copying", "matters"} <= set(loud["labels"]) and not {"copying", "matters"} & set(quiet["labels"])
     unablated = head_scores(model, repeated, ablate=False)
     assert not any("copying" in head["labels"] for head in unablated["heads"])  # whether it matters is unknown
+
+
+def test_the_method_names_its_measure_and_all_leaves_acdc_out():
+    from model.edges import circuit_analysis, parse_circuit_analysis
+    from model.measures import get_measure, parse_measures
+
+    assert circuit_analysis("text") == "circuit:text" and circuit_analysis("text", "acdc") == "circuit:text:acdc"
+    assert parse_circuit_analysis("circuit:text:acdc") == ("text", "acdc")
+    assert parse_circuit_analysis("circuit:induction") == ("induction", "greedy")
+    assert parse_circuit_analysis("circuit:text:bogus") is None and parse_circuit_analysis("scores") is None
+    assert "ACDC" in get_measure("circuit:copying:acdc").description
+    everything = parse_measures("all")
+    assert "circuit:copying" in everything and not any(name.endswith(":acdc") for name in everything)
+    assert parse_measures("circuit:text:acdc") == ("circuit:text:acdc",)
+    with pytest.raises(ConfigError, match="circuit:TASK:acdc"):
+        parse_measures("circuit:text:fast")
