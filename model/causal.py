@@ -182,6 +182,8 @@ class CircuitResult:
         """How an estimate ranks the edges against exact patching: Spearman and Pearson over all edges, and the
         fraction of the circuit among the estimate's top |circuit| edges; null, with the reason, where the
         estimate is identically zero (rounding noise would give numbers that mean nothing)."""
+        if not self.does_task:
+            return {"spearman": None, "pearson": None, "circuit_recall": None, "reason": "no edge was patched"}
         if self.estimate_is_zero(estimates):
             return {"spearman": None, "pearson": None, "circuit_recall": None, "reason": ZERO_ESTIMATE}
         exact = torch.tensor(self.change, dtype=torch.float64)

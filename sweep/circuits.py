@@ -186,9 +186,10 @@ class TrialCircuit:
         agreement = {}
         for estimate in ("eap", "eap_ig"):
             zero = bool(values.get(f"{estimate}_zero"))
-            agreement[estimate] = {name: None if zero else values.get(f"{estimate}_{name}")
+            reason = "no edge was patched" if not values.get("does_task") else ZERO_ESTIMATE if zero else None
+            agreement[estimate] = {name: None if reason else values.get(f"{estimate}_{name}")
                                    for name in ("spearman", "pearson", "circuit_recall")}
-            agreement[estimate]["reason"] = ZERO_ESTIMATE if zero else None
+            agreement[estimate]["reason"] = reason
         overlap = None
         if chosen.other:
             union = set(chosen.circuit) | set(chosen.other)
