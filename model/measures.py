@@ -30,7 +30,7 @@ from .analysis import (
     head_scores,
     repeated_tokens,
 )
-from .causal import find_circuit
+from .causal import ZERO_ESTIMATE, find_circuit
 from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
 from .circuits import mean_ablation, token_frequencies, token_tables
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
@@ -202,7 +202,7 @@ def _circuit_rows(task: str, method: str) -> Callable[[Transformer, Probe], list
             agreement = result.agreement(values)
             rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_{name}", _or_nan(agreement[name]))
                      for name in ("spearman", "pearson", "circuit_recall")]
-            rows.append((WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_zero", float(agreement["reason"] is not None)))
+            rows.append((WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_zero", float(agreement["reason"] == ZERO_ESTIMATE)))
         ranks = {"circuit_rank": result.circuit, "other_rank": result.other_circuit or []}
         fractions = result.fractions
         columns = {"edge_effect": result.effects, "edge_effect_low": result.effect_low,
