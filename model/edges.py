@@ -49,8 +49,9 @@ class CircuitConfig:
     null_factor: float = 2.0
     """Nor below this multiple of the largest difference of the null: an untrained model's text KL grows with
     d_model (0.012 nats at 64, 0.024 at 128, 0.045 at 256), well above min_difference."""
-    ig_steps: int = 5
-    """EAP-IG: interpolation steps from the corrupted to the clean embedding (Hanna et al. 2024 use 5)."""
+    ig_steps: int = 10
+    """EAP-IG: interpolation steps from the corrupted to the clean embedding, at their midpoints (Hanna et al. 2024
+    use 5; at 5 the completeness error on the induction preset's 2-layer model is 0.049, at 10 a quarter of it)."""
     method: str = "greedy"
     """greedy: the prefix by |effect|; acdc: pruning in reverse topological order (both recorded either way)."""
     acdc_threshold: float = 0.02
