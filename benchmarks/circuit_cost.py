@@ -1,31 +1,43 @@
-"""Seconds per snapshot of `sweep analyse --what circuit`: exact patching of every edge, EAP, EAP-IG and the
-greedy circuit, at the induction preset's shape and at d_model 256 / 8 heads, on one thread (an analysis task's).
+"""Seconds for one snapshot's causal circuit on one CPU thread (an analysis task's): the null, exact patching of
+every edge with intervals, EAP, EAP-IG, the circuit and the robustness panel, at the induction preset's shape and
+at the paper's largest (vocab 50257, d_model 256, 8 heads, 2 layers, seq_len 80) on the text task.
 
-The baseline, measured in the same run: exact patching as one whole masked forward pass per edge (every
-receiver's input assembled edge by edge from layer 0), which `exact_effects` replaces by computing only the
-patched receiver's head and running the rest as the model's own blocks.
+The baseline, measured in the same run: the same snapshot through model/causal.py as it was at --baseline (git
+show, loaded as a module of its own). And the unhurried computation: today's code reading every position of every
+sequence instead of 8 (`--positions`), whose circuit the fast one should match.
 
-    .venv/bin/python benchmarks/circuit_cost.py [--threads 1] [--repeats 3]
+The model: a random initialisation with its weights scaled by 3, so that it "does" the task (an untrained model of
+the shape does not clear the null, and then nothing is patched at all: that would time nothing).
+
+    .venv/bin/python benchmarks/circuit_cost.py [--threads 1] [--baseline 1ec7811] [--skip-baseline]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from model.causal import TASKS, PatchedModel, TaskData, attribution_effects, exact_effects, greedy_circuit
+from model.causal import find_circuit, jaccard, task_null
 from model.config import ModelConfig
 from model.edges import CircuitConfig
+from model.tasks import TaskData
 from model.transformer import Transformer
 
+REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
-    "induction preset (d_model 64, 4 heads, seq 64, vocab 66)": dict(d_model=64, n_heads=4, seq_len=64, vocab_size=66),
-    "d_model 256, 8 heads, seq 64, vocab 66": dict(d_model=256, n_heads=8, seq_len=64, vocab_size=66),
-    "d_model 256, 8 heads, seq 80, vocab 50257 (the paper's largest)": dict(d_model=256, n_heads=8, seq_len=80,
-                                                                           vocab_size=50257),
+    "induction preset (d_model 64, 4 heads, seq 64, vocab 66), induction": (
+        dict(d_model=64, n_heads=4, seq_len=64, vocab_size=66), "induction"),
+    "paper's largest (d_model 256, 8 heads, seq 80, vocab 50257), text": (
+        dict(d_model=256, n_heads=8, seq_len=80, vocab_size=50257), "text"),
 }
 
 
@@ -40,53 +52,65 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(extras[:2])})"
 
 
-def best_of(repeats: int, work) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def old_causal(commit: str):
+    """model/causal.py as it was at `commit`, imported as model.causal_baseline (its relative imports resolve to
+    today's model package, which it only uses for the transformer, the graph and ConfigError)."""
+    source = subprocess.run(["git", "show", f"{commit}:model/causal.py"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "causal_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("model.causal_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(work):
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-large-vocab", action="store_true")
+    parser.add_argument("--baseline", default="1ec7811", help="the commit whose model/causal.py is the baseline")
+    parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s)")
+    baseline = None if args.skip_baseline else old_causal(args.baseline)
     cfg = CircuitConfig()
-    for name, shape in SHAPES.items():
-        if args.skip_large_vocab and shape["vocab_size"] > 1000:
-            continue
+    for name, (shape, task) in SHAPES.items():
         torch.manual_seed(0)
         model = Transformer(ModelConfig(n_layers=2, **shape)).eval()
-        data = TaskData(torch.zeros(2, shape["seq_len"] + 1, dtype=torch.long), torch.arange(64))
-        inputs = TASKS["induction"].inputs(model, data, torch.Generator().manual_seed(0), cfg.sequences)
-        patched = PatchedModel(model, inputs, TASKS["induction"])
-        edges = len(patched.graph.edges)
-        repeats = 1 if shape["vocab_size"] > 1000 else args.repeats
-        baseline = best_of(repeats, lambda: patched.evaluate(torch.ones(edges, edges) - torch.eye(edges)))
-        timings = {
-            "setup (clean and corrupted runs)": best_of(
-                repeats, lambda: PatchedModel(model, inputs, TASKS["induction"])
-            ),
-            "exact patching, every edge": best_of(repeats, lambda: exact_effects(patched)),
-            "EAP": best_of(repeats, lambda: attribution_effects(patched, 1)),
-            f"EAP-IG ({cfg.ig_steps} steps)": best_of(repeats, lambda: attribution_effects(patched, cfg.ig_steps)),
-        }
-        changes = exact_effects(patched)
-        timings["greedy circuit (prefixes until 90%)"] = best_of(repeats, lambda: greedy_circuit(patched, changes.abs(),
-                                                                                               cfg.faithfulness))
-        print(f"\n{name}: {edges} edges, {cfg.sequences} sequences")
-        print(f"  baseline: exact patching as one whole masked pass an edge  {baseline:8.3f} s")
-        for label, seconds in timings.items():
-            print(f"  {label:<58} {seconds:8.3f} s  ({seconds / baseline:.3f} x the baseline)")
-        total = sum(timings.values())
-        print(f"  {'a snapshot in all (what `--what circuit` computes)':<58} {total:8.3f} s  "
-              f"({baseline / timings['exact patching, every edge']:.1f}x faster exact patching than the baseline)")
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(3.0)
+        vocab, length = shape["vocab_size"], shape["seq_len"]
+        windows = torch.randint(0, vocab, (64, length + 1), generator=torch.Generator().manual_seed(3))
+        data = TaskData(windows, windows.unique() if vocab > 1000 else torch.arange(min(vocab, 64)))
+        print(f"\n{name}")
+        null, seconds_null = timed(lambda: task_null(model, data, task, cfg))
+        print(f"  null ({cfg.null_inits} untrained models, once a shape)        {seconds_null:8.1f} s")
+        fast, seconds_fast = timed(lambda: find_circuit(model, data, task, cfg, null=null))
+        print(f"  circuit, intervals, estimates, panel ({cfg.positions} positions)   {seconds_fast:8.1f} s   "
+              f"{len(fast.circuit)} edges, faithfulness {fast.faithfulness:.3f}, reached {fast.target_reached}, "
+              f"panel spread {fast.panel_spread:.2f}")
+        print(f"  a snapshot in all                                          {seconds_null + seconds_fast:8.1f} s")
+        full = replace(cfg, positions=length)
+        slow, seconds_slow = timed(lambda: find_circuit(model, data, task, full, null=task_null(model, data, task,
+                                                                                                    full)))
+        print(f"  unhurried: every position                                  {seconds_slow:8.1f} s   "
+              f"{len(slow.circuit)} edges, faithfulness {slow.faithfulness:.3f}; the two circuits' overlap "
+              f"(Jaccard) {jaccard(fast.circuit, slow.circuit):.2f}")
+        if baseline is not None:
+            old_inputs = baseline.TaskData(data.held_out, data.tokens)
+            old, seconds_old = timed(lambda: baseline.find_circuit(model, old_inputs, task, baseline.CircuitConfig()))
+            print(f"  baseline: model/causal.py at {args.baseline}                     {seconds_old:8.1f} s   "
+                  f"{len(old.circuit)} edges ({seconds_old / (seconds_null + seconds_fast):.1f}x the time of "
+                  "today's snapshot, null included)")
 
 
 if __name__ == "__main__":

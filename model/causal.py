@@ -1,497 +1,102 @@
-"""Circuits found causally, edge by edge: path patching, edge attribution patching and circuit discovery.
+"""A snapshot's causal circuit on a task, with what a reviewer asks of it: the null it clears, intervals on every
+effect and on faithfulness, the robustness panel, and how far the estimates (EAP, EAP-IG) agree with the truth.
 
-After Wang et al. 2022 and Goldowsky-Dill et al. 2023 (path patching), Conmy et al. 2023 (ACDC),
-Syed et al. 2023 (edge attribution patching, EAP) and Hanna et al. 2024 (EAP-IG).
+After Wang et al. 2022 (path patching), Conmy et al. 2023 (ACDC), Syed et al. 2023 (EAP), Hanna et al. 2024
+(EAP-IG) and Miller et al. 2024 (the robustness of circuit metrics). The pieces: model.tasks (inputs and
+metrics), model.patching (the graph's computation, exact effects, the estimates), model.discovery (the circuit
+and the panel), model.intervals (bootstrap and appearance).
 
-The graph. Nodes: the embedding (token + position, `embed`), each head's output (`0.2`), each
-head's query, key and value inputs (`1.2.q`, `1.2.k`, `1.2.v`), each MLP (`mlp0`: its input as a
-receiver, its output as a sender) and the logits. The residual stream at any point is the sum of
-what the senders before it wrote (the attention output projection has no bias; an MLP's biases are
-part of what it writes), so an edge is one sender's additive contribution to one receiver's input,
-before the receiver's LayerNorm. A 2-layer attention-only model with H heads a layer has
-3H^2 + 8H + 1 edges (81 at H = 4).
-
-A task is clean inputs, corrupted inputs and a metric (`CircuitTask`). Patching edge s -> r runs
-the model with the receiver r seeing the corrupted run's value of s in place of the clean one,
-everything else clean (downstream of r included, which then sees r's changed output). Its effect
-is the metric's change as a fraction of the full clean-to-corrupted difference. Only what differs
-between the two runs can show: with the positions the same in both, an edge whose values come
-from positions alone has no effect by construction.
-
-Exact patching is the ground truth and the default: every edge is patched by itself, in batches
-of forward passes that start at the receiver's layer from the cached clean run. EAP estimates all
-edges from one backward pass, (corrupted - clean sender value) . gradient at the receiver input;
-EAP-IG averages that gradient over k inputs interpolated from the corrupted to the clean
-embedding. Both are linear estimates: through a saturated softmax (a sharp attention pattern, a
-confident prediction) the gradient vanishes and they miss edges exact patching finds.
-
-The circuit at a snapshot: the smallest set of edges, taken in order of exact effect, whose model
-(those edges clean, every other edge carrying its corrupted value) recovers at least
-`CircuitConfig.faithfulness` of the difference. ACDC-style pruning (reverse topological order) is
-the other way to find one (`prune_circuit`).
+- Does the model do the task? The clean run must beat the corrupted one by at least `min_difference` nats,
+  `min_sigmas` standard errors of the per-sequence differences, and `null_factor` times the largest difference
+  of `null_inits` fresh random initialisations of the same shape on the same inputs (the task's null; cached per
+  shape). Otherwise there is nothing for a circuit to explain, and no effect is reported.
+- Edge effect: the metric's change when that edge alone carries its corrupted value (exact, resample noising),
+  as a fraction of the clean-to-corrupted difference; a percentile bootstrap over sequences gives its interval.
+- The circuit: the shortest prefix by |effect| recovering `faithfulness` of the difference, pruned to the
+  edges on a path from the embedding to the logits (or ACDC's, with `method` acdc), its faithfulness with an
+  interval, and the robustness panel.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .edges import INPUT_KINDS, LOGITS, CircuitConfig, Graph, build_graph
+from .discovery import faithfulness_of, greedy_circuit, panel_spread, prune_circuit, robustness_panel
+from .edges import EMBED, ROBUST_SPREAD, CircuitConfig
+from .intervals import bootstrap_indices, ratio_interval
+from .patching import PatchedModel, attribution_effects, exact_effects
+from .paths import cache_dir
+from .tasks import TaskData, TaskInputs, get_task
 from .transformer import Transformer
 
-
-def model_graph(model: Transformer) -> Graph:
-    return build_graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.mlp)
-
-
-# ---------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class TaskInputs:
-    """One task's inputs for one model: clean and corrupted token ids [B, T] of the same shape, and where
-    and against what the metric is measured."""
-
-    clean: torch.Tensor
-    corrupted: torch.Tensor
-    positions: torch.Tensor
-    """Query positions [P] whose next-token predictions the metric reads."""
-    targets: torch.Tensor | None = None
-    """[B, P] the clean next tokens at those positions (metrics on the clean tokens' loss)."""
-
-
-Metric = Callable[[torch.Tensor, torch.Tensor, torch.nn.Linear, torch.Tensor | None], torch.Tensor]
-"""(normalised residual at the metric's positions [V, B, P, d_model], the clean run's there [1, B, P, d_model],
-the unembedding, the clean next tokens there [B, P] or None) -> the metric of every variant [V]; larger is
-worse (a loss, a divergence)."""
-
-
-@dataclass(frozen=True)
-class CircuitTask:
-    """A task: how to draw its inputs and what its metric is. Add one to TASKS to measure it everywhere."""
-
-    name: str
-    description: str
-    inputs: Callable[[Transformer, "TaskData", torch.Generator, int], TaskInputs]
-    """(model, the run's data, a seeded generator, sequences) -> TaskInputs."""
-    metric: Metric
-    metric_name: str
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """What a run's tasks may draw on."""
-
-    held_out: torch.Tensor
-    """[N, T+1] held-out windows (PAD_ID marks padding)."""
-    tokens: torch.Tensor
-    """Ids of the tokens the training data contains: a task never draws another (`<unk>` and the end-of-text
-    token of the repeat task are never trained to be predicted)."""
-
-
-def _log_probs(unembed: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-    return unembed(rows).float().log_softmax(-1)
-
-
-def _rows_per_chunk(variants: int, unembed: torch.nn.Linear) -> int:
-    """Rows of every variant unembedded at once: about 2^24 logits (the vocabulary may be 50,257 wide)."""
-    return max(1, 2**24 // (unembed.weight.shape[0] * variants))
-
-
-def next_token_loss(residual: torch.Tensor, clean: torch.Tensor, unembed: torch.nn.Linear,
-                    targets: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross entropy of the clean next tokens `targets` [B, P] per variant, unembedded in chunks."""
-    variants, batch, positions, width = residual.shape
-    flat = residual.reshape(variants, batch * positions, width)
-    flat_targets = targets.reshape(-1)
-    total = torch.zeros(variants, device=residual.device)
-    step = _rows_per_chunk(variants, unembed)
-    for start in range(0, flat.shape[1], step):
-        rows = flat[:, start : start + step]
-        log_probs = _log_probs(unembed, rows)  # (V, n, vocab)
-        picked = log_probs.gather(-1, flat_targets[start : start + step].expand(variants, -1)[..., None])
-        total -= picked[..., 0].sum(-1)
-    return total / flat.shape[1]
-
-
-def kl_to_clean(residual: torch.Tensor, clean: torch.Tensor, unembed: torch.nn.Linear,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean KL(clean next-token distribution || patched one) per variant, over every measured position."""
-    variants, batch, positions, width = residual.shape
-    flat, flat_clean = residual.reshape(variants, -1, width), clean.reshape(-1, width)
-    total = torch.zeros(variants, device=residual.device)
-    step = _rows_per_chunk(variants + 1, unembed)
-    for start in range(0, flat.shape[1], step):
-        reference = _log_probs(unembed, flat_clean[start : start + step])  # (n, vocab)
-        patched = _log_probs(unembed, flat[:, start : start + step])  # (V, n, vocab)
-        total += (reference.exp() * (reference - patched)).sum(-1).sum(-1)
-    return total / flat.shape[1]
-
-
-def _distinct_rows(tokens: torch.Tensor, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """[count, length] random draws from `tokens`, each row without repeats where there are enough tokens."""
-    if len(tokens) >= length:
-        return torch.stack([tokens[torch.randperm(len(tokens), generator=generator)[:length]] for _ in range(count)])
-    return tokens[torch.randint(0, len(tokens), (count, length), generator=generator)]
-
-
-def _differ_everywhere(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
-    """Swap tokens within each corrupted row until no position holds its clean token (rows keep their tokens,
-    so a row without repeats stays without repeats)."""
-    corrupted = corrupted.clone()
-    for row in range(corrupted.shape[0]):
-        for i in (clean[row] == corrupted[row]).nonzero().flatten().tolist():
-            for j in range(corrupted.shape[1]):
-                a, b = corrupted[row, i].item(), corrupted[row, j].item()
-                if j != i and b != clean[row, i] and a != clean[row, j]:
-                    corrupted[row, i], corrupted[row, j] = b, a
-                    break
-    return corrupted
-
-
-def induction_inputs(model: Transformer, data: TaskData, generator: torch.Generator, sequences: int) -> TaskInputs:
-    """Clean: random tokens r of length n = seq_len // 2 repeated, r + r (distinct where the vocabulary
-    allows, as the head-score probe draws them). Corrupted: 2n fresh random tokens that do not repeat (where
-    the training vocabulary has 2n tokens), differing from the clean ones at every position. Measured on the
-    second copy from its second token on: what only a model that looks back can predict."""
-    period = model.cfg.seq_len // 2
-    if period < 2:
-        raise ConfigError(f"the induction task needs seq_len >= 4 (the model's is {model.cfg.seq_len})")
-    first = _distinct_rows(data.tokens, sequences, period, generator)
-    clean = torch.cat([first, first], dim=1)
-    corrupted = _differ_everywhere(clean, _distinct_rows(data.tokens, sequences, 2 * period, generator))
-    positions = torch.arange(period, 2 * period - 1)
-    return TaskInputs(clean, corrupted, positions, clean[:, positions + 1])
-
-
-def text_inputs(model: Transformer, data: TaskData, generator: torch.Generator, sequences: int) -> TaskInputs:
-    """Clean: held-out windows without padding. Corrupted: each window's tokens taken from another window.
-    Measured at every position."""
-    length = model.cfg.seq_len
-    whole = data.held_out[(data.held_out[:, :length] >= 0).all(dim=1), :length]
-    if len(whole) < 2:
-        raise ConfigError("the text task needs at least 2 held-out windows without padding "
-                          "(train with --pack, the default)")
-    clean = whole[torch.randperm(len(whole), generator=generator)[:sequences]]
-    return TaskInputs(clean, clean.roll(1, dims=0), torch.arange(length))
-
-
-TASKS: dict[str, CircuitTask] = {
-    "induction": CircuitTask(
-        "induction", "r + r against 2n fresh tokens; loss of the clean next tokens on the second copy",
-        induction_inputs, next_token_loss, "loss"),
-    "text": CircuitTask(
-        "text", "held-out windows against another window's tokens; KL to the clean next-token distribution",
-        text_inputs, kl_to_clean, "kl"),
-}
-
-
-def get_task(name: str) -> CircuitTask:
-    if name not in TASKS:
-        raise ConfigError(f"unknown circuit task {name!r}; tasks: {', '.join(TASKS)}")
-    return TASKS[name]
-
-
-# ---------------------------------------------------------------- running the graph
-
-
-class PatchedModel:
-    """A model's computation as its graph: every receiver's input assembled edge by edge, so any set of
-    edges can carry its corrupted value (a mask), forward passes batched over masks ("variants")."""
-
-    def __init__(self, model: Transformer, inputs: TaskInputs, task: CircuitTask) -> None:
-        self.model, self.inputs, self.task = model, inputs, task
-        self.graph = model_graph(model)
-        self.device = next(model.parameters()).device
-        self.cfg = model.cfg
-        self.attention = []  # per layer: (W_Q, W_K, W_V [H, D, dh], W_O [H, dh, D])
-        for block in model.blocks:
-            attn = block.attn
-            self.attention.append(tuple(w.detach().float() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O)))
-        self._index = {edge: i for i, edge in enumerate(self.graph.edges)}
-        self.attention_edges = [self._receiver_edges(layer) for layer in range(self.cfg.n_layers)]
-        self.mlp_edges = [self._mlp_edges(layer) for layer in range(self.cfg.n_layers)] if self.cfg.mlp else []
-        logits = self.graph.receivers.index(LOGITS)
-        self.logit_edges = torch.tensor([self._index[(s, logits)] for s in range(len(self.graph.senders))],
-                                        device=self.device)
-        with torch.no_grad():
-            self.clean_embed = self._embed(inputs.clean)
-            self.corrupted_embed = self._embed(inputs.corrupted)
-            corrupted, corrupted_residual = self.run(None, self.corrupted_embed)
-            self.corrupted_senders = torch.stack([s[0] for s in corrupted])  # (S, B, T, D)
-            clean, self.clean_residual = self.run(None, self.clean_embed)
-            self.clean_senders = clean  # each (1, B, T, D)
-            # what the receivers see of the corrupted run before each point: sums over the senders before it
-            self.corrupted_prefix = torch.cat([torch.zeros_like(self.corrupted_senders[:1]),
-                                               self.corrupted_senders.cumsum(0)])
-            self.clean_metric = float(self.metric(self.clean_residual)[0])
-            self.corrupted_metric = float(self.metric(corrupted_residual)[0])
-            differences = self.per_sequence(corrupted_residual) - self.per_sequence(self.clean_residual)
-            self.difference_se = float(differences.std() / math.sqrt(len(differences)))
-
-    # --- pieces of the graph
-
-    def _receiver_edges(self, layer: int) -> torch.Tensor:
-        """[senders before layer, 3, H] edge ids into layer `layer`'s query, key and value inputs."""
-        before, heads = self.graph.senders_before(layer), self.cfg.n_heads
-        ids = torch.empty(before, 3, heads, dtype=torch.long)
-        for kind_index, kind in enumerate(INPUT_KINDS):
-            for head in range(heads):
-                receiver = self.graph.receivers.index(f"{layer}.{head}.{kind}")
-                for sender in range(before):
-                    ids[sender, kind_index, head] = self._index[(sender, receiver)]
-        return ids.to(self.device)
-
-    def _mlp_edges(self, layer: int) -> torch.Tensor:
-        before = self.graph.senders_before(layer, mlp=True)
-        receiver = self.graph.receivers.index(f"mlp{layer}")
-        return torch.tensor([self._index[(s, receiver)] for s in range(before)], device=self.device)
-
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=self.device)
-        embed = self.model.embed(tokens.to(self.device)) + self.model.pos_embed(positions)
-        return embed.float()[None]  # (1, B, T, D)
-
-    def _assemble(self, senders: list[torch.Tensor], masks: torch.Tensor | None, edge_ids: torch.Tensor,
-                  variants: int) -> torch.Tensor:
-        """Receivers' inputs: every sender's current value where its edge is clean (mask 1), its corrupted
-        value where not. `edge_ids` [senders, *receivers]; returns [V, B, T, *receivers, D]."""
-        count = edge_ids.shape[0]
-        current = torch.stack([s.expand(variants, -1, -1, -1) for s in senders[:count]])  # (s, V, B, T, D)
-        extra = (1,) * (edge_ids.dim() - 1)
-        if masks is None:
-            total = current.sum(0)  # (V, B, T, D)
-            return total.reshape(*total.shape[:3], *extra, total.shape[-1]).expand(
-                *total.shape[:3], *edge_ids.shape[1:], total.shape[-1])
-        weights = masks[:, edge_ids]  # (V, s, *receivers)
-        difference = current - self.corrupted_senders[:count, None]  # (s, V, B, T, D)
-        letters = "chm"[: edge_ids.dim() - 1]
-        mixed = torch.einsum(f"vs{letters},svbtd->vbt{letters}d", weights, difference)
-        return mixed + self.corrupted_prefix[count].reshape(1, *self.corrupted_prefix.shape[1:3], *extra, -1)
-
-    def run(self, masks: torch.Tensor | None, embed: torch.Tensor, start_layer: int = 0,
-            probes: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every sender's value [V, B, T, D] and the normalised final residual, with each edge clean or
-        corrupted as `masks` [V, E] says (None: all clean). Layers before `start_layer` take the cached clean
-        run (their inputs must be all clean). With `probes`, each receiver group's input gets a zero tensor
-        added, appended to `probes`: gradients with respect to them are gradients at the receivers."""
-        variants = 1 if masks is None else masks.shape[0]
-        senders: list[torch.Tensor] = [embed]
-        for layer, block in enumerate(self.model.blocks):
-            if layer < start_layer:
-                senders += self.clean_senders[len(senders) : self.graph.senders_before(layer + 1)]
-                continue
-            inputs = self._probe(self._assemble(senders, masks, self.attention_edges[layer], variants), probes)
-            senders += self._heads(layer, block.ln_attn(inputs))
-            if block.mlp is not None:
-                mlp_input = self._probe(self._assemble(senders, masks, self.mlp_edges[layer], variants), probes)
-                senders.append(block.mlp(block.ln_mlp(mlp_input)).float())
-        return senders, self.final_residual(senders, masks, probes)
-
-    def final_residual(self, senders: list[torch.Tensor], masks: torch.Tensor | None = None,
-                       probes: list[torch.Tensor] | None = None) -> torch.Tensor:
-        variants = max(s.shape[0] for s in senders) if masks is None else masks.shape[0]
-        inputs = self._probe(self._assemble(senders, masks, self.logit_edges[:, None], variants)[..., 0, :], probes)
-        return self.model.ln_final(inputs)
-
-    @staticmethod
-    def _probe(inputs: torch.Tensor, probes: list[torch.Tensor] | None) -> torch.Tensor:
-        if probes is None:
-            return inputs
-        probe = torch.zeros_like(inputs, requires_grad=True)
-        probes.append(probe)
-        return inputs + probe
-
-    def _heads(self, layer: int, normalised: torch.Tensor) -> list[torch.Tensor]:
-        """Each head's output [V, B, T, D] from its own query, key and value inputs [V, B, T, 3, H, D]."""
-        W_Q, W_K, W_V, W_O = self.attention[layer]
-        q = torch.einsum("vbthd,hde->vbhte", normalised[:, :, :, 0], W_Q)  # (V, B, H, T, dh)
-        k = torch.einsum("vbthd,hde->vbhte", normalised[:, :, :, 1], W_K)
-        v = torch.einsum("vbthd,hde->vbhte", normalised[:, :, :, 2], W_V)
-        length = q.shape[-2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (V, B, H, T, T)
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        out = torch.einsum("vbhte,hed->vbhtd", pattern @ v, W_O)  # (V, B, H, T, D)
-        return [out[:, :, head] for head in range(out.shape[2])]
-
-    def head_with_input(self, layer: int, head: int, kind: int, inputs: torch.Tensor) -> torch.Tensor:
-        """What head `layer.head` writes [V, B, T, D] when its input `kind` (0 q, 1 k, 2 v) is `inputs`
-        [V, B, T, D] and its other two inputs are clean."""
-        clean = self.model.blocks[layer].ln_attn(self._clean_prefix(self.graph.senders_before(layer)))
-        replaced = self.model.blocks[layer].ln_attn(inputs)
-        weights = self.attention[layer]
-        q, k, v = ((replaced if index == kind else clean) @ weights[index][head] for index in range(3))  # (V, B, T, dh)
-        length = q.shape[-2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (V, B, T, T)
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        return (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v) @ weights[3][head]
-
-    def _clean_prefix(self, count: int) -> torch.Tensor:
-        return torch.cat(self.clean_senders[:count]).sum(0)
-
-    def finish(self, residual: torch.Tensor, layer: int, after_mlp: bool = False) -> torch.Tensor:
-        """The metric of every variant from the residual stream [V, B, T, D] after layer `layer`'s attention
-        (`after_mlp`: after its MLP; the logits' input when `layer` is the number of layers): the rest runs as
-        the model's own blocks."""
-        values = []
-        batch, length, width = residual.shape[1:]
-        chunk = max(1, 2**22 // (batch * length * max(width, self.model.unembed.weight.shape[0] // 8)))
-        for start in range(0, residual.shape[0], chunk):
-            x = residual[start : start + chunk].reshape(-1, length, width)  # (V * B, T, D)
-            if layer < len(self.model.blocks):
-                block = self.model.blocks[layer]
-                if block.mlp is not None and not after_mlp:
-                    x = x + block.mlp(block.ln_mlp(x))
-                for later in self.model.blocks[layer + 1 :]:
-                    x, _ = later(x, None)
-            values.append(self.metric(self.model.ln_final(x).reshape(-1, batch, length, width)))
-        return torch.cat(values)
-
-    # --- the metric
-
-    def metric(self, residual: torch.Tensor) -> torch.Tensor:
-        """The task's metric of every variant [V] from the normalised final residual [V, B, T, D]."""
-        positions = self.inputs.positions.to(self.device)
-        return self.task.metric(residual[:, :, positions], self.clean_residual[:, :, positions], self.model.unembed,
-                                self.targets)
-
-    def per_sequence(self, residual: torch.Tensor) -> torch.Tensor:
-        """The metric of each sequence [B] of one run's normalised final residual [1, B, T, D]."""
-        positions = self.inputs.positions.to(self.device)
-        targets = self.targets
-        return torch.cat(
-            [
-                self.task.metric(
-                    residual[:, b : b + 1, positions],
-                    self.clean_residual[:, b : b + 1, positions],
-                    self.model.unembed,
-                    None if targets is None else targets[b : b + 1],
-                )
-                for b in range(residual.shape[1])
-            ]
-        )
-
-    @property
-    def targets(self) -> torch.Tensor | None:
-        return None if self.inputs.targets is None else self.inputs.targets.to(self.device)
-
-    @property
-    def difference(self) -> float:
-        return self.corrupted_metric - self.clean_metric
-
-    def evaluate(self, masks: torch.Tensor, start_layer: int = 0, chunk: int | None = None) -> torch.Tensor:
-        """The metric with each edge clean or corrupted as `masks` [V, E] says, in chunks of variants."""
-        chunk = chunk or self._chunk()
-        values = []
-        with torch.no_grad():
-            for start in range(0, masks.shape[0], chunk):
-                part = masks[start : start + chunk].to(self.device)
-                _, residual = self.run(part, self.clean_embed, start_layer)
-                values.append(self.metric(residual))
-        return torch.cat(values) if values else torch.zeros(0, device=self.device)
-
-    def _chunk(self) -> int:
-        """Variants a forward pass holds at once: about 2^24 floats of receiver inputs."""
-        batch, length = self.inputs.clean.shape
-        per_variant = batch * length * self.cfg.d_model * max(3 * self.cfg.n_heads, len(self.graph.senders))
-        return max(1, 2**24 // per_variant)
-
-
-# ---------------------------------------------------------------- effects
-
-
-def exact_effects(patched: PatchedModel) -> torch.Tensor:
-    """Every edge patched alone: the metric's change in nats [E].
-
-    Patching s -> r changes only r's input, by (corrupted - clean value of s): only r's head (or MLP) is
-    computed again, and everything after it sees one changed residual stream, so the rest runs as the
-    model's own blocks. Variants are batched by the receiver's layer.
-    """
-    graph, model = patched.graph, patched.model
-    clean = torch.cat(patched.clean_senders)  # (S, B, T, D)
-    delta = patched.corrupted_senders - clean
-    prefix = torch.cat([torch.zeros_like(clean[:1]), clean.cumsum(0)])  # residual before each sender
-    changes = torch.empty(len(graph.edges), device=patched.device)
-    with torch.no_grad():
-        # stages: each layer's head inputs, its MLP's input, ..., the logits; each stage's variants go on together
-        stages = [(layer, mlp) for layer in range(graph.layers) for mlp in (False, True)] + [(graph.layers, True)]
-        for layer, after_mlp in stages:
-            ids, residuals = [], []
-            for receiver, name in enumerate(graph.receivers):
-                if (_receiver_layer(name, graph.layers), name.startswith("mlp") or name == LOGITS) != (
-                    layer,
-                    after_mlp,
-                ):
-                    continue
-                count = sum(1 for _, r in graph.edges if r == receiver)
-                inputs = prefix[count] + delta[:count]  # (senders, B, T, D): the receiver's patched inputs
-                if name == LOGITS:
-                    residuals.append(inputs)
-                elif name.startswith("mlp"):
-                    block = model.blocks[layer]
-                    written = block.mlp(block.ln_mlp(inputs)) - clean[count]
-                    residuals.append(prefix[count + 1] + written)
-                else:
-                    head, kind = int(name.split(".")[1]), INPUT_KINDS.index(name.split(".")[2])
-                    written = patched.head_with_input(layer, head, kind, inputs) - clean[count + head]
-                    residuals.append(prefix[graph.senders_before(layer, mlp=True)] + written)
-                ids += [patched._index[(s, receiver)] for s in range(count)]
-            if ids:
-                residual = torch.cat(residuals)
-                finished = patched.finish(residual, layer, after_mlp)
-                changes[torch.tensor(ids, device=patched.device)] = finished - patched.clean_metric
-    return changes
-
-
-def _receiver_layer(receiver: str, layers: int) -> int:
-    if receiver == LOGITS:
-        return layers
-    return int(receiver.removeprefix("mlp").split(".")[0])
-
-
-def attribution_effects(patched: PatchedModel, steps: int = 1) -> torch.Tensor:
-    """EAP (steps 1: the gradient at the clean run) or EAP-IG (the gradient averaged over `steps` inputs
-    interpolated from the corrupted to the clean embedding, Hanna et al. 2024): for every edge,
-    (corrupted - clean sender value) . d metric / d receiver input, in nats [E]."""
-    gradients: list[torch.Tensor] | None = None
-    for step in range(1, steps + 1):
-        alpha = step / steps
-        embed = patched.corrupted_embed + alpha * (patched.clean_embed - patched.corrupted_embed)
-        probes: list[torch.Tensor] = []
-        with torch.enable_grad():
-            _, residual = patched.run(None, embed, probes=probes)
-            found = torch.autograd.grad(patched.metric(residual).sum(), probes)
-        gradients = list(found) if gradients is None else [g + f for g, f in zip(gradients, found)]
-    gradients = [g / steps for g in gradients]
-    clean = torch.stack([s[0] for s in patched.clean_senders])  # (S, B, T, D)
-    delta = patched.corrupted_senders - clean  # (S, B, T, D)
-    graph, cfg = patched.graph, patched.cfg
-    estimates = torch.empty(len(graph.edges), device=patched.device)
-    groups = []  # (edge ids [senders, *receivers], gradient [B, T, *receivers, D]) in the order run() probed
-    for layer in range(cfg.n_layers):
-        groups.append(patched.attention_edges[layer])
-        if cfg.mlp:
-            groups.append(patched.mlp_edges[layer][:, None])
-    groups.append(patched.logit_edges[:, None])
-    for ids, gradient in zip(groups, gradients):
-        gradient = gradient[0].reshape(*gradient.shape[1:3], -1, gradient.shape[-1])  # (B, T, R, D)
-        senders = ids.shape[0]
-        values = torch.einsum("sbtd,btrd->sr", delta[:senders], gradient)
-        estimates[ids.reshape(senders, -1).flatten()] = values.flatten()
-    return estimates
-
-
-# ---------------------------------------------------------------- the circuit
+NULL_SEED = 1_000_003
+"""Seeds the null's random initialisations (the i-th is NULL_SEED + i): never a trial's own seed."""
+ZERO_ESTIMATE = "the estimate is identically zero at the clean run (a KL metric's gradient vanishes there)"
+
+
+# ---------------------------------------------------------------- the null
+
+
+def _inputs(model: Transformer, data: TaskData, task: str, cfg: CircuitConfig) -> TaskInputs:
+    return get_task(task).inputs(model, data, torch.Generator().manual_seed(cfg.seed), cfg.sequences, cfg.positions)
+
+
+def _null_key(model: Transformer, data: TaskData, task: str, cfg: CircuitConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([asdict(model.cfg), task, cfg.sequences, cfg.positions, cfg.seed, cfg.null_inits],
+                             sort_keys=True).encode())
+    for tensor in (data.held_out, data.tokens):
+        digest.update(tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+_NULLS: dict[str, list[float]] = {}
+
+
+def task_null(model: Transformer, data: TaskData, task: str, cfg: CircuitConfig = CircuitConfig()) -> list[float]:
+    """The clean-to-corrupted difference of `null_inits` fresh random initialisations of `model`'s shape on the
+    task's inputs (seeded; cached in this process and under the cache folder, per shape, task and data)."""
+    key = _null_key(model, data, task, cfg)
+    if key in _NULLS:
+        return _NULLS[key]
+    path = cache_dir() / "circuit-nulls" / f"{key}.json"
+    try:
+        _NULLS[key] = json.loads(path.read_text())
+        return _NULLS[key]
+    except (OSError, ValueError):
+        pass
+    differences = []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for index in range(cfg.null_inits):
+            torch.manual_seed(NULL_SEED + index)
+            untrained = Transformer(model.cfg).to(device).eval()
+            patched = PatchedModel(untrained, _inputs(untrained, data, task, cfg), get_task(task))
+            differences.append(patched.difference)
+    _NULLS[key] = differences
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{id(differences)}.tmp")
+        partial.write_text(json.dumps(differences))
+        partial.replace(path)
+    except OSError:  # a read-only cache only costs the recomputation
+        pass
+    return differences
+
+
+# ---------------------------------------------------------------- the result
 
 
 @dataclass
 class CircuitResult:
-    """One snapshot's circuit on one task: every edge's effect, the circuit and its faithfulness."""
+    """One snapshot's circuit on one task: every edge's effect with its interval, the circuit, its faithfulness
+    with its interval, the robustness panel, the estimates and the null."""
 
     task: str
     edges: list[str]
@@ -499,13 +104,26 @@ class CircuitResult:
     corrupted_metric: float
     difference_se: float
     """Standard error of the clean-to-corrupted difference over the task's sequences."""
+    null: list[float]
+    """The difference of each of the null's random initialisations."""
     change: list[float]
-    """Exact patching: the metric's change in nats when the edge alone is corrupted."""
+    """Exact patching: the metric's change in nats when the edge alone is corrupted (mean over sequences)."""
+    effect_low: list[float]
+    effect_high: list[float]
+    """The change's 95% bootstrap interval as a fraction of the difference (NaN where the model does not do the
+    task)."""
     eap: list[float]
     eap_ig: list[float]
     circuit: list[str] = field(default_factory=list)
-    """The circuit's edges, largest effect first (empty: the model does not do the task)."""
+    """The circuit's edges, largest |effect| first (empty: the model does not do the task)."""
     faithfulness: float | None = None
+    faithfulness_low: float | None = None
+    faithfulness_high: float | None = None
+    target_reached: bool | None = None
+    """Whether the circuit reached the faithfulness target (when not: the most faithful prefix)."""
+    other_circuit: list[str] | None = None
+    """With method acdc, the greedy circuit beside it (and the other way round when asked for)."""
+    panel: dict[str, float | None] = field(default_factory=dict)
     config: CircuitConfig = field(default_factory=CircuitConfig)
 
     @property
@@ -513,11 +131,25 @@ class CircuitResult:
         return self.corrupted_metric - self.clean_metric
 
     @property
+    def null_bound(self) -> float:
+        """The difference the model must reach to clear the null."""
+        return self.config.null_factor * max(self.null, default=0.0)
+
+    @property
     def does_task(self) -> bool:
-        """Whether the clean run beats the corrupted one by more than min_difference nats and min_sigmas
-        standard errors: otherwise there is nothing for a circuit to explain."""
-        return (self.difference >= self.config.min_difference
-                and self.difference >= self.config.min_sigmas * self.difference_se)
+        return self.gate() is None
+
+    def gate(self) -> str | None:
+        """Why the model does not do the task (None: it does)."""
+        cfg = self.config
+        if self.difference < cfg.min_difference:
+            return f"difference {self.difference:.4f} nats is below {cfg.min_difference:g}"
+        if self.difference < cfg.min_sigmas * self.difference_se:
+            return f"difference {self.difference:.4f} nats is within {cfg.min_sigmas:g} standard errors"
+        if self.difference < self.null_bound:
+            return (f"difference {self.difference:.4f} nats does not clear the null ({cfg.null_factor:g} x "
+                    f"{max(self.null):.4f} nats of untrained models of this shape)")
+        return None
 
     def fractions(self, values: list[float]) -> list[float | None]:
         """Changes as fractions of the clean-to-corrupted difference (None where the model does not do the task)."""
@@ -528,31 +160,69 @@ class CircuitResult:
         return self.fractions(self.change)
 
     def above_threshold(self) -> list[str]:
-        """Edges that matter alone: effect >= the edge threshold."""
-        return [e for e, effect in zip(self.edges, self.effects)
-                if effect is not None and effect >= self.config.edge_threshold]
+        """Edges that matter: the lower end of the effect's interval >= the edge threshold."""
+        if not self.does_task:
+            return []
+        return [e for e, low in zip(self.edges, self.effect_low) if low >= self.config.edge_threshold]
 
-    def agreement(self, estimates: list[float]) -> dict[str, float | None]:
+    @property
+    def panel_spread(self) -> float | None:
+        return panel_spread(self.panel)
+
+    @property
+    def robust(self) -> bool | None:
+        spread = self.panel_spread
+        return None if spread is None else spread <= ROBUST_SPREAD
+
+    def estimate_is_zero(self, estimates: list[float]) -> bool:
+        scale = max((abs(value) for value in self.change), default=0.0)
+        return max((abs(value) for value in estimates), default=0.0) <= max(1e-9, 1e-6 * scale)
+
+    def agreement(self, estimates: list[float]) -> dict[str, Any]:
         """How an estimate ranks the edges against exact patching: Spearman and Pearson over all edges, and the
-        fraction of the circuit among the estimate's top |circuit| edges."""
+        fraction of the circuit among the estimate's top |circuit| edges; null, with the reason, where the
+        estimate is identically zero (rounding noise would give numbers that mean nothing)."""
+        if not self.does_task:
+            return {"spearman": None, "pearson": None, "circuit_recall": None, "reason": "no edge was patched"}
+        if self.estimate_is_zero(estimates):
+            return {"spearman": None, "pearson": None, "circuit_recall": None, "reason": ZERO_ESTIMATE}
         exact = torch.tensor(self.change, dtype=torch.float64)
         estimate = torch.tensor(estimates, dtype=torch.float64)
-        top = set(self.edges[i] for i in estimate.argsort(descending=True)[: len(self.circuit)].tolist())
+        top = set(self.edges[i] for i in estimate.abs().argsort(descending=True)[: len(self.circuit)].tolist())
         recall = len(top & set(self.circuit)) / len(self.circuit) if self.circuit else None
         return {"spearman": _correlation(_ranks(exact), _ranks(estimate)), "pearson": _correlation(exact, estimate),
-                "circuit_recall": recall}
+                "circuit_recall": recall, "reason": None}
+
+    @property
+    def completeness_error(self) -> float | None:
+        """EAP-IG over the embedding's edges against the true difference, as a fraction of it (the integrated
+        gradient along the input's path sums to the difference; the midpoint rule's error is what remains)."""
+        if abs(self.difference) < 1e-12:
+            return None
+        total = sum(value for edge, value in zip(self.edges, self.eap_ig) if edge.startswith(f"{EMBED} -> "))
+        return (total - self.difference) / self.difference
 
     def document(self) -> dict[str, Any]:
         effects, eap, eap_ig = self.effects, self.fractions(self.eap), self.fractions(self.eap_ig)
         return {
             "task": self.task, "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric,
             "difference": self.difference, "difference_se": self.difference_se, "does_task": self.does_task,
-            "faithfulness": self.faithfulness,
-            "circuit": self.circuit,
-            "edges": [{"edge": e, "effect": effects[i], "change": self.change[i], "eap": eap[i], "eap_ig": eap_ig[i]}
+            "gate": self.gate(), "null": self.null, "null_bound": self.null_bound,
+            "faithfulness": self.faithfulness, "faithfulness_interval": [self.faithfulness_low,
+                                                                         self.faithfulness_high],
+            "target_reached": self.target_reached, "circuit": self.circuit, "other_circuit": self.other_circuit,
+            "panel": self.panel, "panel_spread": self.panel_spread, "robust": self.robust,
+            "edges": [{"edge": e, "effect": effects[i], "interval": [_finite(self.effect_low[i]),
+                                                                     _finite(self.effect_high[i])],
+                       "change": _finite(self.change[i]), "eap": eap[i], "eap_ig": eap_ig[i]}
                       for i, e in enumerate(self.edges)],
             "agreement": {"eap": self.agreement(self.eap), "eap_ig": self.agreement(self.eap_ig)},
+            "eap_ig_completeness_error": self.completeness_error,
         }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -571,68 +241,56 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a * b).sum()) / scale if scale > 0 else None
 
 
-def faithfulness_of(patched: PatchedModel, kept: list[list[int]]) -> torch.Tensor:
-    """For each set of kept edge ids: (corrupted - metric with only them clean) / (corrupted - clean)."""
-    masks = torch.zeros(len(kept), len(patched.graph.edges), device=patched.device)
-    for row, ids in enumerate(kept):
-        masks[row, ids] = 1.0
-    values = patched.evaluate(masks)
-    return (patched.corrupted_metric - values) / patched.difference
+def jaccard(first: list[str], second: list[str]) -> float | None:
+    union = set(first) | set(second)
+    return len(set(first) & set(second)) / len(union) if union else None
 
 
-def greedy_circuit(patched: PatchedModel, change: torch.Tensor, target: float) -> tuple[list[int], float]:
-    """The smallest prefix of the edges by exact effect (largest first) whose model recovers `target` of the
-    difference, and its faithfulness. Prefixes are measured in batches, stopping at the first that reaches it."""
-    order = change.argsort(descending=True).tolist()
-    order = [i for i in order if change[i] > 0]
-    best = (order, float("nan"))
-    chunk = patched._chunk()
-    for start in range(0, len(order), chunk):
-        sizes = list(range(start + 1, min(len(order), start + chunk) + 1))
-        faithful = faithfulness_of(patched, [order[:size] for size in sizes])
-        reached = (faithful >= target).nonzero().flatten().tolist()
-        if reached:
-            return order[: sizes[reached[0]]], float(faithful[reached[0]])
-        best = (order, float(faithful[-1]))
-    return best
-
-
-def prune_circuit(patched: PatchedModel, threshold: float) -> tuple[list[int], float]:
-    """ACDC-style (Conmy et al. 2023): from the whole graph, visit the receivers in reverse topological order
-    and remove each incoming edge whose corruption, given the edges already removed, moves the metric by less
-    than `threshold` of the difference. Returns the kept edges and their faithfulness."""
-    graph = patched.graph
-    mask = torch.ones(1, len(graph.edges), device=patched.device)
-    current = float(patched.evaluate(mask)[0])
-    for receiver in reversed(range(len(graph.receivers))):
-        for edge in [i for i, (_, r) in enumerate(graph.edges) if r == receiver]:
-            trial = mask.clone()
-            trial[0, edge] = 0.0
-            value = float(patched.evaluate(trial)[0])
-            if value - current < threshold * patched.difference:
-                mask, current = trial, value
-    kept = mask[0].nonzero().flatten().tolist()
-    return kept, (patched.corrupted_metric - current) / patched.difference
+# ---------------------------------------------------------------- finding it
 
 
 def find_circuit(model: Transformer, data: TaskData, task: str = "induction",
-                 cfg: CircuitConfig = CircuitConfig()) -> CircuitResult:
-    """Exact effects, EAP and EAP-IG of every edge of `model` on `task`, and its circuit (greedy by effect)."""
+                 cfg: CircuitConfig = CircuitConfig(), null: list[float] | None = None) -> CircuitResult:
+    """Exact effects (with intervals), EAP and EAP-IG of every edge of `model` on `task`; where the model does the
+    task, its circuit, the circuit's faithfulness (with its interval) and the robustness panel. `null`: the task's
+    null differences, computed (and cached) when not given."""
     chosen = get_task(task)
     was_training = model.training
     model.eval()
     try:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        inputs = chosen.inputs(model, data, generator, cfg.sequences)
+        inputs = _inputs(model, data, task, cfg)
         patched = PatchedModel(model, inputs, chosen)
-        change = exact_effects(patched)
-        eap = attribution_effects(patched, steps=1)
-        eap_ig = attribution_effects(patched, steps=cfg.ig_steps)
-        result = CircuitResult(task, patched.graph.edge_names, patched.clean_metric, patched.corrupted_metric,
-                               patched.difference_se, change.tolist(), eap.tolist(), eap_ig.tolist(), config=cfg)
-        if result.does_task:
-            kept, faithful = greedy_circuit(patched, change, cfg.faithfulness)
-            result.circuit, result.faithfulness = [result.edges[i] for i in kept], faithful
+        edges = patched.graph.edge_names
+        unmeasured = [math.nan] * len(edges)
+        result = CircuitResult(
+            task, edges, patched.clean_metric, patched.corrupted_metric, patched.difference_se,
+            null if null is not None else task_null(model, data, task, cfg), unmeasured, unmeasured, unmeasured,
+            unmeasured, unmeasured, config=cfg)
+        if not result.does_task:  # nothing for a circuit to explain: no edge is patched
+            return result
+        per_sequence = exact_effects(patched)  # [E, B] nats
+        differences = (patched.corrupted_values - patched.clean_values).cpu().numpy()
+        indices = bootstrap_indices(len(differences), cfg.seed)
+        low, high = ratio_interval(per_sequence.cpu().numpy(), differences, indices)
+        change = per_sequence.mean(-1)
+        result.change, result.effect_low, result.effect_high = change.tolist(), low.tolist(), high.tolist()
+        result.eap = attribution_effects(patched, steps=1).tolist()
+        result.eap_ig = attribution_effects(patched, steps=cfg.ig_steps).tolist()
+        greedy = greedy_circuit(patched, change, cfg.faithfulness, cfg.min_effect)
+        kept, values, reached = greedy.kept, greedy.values, greedy.reached
+        if cfg.method == "acdc":
+            kept, faithful = prune_circuit(patched, cfg.acdc_threshold)
+            result.other_circuit = [edges[i] for i in greedy.kept]
+            values = faithfulness_of(patched, [kept])[0]
+            reached = faithful >= cfg.faithfulness
+        kept_values = (patched.corrupted_values - values).cpu().numpy()
+        faithful_low, faithful_high = ratio_interval(kept_values, differences, indices)
+        result.circuit = [edges[i] for i in kept]
+        result.faithfulness = float(kept_values.mean() / differences.mean())
+        result.faithfulness_low, result.faithfulness_high = float(faithful_low), float(faithful_high)
+        result.target_reached = bool(reached)
+        result.panel = robustness_panel(model, inputs, chosen, kept, cfg.min_difference)
         return result
     finally:
         model.train(was_training)
+

@@ -15,7 +15,7 @@ A measure added here next month backfills into last month's sweeps: name it in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,14 +30,15 @@ from .analysis import (
     head_scores,
     repeated_tokens,
 )
-from .causal import TASKS, TaskData, find_circuit
+from .causal import ZERO_ESTIMATE, find_circuit
 from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
 from .circuits import mean_ablation, token_frequencies, token_tables
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
 from .data import prepare_data
-from .edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, CircuitConfig
+from .edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, METHODS, CircuitConfig, circuit_analysis, parse_circuit_analysis
 from .llc import LLCConfig, estimate_llc
 from .metrics import SCORE_NAMES
+from .tasks import TASKS, TaskData
 from .train import evaluate_model, held_out_sample
 from .transformer import Transformer
 
@@ -178,44 +179,60 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _circuit_rows(task: str) -> Callable[[Transformer, Probe], list[Row | EdgeRow]]:
+def _circuit_rows(task: str, method: str) -> Callable[[Transformer, Probe], list[Row | EdgeRow]]:
     def compute(model: Transformer, probe: Probe) -> list[Row | EdgeRow]:
         """Every edge's exact effect (fraction of the clean-to-corrupted difference; NaN where the model does not
-        do the task), its change in nats, its EAP and EAP-IG estimates; the circuit's edges by rank; and the
-        snapshot's clean and corrupted metric, faithfulness and the estimates' agreement with exact patching."""
-        result = find_circuit(model, probe.task_data(), task, probe.circuits)
-        rows: list[Row | EdgeRow] = [
-            (WHOLE_MODEL, WHOLE_MODEL, "clean_metric", result.clean_metric),
-            (WHOLE_MODEL, WHOLE_MODEL, "corrupted_metric", result.corrupted_metric),
-            (WHOLE_MODEL, WHOLE_MODEL, "difference_se", result.difference_se),
-            (WHOLE_MODEL, WHOLE_MODEL, "faithfulness", _or_nan(result.faithfulness)),
-            (WHOLE_MODEL, WHOLE_MODEL, "circuit_edges", float(len(result.circuit))),
-        ]
+        do the task) with its interval, its change in nats, its EAP and EAP-IG estimates; the circuit's edges by
+        rank (and the other method's); and the snapshot's metrics, the null, faithfulness with its interval, the
+        robustness panel and the estimates' agreement with exact patching."""
+        result = find_circuit(model, probe.task_data(), task, replace(probe.circuits, method=method))
+        whole = {
+            "clean_metric": result.clean_metric, "corrupted_metric": result.corrupted_metric,
+            "difference_se": result.difference_se, "null_bound": result.null_bound,
+            "null_max": max(result.null, default=float("nan")), "does_task": float(result.does_task),
+            "faithfulness": _or_nan(result.faithfulness), "faithfulness_low": _or_nan(result.faithfulness_low),
+            "faithfulness_high": _or_nan(result.faithfulness_high),
+            "target_reached": _or_nan(result.target_reached), "circuit_edges": float(len(result.circuit)),
+            "panel_spread": _or_nan(result.panel_spread),
+            "eap_ig_completeness_error": _or_nan(result.completeness_error),
+            **{f"panel:{key}": _or_nan(value) for key, value in result.panel.items()},
+        }
+        rows: list[Row | EdgeRow] = [(WHOLE_MODEL, WHOLE_MODEL, name, value) for name, value in whole.items()]
         for estimate, values in (("eap", result.eap), ("eap_ig", result.eap_ig)):
-            rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_{name}", _or_nan(value))
-                     for name, value in result.agreement(values).items()]
-        rank = {edge: position for position, edge in enumerate(result.circuit, 1)}
-        columns = {"edge_effect": result.effects, "edge_change": result.change,
-                   "edge_eap": result.fractions(result.eap), "edge_eap_ig": result.fractions(result.eap_ig)}
+            agreement = result.agreement(values)
+            rows += [(WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_{name}", _or_nan(agreement[name]))
+                     for name in ("spearman", "pearson", "circuit_recall")]
+            rows.append((WHOLE_MODEL, WHOLE_MODEL, f"{estimate}_zero", float(agreement["reason"] == ZERO_ESTIMATE)))
+        ranks = {"circuit_rank": result.circuit, "other_rank": result.other_circuit or []}
+        fractions = result.fractions
+        columns = {"edge_effect": result.effects, "edge_effect_low": result.effect_low,
+                   "edge_effect_high": result.effect_high, "edge_change": result.change,
+                   "edge_eap": fractions(result.eap), "edge_eap_ig": fractions(result.eap_ig)}
         for index, edge in enumerate(result.edges):
             sender, receiver = edge.split(" -> ")
             rows += [(WHOLE_MODEL, WHOLE_MODEL, name, _or_nan(values[index]), sender, receiver)
                      for name, values in columns.items()]
-            if edge in rank:
-                rows.append((WHOLE_MODEL, WHOLE_MODEL, "circuit_rank", float(rank[edge]), sender, receiver))
+            for name, circuit in ranks.items():
+                if edge in circuit:
+                    rows.append((WHOLE_MODEL, WHOLE_MODEL, name, float(circuit.index(edge) + 1), sender, receiver))
         return rows
 
     return compute
 
 
-def circuit_measure(task: str) -> Measure:
-    """The causal circuit on `task` (model.causal.TASKS) as a measure of the table: `circuit:<task>`."""
+def circuit_measure(task: str, method: str = "greedy") -> Measure:
+    """The causal circuit on `task` (model.tasks.TASKS) found by `method` as a measure of the table:
+    `circuit:<task>` (the greedy prefix) or `circuit:<task>:acdc` (ACDC, the greedy circuit recorded beside it)."""
     chosen = TASKS[task]
     cfg = CircuitConfig()
-    description = (f"causal circuit on {task} ({chosen.description}): exact path patching of every edge, EAP and "
-                   f"EAP-IG ({cfg.ig_steps} steps); circuit: smallest prefix by effect recovering "
-                   f"{cfg.faithfulness:g} of the difference; {cfg.sequences} sequences (model.causal)")
-    return Measure(f"{CIRCUIT_PREFIX}{task}", CIRCUIT_VERSION, description, _circuit_rows(task))
+    found = (f"shortest prefix by |effect| recovering {cfg.faithfulness:g} of the difference, connected"
+             if method == "greedy" else
+             f"ACDC in reverse topological order at threshold {cfg.acdc_threshold:g}, the greedy prefix beside it")
+    description = (f"causal circuit on {task} ({chosen.description}): exact path patching of every edge with 95% "
+                   f"bootstrap intervals, EAP and EAP-IG ({cfg.ig_steps} midpoint steps); the null of "
+                   f"{cfg.null_inits} untrained models; circuit: {found}; the robustness panel; {cfg.sequences} "
+                   f"sequences x {cfg.positions} positions (model.causal)")
+    return Measure(circuit_analysis(task, method), CIRCUIT_VERSION, description, _circuit_rows(task, method))
 
 
 MEASURES: dict[str, Measure] = {
@@ -248,13 +265,16 @@ DEFAULT_MEASURES = ("loss", "scores")
 def get_measure(name: str) -> Measure:
     """A measure by its name in the table: one of MEASURES, or `circuit:<task>` for every task in TASKS (a task
     added in Python is a measure at once)."""
-    if name.startswith(CIRCUIT_PREFIX) and name[len(CIRCUIT_PREFIX):] in TASKS:
-        return circuit_measure(name[len(CIRCUIT_PREFIX):])
+    circuit = parse_circuit_analysis(name)
+    if circuit is not None and circuit[0] in TASKS:
+        return circuit_measure(*circuit)
     return MEASURES[name]
 
 
-def measure_names() -> list[str]:
-    return [*MEASURES, *(f"{CIRCUIT_PREFIX}{task}" for task in TASKS)]
+def measure_names(with_acdc: bool = True) -> list[str]:
+    """Every measure's name; `all` leaves ACDC's circuits out (their search is sequential: ask for them by name)."""
+    methods = METHODS if with_acdc else ("greedy",)
+    return [*MEASURES, *(circuit_analysis(task, method) for method in methods for task in TASKS)]
 
 
 def parse_measures(text: str) -> tuple[str, ...]:
@@ -262,11 +282,11 @@ def parse_measures(text: str) -> tuple[str, ...]:
     every one."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if names == ["all"]:
-        return tuple(measure_names())
+        return tuple(measure_names(with_acdc=False))
     names = [f"{CIRCUIT_PREFIX}induction" if name == "circuit" else name for name in names]
     unknown = [name for name in names if name not in measure_names()]
     if unknown or not names:
-        tasks = f"circuit:TASK with TASK one of {', '.join(TASKS)}"
+        tasks = f"circuit:TASK or circuit:TASK:acdc with TASK one of {', '.join(TASKS)}"
         raise ConfigError(f"--what {text!r}: unknown measure {', '.join(unknown) or '(none)'}; measures: "
                           f"{', '.join(MEASURES)}, circuit ({tasks}) or all")
     return tuple(dict.fromkeys(names))

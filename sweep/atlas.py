@@ -149,27 +149,36 @@ def _summary(rows: list[AtlasRow], names: list[str]) -> dict[str, Any]:
 
 def _circuit_group(circuits: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The circuits of a group of trials: mean size and faithfulness, and per edge kind how many of the trials'
-    circuits hold it, with how many edges on average and when the first of them appeared (mean tokens)."""
+    final circuits hold it and when its first edge appeared. A trial where the kind never appeared is censored at
+    its last snapshot, never dropped: the median counts it as later than any snapshot ("never in k of n")."""
     if not circuits:
         return None
     found = [c for c in circuits if c["edges"]]
-    kinds: dict[str, dict[str, Any]] = {}
-    for circuit in found:
-        for kind, entry in circuit["kinds"].items():
-            group = kinds.setdefault(kind, {"trials": 0, "edges": [], "first_tokens": []})
-            group["trials"] += 1
-            group["edges"].append(entry["edges"])
-            if entry["first_tokens"] is not None:
-                group["first_tokens"].append(entry["first_tokens"])
+    kinds = sorted({kind for c in circuits for kind in (*c["kinds"], *c.get("appeared_kinds", {}))})
     faithful = [c["faithfulness"] for c in found if c["faithfulness"] is not None]
+    summary: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        holding = [c["kinds"][kind]["edges"] for c in circuits if kind in c["kinds"]]
+        first = [c.get("appeared_kinds", {}).get(kind) for c in circuits]
+        summary[kind] = {"trials": len(holding), "edges": sum(holding) / len(holding) if holding else 0.0,
+                         "first_tokens": censored_median(first), "never": sum(t is None for t in first),
+                         "of": len(first)}
     return {
         "trials": len(circuits), "with_circuit": len(found),
         "edges": sum(c["edges"] for c in circuits) / len(circuits),
         "faithfulness": sum(faithful) / len(faithful) if faithful else None,
-        "kinds": {kind: {"trials": g["trials"], "edges": sum(g["edges"]) / len(g["edges"]),
-                         "first_tokens": sum(g["first_tokens"]) / len(g["first_tokens"]) if g["first_tokens"] else None}
-                  for kind, g in sorted(kinds.items())},
+        "kinds": summary,
     }
+
+
+def censored_median(times: list[int | None]) -> float | None:
+    """The median time with None (never, censored at the end) counted as later than every time; None when half or
+    more never reached it."""
+    ordered = sorted(times, key=lambda t: (t is None, t or 0))
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    if not ordered or any(t is None for t in middle):
+        return None
+    return sum(middle) / len(middle)
 
 
 def _key(value: Any) -> str:

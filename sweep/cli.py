@@ -818,12 +818,15 @@ def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int
 @storage_option
 @click.option("--trial", default=None, help="One trial id, or best (by the sweep's metric) [default: every trial].")
 @at_options
-@click.option("--task", default="induction", show_default=True, help="The task the circuit does: induction or text "
-              "(model.causal.TASKS).")
+@click.option("--task", default="induction", show_default=True, help="The task the circuit does: induction, its "
+              "copying control, or text (model.tasks.TASKS).")
+@click.option("--method", type=click.Choice(["greedy", "acdc"]), default="greedy", show_default=True,
+              help="greedy: the shortest prefix by |effect|; acdc: ACDC's pruning, the greedy circuit and their "
+              "overlap beside it (computed once a snapshot, as circuit:TASK:acdc).")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the circuits as JSON.")
 @click.pass_context
-def circuit(ctx, name, storage, trial, at_step, at_tokens, task, address, as_json):
+def circuit(ctx, name, storage, trial, at_step, at_tokens, task, method, address, as_json):
     """The causal circuit of experiment NAME (default: newest): which edges make it, how faithful it is, and in
     which order its edges appeared over training. Every edge is patched alone at every snapshot (path
     patching); what the analysis table lacks is computed first (as `sweep analyse --what circuit:TASK`).
@@ -837,7 +840,7 @@ def circuit(ctx, name, storage, trial, at_step, at_tokens, task, address, as_jso
     from .results import load_experiment
 
     experiment = load_experiment(_open(storage), name)
-    request = CircuitRequest(task, trial, _address(at_step, at_tokens))
+    request = CircuitRequest(task, trial, _address(at_step, at_tokens), method)
     verbose = ctx.find_root().params["verbose"]
     document = circuits_of(experiment, request, lambda trials, measures: _analyse_with_progress(
         experiment, measures, trials, address, verbose, f"patching every edge of {experiment.name}"))

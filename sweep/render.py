@@ -125,53 +125,96 @@ def fraction(value) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
 
+def interval(values) -> str:
+    low, high = values if values else (None, None)
+    return "-" if low is None or high is None else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def faithfulness_line(trial: dict, target: float) -> str:
+    """Faithfulness with its interval and the difference it is a fraction of, and whether the target was met."""
+    faithful = trial["faithfulness"]
+    faithful_with_interval = f"{faithful:.2f} {interval(trial['faithfulness_interval'])}"
+    text = (f"faithfulness {faithful_with_interval} of a {trial['difference']:.3f}-nat difference "
+            f"({trial['clean_metric']:.3f} clean, {trial['corrupted_metric']:.3f} corrupted)")
+    if trial.get("target_reached") is False:
+        text = f"{target:g} not reached: {faithful:.2f} with {len(trial['circuit'])} edges; " + text
+    if faithful > 1:
+        text += "; above 1: the edges left out worked against the task"
+    return text
+
+
+def panel_line(trial: dict, spread_limit: float) -> str:
+    panel = trial.get("panel") or {}
+    if not panel:
+        return "robustness panel: -"
+    cells = ", ".join(f"{name} {number(value, 2)}" for name, value in panel.items())
+    verdict = "robust" if trial["robust"] else f"NOT ROBUST (spread above {spread_limit:g})"
+    return f"robustness panel (Miller et al. 2024): {cells}; spread {number(trial['panel_spread'], 2)}: {verdict}"
+
+
 def circuit(document: dict) -> None:
     (trial,) = document["trials"]
     snapshot = trial["snapshot"]
     output.print(f"{document['experiment']} trial {trial['trial_id']} ({varying(trial['config'])}): circuit on "
                  f"{document['task']} at step {snapshot['step']:,} ({snapshot['tokens_seen']:,} tokens)",
                  highlight=False)
-    metrics = f"metric {trial['clean_metric']:.3f} clean, {trial['corrupted_metric']:.3f} corrupted (nats)"
     if not trial["circuit"]:
-        output.print(f"no circuit: {metrics}; the model does not do the task here", highlight=False)
+        difference = trial["difference"]
+        bound = trial.get("null_bound")
+        output.print(f"no circuit: difference {number(difference, 4)} nats ({number(trial['clean_metric'], 3)} clean, "
+                     f"{number(trial['corrupted_metric'], 3)} corrupted), the null of untrained models "
+                     f"{number(bound, 4)}: the model does not do the task here", highlight=False)
         return
-    output.print(f"faithfulness {trial['faithfulness']:.2f}: {len(trial['circuit'])} of {trial['edges_in_graph']} "
-                 f"edges, the rest corrupted, recover {trial['faithfulness']:.0%} of the clean-to-corrupted "
-                 f"difference ({metrics})", highlight=False)
+    output.print(f"{len(trial['circuit'])} of {trial['edges_in_graph']} edges, the rest corrupted: "
+                 f"{faithfulness_line(trial, document['faithfulness_target'])}", highlight=False)
+    output.print(panel_line(trial, document["robust_spread"]), highlight=False)
     table = Table(title="the circuit's edges in the order they appeared")
-    for column in ("#", "edge", "kind", "effect", "change (nats)", "EAP", "EAP-IG", "appeared at (tokens)"):
-        table.add_column(column, justify="left" if column in ("edge", "kind") else "right")
+    for column in ("#", "edge", "kind", "effect", "95% interval", "change (nats)", "EAP", "EAP-IG",
+                   "appeared (tokens)"):
+        table.add_column(column, justify="left" if column in ("edge", "kind") else "right", no_wrap=True)
     by_edge = {entry["edge"]: entry for entry in trial["circuit"]}
     for position, edge in enumerate(trial["order"], 1):
         entry = by_edge[edge]
-        appeared = f"{entry['appeared']['tokens_seen']:,}" if entry["appeared"] else "-"
-        table.add_row(str(position), edge, entry["kind"], fraction(entry["effect"]), f"{entry['change']:+.3f}",
-                      fraction(entry["eap"]), fraction(entry["eap_ig"]), appeared)
+        appeared = entry["appeared"]
+        when = "-" if not appeared else (f"{appeared['after_tokens']:,}-{appeared['tokens_seen']:,}"
+                                         if appeared["after_tokens"] is not None else f"<= {appeared['tokens_seen']:,}")
+        table.add_row(str(position), edge, entry["kind"], fraction(entry["effect"]), interval(entry["interval"]),
+                      f"{entry['change']:+.3f}", fraction(entry["eap"]), fraction(entry["eap_ig"]), when)
     output.print(table)
     agreement = "; ".join(
-        f"{name}: Spearman {number(values['spearman'], 2)}, circuit edges in its top {len(trial['circuit'])}: "
-        f"{number(values['circuit_recall'], 2)}" for name, values in (("EAP", trial["agreement"]["eap"]),
-                                                                        ("EAP-IG", trial["agreement"]["eap_ig"])))
-    output.print(f"estimates against exact patching over all {trial['edges_in_graph']} edges: {agreement}",
-                 highlight=False)
+        f"{name}: " + (values["reason"] if values.get("reason") else
+                       f"Spearman {number(values['spearman'], 2)}, circuit edges in its top {len(trial['circuit'])}: "
+                       f"{number(values['circuit_recall'], 2)}")
+        for name, values in (("EAP", trial["agreement"]["eap"]), ("EAP-IG", trial["agreement"]["eap_ig"])))
+    output.print(f"estimates against exact patching over all {trial['edges_in_graph']} edges: {agreement}; EAP-IG "
+                 f"completeness error {number(trial.get('eap_ig_completeness_error'), 3)}", highlight=False)
+    if trial.get("other_circuit"):
+        output.print(f"the other method's circuit: {len(trial['other_circuit'])} edges, overlap (Jaccard) "
+                     f"{number(trial['overlap'], 2)}", highlight=False)
     output.print(f"effect: the rise in the metric when the edge alone carries its corrupted value, as a fraction of "
-                 f"the difference; appeared: the first snapshot where it reached {document['edge_threshold']:g}",
-                 highlight=False)
+                 f"the difference, with its 95% bootstrap interval over sequences; appeared: between the last "
+                 f"snapshot below and the first whose interval's lower end reached {document['edge_threshold']:g} and "
+                 f"stayed there for {document['persist']} more", highlight=False)
 
 
 def circuits(document: dict) -> None:
     table = Table(title=f"{document['experiment']}: circuits on {document['task']} at each trial's last snapshot",
-                  caption=f"order: the circuit's edges by the first snapshot where their effect reached "
-                          f"{document['edge_threshold']:g}")
-    for column in ("trial", *SHAPE_KEYS, "tokens", "edges", "faithfulness", "composition", "order of appearance"):
+                  caption=f"order: the circuit's edges by the snapshot where their interval's lower end reached "
+                          f"{document['edge_threshold']:g} and stayed; difference: clean to corrupted, in nats")
+    for column in ("trial", *SHAPE_KEYS, "tokens", "difference", "edges", "faithfulness", "robust", "composition",
+                   "order of appearance"):
         table.add_column(column, justify="left" if column == "order of appearance" else "right")
     for trial in document["trials"]:
-        composition = sum(entry["kinds"].get(kind, {}).get("edges", 0) for entry in (trial,)
-                          for kind in ("head -> q", "head -> k", "head -> v"))
-        order = ", ".join(trial["order"][:6]) + (" ..." if len(trial["order"]) > 6 else "")
+        composition = sum(trial["kinds"].get(kind, {}).get("edges", 0) for kind in ("head -> q", "head -> k",
+                                                                                     "head -> v"))
+        order = ", ".join(trial["order"]) or "no circuit"
+        faithful = "-" if trial["faithfulness"] is None else (
+            f"{trial['faithfulness']:.2f} {interval(trial['faithfulness_interval'])}"
+            + ("" if trial.get("target_reached") is not False else " (target missed)"))
+        robust = "-" if trial.get("robust") is None else ("yes" if trial["robust"] else "NO")
         table.add_row(trial["trial_id"], *(str(trial["config"].get(k, "")) for k in SHAPE_KEYS),
-                      f"{trial['snapshot']['tokens_seen']:,}", str(len(trial["circuit"])),
-                      number(trial["faithfulness"], 2), str(composition), order or "no circuit")
+                      f"{trial['snapshot']['tokens_seen']:,}", number(trial["difference"], 3),
+                      str(len(trial["circuit"])), faithful, robust, str(composition), order)
     output.print(table)
 
 
@@ -179,7 +222,7 @@ def circuit_groups(axis: str, entries: list[dict]) -> None:
     """One row per axis value and edge kind: how many of the group's circuits hold that kind, and when it appeared."""
     view = Table(title=f"by {axis}: the circuits' edges by kind", title_justify="left")
     for column in (axis, "trials", "with circuit", "edges (mean)", "faithful", "edge kind", "in circuits",
-                   "edges of the kind (mean)", "first appeared (mean tokens)"):
+                   "edges of the kind (mean)", "first appeared (median tokens)", "never"):
         view.add_column(column, justify="right")
     for entry in entries:
         group = entry["circuit"]
@@ -189,8 +232,9 @@ def circuit_groups(axis: str, entries: list[dict]) -> None:
                  number(group["faithfulness"], 2)]
         for index, (kind, values) in enumerate(group["kinds"].items() or [("-", None)]):
             cells = ([kind, f"{values['trials']}/{group['trials']}", f"{values['edges']:.1f}",
-                      number(None if values["first_tokens"] is None else round(values["first_tokens"]))]
-                     if values else ["-"] * 4)
+                      number(None if values["first_tokens"] is None else round(values["first_tokens"])),
+                      f"{values['never']} of {values['of']}"]
+                     if values else ["-"] * 5)
             view.add_row(*(first if index == 0 else [""] * len(first)), *cells)
     output.print(view)
 

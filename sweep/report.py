@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model.edges import CircuitConfig
+from model.edges import ROBUST_SPREAD
 from model.metrics import current_labels
 
 from .atlas import GRID_SCORES, Atlas, build_atlas
@@ -324,7 +324,8 @@ def _circuit_groups(atlas: Atlas) -> str:
     """For every axis value, the edge kinds of its trials' causal circuits: how many circuits hold each kind and
     when it appeared (the first edge of the kind to pass the edge threshold, mean tokens)."""
     head = "".join(f"<th>{_e(c)}</th>" for c in ("axis", "value", "circuits", "edges (mean)", "faithfulness",
-                                                   "edge kind", "in circuits", "edges of the kind", "first appeared"))
+                                                   "edge kind", "in circuits", "edges of the kind",
+                                                   "first appeared (median)", "never"))
     rows = []
     for axis in atlas.axes:
         for entry in atlas.groups[axis]:
@@ -336,13 +337,15 @@ def _circuit_groups(atlas: Atlas) -> str:
                 first = [_e(axis), _e(entry["value"]), f"{group['with_circuit']}/{group['trials']}",
                          f"{group['edges']:.1f}", _number(group["faithfulness"])] if index == 0 else [""] * 5
                 cells = [_e(kind), f"{values['trials']}/{group['trials']}", f"{values['edges']:.1f}",
-                         _number(None if values["first_tokens"] is None else round(values["first_tokens"]))] \
-                    if values else [_e(kind), "-", "-", "-"]
+                         _number(None if values["first_tokens"] is None else round(values["first_tokens"])),
+                         f"{values['never']} of {values['of']}"] if values else [_e(kind), "-", "-", "-", "-"]
                 rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in first + cells) + "</tr>")
     note = (f'<p class="note">Causal circuits on the <b>{_e(atlas.circuit_task)}</b> task at each trial\'s last '
             "snapshot (`sweep circuit`), by edge kind: <code>head -&gt; k</code> is K-composition, "
             "<code>embed -&gt; v</code> a head's value read from the embedding, <code>head -&gt; logits</code> a "
-            "head's direct path. First appeared: when the first edge of that kind reached the edge threshold.</p>")
+            "head's direct path. First appeared: the median over the group's trials of when the first edge of that "
+            "kind appeared, a trial where it never did counted as later than every snapshot (censored, never "
+            "dropped; no median where half or more never did).</p>")
     return f'<h3>Circuits by axis</h3>{note}<div class="wide"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
@@ -790,18 +793,33 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
     graphs = [(last, "at the last snapshot")]
     if at_formed is not None and at_formed.step != last.step:
         graphs.insert(0, (at_formed, "where induction heads formed (induction_formed_at)"))
-    threshold = circuit.threshold
+    settings = circuit.settings
     note = (
         f'<p class="note">Every edge patched alone on the <b>{_e(task)}</b> task (path patching: the receiver sees '
-        "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by effect, "
-        f"that recover {CircuitConfig().faithfulness:.0%} of the clean-to-corrupted difference with every other edge "
-        "corrupted (faithfulness). "
+        "the corrupted run's value of the sender, everything else clean). The circuit: the fewest edges, by |effect| "
+        f"and connected from the embedding to the logits, that recover {settings.faithfulness:.0%} of the "
+        "clean-to-corrupted difference with every other edge corrupted (faithfulness, with its 95% bootstrap "
+        "interval over the task's sequences). "
         "Lines: the circuit's edges into a head's <span style=\"color:#4477aa\">query</span>, "
         '<span style="color:#ee6677">key</span> or <span style="color:#228833">value</span>, or into the '
         "logits; width: the edge's effect (the metric's rise when it alone is corrupted, as a fraction of the "
-        f"difference). Below: those edges' effects over training; an edge appeared where it reached {threshold:g}."
-        "</p>"
+        "difference). Below: those edges' effects over training; an edge appeared between the last snapshot below "
+        f"and the first where its interval's lower end reached {settings.edge_threshold:g} and stayed for "
+        f"{settings.persist} more.</p>"
     )
+    summary = last.document()
+    if last.circuit:
+        faithful = summary["faithfulness"]
+        low, high = summary["faithfulness_interval"]
+        missed = "" if summary["target_reached"] is not False else (
+            f" <b>{settings.faithfulness:g} not reached</b>: the most faithful prefix is shown.")
+        panel = ", ".join(f"{_e(name)} {_number(value)}" for name, value in summary["panel"].items())
+        verdict = "robust" if summary["robust"] else f"<b>not robust</b> (spread above {ROBUST_SPREAD:g})"
+        note += (f"<p>At the last snapshot: faithfulness {faithful:.2f} [{_number(low)}, {_number(high)}] of a "
+                 f"{summary['difference']:.3f}-nat difference ({summary['clean_metric']:.3f} clean, "
+                 f"{summary['corrupted_metric']:.3f} corrupted; the null of untrained models "
+                 f"{_number(summary['null_bound'])} nats).{missed} Robustness panel (Miller et al. 2024: ablation / "
+                 f"direction / metric): {panel}; spread {_number(summary['panel_spread'])}: {verdict}.</p>")
     figures = "".join(f"<div>{_circuit_svg(snapshot, title, circuit)}</div>" for snapshot, title in graphs)
     parts = [f"<h3>Causal circuit</h3>{note}", f'<div class="columns">{figures}</div>']
     if len(circuit.snapshots) > 1 and last.circuit:
@@ -809,13 +827,18 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
     rows = []
     for position, edge in enumerate(circuit.order(), 1):
         entry = circuit.edge_document(edge, last)
-        appeared = entry["appeared"]["tokens_seen"] if entry["appeared"] else None
+        appeared = entry["appeared"]
+        when = "-" if not appeared else (f"{appeared['after_tokens']:,} - {appeared['tokens_seen']:,}"
+                                         if appeared["after_tokens"] is not None else f"by {appeared['tokens_seen']:,}")
+        low, high = entry["interval"]
         cells = [str(position), f"<code>{_e(edge)}</code>", _e(entry["kind"]),
-                 *("-" if entry[k] is None else f"{entry[k]:+.2f}" for k in ("effect", "eap", "eap_ig")),
-                 _number(appeared)]
+                 "-" if entry["effect"] is None else f"{entry['effect']:+.2f}",
+                 "-" if low is None else f"[{low:+.2f}, {high:+.2f}]", f"{entry['change']:+.3f}",
+                 *("-" if entry[k] is None else f"{entry[k]:+.2f}" for k in ("eap", "eap_ig")), when]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     if rows:
-        head = "".join(f"<th>{_e(c)}</th>" for c in ("#", "edge", "kind", "effect", "EAP", "EAP-IG", "appeared at"))
+        head = "".join(f"<th>{_e(c)}</th>" for c in ("#", "edge", "kind", "effect", "95% interval", "change (nats)",
+                                                       "EAP", "EAP-IG", "appeared (tokens)"))
         parts.append(f'<p>The order the circuit\'s edges appeared in:</p><div class="wide"><table><tr>{head}</tr>'
                      f'{"".join(rows)}</table></div>')
     return "\n".join(parts)
@@ -903,7 +926,7 @@ def _circuit_effects_figure(circuit: TrialCircuit, formed: Any, boundaries: list
         values = [s.edges.get(edge, {}).get("effect") for s in snapshots]
         axes.plot(tokens, [math.nan if v is None else v for v in values], color=f"C{index % 10}", marker=".",
                   linewidth=1.3, label=edge)
-    axes.axhline(circuit.threshold, color="#888", linewidth=0.8, linestyle=":")
+    axes.axhline(circuit.settings.edge_threshold, color="#888", linewidth=0.8, linestyle=":")
     for boundary in boundaries:
         axes.axvline(boundary, color="#999", linestyle="--", linewidth=0.9)
     if isinstance(formed, (int, float)) and formed > 0:

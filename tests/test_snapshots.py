@@ -496,7 +496,7 @@ def test_analyse_maps_every_snapshot_once_resumes_after_an_interruption_and_back
     other = experiment.trials[1]
     shutil.rmtree(Path(other.path) / "snapshots")  # a trial trained before snapshots existed
     for args, message in (
-        (["--task", "copy"], "unknown circuit task 'copy'; tasks: induction, text"),
+        (["--task", "copy"], "unknown circuit task 'copy'; tasks: induction, copying, text"),
         (["--trial", trial.trial_id, "--step", "5"], "has no snapshot at --step 5; nearest: --step 0, --step 8"),
         (["--step", "8"], "--step 8 names a snapshot of one trial: give --trial"),
         (["--trial", other.trial_id], f"trial {other.trial_id} of snap has no snapshots"),
