@@ -249,6 +249,7 @@ def jaccard(first: list[str], second: list[str]) -> float | None:
 # ---------------------------------------------------------------- finding it
 
 
+@torch.no_grad()  # EAP and EAP-IG turn gradients on for their own backward passes
 def find_circuit(model: Transformer, data: TaskData, task: str = "induction",
                  cfg: CircuitConfig = CircuitConfig(), null: list[float] | None = None) -> CircuitResult:
     """Exact effects (with intervals), EAP and EAP-IG of every edge of `model` on `task`; where the model does the

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from test_sweeps import TINY, _wait_for, sweep, trial_results
 
+from model.edges import edge_kind
 from sweep.cli import main
 from sweep.plan import LaunchConfig, plan_sweep
 from sweep.schedulers import make_scheduler
@@ -442,10 +443,32 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     tokens = [s["tokens_seen"] for s in two_circuit["snapshots"]]
     formed_index = tokens.index(formed_at[best["trial_id"]])
     assert any(abs(tokens.index(c["appeared"]["tokens_seen"]) - formed_index) <= 1 for c in k_edges), k_edges
+    # The 2-layer trial does the task from the snapshot its induction heads formed at (within one), never before;
+    # its circuit is robust across the panel, and EAP-IG's integral over the embedding's edges comes within 5% of
+    # the difference it estimates.
+    doing = [s["tokens_seen"] for s in two_circuit["snapshots"] if s["does_task"]]
+    assert doing and abs(tokens.index(doing[0]) - formed_index) <= 1, (doing[:3], formed_at)
+    assert two_circuit["robust"] and two_circuit["faithfulness_interval"][0] >= 0.85, two_circuit["panel"]
+    assert abs(two_circuit["eap_ig_completeness_error"]) < 0.05, two_circuit["eap_ig_completeness_error"]
+    # The task isolates induction: the 1-layer trial, which can copy from context but not look up what followed a
+    # token, never does it; it does the copying control instead, through its heads' direct paths, which the 2-layer
+    # trial, looking up successors that the control's shuffle broke, does not.
     (one,) = [t for trial, t in by_trial.items() if trial != best["trial_id"]]
-    kinds = {c["kind"] for c in one["circuit"]}
-    assert "head -> logits" in kinds and kinds <= {"embed -> q", "embed -> k", "embed -> v", "head -> logits",
-                                                  "embed -> logits"}, one["circuit"]
+    assert one["circuit"] == [] and not any(s["does_task"] for s in one["snapshots"]), one["snapshots"][-1]
+    from model.causal import find_circuit
+    from model.checkpoint import load_checkpoint
+    from model.measures import run_probe
+    from sweep.results import load_experiment
+    from sweep.storage import open_storage
+
+    for trial in load_experiment(open_storage(str(storage)), name).trials:
+        model = load_checkpoint(trial.checkpoint)
+        control = find_circuit(model, run_probe(json.loads((Path(trial.checkpoint) / "config.json").read_text()))
+                               .task_data(), "copying")
+        if trial.config["layers"] == 1:
+            assert control.does_task and {edge_kind(e) for e in control.circuit} == {"embed -> v", "head -> logits"}
+        else:
+            assert not control.does_task, control.difference
     atlas = json.loads(sweep("atlas", name, "--storage", storage, "--json").stdout)
     by_layers = {group["value"]: group["circuit"] for group in atlas["groups"]["layers"]}
     assert "head -> k" in by_layers[2]["kinds"] and "head -> k" not in by_layers[1]["kinds"]
