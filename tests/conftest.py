@@ -33,25 +33,14 @@ WORDS = (
 ).split()
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine.
-
-    With pytest-xdist (`-n 2 --dist loadgroup`, the README's command), the longest tests are handed out first so
-    that neither worker is left with a long tail; the readers of the session's induction experiment are marked
-    xdist_group("induction"): one worker trains it once and runs them all."""
-    if not torch.cuda.is_available():
-        gpu = [item for item in items if item.get_closest_marker("gpu")]
-        if gpu:
-            config.hook.pytest_deselected(items=gpu)
-            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-
-    def first(item) -> int:
-        if "induction_experiment" in getattr(item, "fixturenames", ()):
-            return 0
-        return 1 if item.get_closest_marker("slow") or "no_stray_ray" in getattr(item, "fixturenames", ()) else 2
-
-    items.sort(key=first)
+    """Tests marked `gpu` need CUDA: deselected (not skipped) where there is none, run on a GPU machine."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +114,7 @@ def reached_checkpoint(trials: Path, index: int) -> bool:
 
 OWNER_VARIABLE = "SWEEP_TEST_OWNER"
 TEST_OWNER = ""
-"""The running test's mark: processes it starts inherit it, those of a test on another xdist worker carry theirs,
+"""The running test's mark: processes it starts inherit it, those of a test running beside it carry theirs,
 and the session's shared Ray carries `shared`."""
 
 

@@ -19,7 +19,7 @@ from sweep.cli import main
 from sweep.results import load_experiment
 from sweep.storage import open_storage
 
-pytestmark = [pytest.mark.usefixtures("shared_ray"), pytest.mark.xdist_group("induction")]
+pytestmark = pytest.mark.usefixtures("shared_ray")
 
 
 def trained(induction_experiment, layers: int):

@@ -352,7 +352,6 @@ def test_synchronous_halving_on_the_induction_preset_keeps_the_model_that_forms_
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("shared_ray")
-@pytest.mark.xdist_group("induction")
 def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_induction_heads(
     induction_experiment, tmp_path
 ):

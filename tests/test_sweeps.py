@@ -42,7 +42,7 @@ def trial_results(storage: Path, name: str) -> dict[str, list[dict]]:
 @pytest.mark.usefixtures("no_stray_ray")
 def test_smoke_sweep_on_s3_then_best_from_a_fresh_process(s3_server, data_mirror):
     launched = sweep("launch", "imdb", "--preset", "smoke", "--storage", "s3://bucket/exp", "--name", "imdb-smoke")
-    # every Ray session's logs on the machine (session_latest may be another xdist worker's by now)
+    # every Ray session's logs on the machine (session_latest may be another run's by now)
     logs = [p for p in Path("/tmp/ray").glob("session_2*/logs/**/*") if p.is_file()]
     assert logs, "no Ray logs to scan"
     assert S3_SECRET not in launched.stdout + launched.stderr
@@ -169,7 +169,7 @@ def _wait_for(condition, process, timeout):
 
 
 def _kill_trial_workers() -> list[int]:
-    """This test's trial workers (never another xdist worker's test's, nor the shared Ray's)."""
+    """This test's trial workers (never those of a test running beside it, nor the shared Ray's)."""
     killed, mine = [], ray_process_ids()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) in mine:
