@@ -195,6 +195,10 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _fixed(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _number(value: Any) -> str:
     if isinstance(value, bool):
         return _e(value)
@@ -813,13 +817,18 @@ def _circuit_section(circuit: TrialCircuit | None, trial: TrialRecord, task: str
         low, high = summary["faithfulness_interval"]
         missed = "" if summary["target_reached"] is not False else (
             f" <b>{settings.faithfulness:g} not reached</b>: the most faithful prefix is shown.")
-        panel = ", ".join(f"{_e(name)} {_number(value)}" for name, value in summary["panel"].items())
+        panel = ", ".join(f"{_e(name)} {_fixed(value)}" for name, value in summary["panel"].items())
         verdict = "robust" if summary["robust"] else f"<b>not robust</b> (spread above {ROBUST_SPREAD:g})"
-        note += (f"<p>At the last snapshot: faithfulness {faithful:.2f} [{_number(low)}, {_number(high)}] of a "
+        note += (f"<p>At the last snapshot: faithfulness {faithful:.2f} [{_fixed(low)}, {_fixed(high)}] of a "
                  f"{summary['difference']:.3f}-nat difference ({summary['clean_metric']:.3f} clean, "
                  f"{summary['corrupted_metric']:.3f} corrupted; the null of untrained models "
-                 f"{_number(summary['null_bound'])} nats).{missed} Robustness panel (Miller et al. 2024: ablation / "
-                 f"direction / metric): {panel}; spread {_number(summary['panel_spread'])}: {verdict}.</p>")
+                 f"{_fixed(summary['null_bound'], 3)} nats).{missed} Robustness panel (Miller et al. 2024: ablation / "
+                 f"direction / metric): {panel}; spread {_fixed(summary['panel_spread'])}: {verdict}.</p>")
+    else:
+        note += (f"<p>At the last snapshot the model does not do the task: the clean run beats the corrupted one by "
+                 f"{_fixed(summary['difference'], 3)} nats ({_fixed(summary['clean_metric'], 3)} clean, "
+                 f"{_fixed(summary['corrupted_metric'], 3)} corrupted), below what it must clear (0.02 nats, 4 "
+                 f"standard errors, and the null of untrained models {_fixed(summary['null_bound'], 3)} nats).</p>")
     figures = "".join(f"<div>{_circuit_svg(snapshot, title, circuit)}</div>" for snapshot, title in graphs)
     parts = [f"<h3>Causal circuit</h3>{note}", f'<div class="columns">{figures}</div>']
     if len(circuit.snapshots) > 1 and last.circuit:
