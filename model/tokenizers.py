@@ -141,6 +141,15 @@ def check_tokenizer_spec(spec: str) -> None:
         )
 
 
+def vocabulary_size(spec: str) -> int:
+    """The vocabulary a spec gives, known before any text is read: `repeat:N` and `bpe:N` by their N (a BPE may learn
+    fewer), bytes by its alphabet, a Hub or local tokenizer by loading it (from the mirror where there is one)."""
+    if spec.startswith("repeat:"):
+        return int(spec.split(":", 1)[1]) + 2  # t0..t{N-1}, <unk>, the end-of-text token
+    size = bpe_vocab_size(spec)
+    return size if size else load_tokenizer(spec).vocab_size
+
+
 def load_tokenizer(spec: str, training_texts: list[str] | None = None, cache_dir: Path | None = None) -> TextTokenizer:
     """Resolve a tokenizer spec; `bpe:N` trains on `training_texts` (cached in `cache_dir`)."""
     check_tokenizer_spec(spec)

@@ -18,6 +18,7 @@ from ray import tune
 
 from model.config import ConfigError
 from model.paths import cache_dir
+from model.tokenizers import vocabulary_size
 
 from .cluster import check_cluster, init_ray
 from .datasets import prepare_datasets
@@ -33,6 +34,7 @@ from .names import SWEEP_FILE, display_state
 from .plan import Plan, check_room, grace_tokens_unused, preflight, snapshot_summary
 from .results import load_experiment, restore_points, status_counts
 from .schedulers import make_scheduler, make_search
+from .space import data_key
 from .storage import Storage, is_storage_full, write_text
 from .threads import SpareThreads
 from .trainable import FinalFailureCallback, train_trial
@@ -113,9 +115,11 @@ def launch_sweep(
                  f"reached by {', '.join(str(count) for _, count in plan.halving_rungs)} trials")
     if note := grace_tokens_unused(plan):
         log_line(note)
-    datasets = prepare_datasets(plan, log_line)
+    # the footprint before any data is read: the vocabularies are known from the tokenizers
+    plan.vocab_sizes.update({data_key(t): vocabulary_size(t["tokenizer"]) for t in plan.trials})
     log_line(snapshot_summary(plan))
     check_room(plan)
+    datasets = prepare_datasets(plan, log_line)
     failures = FinalFailureCallback()
     tuner = build_tuner(plan, datasets, failures, list(callbacks), log_line=log_line)
     # Written only now that every check has passed: a failed launch leaves nothing behind.
