@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from model.causal import find_circuit, jaccard, task_null
+from model.causal import find_circuit, task_null
 from model.config import ModelConfig
-from model.edges import CircuitConfig
+from model.edges import CircuitConfig, jaccard
 from model.tasks import TaskData
 from model.transformer import Transformer
 

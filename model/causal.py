@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .discovery import faithfulness_of, greedy_circuit, panel_spread, prune_circuit, robustness_panel
-from .edges import EMBED, ROBUST_SPREAD, CircuitConfig
+from .discovery import greedy_circuit, kept_metric, panel_spread, prune_circuit, robustness_panel
+from .edges import EMBED, ROBUST_SPREAD, ZERO_ESTIMATE, CircuitConfig
 from .intervals import bootstrap_indices, ratio_interval
 from .patching import PatchedModel, attribution_effects, exact_effects
 from .paths import cache_dir
@@ -37,7 +37,6 @@ from .transformer import Transformer
 
 NULL_SEED = 1_000_003
 """Seeds the null's random initialisations (the i-th is NULL_SEED + i): never a trial's own seed."""
-ZERO_ESTIMATE = "the estimate is identically zero at the clean run (a KL metric's gradient vanishes there)"
 
 
 # ---------------------------------------------------------------- the null
@@ -241,11 +240,6 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a * b).sum()) / scale if scale > 0 else None
 
 
-def jaccard(first: list[str], second: list[str]) -> float | None:
-    union = set(first) | set(second)
-    return len(set(first) & set(second)) / len(union) if union else None
-
-
 # ---------------------------------------------------------------- finding it
 
 
@@ -282,7 +276,7 @@ def find_circuit(model: Transformer, data: TaskData, task: str = "induction",
         if cfg.method == "acdc":
             kept, faithful = prune_circuit(patched, cfg.acdc_threshold)
             result.other_circuit = [edges[i] for i in greedy.kept]
-            values = faithfulness_of(patched, [kept])[0]
+            values = kept_metric(patched, [kept])[0]
             reached = faithful >= cfg.faithfulness
         kept_values = (patched.corrupted_values - values).cpu().numpy()
         faithful_low, faithful_high = ratio_interval(kept_values, differences, indices)

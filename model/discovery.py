@@ -56,9 +56,9 @@ def kept_masks(patched: PatchedModel, kept: list[list[int]]) -> torch.Tensor:
     return masks
 
 
-def faithfulness_of(patched: PatchedModel, kept: list[list[int]]) -> torch.Tensor:
-    """For each set of kept edge ids (resample noising): the metric per sequence [K, B] with only them clean.
-    Faithfulness is (corrupted - it) / (corrupted - clean), averaged over sequences first."""
+def kept_metric(patched: PatchedModel, kept: list[list[int]]) -> torch.Tensor:
+    """For each set of kept edge ids (resample noising): the metric per sequence [K, B] with only them clean
+    (faithfulness() turns it into the fraction of the difference recovered)."""
     return patched.evaluate(kept_masks(patched, kept))
 
 
@@ -92,7 +92,7 @@ def greedy_circuit(patched: PatchedModel, change: torch.Tensor, target: float, m
     def measure(size: int) -> float:
         if size not in measured:
             kept = connected_edges(patched.graph, order[:size])
-            values = faithfulness_of(patched, [kept])[0]
+            values = kept_metric(patched, [kept])[0]
             measured[size] = (kept, values, float(faithfulness(patched, values[None])[0]))
         return measured[size][2]
 
@@ -129,7 +129,7 @@ def prune_circuit(patched: PatchedModel, threshold: float) -> tuple[list[int], f
             if abs(value - current) < threshold * abs(patched.difference):
                 mask, current = trial, value
     kept = connected_edges(graph, mask[0].nonzero().flatten().tolist())
-    return kept, float(faithfulness(patched, faithfulness_of(patched, [kept]))[0])
+    return kept, float(faithfulness(patched, kept_metric(patched, [kept]))[0])
 
 
 def robustness_panel(model: Transformer, inputs: TaskInputs, task: CircuitTask, kept: list[int],

@@ -145,3 +145,12 @@ def parse_circuit_analysis(name: str) -> tuple[str, str] | None:
         return None
     task, _, method = name[len(CIRCUIT_PREFIX):].partition(":")
     return (task, method or "greedy") if (method or "greedy") in METHODS else None
+
+
+ZERO_ESTIMATE = "the estimate is identically zero at the clean run (a KL metric's gradient vanishes there)"
+
+
+def jaccard(first: list[str], second: list[str]) -> float | None:
+    """|A & B| / |A | B| of two circuits' edges (None when both are empty)."""
+    union = set(first) | set(second)
+    return len(set(first) & set(second)) / len(union) if union else None

@@ -30,12 +30,20 @@ from .analysis import (
     head_scores,
     repeated_tokens,
 )
-from .causal import ZERO_ESTIMATE, find_circuit
+from .causal import find_circuit
 from .checkpoint import load_checkpoint, load_checkpoint_tokenizer
 from .circuits import mean_ablation, token_frequencies, token_tables
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
 from .data import prepare_data
-from .edges import CIRCUIT_PREFIX, CIRCUIT_VERSION, METHODS, CircuitConfig, circuit_analysis, parse_circuit_analysis
+from .edges import (
+    CIRCUIT_PREFIX,
+    CIRCUIT_VERSION,
+    METHODS,
+    ZERO_ESTIMATE,
+    CircuitConfig,
+    circuit_analysis,
+    parse_circuit_analysis,
+)
 from .llc import LLCConfig, estimate_llc
 from .metrics import SCORE_NAMES
 from .tasks import TASKS, TaskData

@@ -25,9 +25,11 @@ from model.edges import (
     CIRCUIT_VERSION,
     COMPOSITION_KINDS,
     ROBUST_SPREAD,
+    ZERO_ESTIMATE,
     CircuitConfig,
     circuit_analysis,
     edge_kind,
+    jaccard,
     parse_circuit_analysis,
 )
 from model.intervals import Appearance, appearance
@@ -63,7 +65,6 @@ SNAPSHOT_MEASURES = (
     "eap_ig_circuit_recall",
     "eap_ig_zero",
 )
-ZERO_ESTIMATE = "the estimate is identically zero at the clean run (a KL metric's gradient vanishes there)"
 
 
 @dataclass
@@ -190,10 +191,7 @@ class TrialCircuit:
             agreement[estimate] = {name: None if reason else values.get(f"{estimate}_{name}")
                                    for name in ("spearman", "pearson", "circuit_recall")}
             agreement[estimate]["reason"] = reason
-        overlap = None
-        if chosen.other:
-            union = set(chosen.circuit) | set(chosen.other)
-            overlap = len(set(chosen.circuit) & set(chosen.other)) / len(union)
+        overlap = jaccard(chosen.circuit, chosen.other) if chosen.other else None
         return {
             "trial_id": self.trial_id, "config": self.config, "snapshot": {"step": chosen.step,
                                                                            "tokens_seen": chosen.tokens_seen},

@@ -11,7 +11,7 @@ from test_circuits import wire_induction_circuit
 from model.analysis import head_scores
 from model.causal import find_circuit
 from model.config import ConfigError, ModelConfig
-from model.discovery import connected_edges, faithfulness, faithfulness_of, greedy_circuit, prune_circuit
+from model.discovery import connected_edges, faithfulness, greedy_circuit, kept_metric, prune_circuit
 from model.edges import CircuitConfig, build_graph, edge_kind
 from model.patching import PatchedModel, attribution_effects, exact_effects
 from model.tasks import TASKS, TaskData, copying_inputs, get_task, induction_inputs, text_inputs
@@ -258,10 +258,10 @@ def test_the_greedy_circuit_is_a_connected_prefix_by_absolute_effect_that_reache
     assert found.reached and found.faithfulness >= 0.9
     prefixes = [connected_edges(patched.graph, order[:size]) for size in range(1, len(order) + 1)]
     size = next(size for size, kept in enumerate(prefixes, 1) if sorted(kept) == sorted(found.kept))
-    shorter = faithfulness(patched, faithfulness_of(patched, [prefixes[size - 2]]))
+    shorter = faithfulness(patched, kept_metric(patched, [prefixes[size - 2]]))
     assert float(shorter[0]) < 0.9 and set(found.kept) <= set(order[:size])
     # a linear scan of every prefix (the unhurried search) stops at the same one here
-    scanned = faithfulness(patched, faithfulness_of(patched, prefixes))
+    scanned = faithfulness(patched, kept_metric(patched, prefixes))
     assert int((scanned >= 0.9).nonzero()[0]) == size - 1
 
 
