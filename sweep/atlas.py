@@ -34,6 +34,8 @@ GRID_SCORES = ("induction", "previous_token", "first_token", "copying")
 # changes. Copying (an eigenvalue ratio of the OV circuit) swings widely in undertrained models,
 # so it is shown but does not rank.
 RANK_SCORES = ("induction", "previous_token", "duplicate_token", "first_token")
+REPLICATE_AXIS = "seed"
+"""Trials that differ only in their seed are replicates of one grid point."""
 # Trial-level values grouped besides the head scores (not used to rank axes: not on the scores' scale).
 TRIAL_VALUES = ("test_loss", "icl_score")
 
@@ -56,6 +58,8 @@ class AtlasRow:
     """Tokens of each stage's last snapshot."""
     circuit: dict[str, Any] | None = None
     """The causal circuit at the last snapshot (sweep.circuits.circuit_summary); None where none was found."""
+    last_tokens: int | None = None
+    """tokens_seen when the trial stopped: a reading that never happened is censored here."""
 
     def document(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "config": self.config, "status": self.status, **self.values,
@@ -81,6 +85,13 @@ class Atlas:
     past the threshold."""
     circuit_task: str | None = None
     """The task of the trials' causal circuits (`sweep analyse --what circuit`); None: none found yet."""
+    seeds: list[Any] = field(default_factory=list)
+    """The seeds of the trials where there are several: each grid point's replicates (`sweep effects`)."""
+
+    @property
+    def columns(self) -> list[str]:
+        """The config keys a table of trials shows: the axes, and the seed where trials are replicates."""
+        return [*self.axes, *([REPLICATE_AXIS] if self.seeds else [])]
 
     def strongest(self, axis: str) -> tuple[str, float]:
         """The ranking score that depends most on `axis`, and its spread."""
@@ -91,7 +102,8 @@ class Atlas:
     def document(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread,
                 "trials": [r.document() for r in self.rows], "groups": self.groups, "pairs": self.pairs,
-                "formed_at_resolution": self.formed_at_resolution, "circuit_task": self.circuit_task}
+                "formed_at_resolution": self.formed_at_resolution, "circuit_task": self.circuit_task,
+                "seeds": self.seeds}
 
 
 def score_names() -> list[str]:
@@ -120,7 +132,8 @@ def _row(trial: TrialRecord, heads: dict[str, Any] | None) -> AtlasRow:
                 if label in counts:
                     counts[label] += 1
     return AtlasRow(trial.trial_id, trial.config, trial.status, values, counts,
-                    trial.metrics.get("induction_formed_at"), trial.metrics.get("prev_token_formed_at"))
+                    trial.metrics.get("induction_formed_at"), trial.metrics.get("prev_token_formed_at"),
+                    last_tokens=trial.metrics.get("tokens_seen"))
 
 
 def _finite(value: Any) -> float | None:
@@ -207,6 +220,8 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
     varying = [a for a in varying if len({_key(r.config.get(a)) for r in rows}) > 1]
     names = [*score_names(), *TRIAL_VALUES]
     atlas = Atlas(experiment.name, [], rows, formed_at_resolution=experiment.formed_at_resolution, circuit_task=task)
+    seeds = sorted({r.config.get(REPLICATE_AXIS) for r in rows}, key=_sortable_value)
+    varying = [a for a in varying if a != REPLICATE_AXIS]  # seeds are replicates of a grid point (sweep effects)
     for axis in varying:
         values = sorted({_key(r.config.get(axis)) for r in rows}, key=_sortable)
         entries = []
@@ -219,6 +234,7 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
             means = [e[name]["mean"] for e in entries if e[name]["mean"] is not None]
             atlas.spread[axis][name] = round(max(means) - min(means), 4) if len(means) > 1 else 0.0
     atlas.axes = sorted(varying, key=lambda a: -atlas.strongest(a)[1])
+    atlas.seeds = seeds if len(seeds) > 1 else []
     for first, second in itertools.combinations(atlas.axes, 2):
         entries = []
         for value1, value2 in itertools.product(
@@ -277,6 +293,10 @@ def _binned(rows: list[AtlasRow], key: str) -> list[AtlasRow]:
     return rows
 
 
+def _sortable_value(value: Any) -> tuple:
+    return _sortable(_key(value))
+
+
 def _sortable(text: str) -> tuple:
     try:
         return (0, float(text))
@@ -289,7 +309,7 @@ def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
     circuit_columns = ("edges", "faithfulness", "composition_edges", "composition_appeared_at", "complete_at")
     columns = [
         "trial_id",
-        *atlas.axes,
+        *atlas.columns,
         "status",
         *TRIAL_VALUES,
         *score_names(),
@@ -306,7 +326,7 @@ def atlas_rows_csv(atlas: Atlas) -> tuple[list[str], list[dict[str, Any]]]:
         rows.append(
             {
                 "trial_id": row.trial_id,
-                **{a: row.config.get(a) for a in atlas.axes},
+                **{a: row.config.get(a) for a in atlas.columns},
                 "status": row.status,
                 **row.values,
                 **{f"{label}_heads": n for label, n in row.label_counts.items()},

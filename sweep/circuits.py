@@ -33,6 +33,7 @@ from model.edges import (
     parse_circuit_analysis,
 )
 from model.intervals import Appearance, appearance
+from model.roles import head_roles, role_edge, role_edges
 
 from .analyse import analyse_experiment
 from .records import Experiment
@@ -171,6 +172,25 @@ class TrialCircuit:
             found[kind] = min(found.get(kind, where.tokens_at), where.tokens_at)
         return dict(sorted(found.items()))
 
+    def roles(self) -> dict[str, str]:
+        """head -> its role in the last snapshot's circuit (model.roles): what replicates are matched by."""
+        return head_roles(self.last.circuit)
+
+    def role_appeared(self) -> dict[str, int]:
+        """role-edge -> the tokens at which its first edge appeared (heads named by their roles at the end)."""
+        roles, found = self.roles(), {}
+        for edge, where in self.appeared.items():
+            name = role_edge(edge, roles)
+            found[name] = min(found.get(name, where.tokens_at), where.tokens_at)
+        return dict(sorted(found.items()))
+
+    def does_task_from(self) -> int | None:
+        """tokens_seen of the first snapshot from which the model does the task at every later snapshot."""
+        found = None
+        for snapshot in self.snapshots:
+            found = (found or snapshot.tokens_seen) if snapshot.values.get("does_task") else None
+        return found
+
     def edge_document(self, edge: str, snapshot: SnapshotCircuit) -> dict[str, Any]:
         first = self.appeared.get(edge)
         values = snapshot.edges[edge]
@@ -268,7 +288,10 @@ def circuit_summary(circuit: TrialCircuit) -> dict[str, Any]:
             "composition_edges": len(composition),
             "composition_appeared_at": min(composed, default=None), "first_appeared_at": min(appeared, default=None),
             "complete_at": max(appeared, default=None), "kinds": circuit.kinds(),
-            "appeared_kinds": circuit.appeared_kinds(), "last_tokens": last.tokens_seen}
+            "appeared_kinds": circuit.appeared_kinds(), "last_tokens": last.tokens_seen,
+            "roles": circuit.roles(), "role_edges": role_edges(last.circuit, circuit.roles()),
+            "role_appeared": circuit.role_appeared(), "does_task_from": circuit.does_task_from(),
+            "circuit": list(last.circuit)}
 
 
 def preferred_task(table: pa.Table | None) -> str | None:

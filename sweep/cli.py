@@ -296,7 +296,10 @@ ADDRESS_HELP = ("Ray cluster to join: auto (the cluster this machine belongs to)
     help="MB a trial reserves and may use (0: no limit).",
 )
 @click.option("--max-concurrent", default=0, show_default=True, help="0: as many as resources allow.")
-@click.option("--num-samples", default=1, show_default=True, help="Repeats of the grid (seeds).")
+@click.option("--seeds", default=None, type=click.IntRange(min=1),
+              help="Replicates: train every grid point with N seeds (seed, seed+1, ...) [default: the preset's, or 1].")
+@click.option("--num-samples", default=1, show_default=True,
+              help="grid: replicates, as --seeds; random and optuna: trials drawn.")
 @click.option("--metric", default="test_loss", show_default=True, help=METRIC_HELP)
 @click.option("--mode", default=None, type=click.Choice(["min", "max"]), help=MODE_HELP)
 @click.option(
@@ -363,6 +366,7 @@ def launch(
     gpus_per_trial,
     memory_per_trial,
     max_concurrent,
+    seeds,
     num_samples,
     metric,
     mode,
@@ -412,6 +416,7 @@ def launch(
         memory_per_trial_mb=memory_per_trial,
         max_concurrent=max_concurrent,
         num_samples=num_samples,
+        seeds=seeds,
         metric=metric,
         mode=mode,
         early_stopping=early_stopping,
@@ -446,11 +451,12 @@ def _print_closing(plan) -> None:
                  f"sweep report {plan.name}{storage}", highlight=False)
 
 
-def _write_whole(path: Path, write) -> None:
-    """Write a local output file whole or not at all (`write` fills an open text file); one line if it cannot."""
+def _write_whole(path: Path, write, binary: bool = False) -> None:
+    """Write a local output file whole or not at all (`write` fills an open file, text unless `binary`); one line if
+    it cannot."""
     partial = path.with_name(path.name + ".partial")
     try:
-        with partial.open("w", newline="") as handle:
+        with partial.open("wb") if binary else partial.open("w", newline="") as handle:
             write(handle)
         partial.replace(path)
     except OSError as error:
@@ -901,7 +907,8 @@ def stages(ctx, name, storage, trial, address, as_json):
     "--json",
     "as_json",
     is_flag=True,
-    help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes.",
+    help="Print the whole atlas as JSON: trials, groups by axis and by pairs of axes, and the effects of the axes on "
+         "every reading (as `sweep effects`).",
 )
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per trial as CSV.")
 def atlas(name, storage, as_json, csv_path):
@@ -911,15 +918,51 @@ def atlas(name, storage, as_json, csv_path):
     when induction heads formed), then each axis's groups, strongest dependence first.
     """
     from .atlas import atlas_rows_csv, build_atlas
+    from .effects import atlas_effects
     from .results import load_experiment
 
-    result = build_atlas(load_experiment(_open(storage), name))
+    experiment = load_experiment(_open(storage), name)
+    result = build_atlas(experiment)
     if as_json:
-        render.as_json(result.document())
+        render.as_json(result.document() | {"effects": atlas_effects(result, experiment.record.get("fixed") or {})})
     elif csv_path:
         _write_csv(csv_path, *atlas_rows_csv(result))
     else:
         render.atlas(result)
+
+
+@main.command()
+@click.argument("name", required=False)
+@storage_option
+@click.option("--reading", default="formed_at", show_default=True,
+              help="formed_at, prev_token_formed_at, does_task_from, test_loss, faithfulness, circuit_edges, "
+                   "first_stage_end, or appeared:ROLE-EDGE (a role-edge's first appearance).")
+@click.option("--json", "as_json", is_flag=True, help="Print the effects, grid points and reference as JSON.")
+@click.option("--figure", "figure_path", type=click.Path(path_type=Path), help="Write the effects figure (PNG).")
+def effects(name, storage, reading, as_json, figure_path):
+    """What the grid changes: experiment NAME's (default: newest) reading per axis value over seeds.
+
+    Each axis value's median over its trials (Kaplan-Meier where some never
+    formed) with a 95% bootstrap interval over seeds, and its difference from
+    the previous value with an interval: an interval that excludes zero is an
+    effect beyond the seeds' noise. Launch with --seeds N for replicates.
+
+    \b
+    sweep launch --preset formation && sweep effects --figure effects.png
+    sweep effects NAME --reading appeared:"previous_token -> induction.k"
+    """
+    from .atlas import build_atlas
+    from .effects import effects_document, effects_figure
+    from .results import load_experiment
+
+    experiment = load_experiment(_open(storage), name)
+    document = effects_document(build_atlas(experiment), experiment.record.get("fixed") or {}, reading)
+    if figure_path:
+        _write_whole(figure_path, lambda handle: handle.write(effects_figure(document)), binary=True)
+    if as_json:
+        render.as_json(document)
+    else:
+        render.effects(document)
 
 
 @main.command()

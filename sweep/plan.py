@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class LaunchConfig:
     """Memory a trial reserves (Ray scheduling) and may use (enforced on Linux); 0: no limit."""
     max_concurrent: int = 0
     num_samples: int = 1
+    """Grid search: replicates of every grid point, each with its own seed (as --seeds); random: draws a point."""
+    seeds: int | None = None
+    """Replicates of every grid point with seeds seed, seed+1, ... (a `seed` axis); None: the preset's (1 if none)."""
     metric: str = "test_loss"
     mode: str | None = None
     """min or max; None: the metric's natural direction (losses min, scores and accuracy max)."""
@@ -106,6 +109,8 @@ class LaunchConfig:
             raise ConfigError(f"--max-iterations must be >= 1, got {self.max_iterations}")
         if self.num_samples < 1 or self.max_concurrent < 0 or self.max_failures < 0:
             raise ConfigError("--num-samples must be >= 1, --max-concurrent and --max-failures >= 0")
+        if self.seeds is not None and self.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,27 @@ def default_name(dataset: str, preset: str) -> str:
 REPEAT_TOKENIZER = "--tokenizer does not apply to the repeat task: it has its own vocabulary of random tokens"
 
 
+def replicates_as_seeds(launch: LaunchConfig, overrides: dict[str, Any]) -> LaunchConfig:
+    """The launch with its replicates as a number of seeds: a grid's --num-samples repeats are seeds too (the same
+    seed would train the same trial again), and a preset's seeds apply unless --seeds is given."""
+    preset = PRESETS.get(launch.preset)
+    if launch.seeds is not None and launch.num_samples > 1 and launch.search == "grid":
+        raise ConfigError(f"--seeds {launch.seeds} and --num-samples {launch.num_samples} both repeat the grid's "
+                          "points with new seeds: give one")
+    if launch.search == "grid" and launch.num_samples > 1:
+        launch = replace(launch, seeds=launch.num_samples, num_samples=1)
+    if launch.seeds is not None and launch.seeds > 1 and launch.search != "grid":
+        raise ConfigError(f"--seeds replicates the points of a grid; --search {launch.search} draws a new point each "
+                          "trial: use --search grid")
+    if launch.seeds is None:
+        launch = replace(launch, seeds=preset.seeds if preset and launch.search == "grid" else 1)
+    if launch.seeds > 1 and "seed" in overrides and not (isinstance(overrides["seed"], list)
+                                                          and len(overrides["seed"]) == 1):
+        raise ConfigError(f"--grid seed=... and {launch.seeds} seeds a grid point both set the seeds: give --seeds N "
+                          "(with --grid seed=FIRST to start elsewhere than 0) or the --grid list")
+    return launch
+
+
 def plan_sweep(launch: LaunchConfig) -> Plan:
     """Validate everything that can be checked without Ray; nothing is written yet."""
     preset = PRESETS.get(launch.preset)
@@ -271,7 +297,11 @@ def plan_sweep(launch: LaunchConfig) -> Plan:
     if launch.gpus_per_trial == 0:
         base["device"] = "cpu"
     overrides = parse_grid(launch.grid)
+    launch = replicates_as_seeds(launch, overrides)
     axes, distributions, fixed = build_grid(launch.preset, overrides, base)
+    if launch.seeds and launch.seeds > 1:
+        first = fixed.pop("seed")
+        axes["seed"] = list(range(first, first + launch.seeds))
     if dataset == "repeat":  # its own vocabulary: the trials record repeat:N, and a --tokenizer is refused
         if "tokenizer" in launch.data or "tokenizer" in overrides:
             raise ConfigError(REPEAT_TOKENIZER)

@@ -239,6 +239,60 @@ def circuit_groups(axis: str, entries: list[dict]) -> None:
     output.print(view)
 
 
+def estimate_text(summary: dict, time: bool) -> str:
+    """`3,211,264 [2.8M, 3.6M]`, an estimate with its interval; open ends past training say so."""
+    def one(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value / 1e6:.3g}M" if time and abs(value) >= 1e5 else f"{value:,.0f}" if time else f"{value:.4g}"
+
+    estimate = summary["estimate"]
+    if estimate is None:
+        return "not reached" if summary.get("never") else "-"
+    low, high = summary["interval"]
+    if low is None and high is None:
+        return one(estimate)
+    return f"{one(estimate)} [{one(low)}, {'past the end' if high is None else one(high)}]"
+
+
+def effects(document: dict) -> None:
+    """`sweep effects`: the reading per axis value, and each value's difference from the previous one, with
+    intervals; then each grid point's replicates."""
+    time = document["time"]
+    view = Table(title=f"{document['experiment']}: {document['reading']} by axis (median over seeds, 95% bootstrap)",
+                 caption=document["description"] + (f"; {document['note']}" if document["note"] else ""),
+                 title_justify="left")
+    for column in ("axis", "value", "trials", "never", document["reading"], "difference from previous", "effect"):
+        view.add_column(column, justify="right")
+    for effect in document["effects"]:
+        for index, entry in enumerate(effect["values"]):
+            difference = entry["difference"]
+            if difference is None:
+                change, verdict = "", ""
+            else:
+                change = estimate_text(difference, time)
+                low, high = difference["interval"]
+                verdict = ("-" if low is None and high is None else
+                           "beyond seeds" if (low is not None and low > 0) or (high is not None and high < 0)
+                           else "within seeds")
+            view.add_row(effect["axis"] if index == 0 else "", str(entry["value"]), str(entry["trials"]),
+                         str(entry["never"]) if time else "", estimate_text(entry, time), change, verdict)
+    output.print(view)
+    points = Table(title="grid points: replicates", title_justify="left")
+    for column in ("point", "seeds", document["reading"], "never", "circuits", "role overlap", "head overlap"):
+        points.add_column(column, justify="right")
+    for entry in document["points"]:
+        summary = entry["summary"]
+        points.add_row(" ".join(f"{k}={v}" for k, v in entry["point"].items()) or "-",
+                       ",".join(str(s) for s in entry["seeds"]), estimate_text(summary, time),
+                       f"{summary['never']} of {summary['trials']}" if time else "", str(entry["circuits"]),
+                       number(entry["role_overlap"], 2), number(entry["head_overlap"], 2))
+    output.print(points)
+    if reference := document["reference"]:
+        console.print(f"formed_at against sqrt(batch x context): a = {reference['fit_scale']:,.0f} tokens fits the "
+                      f"grid points' medians (Aoyama et al. 2025: a = 10^5.7 = {reference['aoyama_scale']:,.0f})")
+
+
 def millions(tokens: list[int]) -> str:
     return " ".join(f"{t / 1e6:.2g}" for t in tokens) or "-"
 
@@ -411,7 +465,7 @@ def atlas(result) -> None:
     circuit_columns = (
         ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
     )
-    columns = ("trial", *result.axes, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
+    columns = ("trial", *result.columns, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
                "matters", "induction at", *stage_columns, *circuit_columns)
     rows = []
     for row in result.rows:
@@ -420,7 +474,7 @@ def atlas(result) -> None:
         circuit_cells = (number(circuit.get("edges")), number(circuit.get("faithfulness"), 2),
                          number(circuit.get("composition_edges")),
                          number(circuit.get("composition_appeared_at"))) if circuit_columns else ()
-        rows.append((row.trial_id, *(str(row.config.get(a)) for a in result.axes), display_state(row.status),
+        rows.append((row.trial_id, *(str(row.config.get(a)) for a in result.columns), display_state(row.status),
                      number(row.values["test_loss"]), number(row.values["icl_score"]),
                      *(number(row.values[f"{s}_max"], 2) for s in scores),
                      *(str(row.label_counts[label]) for label in ("induction", "previous_token", "matters")),

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jinja2
 import numpy as np
 
 from model.edges import ROBUST_SPREAD
@@ -26,6 +26,8 @@ from model.metrics import current_labels
 
 from .atlas import GRID_SCORES, Atlas, build_atlas
 from .circuits import SnapshotCircuit, TrialCircuit, trial_circuits
+from .effects import atlas_effects, effects_figure
+from .figures import png, token_formatter
 from .names import display_state, metric_mode
 from .records import Experiment, TrialRecord
 from .results import best_trials, status_counts, trial_history
@@ -149,6 +151,11 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     scale = (min(0.0, *rises) * 1.1, max(0.05, *rises) * 1.1) if rises else None
     sections = [
         ("grid", "What grew where", _grid_section(atlas)),
+        *(
+            (("effects", "What changes the circuit", effects),)
+            if (effects := _effects_section(atlas, experiment.record.get("fixed") or {}))
+            else ()
+        ),
         ("dynamics", "Dynamics of every trial", _dynamics_section(experiment, histories | snapshot_history(table))),
         *(
             (("stages", "Developmental stages", stages),)
@@ -187,6 +194,37 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
     )
 
 
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("sweep", "templates"), autoescape=True,
+                               trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+TEMPLATES.filters["fixed"] = lambda value, digits=2: _fixed(value, digits)
+TEMPLATES.filters["reading"] = lambda value, time: (
+    "-" if value is None else f"{value / 1e6:.3g}M" if time and abs(value) >= 1e5 else f"{value:.4g}")
+EFFECT_READINGS = ("formed_at", "does_task_from", "faithfulness", "test_loss")
+"""The readings the report's effects section shows (`sweep effects --reading` has them all)."""
+
+
+def _effects_section(atlas: Atlas, fixed: dict[str, Any]) -> str | None:
+    """What changes the circuit: each reading per axis value over seeds, with intervals, and each grid point's
+    replicates matched by role; None where there is neither an axis nor a replicate."""
+    found = atlas_effects(atlas, fixed)
+    documents = [found[name] for name in EFFECT_READINGS if name in found and found[name]["effects"]]
+    formed = found.get("formed_at")
+    if not documents and not (formed and max(formed["replicates"]) > 1):
+        return None
+    for document in documents:
+        document["figure"] = (base64.b64encode(effects_figure(document)).decode()
+                              if document["reading"] == "formed_at" else None)
+    points = []
+    for entry in (formed or {}).get("points", []):
+        fractions = entry["role_edges"]
+        points.append(entry | {"label": " ".join(f"{k}={v}" for k, v in entry["point"].items()) or "-",
+                               "everywhere": [e for e, f in fractions.items() if f == 1.0],
+                               "somewhere": [f"{e} ({f:.0%})" for e, f in fractions.items() if f < 1.0]})
+    return TEMPLATES.get_template("effects.html").render(
+        documents=documents, points=points, replicates=(formed or documents[0])["replicates"],
+        note=(formed or documents[0])["note"])
+
+
 def _reported(experiment: Experiment, metric: str) -> bool:
     return any(isinstance(t.metrics.get(metric), (int, float)) for t in experiment.trials)
 
@@ -207,14 +245,6 @@ def _number(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None or value == "" else _e(value)
-
-
-def _png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return buffer.getvalue()
 
 
 def _image(png: bytes, alt: str) -> str:
@@ -297,7 +327,7 @@ def _grid_figure(atlas: Atlas) -> bytes:
             axes.set_ylim(min(0.0, *means), 1)
             axes.set_xlabel(axis, fontsize=9)
             axes.set_title(score, fontsize=10)
-    return _png(figure)
+    return png(figure)
 
 
 def _order(text: str) -> tuple:
@@ -356,12 +386,12 @@ def _circuit_groups(atlas: Atlas) -> str:
 def _atlas_table(atlas: Atlas) -> str:
     labels = ("induction", "previous_token", "matters")
     staged = any(row.stages is not None for row in atlas.rows)
-    columns = ("trial", *atlas.axes, "induction formed at", *(("stages",) if staged else ()), "status", "test_loss",
+    columns = ("trial", *atlas.columns, "induction formed at", *(("stages",) if staged else ()), "status", "test_loss",
                "icl_score", *(f"{s} max" for s in GRID_SCORES), *(f"{label} heads" for label in labels))
     rows = []
     for row in atlas.rows:
         stages = (_number(row.stages),) if staged else ()
-        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.axes), _number(row.induction_formed_at),
+        cells = [_e(row.trial_id), *(_e(row.config.get(a)) for a in atlas.columns), _number(row.induction_formed_at),
                  *stages,
                  _e(display_state(row.status)), _number(row.values["test_loss"]),
                  _number(row.values["icl_score"]), *(_number(row.values[f"{s}_max"]) for s in GRID_SCORES),
@@ -418,24 +448,12 @@ def _dynamics_figure(experiment: Experiment, histories: dict[str, list[dict]]) -
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("training tokens", fontsize=8)
         axes.set_ylabel(unit, fontsize=8)
-        axes.xaxis.set_major_formatter(_token_formatter())
+        axes.xaxis.set_major_formatter(token_formatter())
         axes.tick_params(labelsize=8)
     if not many and experiment.trials:  # below the panels: never over the curves it names
         handles, names = panels[0].get_legend_handles_labels()  # one entry a trial, not one a panel
         figure.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize=8, frameon=False)
-    return _png(figure)
-
-
-def _token_formatter():
-    from matplotlib.ticker import FuncFormatter
-
-    def tokens(value: float, _position) -> str:
-        for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-            if abs(value) >= size:
-                return f"{value / size:g}{suffix}"
-        return f"{value:g}"
-
-    return FuncFormatter(tokens)
+    return png(figure)
 
 
 def _short_labels(trials: list[TrialRecord]) -> dict[str, str]:
@@ -509,7 +527,7 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
                 ed_axes.plot([x for x, _ in turns], [y for _, y in turns], marker="x", color="black", markersize=8,
                              linestyle="none")
     llc_axes.set_xscale("log")
-    llc_axes.xaxis.set_major_formatter(_token_formatter())
+    llc_axes.xaxis.set_major_formatter(token_formatter())
     llc_axes.set_xlabel("training tokens (log)", fontsize=9)
     llc_axes.set_ylabel("LLC", fontsize=9)
     llc_axes.set_title("local learning coefficient", fontsize=10)
@@ -519,7 +537,7 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
     for axes in (llc_axes, ed_axes):
         axes.tick_params(labelsize=8)
     figure.legend(loc="outside lower center", ncols=min(4, len(documents)), fontsize=8, frameon=False)
-    return _png(figure)
+    return png(figure)
 
 
 def _trial_label(trial: TrialRecord) -> str:
@@ -651,7 +669,7 @@ def _ablation_figure(document: dict[str, Any], scale: tuple[float, float] | None
         axes.set_ylim(*scale)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    return _png(figure)
+    return png(figure)
 
 
 def _composition_svg(document: dict[str, Any], config: dict[str, Any]) -> str:
@@ -943,13 +961,13 @@ def _circuit_effects_figure(circuit: TrialCircuit, formed: Any, boundaries: list
         axes.annotate("induction formed", (formed, 1), xycoords=("data", "axes fraction"), fontsize=8,
                       xytext=(3, -12), textcoords="offset points")
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(_token_formatter())
-    axes.xaxis.set_minor_formatter(_token_formatter())
+    axes.xaxis.set_major_formatter(token_formatter())
+    axes.xaxis.set_minor_formatter(token_formatter())
     axes.set_xlabel("training tokens (log); dashed: LLC stage ends, dotted: the edge threshold", fontsize=9)
     axes.set_ylabel("effect (fraction of the difference)", fontsize=9)
     axes.set_title(f"effects of the circuit's edges over training ({min(CURVES, len(last.circuit))} of "
                    f"{len(last.circuit)})", fontsize=10)
     axes.tick_params(labelsize=8)
     figure.legend(loc="outside right center", fontsize=8, frameon=False)
-    return _png(figure)
+    return png(figure)
 

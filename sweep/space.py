@@ -77,6 +77,8 @@ class Preset:
     """ASHA stops weak trials; off for grids that are comparisons, where every trial must finish."""
     grace_tokens: int | None = None
     """With early stopping, no trial is compared before this many training tokens (a phase change comes first)."""
+    seeds: int = 1
+    """Replicates of every grid point, each with its own seed (--seeds overrides it)."""
 
 
 PRESETS = {
@@ -138,6 +140,25 @@ PRESETS = {
         # --early-stopping, nothing is compared before 6M tokens, after the phase change.
         early_stopping=False,
         grace_tokens=6_000_000,
+    ),
+    "formation": Preset(
+        "when induction heads form, against batch size and context length, 3 seeds a point (repeat task)",
+        axes={"batch_size": [16, 64], "seq_len": [64, 96]},
+        # The induction preset's 2-layer model. Measured on 2 CPU cores before choosing the grid: at batch 16 and
+        # context 64 induction forms near 3.5M tokens; batch 64 and context 96 push it past 6M; context 32 and 48
+        # never form within 8M (benchmarks/RESULTS.md). An iteration every 250k tokens sets formed_at's resolution.
+        fixed={
+            "layers": 2,
+            "d_model": 64,
+            "heads": 4,
+            "lr": 1e-3,
+            "max_tokens": 8_000_000,
+            "eval_every_tokens": 250_000,
+            "snapshots": "every:500000",
+        },
+        dataset="repeat",
+        early_stopping=False,  # a measurement of every point: each trial runs to the end
+        seeds=3,
     ),
 }
 
