@@ -61,8 +61,10 @@ class AtlasRow:
     last_tokens: int | None = None
     """tokens_seen when the trial stopped: a reading that never happened is censored here."""
 
-    def document(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "config": self.config, "status": self.status, **self.values,
+    def document(self, axes: list[str] = ()) -> dict[str, Any]:
+        point = {axis: self.config.get(axis) for axis in axes}
+        return {"trial_id": self.trial_id, "config": self.config, "grid_point": point,
+                "seed": self.config.get(REPLICATE_AXIS), "status": self.status, **self.values,
                 "heads_by_label": self.label_counts, "induction_formed_at": self.induction_formed_at,
                 "prev_token_formed_at": self.prev_token_formed_at, "stages": self.stages,
                 "stage_boundaries": self.stage_boundaries, "circuit": self.circuit}
@@ -101,7 +103,7 @@ class Atlas:
 
     def document(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread,
-                "trials": [r.document() for r in self.rows], "groups": self.groups, "pairs": self.pairs,
+                "trials": [r.document(self.axes) for r in self.rows], "groups": self.groups, "pairs": self.pairs,
                 "formed_at_resolution": self.formed_at_resolution, "circuit_task": self.circuit_task,
                 "seeds": self.seeds}
 

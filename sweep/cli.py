@@ -46,6 +46,26 @@ class Interrupted(click.ClickException):
 
 
 class SweepGroup(click.Group):
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's own usage errors (a missing or unknown option, a value out of range) in one line naming the
+        option, exit status 2, as every other mistake: not Click's four lines of usage."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            where = f" (`{error.ctx.command_path} -h` for help)" if error.ctx else ""
+            click.echo(f"Error: {error.format_message()}{where}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -14,7 +14,7 @@ from rich.table import Table
 from model.config import ConfigError
 
 from .names import STOPPED_EARLY, display_state
-from .space import SHAPE_KEYS
+from .space import IDENTITY_KEYS, SHAPE_KEYS
 
 console = Console(stderr=True, soft_wrap=True)
 # Tables go to stdout; when it is a pipe or a file, give them room instead of wrapping at 80.
@@ -31,7 +31,14 @@ def metrics_line(iteration: int, metrics: dict) -> str:
 
 
 def varying(config: dict) -> str:
-    return " ".join(f"{k}={config[k]}" for k in SHAPE_KEYS if k in config)
+    return " ".join(f"{k}={config[k]}" for k in IDENTITY_KEYS if k in config)
+
+
+def identity_columns(configs: list[dict]) -> list[str]:
+    """A table's config columns: the shape, and batch size and seed where trials differ in them (replicates)."""
+    extra = [k for k in IDENTITY_KEYS if k not in SHAPE_KEYS
+             and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    return [*SHAPE_KEYS, *extra]
 
 
 def metric_cell(metrics: dict, name: str) -> str:
@@ -201,7 +208,8 @@ def circuits(document: dict) -> None:
     table = Table(title=f"{document['experiment']}: circuits on {document['task']} at each trial's last snapshot",
                   caption=f"order: the circuit's edges by the snapshot where their interval's lower end reached "
                           f"{document['edge_threshold']:g} and stayed; difference: clean to corrupted, in nats")
-    for column in ("trial", *SHAPE_KEYS, "tokens", "difference", "edges", "faithfulness", "robust", "composition",
+    keys = identity_columns([trial["config"] for trial in document["trials"]])
+    for column in ("trial", *keys, "tokens", "difference", "edges", "faithfulness", "robust", "composition",
                    "order of appearance"):
         table.add_column(column, justify="left" if column == "order of appearance" else "right")
     for trial in document["trials"]:
@@ -212,7 +220,7 @@ def circuits(document: dict) -> None:
             f"{trial['faithfulness']:.2f} {interval(trial['faithfulness_interval'])}"
             + ("" if trial.get("target_reached") is not False else " (target missed)"))
         robust = "-" if trial.get("robust") is None else ("yes" if trial["robust"] else "NO")
-        table.add_row(trial["trial_id"], *(str(trial["config"].get(k, "")) for k in SHAPE_KEYS),
+        table.add_row(trial["trial_id"], *(str(trial["config"].get(k, "")) for k in keys),
                       f"{trial['snapshot']['tokens_seen']:,}", number(trial["difference"], 3),
                       str(len(trial["circuit"])), faithful, robust, str(composition), order)
     output.print(table)
@@ -364,12 +372,13 @@ def results(experiment) -> None:
 
     table = Table(title=experiment.name, caption=formed_at_caption(experiment.formed_at_resolution))
     shown = ("test_loss", "icl_score", "induction_formed_at", "prev_token_formed_at")
-    for column in ("trial", "status", "iters", *shown, *SHAPE_KEYS, "error"):
+    keys = identity_columns([trial.config for trial in experiment.trials])
+    for column in ("trial", "status", "iters", *shown, *keys, "error"):
         table.add_column(column)
     for trial in experiment.trials:
         cells = [metric_cell(trial.metrics, m) for m in shown]
         table.add_row(trial.trial_id, trial.status_text, str(trial.iterations), *cells,
-                      *(str(trial.config.get(k, "")) for k in SHAPE_KEYS), trial.error or "")
+                      *(str(trial.config.get(k, "")) for k in keys), trial.error or "")
     output.print(table)
 
 
@@ -438,7 +447,8 @@ def calibration(experiment_name: str, trial_id: str, result: dict) -> None:
 def stages(experiment_name: str, documents: list[dict]) -> None:
     """`sweep stages`: a row per trial: its stages, boundaries, turning points and where its circuits formed."""
     table = Table(title=f"{experiment_name}: developmental stages")
-    for column in ("trial", *SHAPE_KEYS, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points",
+    keys = identity_columns([document["config"] for document in documents])
+    for column in ("trial", *keys, "stages", "LLC boundaries (tokens: stage that ends)", "ED turning points",
                    "circuits (tokens, stage)"):
         table.add_column(column)
     for document in documents:
@@ -447,7 +457,7 @@ def stages(experiment_name: str, documents: list[dict]) -> None:
         circuits = ", ".join(f"{name.removesuffix('_formed_at')} {c['tokens_seen']:,} (stage {c['stage']}"
                              f"{', by use' if c.get('by') == 'use' else ''})"
                              for name, c in document["circuits"].items()) or "-"
-        shape = (str(document["config"].get(k, "")) for k in SHAPE_KEYS)
+        shape = (str(document["config"].get(k, "")) for k in keys)
         table.add_row(document["trial_id"], *shape, str(document["stages"]), boundaries, turns, circuits)
     output.print(table)
 

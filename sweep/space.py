@@ -63,6 +63,8 @@ TRIAL_KEYS: dict[str, TrialKey] = _trial_keys()
 TRIAL_DEFAULTS: dict[str, Any] = {key: spec.default for key, spec in TRIAL_KEYS.items()}
 # Shown in tables and used to name trials: the axes the study varied.
 SHAPE_KEYS = ("seq_len", "lr", "heads", "d_model", "layers", "mlp")
+# What names one trial among others in a line of text: its shape, batch and seed (replicates differ by seed alone).
+IDENTITY_KEYS = (*SHAPE_KEYS, "batch_size", "seed")
 
 
 @dataclass(frozen=True)

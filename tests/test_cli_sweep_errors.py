@@ -171,3 +171,15 @@ def test_a_trial_given_a_gpu_without_cuda_fails_in_one_line():
     with pytest.raises(GpuUnavailable, match=r"^gpu_unavailable: Ray gave this trial GPU 0 on node 10.0.0.1, but CUDA "
                                              r"is not available there"):
         start_gpu([0], "10.0.0.1")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["export", "demo", "--trial", "t1"], "Missing option '--out'"),
+    (["launch", "imdb", "--bogus"], "No such option '--bogus'"),
+    (["heads", "demo", "--tokens-seen", "-5"], "Invalid value for '--tokens-seen'"),
+    (["launch", "--preset", "induction", "--seeds", "0"], "Invalid value for '--seeds'"),
+])
+def test_click_usage_errors_are_one_line_naming_the_option(args, option):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and option in result.stderr and "Usage:" not in result.stderr
