@@ -113,7 +113,9 @@ def formed_by(observations: list[Observation]) -> list[tuple[float, float]]:
     for rank, index in enumerate(order):
         if events[index]:
             survival *= 1.0 - 1.0 / (len(order) - rank)
-            curve.append((float(times[index]), 1.0 - survival))
+            if curve and curve[-1][0] == times[index]:  # tied times: one step
+                curve.pop()
+            curve.append((float(times[index]), round(1.0 - survival, 6)))
     return curve
 
 

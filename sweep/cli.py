@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -810,6 +811,10 @@ def analyse(ctx, name, storage, what, trials, step, address):
         store_llc_stages(experiment, read_table(experiment))
 
 
+PROGRESS_LINE_S = 15.0
+"""Seconds between progress lines when stderr is not a terminal (a pipe, a log file)."""
+
+
 def _analyse_with_progress(experiment, measures: tuple[str, ...], trials: list, address, verbose: bool,
                            description: str) -> dict:
     """sweep.analyse.analyse_experiment with a progress bar of snapshots (on a terminal)."""
@@ -817,10 +822,24 @@ def _analyse_with_progress(experiment, measures: tuple[str, ...], trials: list, 
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} snapshots"),
                TimeElapsedColumn(), TimeRemainingColumn())
+    started, said = time.monotonic(), [0.0]
+
+    def line(done: int, total: int) -> None:
+        """Piped or redirected: a line on stderr at most every PROGRESS_LINE_S seconds, and the last one."""
+        now = time.monotonic()
+        if total and (done == total or now - said[0] >= PROGRESS_LINE_S):
+            said[0] = now
+            console.print(f"{description}: {done}/{total} snapshots, {now - started:.0f} s", highlight=False)
+
     with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
         bar = progress.add_task(description, total=None)
-        return analyse_experiment(experiment, measures, trials, address,
-                                  lambda done, total: progress.update(bar, completed=done, total=total), verbose)
+
+        def report(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+            if not console.is_terminal:
+                line(done, total)
+
+        return analyse_experiment(experiment, measures, trials, address, report, verbose)
 
 
 def _calibrate_llc(name: str | None, storage: str | None, trials: str, step: int | None) -> None:

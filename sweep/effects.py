@@ -114,6 +114,7 @@ def replicate_points(atlas: Atlas, reading: Reading) -> list[dict[str, Any]]:
         entries.append({
             "point": dict(point), "trials": [row.trial_id for row in rows],
             "seeds": [row.config.get(REPLICATE_AXIS) for row in rows],
+            "last_tokens": max((row.last_tokens or 0 for row in rows), default=None),
             "summary": summarise(observations, reading.time).document(),
             "formed_by": formed_by(observations) if reading.time else None,
             "circuits": len(circuits),
@@ -132,14 +133,14 @@ def aoyama_reference(points: list[dict[str, Any]], fixed: dict[str, Any]) -> dic
         values = fixed | entry["point"]
         batch, context = values.get("batch_size"), values.get("seq_len")
         if batch and context:
-            rows.append((math.sqrt(batch * context), entry["summary"]["estimate"], entry["point"]))
+            rows.append((math.sqrt(batch * context), entry["summary"]["estimate"], entry))
     formed = [(x, y) for x, y, _ in rows if y]
     if not formed:
         return None
     scale = math.exp(sum(math.log(y / x) for x, y in formed) / len(formed))
     return {"fit_scale": scale, "aoyama_scale": AOYAMA_SCALE,
-            "points": [{"point": point, "sqrt_bc": x, "formed_at": y, "fit": scale * x, "aoyama": AOYAMA_SCALE * x}
-                       for x, y, point in rows]}
+            "points": [{"point": entry["point"], "sqrt_bc": x, "formed_at": y, "fit": scale * x,
+                        "aoyama": AOYAMA_SCALE * x, "last_tokens": entry["last_tokens"]} for x, y, entry in rows]}
 
 
 def effects_document(atlas: Atlas, fixed: dict[str, Any], name: str = "formed_at") -> dict[str, Any]:
@@ -169,14 +170,15 @@ def effects_figure(document: dict[str, Any]) -> bytes:
 
     effects, reference = document["effects"], document["reference"]
     panels = len(effects) + (1 if reference else 0)
-    figure = Figure(figsize=(3.6 * max(1, panels), 3.3), dpi=90, layout="constrained")
+    figure = Figure(figsize=(3.8 * max(1, panels), 4.4 if reference else 3.3), dpi=90, layout="constrained")
     for index, effect in enumerate(effects):
         axes = figure.add_subplot(1, panels, index + 1)
         for position, entry in enumerate(effect["values"]):
             estimate, (low, high) = entry["estimate"], entry["interval"]
-            if estimate is None:
-                axes.annotate(f"never {entry['never']} of {entry['trials']}", (position, 0.5),
+            if entry.get("never"):
+                axes.annotate(f"never formed: {entry['never']} of {entry['trials']}", (position, 0.02),
                               xycoords=("data", "axes fraction"), ha="center", fontsize=8, color="#aa3377")
+            if estimate is None:
                 continue
             below = estimate - low if low is not None else 0
             above = high - estimate if high is not None else 0
@@ -198,7 +200,9 @@ def effects_figure(document: dict[str, Any]) -> bytes:
         for point in points:
             summary = by_point[tuple(sorted(point["point"].items()))]
             label = " ".join(f"{k}={v}" for k, v in point["point"].items())
-            if point["formed_at"] is None:  # half or more never formed: no median to place (the table says so)
+            if point["formed_at"] is None:  # half or more never formed: marked at the end of training
+                axes.plot([point["sqrt_bc"]], [point["last_tokens"]], "^", color="#aa3377", markersize=8,
+                          label=f"{label}: not formed by the end")
                 continue
             low, high = summary["interval"]
             yerr = [[point["formed_at"] - low if low is not None else 0], [high - point["formed_at"] if high else 0]]
@@ -210,7 +214,7 @@ def effects_figure(document: dict[str, Any]) -> bytes:
         axes.set_ylabel("formed_at")
         axes.yaxis.set_major_formatter(token_formatter())
         axes.set_title("against the sqrt(BC) law", fontsize=10)
-        axes.legend(fontsize=7, frameon=False)
+        axes.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return png(figure)
 
 

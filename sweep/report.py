@@ -115,7 +115,7 @@ EFFECT_READINGS = ("formed_at", "does_task_from", "faithfulness", "test_loss")
 """The readings the report's effects section shows (`sweep effects --reading` has them all)."""
 
 
-def _effects_section(atlas: Atlas, fixed: dict[str, Any]) -> str | None:
+def _effects_section(atlas: Atlas, fixed: dict[str, Any]) -> Markup | None:
     """What changes the circuit: each reading per axis value over seeds, with intervals, and each grid point's
     replicates matched by role; None where there is neither an axis nor a replicate."""
     found = atlas_effects(atlas, fixed)
@@ -132,9 +132,8 @@ def _effects_section(atlas: Atlas, fixed: dict[str, Any]) -> str | None:
         points.append(entry | {"label": " ".join(f"{k}={v}" for k, v in entry["point"].items()) or "-",
                                "everywhere": [e for e, f in fractions.items() if f == 1.0],
                                "somewhere": [f"{e} ({f:.0%})" for e, f in fractions.items() if f < 1.0]})
-    return TEMPLATES.get_template("effects.html").render(
-        documents=documents, points=points, replicates=(formed or documents[0])["replicates"],
-        note=(formed or documents[0])["note"])
+    return _render("effects.html", documents=documents, points=points,
+                   replicates=(formed or documents[0])["replicates"], note=(formed or documents[0])["note"])
 
 
 def _reported(experiment: Experiment, metric: str) -> bool:

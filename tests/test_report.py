@@ -90,7 +90,10 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, reviews_file
     assert "t0" in page and "Head atlas" in page and "Leaderboard" in page
     assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing fetched from the network
     images = re.findall(r'<img [^>]*src="data:image/png;base64,', page)
-    assert len(images) == 2 + 2 * 2  # grid, dynamics; per top trial: ablation bars and one layer grid
+    # grid, effects, dynamics; per top trial: ablation bars and one layer grid
+    assert len(images) == 3 + 2 * 2
+    # one seed a grid point: the effects section gives estimates and says why there are no intervals
+    assert "What changes the circuit" in page and "fewer than 3 seeds per grid point" in page
     dom = subprocess.run([shutil.which("chromium") or "chromium", *BROWSER_FLAGS, "--dump-dom", out.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     body = re.search(r"<body[^>]*>", dom).group(0)
@@ -148,8 +151,9 @@ def test_report_in_a_real_browser(tmp_path, reviews_file):
         body = driver.find_element(By.TAG_NAME, "body")
         images = int(body.get_attribute("data-images"))
         assert images >= 4 and int(body.get_attribute("data-images-loaded")) == images
-        assert [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav.toc a")][:3] == [
+        assert [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav.toc a")][:4] == [
             "What grew where",
+            "What changes the circuit",
             "Dynamics of every trial",
             "Leaderboard",
         ]
