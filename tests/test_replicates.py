@@ -125,7 +125,8 @@ def test_seeds_and_num_samples_repeat_grid_points_with_distinct_seeds(tmp_path):
 def test_num_samples_and_seeds_train_replicates_that_differ_and_record_their_seeds(reviews, tmp_path):
     storage = tmp_path / "results"
     for name, option in (("samples", "--num-samples"), ("seeds", "--seeds")):
-        sweep("launch", reviews, *TINY, "--grid", "heads=2", option, "2", "--storage", storage, "--name", name)
+        sweep("launch", reviews, *TINY, "--grid", "heads=2", "--grid", "lr=1e-3", option, "2", "--storage", storage,
+              "--name", name)
         results = trial_results(storage, name)
         seeds = sorted(lines[-1]["config"]["seed"] for lines in results.values())
         losses = {lines[-1]["test_loss"] for lines in results.values()}
