@@ -99,3 +99,17 @@ def test_every_command_the_readme_and_docs_show_exists():
 @pytest.mark.parametrize("page", sorted(p.name for p in (REPO / "docs").glob("*.md")))
 def test_every_docs_page_the_readme_links_exists_and_is_linked(page):
     assert f"docs/{page}" in (REPO / "README.md").read_text()
+
+
+def test_the_replicates_page_s_python_runs_as_written():
+    page = (REPO / "docs" / "replicates.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert blocks
+    printed = ""
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        printed += result.stdout
+    # what the page says the snippets print
+    assert "'estimate': 2000000.0, 'interval': [1000000.0, None]" in printed
+    assert "{'0.2': 'previous_token', '1.1': 'induction'}" in printed
