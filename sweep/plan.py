@@ -411,8 +411,21 @@ def check_room(plan: Plan) -> None:
         raise ConfigError(
             f"--storage {plan.storage.uri} has {human_bytes(free)} free; the sweep needs about "
             f"{human_bytes(needed['total'])} (snapshots {human_bytes(needed['snapshots'])}, checkpoints "
-            f"{human_bytes(needed['checkpoints'])}): free space, pick another --storage, or write fewer snapshots "
-            "(--snapshots log:10 or none, --snapshot-dtype bfloat16)")
+            f"{human_bytes(needed['checkpoints'])}): free space, pick another --storage, or {storage_advice(plan)}")
+
+
+def storage_advice(plan: Plan) -> str:
+    """What would shrink the sweep's footprint, naming only settings that would change it."""
+    schedule = plan.fixed.get("snapshots", "log")
+    options = []
+    if schedule != "none":
+        options.append("fewer snapshots (--snapshots log:N with a smaller N than "
+                       f"{schedule.partition(':')[2] or 30}, or none)" if schedule.startswith("log") else
+                       "fewer snapshots (--snapshots log:10 or none)")
+    if plan.fixed.get("snapshot_dtype", "float32") != "bfloat16":
+        options.append("--snapshot-dtype bfloat16 (halves the snapshots)")
+    options.append("fewer trials (--grid with fewer values: every trial keeps its latest checkpoint)")
+    return ", ".join(options)
 
 
 def snapshot_summary(plan: Plan) -> str:
@@ -436,7 +449,7 @@ def snapshot_summary(plan: Plan) -> str:
     return (f"{head}{counts[0]}-{counts[-1]} a trial of {human_bytes(sizes[0])}-{human_bytes(sizes[-1])} each "
             f"({human_bytes(trial_bytes[0])}-{human_bytes(trial_bytes[-1])} a trial); "
             f"about {human_bytes(total)} for the sweep"
-            + ("; --snapshot-dtype bfloat16 halves it, --snapshots log:10 or none cut it" if total > 50e9 else ""))
+            + (f"; to shrink it: {storage_advice(plan)}" if total > 50e9 else ""))
 
 
 def load_plan(name: str | None, storage_uri: str | None) -> Plan:

@@ -537,3 +537,12 @@ def test_analyse_on_s3_and_snapshots_listed_from_storage_alone(s3_server, review
         sweep("heads", "s3snap", "--storage", "s3://bucket/exp", "--tokens-seen", "4096", "--json").stdout
     )
     assert len(heads["heads"]) == 2
+
+
+def test_storage_advice_names_only_settings_that_would_change_the_footprint(tmp_path):
+    from sweep.plan import LaunchConfig, plan_sweep, storage_advice
+
+    paper = storage_advice(plan_sweep(LaunchConfig(dataset="imdb", preset="paper", storage=str(tmp_path))))
+    assert "bfloat16" not in paper and "smaller N than 10" in paper  # the preset writes log:10 in bf16 already
+    induction = storage_advice(plan_sweep(LaunchConfig(dataset="", preset="induction", storage=str(tmp_path))))
+    assert "--snapshot-dtype bfloat16" in induction and "smaller N than 30" in induction
