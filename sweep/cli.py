@@ -783,7 +783,6 @@ def analyse(ctx, name, storage, what, trials, step, address):
     from model.measures import parse_measures
 
     from .analyse import choose_trials
-    from .results import load_experiment
     from .table import table_path
 
     if what == "llc-calibrate":
@@ -791,7 +790,7 @@ def analyse(ctx, name, storage, what, trials, step, address):
     if step is not None:
         raise UserError("--step goes with --what llc-calibrate; the measures run on every snapshot")
     measures = parse_measures(what)
-    experiment = load_experiment(_open(storage), name)
+    experiment = _experiment_with(storage, name, "snapshots")
     chosen = choose_trials(experiment, tuple(t for t in trials.split(",") if t))
     if not any(t.snapshots for t in chosen):
         raise UserError(f"{experiment.name} has no snapshots to analyse "
@@ -813,6 +812,20 @@ def analyse(ctx, name, storage, what, trials, step, address):
 
 PROGRESS_LINE_S = 15.0
 """Seconds between progress lines when stderr is not a terminal (a pipe, a log file)."""
+
+
+def _experiment_with(storage: str | None, name: str | None, needs: str):
+    """Experiment NAME, or without NAME the newest that has what the command needs ("snapshots" or "results"),
+    named in the first line when it is not simply the newest."""
+    from .results import has_results, has_snapshots, list_experiments, load_experiment, newest_experiment_with
+
+    opened = _open(storage)
+    if name:
+        return load_experiment(opened, name)
+    experiment = newest_experiment_with(opened, {"snapshots": has_snapshots, "results": has_results}[needs], needs)
+    if experiment.name != list_experiments(opened)[-1]["name"]:
+        console.print(f"experiment {experiment.name}: the newest with {needs}", highlight=False)
+    return experiment
 
 
 def _analyse_with_progress(experiment, measures: tuple[str, ...], trials: list, address, verbose: bool,
@@ -882,9 +895,8 @@ def circuit(ctx, name, storage, trial, at_step, at_tokens, task, method, address
     sweep circuit induction-run --trial 5a2b1_00001 --tokens-seen 3612672
     """
     from .circuits import CircuitRequest, circuits_of
-    from .results import load_experiment
 
-    experiment = load_experiment(_open(storage), name)
+    experiment = _experiment_with(storage, name, "snapshots")
     request = CircuitRequest(task, trial, _address(at_step, at_tokens), method)
     verbose = ctx.find_root().params["verbose"]
     document = circuits_of(experiment, request, lambda trials, measures: _analyse_with_progress(
@@ -914,11 +926,11 @@ def stages(ctx, name, storage, trial, address, as_json):
     \b
     sweep stages NAME
     """
-    from .results import choose_trial, load_experiment
+    from .results import choose_trial
     from .stages import ensure_essential_dynamics, store_llc_stages, trial_stages
     from .table import read_table
 
-    experiment = load_experiment(_open(storage), name)
+    experiment = _experiment_with(storage, name, "snapshots")
     chosen = [choose_trial(experiment, trial)] if trial else experiment.trials
     if not any(t.snapshots for t in chosen):
         raise UserError(f"{experiment.name} has no snapshots to find stages on "
@@ -992,9 +1004,8 @@ def effects(name, storage, reading, as_json, figure_path):
     """
     from .atlas import build_atlas
     from .effects import effects_document, effects_figure
-    from .results import load_experiment
 
-    experiment = load_experiment(_open(storage), name)
+    experiment = _experiment_with(storage, name, "results")
     document = effects_document(build_atlas(experiment), experiment.record.get("fixed") or {}, reading)
     if figure_path:
         _write_whole(figure_path, lambda handle: handle.write(effects_figure(document)), binary=True)

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -107,6 +107,28 @@ def load_experiment(storage: Storage, name: str | None) -> Experiment:
         return _load_experiment(storage, name)
     except OSError as error:  # pyarrow's errors for an unreachable, refusing or vanished storage
         raise ConfigError(describe_storage_error(storage, error)) from None
+
+
+def has_snapshots(experiment: Experiment) -> bool:
+    return any(trial.snapshots for trial in experiment.trials)
+
+
+def has_results(experiment: Experiment) -> bool:
+    return any(trial.iterations for trial in experiment.trials)
+
+
+def newest_experiment_with(storage: Storage, needs: Callable[[Experiment], bool], what: str) -> Experiment:
+    """The newest experiment in the storage that has what a command needs (snapshots, results): a throwaway launched
+    last without them is passed over, not read and refused."""
+    names = [entry["name"] for entry in reversed(list_experiments(storage))]
+    if not names:
+        raise ConfigError(f"no experiments in {storage.uri}; run `sweep launch` or pass --storage")
+    for name in names:
+        experiment = load_experiment(storage, name)
+        if needs(experiment):
+            return experiment
+    raise ConfigError(f"no experiment in {storage.uri} has {what} (newest: {names[0]}); launch one with them, or "
+                      "pass NAME")
 
 
 def _load_experiment(storage: Storage, name: str | None) -> Experiment:

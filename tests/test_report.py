@@ -203,3 +203,18 @@ def test_atlas_of_an_experiment(tmp_path, reviews_file):
     assert "by lr" in table and "t0" in table
     result = CliRunner().invoke(main, ["atlas", "--storage", str(storage), "--csv", str(tmp_path / "atlas.csv")])
     assert result.exit_code == 0 and (tmp_path / "atlas.csv").read_text().startswith("trial_id,lr,status")
+
+
+def test_a_bare_command_takes_the_newest_experiment_that_has_what_it_needs(tmp_path, reviews_file):
+    storage = fake_experiment(tmp_path, reviews_file)
+    throwaway = storage / "throwaway"  # launched last, stopped before any trial reported
+    throwaway.mkdir()
+    (throwaway / "sweep.json").write_text(json.dumps({"metric": "test_loss", "trials": 0, "created": "2026-06-01"}))
+    result = CliRunner().invoke(main, ["effects", "--storage", str(storage), "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == "experiment exp: the newest with results"
+    assert json.loads(result.stdout)["experiment"] == "exp"
+    # nothing in the storage has snapshots: one line saying so, naming the newest
+    result = CliRunner().invoke(main, ["circuit", "--storage", str(storage)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "has snapshots (newest: throwaway)" in result.stderr
