@@ -89,6 +89,18 @@ class Atlas:
     """The task of the trials' causal circuits (`sweep analyse --what circuit`); None: none found yet."""
     seeds: list[Any] = field(default_factory=list)
     """The seeds of the trials where there are several: each grid point's replicates (`sweep effects`)."""
+    seed_spread: dict[str, float] = field(default_factory=dict)
+    """`<score>_max` -> the largest spread (max - min) of that score among one grid point's replicates: how far
+    seeds alone move it. Empty without replicates."""
+
+    def noise(self, axis: str) -> str:
+        """Whether the axis's strongest spread is beyond the seeds' own, in words for the tables."""
+        name, spread = self.strongest(axis)
+        if not self.seed_spread:
+            return "seeds' noise unknown: one seed a grid point"
+        within = self.seed_spread[f"{name}_max"]
+        return (f"beyond the seeds' spread of {within:.2f}" if spread > within
+                else f"within the seeds' spread of {within:.2f}: no clear dependence")
 
     @property
     def columns(self) -> list[str]:
@@ -105,7 +117,7 @@ class Atlas:
         return {"experiment": self.experiment, "axes": self.axes, "spread": self.spread,
                 "trials": [r.document(self.axes) for r in self.rows], "groups": self.groups, "pairs": self.pairs,
                 "formed_at_resolution": self.formed_at_resolution, "circuit_task": self.circuit_task,
-                "seeds": self.seeds}
+                "seeds": self.seeds, "seed_spread": self.seed_spread}
 
 
 def score_names() -> list[str]:
@@ -237,6 +249,8 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
             atlas.spread[axis][name] = round(max(means) - min(means), 4) if len(means) > 1 else 0.0
     atlas.axes = sorted(varying, key=lambda a: -atlas.strongest(a)[1])
     atlas.seeds = seeds if len(seeds) > 1 else []
+    if atlas.seeds:
+        atlas.seed_spread = _seed_spread(rows, varying)
     for first, second in itertools.combinations(atlas.axes, 2):
         entries = []
         for value1, value2 in itertools.product(
@@ -257,6 +271,19 @@ def build_atlas(experiment: Experiment, table=None) -> Atlas:
                 )
         atlas.pairs[f"{first} x {second}"] = entries
     return atlas
+
+
+def _seed_spread(rows: list[AtlasRow], axes: list[str]) -> dict[str, float]:
+    """Each ranking score's largest spread among the replicates of one grid point."""
+    points: dict[str, list[AtlasRow]] = {}
+    for row in rows:
+        points.setdefault(json.dumps([row.config.get(a) for a in axes], default=str), []).append(row)
+    spread = {}
+    for name in (f"{score}_max" for score in RANK_SCORES):
+        spans = [max(v) - min(v) for group in points.values()
+                 if len(v := [r.values[name] for r in group if r.values.get(name) is not None]) > 1]
+        spread[name] = round(max(spans, default=0.0), 4)
+    return spread
 
 
 def _add_circuits(experiment: Experiment, rows: list[AtlasRow], table) -> str | None:

@@ -502,7 +502,8 @@ def atlas(result) -> None:
                      "tokens when its first head-to-head edge passed the edge threshold", highlight=False)
     for axis in result.axes:
         score, spread = result.strongest(axis)
-        group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f})",
+        group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f}; "
+                                  f"{result.noise(axis)})",
                             title_justify="left")
         for column in (axis, "trials", *(f"{s} mean/max" for s in scores), "induction heads", "test_loss",
                        *stage_columns):

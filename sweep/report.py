@@ -167,8 +167,8 @@ def _render(template: str, **values: Any) -> Markup:
 
 
 def _grid_section(atlas: Atlas) -> Markup:
-    axes = [{"axis": axis, "score": atlas.strongest(axis)[0], "spread": atlas.strongest(axis)[1]}
-            for axis in atlas.axes]
+    axes = [{"axis": axis, "score": atlas.strongest(axis)[0], "spread": atlas.strongest(axis)[1],
+             "noise": atlas.noise(axis)} for axis in atlas.axes]
     return _render("grid.html", axes=axes, figure=_b64(_grid_figure(atlas)) if atlas.axes else None,
                    group_columns=GROUP_COLUMNS, group_rows=_group_rows(atlas), circuit_task=atlas.circuit_task,
                    circuit_columns=CIRCUIT_GROUP_COLUMNS, circuit_rows=_circuit_group_rows(atlas),

@@ -153,3 +153,14 @@ def test_effects_of_an_experiment_without_seeds_read_one_replicate(induction_exp
     assert (tmp_path / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wrong = sweep("effects", name, "--storage", storage, "--reading", "nonsense", check=False)
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "readings:" in wrong.stderr
+
+
+def test_an_axis_ranks_by_dependence_only_beyond_the_seeds_spread():
+    from sweep.atlas import RANK_SCORES, Atlas
+
+    spread = {axis: {f"{s}_max": value for s in RANK_SCORES} for axis, value in (("lr", 0.02), ("layers", 0.9))}
+    atlas = Atlas("x", ["layers", "lr"], [], spread=spread)
+    assert atlas.noise("lr") == "seeds' noise unknown: one seed a grid point"
+    atlas.seed_spread = {f"{s}_max": 0.17 for s in RANK_SCORES}
+    assert atlas.noise("lr").startswith("within the seeds' spread of 0.17: no clear dependence")
+    assert atlas.noise("layers") == "beyond the seeds' spread of 0.17"
