@@ -26,7 +26,7 @@ from model.metrics import current_labels
 from model.roles import role_edge
 
 from .atlas import GRID_SCORES, Atlas, build_atlas
-from .circuits import SnapshotCircuit, TrialCircuit, trial_circuits
+from .circuits import SnapshotCircuit, TrialCircuit, tasks_in, trial_circuits
 from .effects import atlas_effects, effects_figure
 from .figures import png, token_formatter
 from .names import display_state, metric_mode
@@ -67,7 +67,10 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
         )
     counts = ", ".join(f"{n} {display_state(state)}" for state, n in sorted(status_counts(experiment).items()))
     stage_documents = [d for d in trial_stages(experiment, table) if d["llc"]]
-    circuits = trial_circuits(experiment, table, atlas.circuit_task) if atlas.circuit_task else {}
+    # every task the table holds, the atlas's first (induction where there is one)
+    tasks = sorted(tasks_in(table), key=lambda task: task != atlas.circuit_task)
+    by_task = {task: trial_circuits(experiment, table, task) for task in tasks}
+    circuits = by_task.get(atlas.circuit_task, {})
     boundaries = {d["trial_id"]: [b["tokens"] for b in d["llc_boundaries"]] for d in stage_documents}
     with ThreadPoolExecutor(max_workers=16) as pool:
         heads = dict(zip((t.trial_id for t in leaders), pool.map(lambda t: _heads_of(experiment, t), leaders)))
@@ -93,9 +96,8 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
                 f"trial-{trial.trial_id}",
                 f"#{rank} {trial.trial_id}",
                 _trial_section(experiment, trial, metric, heads[trial.trial_id], scale, circuits.get(trial.trial_id))
-                + _circuit_section(
-                    circuits.get(trial.trial_id), trial, atlas.circuit_task, boundaries.get(trial.trial_id, [])
-                ),
+                + Markup("").join(_circuit_section(by_task[task].get(trial.trial_id), trial, task,
+                                                   boundaries.get(trial.trial_id, [])) for task in tasks),
             )
             for rank, trial in enumerate(leaders, 1)
         ),
@@ -172,7 +174,8 @@ def _grid_section(atlas: Atlas) -> Markup:
     return _render("grid.html", axes=axes, figure=_b64(_grid_figure(atlas)) if atlas.axes else None,
                    group_columns=GROUP_COLUMNS, group_rows=_group_rows(atlas), circuit_task=atlas.circuit_task,
                    circuit_columns=CIRCUIT_GROUP_COLUMNS, circuit_rows=_circuit_group_rows(atlas),
-                   atlas_columns=_atlas_columns(atlas), atlas_rows=_atlas_rows(atlas),
+                   atlas_columns=_atlas_columns(atlas), atlas_rows=_atlas_rows(atlas), trials=len(atlas.rows),
+                   with_circuit=sum(row.circuit is not None for row in atlas.rows),
                    caption=formed_at_caption(atlas.formed_at_resolution))
 
 

@@ -487,7 +487,7 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     html = (tmp_path / "report.html").read_text()
     assert 'id="stages"' in html and "LLC and essential dynamics of every trial" in html
     assert f"{formed_at[best['trial_id']]:,}" in html and "formed_at: the first snapshot" in html
-    assert "<h3>Causal circuit</h3>" in html and html.count('aria-label="circuit graph"') >= 3
+    assert "<h3>Causal circuit on induction</h3>" in html and html.count('aria-label="circuit graph"') >= 3
     assert "Circuits by axis" in html
 
 
