@@ -8,6 +8,13 @@ among the running trials, through Ray's key-value store, and each trial takes it
 next report. The driver recounts at every trial's start, report and end, so CPUs that another job takes
 (a second sweep, `sweep analyse`) are given back within an iteration or two.
 
+Free in Ray's count is not idle: a process outside Ray (another user's job, a build) holds no Ray resource. So a
+share is also bounded by the CPUs measured idle since the driver last looked (the node's CPU time, /proc/stat
+through psutil): under real load no trial takes more threads, and one that had some gives them back within an
+iteration. (torch's CPU kernels sum in an order that depends on the thread count: a trial given more threads at
+the tail differs from one that was not in the 7th digit of its losses. A trial's numbers are exact to the digit for
+the same thread schedule.)
+
 No trial of the sweep waits for CPUs while shares are out, so none can start on a CPU another trial took.
 A trial Tune restarts after a failure waits again: the driver takes every share back at once, and the
 trials give them up at their next iteration, so the node is oversubscribed for one iteration at most.
@@ -16,6 +23,7 @@ trials give them up at their next iteration, so the node is oversubscribed for o
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import ray
@@ -57,6 +65,31 @@ def adopt_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+MEASURE_MIN_S = 1.0
+"""Idle CPUs are measured over at least this long (a shorter window after a burst of reports is noise)."""
+
+
+class IdleCpus:
+    """CPUs measured idle on this node since the previous reading: (idle CPU time) / (wall time)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._last = (time.monotonic(), psutil.cpu_times())
+        self.idle: float | None = None
+        """None until a window of MEASURE_MIN_S has passed."""
+
+    def read(self) -> float | None:
+        now, times = time.monotonic(), self._psutil.cpu_times()
+        before, previous = self._last
+        if now - before >= MEASURE_MIN_S:
+            idle = (times.idle + getattr(times, "iowait", 0.0)) - (previous.idle + getattr(previous, "iowait", 0.0))
+            self.idle = max(0.0, idle / (now - before))
+            self._last = (now, times)
+        return self.idle
+
+
 class SpareThreads(tune.Callback):
     """Driver side: publishes each running trial's threads whenever a trial starts, ends or fails."""
 
@@ -66,6 +99,7 @@ class SpareThreads(tune.Callback):
         self.experiment, self.own_threads, self.trial_count = experiment, own_threads, trial_count
         self.log_line = log_line
         self.published: dict[str, int] = {}
+        self.idle_cpus = IdleCpus()
 
     def __getstate__(self):
         # Tune pickles callbacks into the experiment state; the console's log function stays behind.
@@ -96,8 +130,10 @@ class SpareThreads(tune.Callback):
         if waiting or len([node for node in ray.nodes() if node.get("Alive")]) != 1:
             shares = {t.trial_id: self.own_threads for t in running}
         else:
-            # Free in Ray's count: reserved by nobody, including what this sweep's trials use beyond their own
+            # Free in Ray's count (reserved by nobody) and idle by measurement (used by nobody, Ray or not)
             free = int(ray.available_resources().get("CPU", 0))
+            idle = self.idle_cpus.read()
+            free = min(free, round(idle) if idle is not None else 0)  # the driver's own bookkeeping is not load
             shares = share_threads([t.trial_id for t in running], self.own_threads,
                                    self.own_threads * len(running) + free)
         for trial_id in set(self.published) - set(shares):
