@@ -308,6 +308,36 @@ def probe_record(model_cfg, cfg: AnalysisConfig, held_out_sequences: int, ideal:
     }
 
 
+def _pattern_scores(model: Transformer, tokens: torch.Tensor, cfg: AnalysisConfig):
+    """Every layer's pattern scores ({name: [heads]}) on the held-out probe and on r + r, the repeated probe, and
+    the ideal head's scores on it."""
+    _, patterns = model.run_with_patterns(tokens)
+    per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
+    period = model.cfg.seq_len // 2
+    repeated = repeated_tokens(model.cfg, cfg).to(tokens.device)
+    ideal = ideal_repeated_scores(repeated.cpu(), period)
+    _, repeat_patterns = model.run_with_patterns(repeated)
+    for scores, pattern in zip(per_layer, repeat_patterns):
+        # where r had to repeat tokens (a tiny vocabulary), as a fraction of what an ideal head scores here
+        raw = repeated_token_scores(pattern.float(), period)
+        scores.update({name: value / ideal[name] for name, value in raw.items()})
+    return per_layer, repeated, ideal
+
+
+@torch.no_grad()
+def pattern_maxima(model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig()
+                   ) -> dict[str, float]:
+    """Each pattern score's max over heads, as head_scores computes them (the same probes and code): what formed_at
+    is read from at every snapshot while training."""
+    was_training = model.training
+    model.eval()
+    tokens = held_out[: cfg.probe_sequences, : model.cfg.seq_len].to(next(model.parameters()).device).long()
+    per_layer, _, _ = _pattern_scores(model, tokens, cfg)
+    model.train(was_training)
+    names = per_layer[0].keys()
+    return {name: max(float(scores[name].float().max()) for scores in per_layer) for name in names}
+
+
 @torch.no_grad()
 def head_scores(
     model: Transformer, held_out: torch.Tensor, cfg: AnalysisConfig = AnalysisConfig(), ablate: bool = False
@@ -322,17 +352,8 @@ def head_scores(
     device = next(model.parameters()).device
     tokens = held_out[: cfg.probe_sequences, : model.cfg.seq_len].to(device).long()
     windows = held_out[: cfg.ablation_sequences].to(device).long()
-    _, patterns = model.run_with_patterns(tokens)
-    per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
-
+    per_layer, repeated, ideal = _pattern_scores(model, tokens, cfg)
     period = model.cfg.seq_len // 2
-    repeated = repeated_tokens(model.cfg, cfg).to(device)
-    ideal = ideal_repeated_scores(repeated.cpu(), period)
-    _, repeat_patterns = model.run_with_patterns(repeated)
-    for scores, pattern in zip(per_layer, repeat_patterns):
-        # where r had to repeat tokens (a tiny vocabulary), as a fraction of what an ideal head scores here
-        raw = repeated_token_scores(pattern.float(), period)
-        scores.update({name: value / ideal[name] for name, value in raw.items()})
     copying = copying_scores(model)
     ablation = mean_ablation(model, windows, repeated[: cfg.ablation_sequences], period) if ablate else None
     model.train(was_training)

@@ -31,6 +31,7 @@ from .analysis import (
     carry_ablation,
     head_history_entry,
     head_scores,
+    pattern_maxima,
     repeat_prompt,
     score_summaries,
     write_analysis,
@@ -140,7 +141,8 @@ class Trainer:
         self.heads_document: dict[str, Any] | None = None
         self.circuits_document: dict[str, Any] | None = None
         self._frequencies: torch.Tensor | None = None
-        # tokens_seen at the first iteration whose score passed the label threshold (Olsson's phase change)
+        # tokens_seen at the first snapshot (or, with no snapshots, iteration) whose best head's pattern score passed
+        # the label threshold (Olsson's phase change): one reading, fixed while training, whatever runs later
         self.formed_at: dict[str, int | None] = {"induction_formed_at": None, "prev_token_formed_at": None}
         # Every iteration's head scores (history.json in each checkpoint): the run's own record of its
         # history, which a report lost when a worker died still leaves whole.
@@ -169,6 +171,23 @@ class Trainer:
             dtype = self.train_cfg.snapshot_dtype
             files = snapshot_files(self.model, self.step, self.tokens_seen, self.run_config(), dtype)
             self.snapshot_writer.write(name, files)
+        if None in self.formed_at.values():  # scored again on a resume's retraced steps: its state predates them
+            with _full_fp32(self.device):
+                self._mark_formed(pattern_maxima(self.model, self.eval_windows, self.analysis_cfg))
+
+    @property
+    def formed_at_resolution(self) -> str:
+        """snapshot: formed_at is read at every snapshot while training; iteration: at every evaluation (no
+        snapshots written)."""
+        return "snapshot" if self.snapshot_writer is not None and self.snapshot_steps else "iteration"
+
+    def _mark_formed(self, maxima: dict[str, float]) -> None:
+        """formed_at for each head type whose best pattern score passes its threshold now, the first time."""
+        cfg = self.analysis_cfg
+        for key, score, threshold in (("induction_formed_at", "induction", cfg.induction_threshold),
+                                      ("prev_token_formed_at", "previous_token", cfg.previous_token_threshold)):
+            if self.formed_at[key] is None and maxima[score] > threshold:
+                self.formed_at[key] = self.tokens_seen
 
     def run_config(self) -> dict[str, Any]:
         """The run's model, train and data config, as config.json and every snapshot record it."""
@@ -311,13 +330,11 @@ class Trainer:
             document = carry_ablation(document, self.heads_document, cfg)
         self.heads_document = document
         summaries = score_summaries(document)
-        for key, metric, threshold in (
-            ("induction_formed_at", "induction_score_max", cfg.induction_threshold),
-            ("prev_token_formed_at", "prev_token_score_max", cfg.previous_token_threshold),
-        ):
-            if self.formed_at[key] is None and summaries[metric] > threshold:
-                self.formed_at[key] = self.tokens_seen
-        return {**summaries, **self.formed_at, "head_scores": head_history_entry(document)}
+        if self.formed_at_resolution == "iteration":
+            self._mark_formed({"induction": summaries["induction_score_max"],
+                               "previous_token": summaries["prev_token_score_max"]})
+        return {**summaries, **self.formed_at, "formed_at_resolution": self.formed_at_resolution,
+                "head_scores": head_history_entry(document)}
 
     def token_tables(self) -> dict[str, Any]:
         """circuits.json: the OV / QK / skip-trigram / bigram tables over the most frequent training tokens."""
@@ -403,6 +420,20 @@ def _tf32(device: torch.device):
         return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def _full_fp32(device: torch.device):
+    """Full fp32 matmuls inside a training step's TF32 (a snapshot's scores read as the iteration's do)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:

@@ -299,8 +299,8 @@ def _atlas_rows(atlas: Atlas) -> list[list[str]]:
 def _dynamics_section(experiment: Experiment, histories: dict[str, list[dict]]) -> Markup:
     if not any(histories.values()):
         return _render("dynamics.html", figure=None)
-    resolution = ("at every snapshot `sweep analyse` scored" if experiment.formed_at_resolution == "snapshots"
-                  else "at every iteration, or snapshot where `sweep analyse` scored them")
+    resolution = ("at every snapshot" if experiment.formed_at_resolution == "snapshots"
+                  else "at every iteration, or snapshot where the trial has them")
     return _render("dynamics.html", figure=_b64(_dynamics_figure(experiment, histories)), resolution=resolution,
                    caption=formed_at_caption(experiment.formed_at_resolution))
 

@@ -194,6 +194,8 @@ def _load_experiment(storage: Storage, name: str | None) -> Experiment:
                 snapshots=snapshots_in_listing(
                     f"{root}/{directory}", {p: sizes[f"{directory}/{p}"] for p in trial_files}, _tokens_per_step(config)
                 ),
+                # formed_at read at every snapshot while training; older trials read it at iterations
+                formed_at_resolution=last.get("formed_at_resolution", "iteration"),
             )
         )
     return Experiment(name, storage, record, trials, state_readable, state_found, driver, damaged)

@@ -29,7 +29,7 @@ from model.snapshots import SNAPSHOT_FILE, WEIGHTS_FILE, model_from_snapshot
 from .analyse import Task, _probe_key, _run_config, write_part
 from .records import Experiment, TrialRecord
 from .storage import open_storage
-from .table import done_keys, formed_at, read_table
+from .table import done_keys, read_table, trial_formed_at
 
 ED_VERSION = 3
 ED_PROBE_WINDOWS = 16
@@ -183,7 +183,7 @@ def trial_stages(experiment: Experiment, table: pa.Table | None) -> list[dict[st
 
     if table is None:
         return []
-    formed = formed_at(table)
+    formed = trial_formed_at(experiment, table)
     documents = []
     for trial in experiment.trials:
         mine = table.filter(pc.equal(table["trial"], trial.trial_id))

@@ -121,29 +121,47 @@ def formed_at(table: pa.Table) -> dict[str, dict[str, Any]]:
     return result
 
 
+def trial_formed_at(experiment: Experiment, table: pa.Table | None) -> dict[str, dict[str, Any]]:
+    """trial -> its formed_at readings as every reader shows them. A trial that read formed_at at its snapshots
+    while training (`formed_at_resolution` snapshot) keeps that reading whatever ran since: the analysis table
+    never changes it. Only a trial trained before that (the trainer's reading at iterations) takes the table's
+    finer reading where `sweep analyse` scored its snapshots."""
+    from_table = formed_at(table) if table is not None else {}
+    found = {}
+    for trial in experiment.trials:
+        if trial.formed_at_resolution == "snapshot":
+            found[trial.trial_id] = {key: trial.metrics.get(key) for key, _ in FORMED.values()} | {
+                key.replace("_at", "_by"): "pattern" for key, _ in FORMED.values()}
+        elif trial.trial_id in from_table:
+            found[trial.trial_id] = from_table[trial.trial_id]
+    return found
+
+
 def use_snapshot_formed_at(experiment: Experiment, table: pa.Table | None = None) -> bool:
-    """Replace each trial's induction_formed_at and prev_token_formed_at (the trainer's: the first iteration past
-    the threshold) by the finer reading of `formed_at`, for the trials the analysis table (read here unless given)
-    scored; each trial says which it holds (`formed_at_resolution`). True if any trial was scored."""
-    if table is None:
+    """Give each trial trained before formed_at was read at snapshots (its iteration reading) the finer reading of
+    the analysis table (read here unless given), where `sweep analyse` scored its snapshots; each trial says which it
+    holds (`formed_at_resolution`). True if any trial holds a snapshot reading."""
+    if table is None and any(t.formed_at_resolution != "snapshot" for t in experiment.trials):
         table = read_table(experiment, ["trial", "step", "tokens_seen", "layer", "head", "measure", "value",
                                         "analysis"])
-    formed = formed_at(table) if table is not None else {}
+    from_table = formed_at(table) if table is not None else {}
     for trial in experiment.trials:
-        if trial.trial_id in formed:
-            trial.metrics.update(formed[trial.trial_id])
-            trial.formed_at_resolution = "snapshot"
-    return bool(formed)
+        if trial.formed_at_resolution != "snapshot":
+            refined = from_table.get(trial.trial_id)
+            if refined:
+                trial.metrics.update(refined)
+                trial.formed_at_resolution = "snapshot"
+    return any(t.formed_at_resolution == "snapshot" for t in experiment.trials)
 
 
 def formed_at_caption(resolution: str) -> str:
     """What formed_at counts, in one line, for every table and figure that shows it."""
-    snapshot = (f"the first snapshot where the head type appears by its pattern (a score past "
-                f"{INDUCTION_THRESHOLD:g}) or its use (half that score and a mean-ablation cost past "
-                f"{MATTERS_THRESHOLD:g} nats)")
+    snapshot = (f"the first snapshot where a head's pattern score passed {INDUCTION_THRESHOLD:g}, read while "
+                f"training (marked (use): a trial trained before that, read from `sweep analyse`'s table, where half "
+                f"that score and a mean-ablation cost past {MATTERS_THRESHOLD:g} nats count too)")
     iteration = f"the first iteration whose best head scored past {INDUCTION_THRESHOLD:g}"
     return "formed_at: " + {"snapshots": snapshot, "iterations": iteration}.get(
-        resolution, f"{snapshot} where `sweep analyse` scored the snapshots, else {iteration}")
+        resolution, f"{snapshot} where the trial has snapshots, else {iteration}")
 
 
 def snapshot_history(table: pa.Table | None) -> dict[str, list[dict[str, Any]]]:

@@ -62,6 +62,7 @@ def fake_experiment(storage: Path, name: str, trials: dict[str, dict], created: 
                     "time_total_s": iteration * 0.5,
                     "done": iteration == len(spec["losses"]),
                     "induction_formed_at": spec.get("formed_at"),
+                    **({"formed_at_resolution": spec["resolution"]} if "resolution" in spec else {}),
                 }
             )
         (root / f"trial_{trial_id}").mkdir()
@@ -394,3 +395,28 @@ def test_best_reads_formed_at_as_results_do_whatever_the_metric(tmp_path):
         assert document["trials"][0]["metrics"]["induction_formed_at"] == 384  # the snapshot, not the iteration
         assert document["formed_at_resolution"] == "snapshots"
     assert "384" in invoke("results", "formed", "--storage", storage).output
+
+
+def test_formed_at_read_while_training_is_the_one_reading_whatever_ran_since(tmp_path):
+    """A trial that read formed_at at its snapshots while training keeps it: `sweep analyse` scoring its snapshots
+    (or measuring their ablation) afterwards changes no reader's answer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweep.table import SCHEMA
+
+    storage = tmp_path / "results"
+    fake_experiment(storage, "formed", {"a": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512,
+                                              "resolution": "snapshot"}})
+    before = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
+    (storage / "formed" / "analysis").mkdir()
+    rows = [{"trial": "a", "step": step, "tokens_seen": tokens, "layer": 1, "head": 0, "measure": "induction",
+             "value": value, "analysis": "scores", "version": 2, "sender": None, "receiver": None}
+            for step, tokens, value in ((0, 0, 0.1), (1, 384, 0.5), (2, 512, 0.6))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), storage / "formed" / "analysis" / "part-a.parquet")
+    after = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
+    for document in (before, after):
+        assert document["trials"][0]["metrics"]["induction_formed_at"] == 512
+        assert document["formed_at_resolution"] == "snapshots"
+    atlas = json.loads(invoke("atlas", "formed", "--storage", storage, "--json").output)
+    assert atlas["trials"][0]["induction_formed_at"] == 512

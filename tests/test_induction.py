@@ -99,3 +99,27 @@ def test_one_layer_cannot_do_induction(induction_experiment):
     _, heads = trained(induction_experiment, 1)
     assert max(scores(heads, 0, "induction")) < 0.2
 
+
+
+def test_every_docs_python_snippet_on_the_readme_s_run_runs_as_written(induction_experiment, tmp_path):
+    """The docs' Python reads the reader's own run of the README's first command (`induction-demo` in
+    ~/sweep-results, circuits found): here a copy of the session's induction run under that name and home."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import run_env, sweep
+
+    storage, name = induction_experiment
+    home = tmp_path / "home"
+    shutil.copytree(storage / name, home / "sweep-results" / "induction-demo")
+    sweep("circuit", "induction-demo", "--storage", home / "sweep-results", timeout=900)
+    repo = Path(__file__).resolve().parent.parent
+    snippets = [(page.name, block) for page in sorted((repo / "docs").glob("*.md"))
+                for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S) if "induction-demo" in block]
+    assert len(snippets) >= 6, [page for page, _ in snippets]
+    for page, block in snippets:
+        ran = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300, cwd=repo,
+                             env=run_env(HOME=str(home)))
+        assert ran.returncode == 0, (page, block, ran.stderr[-3000:])
