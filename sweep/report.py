@@ -171,7 +171,9 @@ def _render(template: str, **values: Any) -> Markup:
 def _grid_section(atlas: Atlas) -> Markup:
     axes = [{"axis": axis, "score": atlas.strongest(axis)[0], "spread": atlas.strongest(axis)[1],
              "noise": atlas.noise(axis)} for axis in atlas.axes]
-    return _render("grid.html", axes=axes, figure=_b64(_grid_figure(atlas)) if atlas.axes else None,
+    left_out = [s for s in GRID_SCORES if s not in _informative_scores(atlas)]
+    return _render("grid.html", axes=axes, figure=_b64(_grid_figure(atlas)) if atlas.axes else None, left_out=left_out,
+                   uninformative=UNINFORMATIVE_SPREAD,
                    group_columns=GROUP_COLUMNS, group_rows=_group_rows(atlas), circuit_task=atlas.circuit_task,
                    circuit_columns=CIRCUIT_GROUP_COLUMNS, circuit_rows=_circuit_group_rows(atlas),
                    atlas_columns=_atlas_columns(atlas), atlas_rows=_atlas_rows(atlas), trials=len(atlas.rows),
@@ -179,19 +181,35 @@ def _grid_section(atlas: Atlas) -> Markup:
                    caption=formed_at_caption(atlas.formed_at_resolution))
 
 
+UNINFORMATIVE_SPREAD = 0.02
+"""A head score whose max is within this of one value in every trial draws a panel that says nothing."""
+
+
+def _informative_scores(atlas: Atlas) -> list[str]:
+    """The grid's head scores that differ between trials (copying is ~1.00 for every trial of the repeat task);
+    at least one is kept."""
+    def spread(score: str) -> float:
+        values = [row.values.get(f"{score}_max") for row in atlas.rows]
+        values = [v for v in values if v is not None]
+        return max(values) - min(values) if values else 0.0
+
+    return [s for s in GRID_SCORES if spread(s) > UNINFORMATIVE_SPREAD] or list(GRID_SCORES[:1])
+
+
 def _grid_figure(atlas: Atlas) -> bytes:
     """Small multiples: one panel per head score, over the two strongest axes (a heatmap) or the strongest one
     (bars)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(3.3 * len(GRID_SCORES), 3.2), dpi=80, layout="constrained")
+    shown = _informative_scores(atlas)
+    figure = Figure(figsize=(3.3 * len(shown), 3.2), dpi=80, layout="constrained")
     if len(atlas.axes) >= 2:
         first, second = atlas.axes[:2]
         entries = atlas.pairs[f"{first} x {second}"]
         rows = sorted({json.dumps(e[first]) for e in entries}, key=_order)
         columns = sorted({json.dumps(e[second]) for e in entries}, key=_order)
-        for index, score in enumerate(GRID_SCORES):
-            axes = figure.add_subplot(1, len(GRID_SCORES), index + 1)
+        for index, score in enumerate(shown):
+            axes = figure.add_subplot(1, len(shown), index + 1)
             grid = [[math.nan] * len(columns) for _ in rows]
             for entry in entries:
                 value = entry.get(f"{score}_max")
@@ -219,8 +237,8 @@ def _grid_figure(atlas: Atlas) -> bytes:
     else:
         axis = atlas.axes[0]
         entries = atlas.groups[axis]
-        for index, score in enumerate(GRID_SCORES):
-            axes = figure.add_subplot(1, len(GRID_SCORES), index + 1)
+        for index, score in enumerate(shown):
+            axes = figure.add_subplot(1, len(shown), index + 1)
             means = [e[f"{score}_max"]["mean"] or 0.0 for e in entries]
             axes.bar(range(len(entries)), means, color="#4477aa")
             axes.set_xticks(range(len(entries)), [str(e["value"]) for e in entries], fontsize=8)
