@@ -473,7 +473,7 @@ def atlas(result) -> None:
     staged = any(row.stages is not None for row in result.rows)
     stage_columns = ("stages", "stage ends (M tokens)") if staged else ()
     circuit_columns = (
-        ("circuit edges", "faithful", "composition edges", "composition at") if result.circuit_task else ()
+        ("circuit edges", "faithful", "head-to-head edges", "composed at") if result.circuit_task else ()
     )
     columns = ("trial", *result.columns, "status", "test_loss", "icl", *(f"{s} max" for s in scores), "ind.", "prev.",
                "matters", "induction at", *stage_columns, *circuit_columns)
@@ -489,8 +489,9 @@ def atlas(result) -> None:
                      *(number(row.values[f"{s}_max"], 2) for s in scores),
                      *(str(row.label_counts[label]) for label in ("induction", "previous_token", "matters")),
                      number(row.induction_formed_at), *stage_cells, *circuit_cells))
-    # A narrow terminal squeezes the numbers' headers, never the trial ids and token counts a user copies.
-    whole = {"trial", "status", "induction at", "composition at"}
+    # A narrow terminal squeezes the numbers' headers, never the trial ids and token counts a user copies (headers
+    # start with distinct words, so a squeezed one still names its column)
+    whole = {"trial", "status", "induction at", "composed at"}
     for index, column in enumerate(columns):
         width = max((len(cells[index]) for cells in rows), default=0) if column in whole else None
         table.add_column(column, justify="right", min_width=width)
@@ -498,8 +499,9 @@ def atlas(result) -> None:
         table.add_row(*cells)
     output.print(table)
     if result.circuit_task:
-        output.print(f"circuit: on {result.circuit_task} at the last snapshot (`sweep circuit`); composition at: "
-                     "tokens when its first head-to-head edge passed the edge threshold", highlight=False)
+        output.print(f"circuit: on {result.circuit_task} at the last snapshot (`sweep circuit`); head-to-head edges: "
+                     "composition (Q, K, V); composed at: tokens when the first of them passed the edge threshold",
+                     highlight=False)
     for axis in result.axes:
         score, spread = result.strongest(axis)
         group_table = Table(title=f"by {axis}: {score} depends on it most (group means differ by {spread:.2f}; "
