@@ -9,11 +9,12 @@ next report. The driver recounts at every trial's start, report and end, so CPUs
 (a second sweep, `sweep analyse`) are given back within an iteration or two.
 
 Free in Ray's count is not idle: a process outside Ray (another user's job, a build) holds no Ray resource. So a
-share is also bounded by the CPUs measured idle since the driver last looked (the node's CPU time, /proc/stat
-through psutil): under real load no trial takes more threads, and one that had some gives them back within an
-iteration. (torch's CPU kernels sum in an order that depends on the thread count: a trial given more threads at
-the tail differs from one that was not in the 7th digit of its losses. A trial's numbers are exact to the digit for
-the same thread schedule.)
+share is also reduced by the CPUs that processes outside Ray's workers kept busy since the driver last looked
+(their CPU time, through psutil): under real load no trial takes more threads, and one that had some gives them back
+within an iteration. A trial's own threads, lent ones included, are Ray's workers: lending never reads as load.
+(torch's CPU kernels sum in an order that depends on the thread count: a trial given more threads at the tail
+differs from one that was not in the 7th digit of its losses. A trial's numbers are exact to the digit for the same
+thread schedule.)
 
 No trial of the sweep waits for CPUs while shares are out, so none can start on a CPU another trial took.
 A trial Tune restarts after a failure waits again: the driver takes every share back at once, and the
@@ -69,25 +70,37 @@ MEASURE_MIN_S = 1.0
 """Idle CPUs are measured over at least this long (a shorter window after a burst of reports is noise)."""
 
 
-class IdleCpus:
-    """CPUs measured idle on this node since the previous reading: (idle CPU time) / (wall time)."""
+class OutsideLoad:
+    """CPUs busy outside Ray's workers on this node since the previous reading (another user's job, a build, this
+    driver): the CPU time of every process not titled `ray::...`, over the wall time between readings. Ray's own
+    workers are Ray's count; the threads lent to this sweep's trials are theirs, so lending never reads as load."""
 
     def __init__(self) -> None:
         import psutil
 
         self._psutil = psutil
-        self._last = (time.monotonic(), psutil.cpu_times())
-        self.idle: float | None = None
+        self._last = (time.monotonic(), self._times())
+        self.busy: float | None = None
         """None until a window of MEASURE_MIN_S has passed."""
 
+    def _times(self) -> dict[int, float]:
+        found = {}
+        for process in self._psutil.process_iter(["name", "cpu_times"]):
+            name, times = process.info["name"] or "", process.info["cpu_times"]
+            if times is not None and not name.startswith("ray::"):
+                found[process.pid] = times.user + times.system
+        return found
+
     def read(self) -> float | None:
-        now, times = time.monotonic(), self._psutil.cpu_times()
+        now = time.monotonic()
         before, previous = self._last
         if now - before >= MEASURE_MIN_S:
-            idle = (times.idle + getattr(times, "iowait", 0.0)) - (previous.idle + getattr(previous, "iowait", 0.0))
-            self.idle = max(0.0, idle / (now - before))
+            times = self._times()
+            # a process started since the last reading counts whole; one that ended is gone from both
+            used = sum(max(0.0, total - previous.get(pid, 0.0)) for pid, total in times.items())
+            self.busy = used / (now - before)
             self._last = (now, times)
-        return self.idle
+        return self.busy
 
 
 class SpareThreads(tune.Callback):
@@ -99,7 +112,7 @@ class SpareThreads(tune.Callback):
         self.experiment, self.own_threads, self.trial_count = experiment, own_threads, trial_count
         self.log_line = log_line
         self.published: dict[str, int] = {}
-        self.idle_cpus = IdleCpus()
+        self.outside_load = OutsideLoad()
 
     def __getstate__(self):
         # Tune pickles callbacks into the experiment state; the console's log function stays behind.
@@ -130,10 +143,10 @@ class SpareThreads(tune.Callback):
         if waiting or len([node for node in ray.nodes() if node.get("Alive")]) != 1:
             shares = {t.trial_id: self.own_threads for t in running}
         else:
-            # Free in Ray's count (reserved by nobody) and idle by measurement (used by nobody, Ray or not)
+            # Free in Ray's count (reserved by nobody) less what processes outside Ray keep busy
             free = int(ray.available_resources().get("CPU", 0))
-            idle = self.idle_cpus.read()
-            free = min(free, round(idle) if idle is not None else 0)  # the driver's own bookkeeping is not load
+            outside = self.outside_load.read()
+            free = max(0, round(free - outside)) if outside is not None else 0
             shares = share_threads([t.trial_id for t in running], self.own_threads,
                                    self.own_threads * len(running) + free)
         for trial_id in set(self.published) - set(shares):

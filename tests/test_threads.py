@@ -26,10 +26,10 @@ def test_idle_cpus_are_shared_evenly_the_trial_most_behind_first():
 
 
 class FakeStore:
-    def __init__(self, monkeypatch, nodes=1, free=3, idle=99.0):
+    def __init__(self, monkeypatch, nodes=1, free=3, outside=0.0):
         self.values: dict[bytes, str] = {}
-        self.free, self.idle = free, idle
-        monkeypatch.setattr(threads.IdleCpus, "read", lambda _: self.idle)
+        self.free, self.outside = free, outside
+        monkeypatch.setattr(threads.OutsideLoad, "read", lambda _: self.outside)
         monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
         monkeypatch.setattr(internal_kv, "_internal_kv_put",
                             lambda key, value, overwrite, namespace: self.values.__setitem__(key, value))
@@ -78,26 +78,32 @@ def test_driver_shares_idle_cpus_only_when_no_trial_waits_and_takes_them_back(mo
 
 
 def test_cpus_free_in_ray_but_busy_outside_it_are_not_shared(monkeypatch):
-    """Another user's job holds no Ray resource: the CPUs measured idle bound the share, and it shrinks as the load
-    comes (a 2-core machine beside a CPU hog gave one trial 2 threads at a quarter of its 1-thread speed)."""
-    store = FakeStore(monkeypatch, free=3, idle=0.1)
+    """Another user's job holds no Ray resource: what processes outside Ray keep busy is taken from the share, and
+    it shrinks as the load comes (a 2-core machine beside a CPU hog gave one trial 2 threads at a quarter of its
+    1-thread speed)."""
+    store = FakeStore(monkeypatch, free=3, outside=2.9)
     spare = SpareThreads("exp", own_threads=1, trial_count=2)
     spare._update([trial("a", "RUNNING", 3), trial("b", "TERMINATED", 10)])
     assert store.shares() == {}  # its own thread only: nothing published
-    store.idle = 1.8  # the load went away: the two idle CPUs, of the three Ray has free
+    store.outside = 0.8  # the load went away but for this driver and a little: two of Ray's three free CPUs
     spare._update([trial("a", "RUNNING", 4), trial("b", "TERMINATED", 10)])
     assert store.shares() == {"a": 3}
-    store.idle = 0.0  # it came back: the share goes back at the next report
+    store.outside = 3.0  # it came back: the share goes back at the next report
     spare._update([trial("a", "RUNNING", 5), trial("b", "TERMINATED", 10)])
     assert store.shares() == {"a": 1}
 
 
-def test_idle_cpus_are_measured_over_a_window():
-    meter = threads.IdleCpus()
+def test_the_load_outside_ray_is_measured_over_a_window():
+    meter = threads.OutsideLoad()
     assert meter.read() is None  # no window yet
-    time.sleep(threads.MEASURE_MIN_S + 0.1)
-    idle = meter.read()
-    assert idle is not None and 0.0 <= idle <= os.cpu_count() + 0.5
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(threads.MEASURE_MIN_S + 1.0)
+        busy = meter.read()
+    finally:
+        hog.kill()
+        hog.wait()
+    assert busy is not None and 0.5 <= busy <= os.cpu_count() + 0.5  # the busy loop, one CPU (and the rest)
 
 
 def test_nothing_is_shared_on_a_cluster_of_several_nodes(monkeypatch):
