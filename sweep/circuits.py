@@ -343,7 +343,8 @@ def circuits_of(experiment: Experiment, request: CircuitRequest, analyse=None) -
     documents = []
     for trial in trials:
         circuit = found[trial.trial_id]
-        documents.append(circuit.document(circuit.at(chosen.step) if chosen else None))
+        documents.append(circuit.document(circuit.at(chosen.step) if chosen else None)
+                         | {key: trial.metrics.get(key) for key in ("induction_formed_at", "prev_token_formed_at")})
     settings = CircuitConfig()
     return {"experiment": experiment.name, "task": request.task, "method": request.method,
             "edge_threshold": settings.edge_threshold,

@@ -434,6 +434,7 @@ def test_the_induction_preset_with_early_stopping_keeps_the_model_that_forms_ind
     heads = json.loads(sweep("heads", name, "--storage", storage, "--trial", best["trial_id"], "--json").stdout)
     labels = {f"{h['layer']}.{h['head']}": h["labels"] for h in heads["heads"]}
     two_circuit = by_trial[best["trial_id"]]
+    assert two_circuit["induction_formed_at"] == formed_while_training  # the one formed_at, in the circuit's JSON too
 
     def sender_receiver(edge: str) -> tuple[str, str]:
         sender, receiver = edge.split(" -> ")
