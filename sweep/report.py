@@ -412,7 +412,10 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
                               markeredgecolor="black", linestyle="none")
         trajectory = [p for p in document.get("essential_dynamics", []) if None not in p["pc"][:2]]
         if trajectory:
+            # each trial's own PCA: its axes are its own, so each is scaled to its extent, never read against another's
             xs, ys = [p["pc"][0] for p in trajectory], [p["pc"][1] for p in trajectory]
+            x_extent, y_extent = max(map(abs, xs)) or 1.0, max(map(abs, ys)) or 1.0
+            xs, ys = [x / x_extent for x in xs], [y / y_extent for y in ys]
             ed_axes.plot(xs, ys, color=color, linewidth=1.2, marker=".", markersize=4)
             ed_axes.plot(xs[:1], ys[:1], marker="o", color=color, markersize=8, markeredgecolor="black",
                          linestyle="none")
@@ -426,9 +429,9 @@ def _stages_figure(documents: list[dict[str, Any]], trials: dict[str, TrialRecor
     llc_axes.set_xlabel("training tokens (log)", fontsize=9)
     llc_axes.set_ylabel("LLC", fontsize=9)
     llc_axes.set_title("local learning coefficient", fontsize=10)
-    ed_axes.set_xlabel("PC 1", fontsize=9)
-    ed_axes.set_ylabel("PC 2", fontsize=9)
-    ed_axes.set_title("essential dynamics", fontsize=10)
+    ed_axes.set_xlabel("the trial's own PC 1 (scaled to its extent)", fontsize=9)
+    ed_axes.set_ylabel("its own PC 2 (scaled)", fontsize=9)
+    ed_axes.set_title("essential dynamics: each trial's PCA, not one basis", fontsize=10)
     for axes in (llc_axes, ed_axes):
         axes.tick_params(labelsize=8)
     figure.legend(loc="outside lower center", ncols=min(4, len(documents)), fontsize=8, frameon=False)
