@@ -110,7 +110,8 @@ def build_report(experiment: Experiment, top: int = 3) -> str:
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("sweep", "templates"), autoescape=True,
                                trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 TEMPLATES.filters["fixed"] = lambda value, digits=2: _fixed(value, digits)
-TEMPLATES.filters["repr"] = repr
+# a token in quotes, its whitespace visible; never re-escaped (a partial UTF-8 byte already reads `\xae`)
+TEMPLATES.filters["token"] = lambda text: "'" + str(text).replace("\n", "\\n").replace("\t", "\\t") + "'"
 TEMPLATES.filters["reading"] = lambda value, time: (
     "-" if value is None else f"{value / 1e6:.3g}M" if time and abs(value) >= 1e5 else f"{value:.4g}")
 EFFECT_READINGS = ("formed_at", "does_task_from", "faithfulness", "test_loss")

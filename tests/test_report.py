@@ -218,3 +218,13 @@ def test_a_bare_command_takes_the_newest_experiment_that_has_what_it_needs(tmp_p
     result = CliRunner().invoke(main, ["circuit", "--storage", str(storage)])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "has snapshots (newest: throwaway)" in result.stderr
+
+
+def test_token_tables_show_a_token_once_escaped_with_its_whitespace_visible():
+    from sweep.report import TEMPLATES
+
+    shown = TEMPLATES.get_template("tokens.html").render(document={
+        "frequent_tokens": 2, "direct_path": [{"token": "\\xae", "top": [[" the", 1.97], ["a\nb", 0.5]]}],
+        "heads": []})
+    assert "<code>&#39;\\xae&#39;</code>" in shown and "\\\\xae" not in shown  # a partial byte reads \xae, not \\xae
+    assert "&#39; the&#39;" in shown and "&#39;a\\nb&#39;" in shown
