@@ -107,7 +107,7 @@ def km_medians(times: np.ndarray, events: np.ndarray) -> np.ndarray:
 def formed_by(observations: list[Observation]) -> list[tuple[float, float]]:
     """The Kaplan-Meier estimate of "formed by t": (t, fraction) at each time something formed."""
     times = np.array([o.value if o.value is not None else o.end for o in observations if o.measured], dtype=float)
-    events = np.array([o.value is not None for o in observations if o.measured])
+    events = np.array([o.value is not None for o in observations if o.measured], dtype=bool)
     order = np.lexsort((~events, times))
     survival, curve = 1.0, []
     for rank, index in enumerate(order):

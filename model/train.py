@@ -333,8 +333,7 @@ class Trainer:
         if self.formed_at_resolution == "iteration":
             self._mark_formed({"induction": summaries["induction_score_max"],
                                "previous_token": summaries["prev_token_score_max"]})
-        return {**summaries, **self.formed_at, "formed_at_resolution": self.formed_at_resolution,
-                "head_scores": head_history_entry(document)}
+        return {**summaries, **self.formed_at, "head_scores": head_history_entry(document)}
 
     def token_tables(self) -> dict[str, Any]:
         """circuits.json: the OV / QK / skip-trigram / bigram tables over the most frequent training tokens."""

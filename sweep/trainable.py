@@ -83,8 +83,10 @@ def train_trial(config: dict[str, Any], datasets: dict[str, Any], settings: Tria
         trial_id = tune.get_context().get_trial_id()
 
         def publish(metrics: dict[str, Any], directory) -> None:
-            # `threads`: what this iteration trained with (more than the trial's own once idle CPUs are shared)
-            report = {**metrics, "threads": torch.get_num_threads()}
+            # `threads`: what this iteration trained with (more than the trial's own once idle CPUs are shared);
+            # `formed_at_resolution`: whether formed_at was read at snapshots or iterations (its readers say which)
+            report = {**metrics, "threads": torch.get_num_threads(),
+                      "formed_at_resolution": trainer.formed_at_resolution}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
             adopt_threads(granted_threads(settings.experiment, trial_id, settings.threads))
 

@@ -31,6 +31,8 @@ def test_a_grid_point_where_half_never_formed_reports_the_kaplan_meier_median_no
     # three of four never formed: there is no median, and the summary says why instead of dropping them
     mostly_never = summarise([Observation(point, 1e6), *never, Observation(point, None, end=8e6)], time=True)
     assert mostly_never.estimate is None and mostly_never.never == 3 and "never formed" in mostly_never.reason
+    # nothing measured (trials that stopped before a first report): no curve, no median, no error
+    assert formed_by([Observation(point, None)]) == [] and summarise([Observation(point, None)], time=True).trials == 0
     # a censored trial stays at risk at its own time: an event at 8M before the censoring counts
     assert km_medians(np.array([[8e6, 8e6]]), np.array([[False, True]]))[0] == 8e6
 
