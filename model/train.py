@@ -172,7 +172,7 @@ class Trainer:
             files = snapshot_files(self.model, self.step, self.tokens_seen, self.run_config(), dtype)
             self.snapshot_writer.write(name, files)
         if None in self.formed_at.values():  # scored again on a resume's retraced steps: its state predates them
-            with _full_fp32(self.device):
+            with _tf32(self.device, allowed=False):
                 self._mark_formed(pattern_maxima(self.model, self.eval_windows, self.analysis_cfg))
 
     @property
@@ -411,28 +411,15 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _tf32(device: torch.device):
+def _tf32(device: torch.device, allowed: bool = True):
     """TF32 matmuls for the training step only, on a GPU: analysis and evaluation keep full fp32, so scores near a
-    label's threshold read the same as on a CPU."""
+    label's threshold read the same as on a CPU (`allowed=False`: full fp32 again inside the step, for a snapshot's
+    scores)."""
     if device.type != "cuda":
         yield
         return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-@contextlib.contextmanager
-def _full_fp32(device: torch.device):
-    """Full fp32 matmuls inside a training step's TF32 (a snapshot's scores read as the iteration's do)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:

@@ -373,21 +373,28 @@ def test_a_head_type_forms_where_its_pattern_or_its_use_first_appears():
     assert found["idle"]["induction_formed_at"] is None
 
 
-def test_best_reads_formed_at_as_results_do_whatever_the_metric(tmp_path):
-    """`sweep best --json` gives one formed_at per trial, the finest available, with the default metric as with
-    --metric induction_formed_at, and says its resolution."""
+def _write_induction_scores(experiment: Path) -> None:
+    """An analysis table whose scores put a head past 0.4 at 384 tokens: the snapshot before the iteration's 512."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sweep.table import SCHEMA
 
-    storage = tmp_path / "results"
-    fake_experiment(storage, "formed", {"a": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512}})
-    (storage / "formed" / "analysis").mkdir()
+    (experiment / "analysis").mkdir()
     rows = [{"trial": "a", "step": step, "tokens_seen": tokens, "layer": 1, "head": 0, "measure": "induction",
              "value": value, "analysis": "scores", "version": 2, "sender": None, "receiver": None}
             for step, tokens, value in ((0, 0, 0.1), (1, 384, 0.5), (2, 512, 0.6))]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), storage / "formed" / "analysis" / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), experiment / "analysis" / "part-a.parquet")
+
+
+def test_best_reads_formed_at_as_results_do_whatever_the_metric(tmp_path):
+    """`sweep best --json` gives one formed_at per trial, the finest available, with the default metric as with
+    --metric induction_formed_at, and says its resolution."""
+
+
+    storage = tmp_path / "results"
+    fake_experiment(storage, "formed", {"a": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512}})
+    _write_induction_scores(storage / "formed")
     by_loss = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
     by_formed = json.loads(invoke("best", "formed", "--storage", storage, "--metric", "induction_formed_at",
                                   "--json").output)
@@ -400,20 +407,13 @@ def test_best_reads_formed_at_as_results_do_whatever_the_metric(tmp_path):
 def test_formed_at_read_while_training_is_the_one_reading_whatever_ran_since(tmp_path):
     """A trial that read formed_at at its snapshots while training keeps it: `sweep analyse` scoring its snapshots
     (or measuring their ablation) afterwards changes no reader's answer."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from sweep.table import SCHEMA
 
     storage = tmp_path / "results"
     fake_experiment(storage, "formed", {"a": {"lr": 1e-3, "losses": [3.0, 2.0], "induction": 0.6, "formed_at": 512,
                                               "resolution": "snapshot"}})
     before = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
-    (storage / "formed" / "analysis").mkdir()
-    rows = [{"trial": "a", "step": step, "tokens_seen": tokens, "layer": 1, "head": 0, "measure": "induction",
-             "value": value, "analysis": "scores", "version": 2, "sender": None, "receiver": None}
-            for step, tokens, value in ((0, 0, 0.1), (1, 384, 0.5), (2, 512, 0.6))]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), storage / "formed" / "analysis" / "part-a.parquet")
+    _write_induction_scores(storage / "formed")
     after = json.loads(invoke("best", "formed", "--storage", storage, "--json").output)
     for document in (before, after):
         assert document["trials"][0]["metrics"]["induction_formed_at"] == 512
