@@ -143,14 +143,14 @@ def tiny_disk(tmp_path):
 def fill_up(disk: Path) -> None:
     """Another process's file takes every byte left on the disk (none, when the sweep's own writes took the last)."""
     try:
-        ballast = open(disk / "ballast", "wb")
+        # unbuffered: a write the full disk cuts short leaves nothing for close() to flush (and fail on)
+        ballast = open(disk / "ballast", "wb", buffering=0)
     except OSError:  # already full: not even room for the file's entry
         return
     with ballast:
         try:
             while True:
                 ballast.write(b"\0" * 65536)
-                ballast.flush()
         except OSError:
             pass
 
