@@ -9,7 +9,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from own_ray import OwnRay, free_port  # noqa: F401 (used by the tests through conftest)
+from waits import wait_for  # noqa: F401 (likewise)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -160,18 +161,14 @@ def no_stray_ray():
     ended normally is gone within a second or two; what is left after STRAY_GRACE_S is killed."""
     before = ray_process_ids()
     yield
-    deadline = time.time() + STRAY_GRACE_S
-    while ray_process_ids() - before and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: not ray_process_ids() - before, STRAY_GRACE_S, "a driver's own Ray stopping", required=False)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in ray_process_ids() - before:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 5
-        while ray_process_ids() - before and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: not ray_process_ids() - before, 5, "stray Ray processes stopping", required=False)
 
 
 STRAY_GRACE_S = 5.0

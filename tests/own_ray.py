@@ -12,8 +12,9 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from waits import wait_for
 
 
 def free_port() -> int:
@@ -72,9 +73,7 @@ class OwnRay:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.time() + timeout / 2
-            while self.process_ids() and time.time() < deadline:
-                time.sleep(0.5)
+            wait_for(lambda: not self.process_ids(), timeout / 2, "this Ray stopping", interval=0.5, required=False)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 
 from sweep.cli import main
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 
 @pytest.fixture
@@ -140,14 +139,14 @@ def test_wrong_credentials(tmp_path, monkeypatch, data_mirror):
         [moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.time() + 30
-        while True:
+        def answers() -> bool:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                break
+                return True
             except OSError:
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
+                return False
+
+        wait_for(answers, 30, "the moto server starting", interval=0.2)
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                      aws_access_key_id="x", aws_secret_access_key="y").create_bucket(Bucket="bucket")
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")

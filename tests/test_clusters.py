@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, OwnRay, free_port, run_env, s3_objects, write_reviews
+from conftest import REPO, OwnRay, free_port, run_env, s3_objects, wait_for, write_reviews
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
@@ -119,7 +119,6 @@ def sshd(tmp_path):
     """An sshd of our own on 127.0.0.1 (free port, own host key, one authorized key), stopped after."""
     import getpass
     import socket
-    import time
 
     folder = tmp_path / "sshd"
     folder.mkdir()
@@ -141,14 +140,14 @@ def sshd(tmp_path):
     server = subprocess.Popen(
         ["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 30
-    while True:
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return True
         except OSError:
-            assert server.poll() is None and time.time() < deadline, "sshd did not start"
-            time.sleep(0.2)
+            return False
+
+    wait_for(listening, 30, "sshd starting", alive=server, interval=0.2)
     yield {"port": port, "key": folder / "client_key", "user": getpass.getuser(), "node_command": node_command}
     server.terminate()
     server.wait(timeout=10)
@@ -209,13 +208,9 @@ def test_ray_up_over_ssh_runs_a_sweep_then_ray_down(tmp_path, sshd):
 
 def wait_for_ray_gone(before: set[int], timeout: float = 30) -> set[int]:
     """The Ray processes started since `before` still there after `timeout` seconds."""
-    import time
-
     from conftest import ray_process_ids
 
-    deadline = time.time() + timeout
-    while ray_process_ids() - before and time.time() < deadline:
-        time.sleep(1)
+    wait_for(lambda: not ray_process_ids() - before, timeout, "Ray stopping", interval=0.5, required=False)
     return ray_process_ids() - before
 
 

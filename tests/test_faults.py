@@ -16,7 +16,7 @@ import pytest
 import torch
 from moto.server import ThreadedMotoServer
 
-from conftest import free_port, reached_checkpoint, run_env, s3_keys, s3_objects, write_reviews
+from conftest import free_port, reached_checkpoint, run_env, s3_keys, s3_objects, wait_for, write_reviews
 
 REQUIRED = (
     "model.safetensors",
@@ -86,14 +86,9 @@ def test_s3_outage_mid_sweep_is_ridden_out(tmp_path, monkeypatch):
         text=True,
     )
     try:
-        deadline = time.time() + 180
-        while not any(
-            key.startswith("exp/outage/") and key.endswith("checkpoint_000002/heads.json")
-            for key in s3_keys(client, "outage")
-        ):
-            assert process.poll() is None, process.stdout.read()
-            assert time.time() < deadline, "no checkpoint reached storage"
-            time.sleep(0.5)
+        wait_for(lambda: any(key.startswith("exp/outage/") and key.endswith("checkpoint_000002/heads.json")
+                             for key in s3_keys(client, "outage")), 180, "a checkpoint reaching storage",
+                 alive=process, interval=0.5)
         server.stop()  # the endpoint is gone for OUTAGE_S: several checkpoints' uploads fail and are retried...
         time.sleep(OUTAGE_S)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -213,10 +208,9 @@ def test_storage_filling_up_mid_sweep_is_one_clear_error_and_leaves_no_checkpoin
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 300
-    while not reached_checkpoint(tiny_disk / "full" / "trial_*", 2):  # after the trials first report
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.05)
+    # after the trials first report
+    wait_for(lambda: reached_checkpoint(tiny_disk / "full" / "trial_*", 2), 300, "a third checkpoint", alive=process,
+             interval=0.05)
     fill_up(tiny_disk)
     _, stderr = process.communicate(timeout=400)
     result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)

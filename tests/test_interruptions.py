@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, reached_checkpoint, run_env, session_env, sweep, write_reviews
+from conftest import free_port, reached_checkpoint, run_env, session_env, sweep, wait_for, write_reviews
 
 TINY = [
     "--tokenizer",
@@ -68,11 +68,8 @@ def start(reviews, storage, name, *extra) -> subprocess.Popen:
 
 def wait_for_checkpoint(storage: Path, name: str, process: subprocess.Popen, timeout: float = 180) -> None:
     """Until a trial has stored its third checkpoint or a later one."""
-    deadline = time.time() + timeout
-    while not reached_checkpoint(storage / name / "trial_*", 2):
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "no trial reached its third checkpoint"
-        time.sleep(0.1)
+    wait_for(lambda: reached_checkpoint(storage / name / "trial_*", 2), timeout, "a trial's third checkpoint",
+             alive=process)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +108,7 @@ def test_a_signal_stops_the_sweep_in_one_line_and_resume_finishes_it_as_if_unint
         wait_for_checkpoint(storage, "sig", process)
         for number in signals:
             os.kill(process.pid, number)
-            time.sleep(0.3)
+            time.sleep(0.3)  # a person's second Ctrl-C comes a moment after the first: spacing, not a wait
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
@@ -161,8 +158,8 @@ def test_a_killed_driver_reads_as_interrupted_not_running(reviews, tmp_path):
     env = run_env(SWEEP_DRIVER_STALE_SECONDS="0.5")
     record = json.loads((storage / "killed" / "driver.json").read_text())
     (storage / "killed" / "driver.json").write_text(json.dumps(record | {"host": "elsewhere"}))
-    time.sleep(1)
-    assert "interrupted" in sweep("status", "killed", "--storage", storage, env=env).stdout
+    wait_for(lambda: "interrupted" in sweep("status", "killed", "--storage", storage, env=env).stdout, 30,
+             "the stale heartbeat read as an interrupted driver", interval=0.5)
 
 
 @pytest.mark.usefixtures("no_stray_ray")

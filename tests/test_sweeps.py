@@ -7,12 +7,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import S3_SECRET, ray_process_ids, reached_checkpoint, run_env, s3_objects, sweep, write_reviews
+from conftest import (
+    S3_SECRET,
+    ray_process_ids,
+    reached_checkpoint,
+    run_env,
+    s3_objects,
+    sweep,
+    wait_for,
+    write_reviews,
+)
 
 # Tiny trials on a small local file: seconds each.
 TINY = ["--tokenizer", "bytes", "--grid", "d_model=16", "--grid", "seq_len=16", "--grid", "batch_size=16",
@@ -133,7 +141,8 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_for(lambda: reached_checkpoint(storage / "kill" / "trial_*", 2), process, 180)
+        wait_for(lambda: reached_checkpoint(storage / "kill" / "trial_*", 2), 180, "a trial's third checkpoint",
+                 alive=process, interval=0.2)
         killed = _kill_trial_workers()
         assert killed, "no trial worker found to kill"
         output, _ = process.communicate(timeout=240)
@@ -158,14 +167,6 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(reviews, tmp_path):
         0
     ]
     assert {"induction_formed_at", "prev_token_formed_at", "icl_score"} <= set(best["metrics"])
-
-
-def _wait_for(condition, process, timeout):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def _kill_trial_workers() -> list[int]:
@@ -207,7 +208,8 @@ def test_driver_killed_then_resume_finishes_every_trial_once(reviews, tmp_path):
         return {directory for directory, state in states.items() if state["status"] == "TERMINATED"}
 
     try:  # killed once a trial has finished and the others have not: resume must leave the finished one alone
-        _wait_for(lambda: (storage / "driver").is_dir() and finished(), process, 180)
+        wait_for(lambda: (storage / "driver").is_dir() and finished(), 180, "a finished trial", alive=process,
+                 interval=0.2)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -248,8 +250,8 @@ def test_resume_goes_on_when_the_checkpoint_tunes_state_names_is_gone(reviews, t
             return {}
 
     try:  # killed once Tune's state names a checkpoint past the first
-        _wait_for(lambda: (storage / "gone").is_dir() and any(c != "checkpoint_000000" for c in named().values()),
-                  process, 180)
+        wait_for(lambda: (storage / "gone").is_dir() and any(c != "checkpoint_000000" for c in named().values()),
+                 180, "a checkpoint after the first", alive=process, interval=0.2)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from sweep import threads
 from sweep.threads import SpareThreads, adopt_threads, share_threads
 
-from conftest import run_env, write_reviews
+from conftest import run_env, wait_for, write_reviews
 
 
 def test_idle_cpus_are_shared_evenly_the_trial_most_behind_first():
@@ -97,9 +96,9 @@ def test_the_load_outside_ray_is_measured_over_a_window():
     meter = threads.OutsideLoad()
     assert meter.read() is None  # no window yet
     hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
-    try:
-        time.sleep(threads.MEASURE_MIN_S + 1.0)
-        busy = meter.read()
+    try:  # the busy loop's CPU shows within a window or two of measuring
+        busy = wait_for(lambda: (meter.read() or 0.0) >= 0.5 and meter.busy, 3 * threads.MEASURE_MIN_S + 2,
+                        "the busy loop measured as load")
     finally:
         hog.kill()
         hog.wait()
