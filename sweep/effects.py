@@ -218,11 +218,13 @@ def effects_figure(document: dict[str, Any]) -> bytes:
     return png(figure)
 
 
-def atlas_effects(atlas: Atlas, fixed: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """reading -> its effects document, for every reading of READINGS that some trial measured (`sweep atlas
-    --json` and the report carry these)."""
+def atlas_effects(atlas: Atlas, fixed: dict[str, Any], names: tuple[str, ...] = tuple(READINGS)
+                  ) -> dict[str, dict[str, Any]]:
+    """reading -> its effects document, for each of `names` (default every reading) that some trial measured
+    (`sweep atlas --json` carries them all, the report the ones it shows)."""
     found = {}
-    for name, reading in READINGS.items():
+    for name in names:
+        reading = READINGS[name]
         if any(observation(row, reading, atlas.axes).measured for row in atlas.rows):
             found[name] = effects_document(atlas, fixed, name)
     return found

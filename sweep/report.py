@@ -113,7 +113,8 @@ TEMPLATES.filters["fixed"] = lambda value, digits=2: _fixed(value, digits)
 # a token in quotes, its whitespace visible; never re-escaped (a partial UTF-8 byte already reads `\xae`)
 TEMPLATES.filters["token"] = lambda text: "'" + str(text).replace("\n", "\\n").replace("\t", "\\t") + "'"
 TEMPLATES.filters["reading"] = lambda value, time: (
-    "-" if value is None else f"{value / 1e6:.3g}M" if time and abs(value) >= 1e5 else f"{value:.4g}")
+    "-" if value is None else f"{value / 1e6:.3g}M" if time and abs(value) >= 1e5
+    else f"{value:,.0f}" if time else f"{value:.4g}")  # tokens as whole numbers, never 2.15e+04
 EFFECT_READINGS = ("formed_at", "does_task_from", "faithfulness", "test_loss")
 """The readings the report's effects section shows (`sweep effects --reading` has them all)."""
 
@@ -121,7 +122,7 @@ EFFECT_READINGS = ("formed_at", "does_task_from", "faithfulness", "test_loss")
 def _effects_section(atlas: Atlas, fixed: dict[str, Any]) -> Markup | None:
     """What changes the circuit: each reading per axis value over seeds, with intervals, and each grid point's
     replicates matched by role; None where there is neither an axis nor a replicate."""
-    found = atlas_effects(atlas, fixed)
+    found = atlas_effects(atlas, fixed, EFFECT_READINGS)
     documents = [found[name] for name in EFFECT_READINGS if name in found and found[name]["effects"]]
     formed = found.get("formed_at")
     if not documents and not (formed and max(formed["replicates"]) > 1):
