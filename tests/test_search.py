@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_sweeps import TINY, _wait_for, sweep, trial_results
+from test_sweeps import TINY, sweep, trial_results
 
 from model.edges import edge_kind
 from sweep.cli import main
@@ -18,6 +18,7 @@ from sweep.plan import LaunchConfig, plan_sweep
 from sweep.schedulers import make_scheduler
 
 from conftest import run_env, write_reviews
+from waits import wait_for
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ def test_optuna_search_runs_and_resume_keeps_its_state(reviews, tmp_path):
         return sum(1 for f in folders if any('"done": true' in line for line in f.read_text().splitlines()))
 
     try:
-        _wait_for(lambda: finished() >= 1, process, 240)
+        wait_for(lambda: finished() >= 1, 240, "a finished trial", alive=process, interval=0.2)
         os.kill(process.pid, signal.SIGINT)
         process.communicate(timeout=120)
     finally:
@@ -295,7 +296,7 @@ def test_an_interrupted_halving_sweep_resumes_past_the_rungs_its_survivors_alrea
         return False
 
     try:  # killed once the last survivor is past the rungs at 1, 2 and 4 iterations
-        _wait_for(past_five_iterations, process, 180)
+        wait_for(past_five_iterations, 180, "the survivor past five iterations", alive=process, interval=0.2)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
