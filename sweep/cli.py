@@ -23,7 +23,7 @@ from model.metrics import REPORTED_METRICS
 from . import render
 from .names import SCHEDULERS
 from .render import console, output
-from .space import TRIAL_KEYS, data_config
+from .space import PRESETS, TRIAL_KEYS, data_config
 
 # Mistakes a user can make: printed as one line, exit status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
@@ -105,8 +105,6 @@ def data_options(command, preset_default: bool = False):
     is not given)."""
     tokenizer_help = TRIAL_KEYS["tokenizer"].help
     if preset_default:
-        from .space import PRESETS
-
         chosen = ", ".join(f"{name} {preset.fixed.get('tokenizer') or 'repeat:N'}" for name, preset in PRESETS.items())
         tokenizer_help += f" [default: the preset's: {chosen}]"
     options = [
@@ -289,7 +287,7 @@ ADDRESS_HELP = ("Ray cluster to join: auto (the cluster this machine belongs to)
 
 @main.command()
 @click.argument("dataset", required=False, default="")
-@click.option("--preset", default="smoke", show_default=True, help="paper, smoke or induction.")
+@click.option("--preset", default="smoke", show_default=True, help=f"{', '.join(PRESETS)}.")
 @click.option(
     "--grid",
     multiple=True,

@@ -113,3 +113,68 @@ def test_the_replicates_page_s_python_runs_as_written():
     # what the page says the snippets print
     assert "'estimate': 2000000.0, 'interval': [1000000.0, None]" in printed
     assert "{'0.2': 'previous_token', '1.1': 'induction'}" in printed
+
+
+def third_party_imports() -> dict[str, bool]:
+    """Top-level names of the non-project, non-stdlib modules model/ and sweep/ import -> whether any import of it
+    runs at module level (a function's own import may be an optional extra, checked when it is used)."""
+    found: dict[str, bool] = {}
+    for path in [*(REPO / "model").glob("*.py"), *(REPO / "sweep").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        at_module_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in {n.split(".")[0] for n in names} - {"model", "sweep", "__future__"}:
+                if name not in sys.stdlib_module_names:
+                    found[name] = found.get(name, False) or id(node) in at_module_level
+    return found
+
+
+def declared(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A user's `pip install circuit-sweep` (no test extras) has everything the commands import."""
+    from importlib.metadata import packages_distributions
+
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = declared(project["dependencies"])
+    extras = {name: declared(reqs) for name, reqs in project["optional-dependencies"].items() if name != "test"}
+    optional = set().union(*extras.values())
+    distributions = packages_distributions()
+    imports = third_party_imports()
+    assert {"torch", "ray", "click", "jinja2", "psutil"} <= set(imports), imports  # the walk sees the code
+    for module, module_level in sorted(imports.items()):
+        names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+        allowed = required if module_level else required | optional
+        assert names & allowed, f"{module} (from {sorted(names)}) is imported but not in pyproject's dependencies"
+
+
+def test_a_built_wheel_carries_every_report_template(tmp_path):
+    """The report's templates, stylesheet and script ship in the wheel, not just in a source checkout."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    for package in ("model", "sweep"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+
+    (wheel,) = tmp_path.glob("circuit_sweep-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("sweep/templates/")}
+    templates = {f"sweep/templates/{path.name}" for path in (REPO / "sweep" / "templates").iterdir()}
+    assert {"sweep/templates/report.html", "sweep/templates/report.css"} <= templates
+    assert templates <= shipped, sorted(templates - shipped)
