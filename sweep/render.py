@@ -287,7 +287,7 @@ def effects(document: dict) -> None:
                          str(entry["never"]) if time else "", estimate_text(entry, time), change, verdict)
     output.print(view)
     points = Table(title="grid points: replicates", title_justify="left")
-    for column in ("point", "seeds", document["reading"], "never", "circuits", "role overlap", "head overlap"):
+    for column in ("point", "seed values", document["reading"], "never", "circuits", "role overlap", "head overlap"):
         points.add_column(column, justify="right")
     for entry in document["points"]:
         summary = entry["summary"]
