@@ -68,15 +68,20 @@ AOYAMA_SCALE = 10 ** 5.7
 
 
 def reading_of(name: str, atlas: Atlas) -> Reading:
-    """The reading `name` names; ConfigError listing the readings (and this atlas's role-edges) otherwise."""
+    """The reading `name` names; ConfigError listing the readings (and this atlas's role-edges) otherwise. A role-edge
+    no trial's circuit holds is refused too: it is far more often a misspelling than a finding."""
     if name in READINGS:
         return READINGS[name]
+    held = sorted({edge for row in atlas.rows for edge in ((row.circuit or {}).get("role_appeared") or {})})
     if name.startswith(ROLE_EDGE_PREFIX):
-        edge = name.removeprefix(ROLE_EDGE_PREFIX)
-        return Reading(name, f"tokens at which the role-edge {edge} first appeared", True,
+        edge = " -> ".join(part.strip() for part in name.removeprefix(ROLE_EDGE_PREFIX).split("->"))
+        if edge not in held:
+            raise ConfigError(f"--reading {name!r}: no trial's circuit holds the role-edge {edge!r}; " + (
+                f"role-edges here: {', '.join(held)}" if held
+                else f"no trial has a causal circuit yet (`sweep circuit {atlas.experiment}` finds them)"))
+        return Reading(f"{ROLE_EDGE_PREFIX}{edge}", f"tokens at which the role-edge {edge} first appeared", True,
                        lambda row: _role_appeared(row, edge), "circuit")
-    known = sorted({f"{ROLE_EDGE_PREFIX}{edge}" for row in atlas.rows
-                    for edge in ((row.circuit or {}).get("role_appeared") or {})})
+    known = [f"{ROLE_EDGE_PREFIX}{edge}" for edge in held]
     raise ConfigError(f"--reading {name!r} is unknown; readings: {', '.join([*READINGS, *known[:6]])}"
                       + (" ..." if len(known) > 6 else ""))
 

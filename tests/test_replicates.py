@@ -166,3 +166,33 @@ def test_an_axis_ranks_by_dependence_only_beyond_the_seeds_spread():
     atlas.seed_spread = {f"{s}_max": 0.17 for s in RANK_SCORES}
     assert atlas.noise("lr").startswith("within the seeds' spread of 0.17: no clear dependence")
     assert atlas.noise("layers") == "beyond the seeds' spread of 0.17"
+
+
+def test_a_role_edge_reading_takes_the_edge_however_spaced_and_refuses_one_no_circuit_holds():
+    """`--reading appeared:ROLE-EDGE`: the edge's first appearance per grid point, censored where a circuit lacks
+    it; the arrow's spacing does not matter; a misspelt role-edge is one clear error naming those held."""
+    from sweep.atlas import Atlas, AtlasRow
+    from sweep.effects import effects_document
+
+    edge = "previous_token -> induction.k"
+
+    def row(index: int, batch: int, appeared: int | None) -> AtlasRow:
+        circuit = {"circuit": ["0.1 -> 1.0.k"], "role_edges": {edge: 1} if appeared else {"other -> logits": 1},
+                   "role_appeared": {edge: appeared} if appeared else {}}
+        return AtlasRow(f"t{index}", {"batch_size": batch, "seed": index % 3}, "TERMINATED", {}, {}, None, None,
+                        circuit=circuit, last_tokens=8_000_000)
+
+    rows = [row(i, 16, 2_000_000 + 250_000 * i) for i in range(3)]
+    rows += [row(3, 64, 3_000_000), row(4, 64, 3_500_000), row(5, 64, None)]
+    atlas = Atlas("x", ["batch_size", "seed"], rows)
+    document = effects_document(atlas, {}, "appeared:previous_token->induction.k")
+    assert document["reading"] == f"appeared:{edge}" and document["time"]
+    small, large = document["points"]
+    assert small["summary"]["estimate"] == 2_250_000 and small["role_edges"] == {edge: 1.0}
+    assert large["summary"]["never"] == 1 and large["summary"]["estimate"] == 3_500_000  # censored, not dropped
+    with pytest.raises(ConfigError, match="no trial's circuit holds the role-edge 'previous_token -> induction.q'; "
+                                          "role-edges here: previous_token -> induction.k"):
+        effects_document(atlas, {}, "appeared:previous_token -> induction.q")
+    bare = Atlas("y", ["batch_size"], [AtlasRow("t", {"batch_size": 16}, "TERMINATED", {}, {}, None, None)])
+    with pytest.raises(ConfigError, match=r"no trial has a causal circuit yet \(`sweep circuit y` finds them\)"):
+        effects_document(bare, {}, f"appeared:{edge}")
