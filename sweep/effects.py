@@ -81,7 +81,7 @@ def reading_of(name: str, atlas: Atlas) -> Reading:
                 else f"no trial has a causal circuit yet (`sweep circuit {atlas.experiment}` finds them)"))
         return Reading(f"{ROLE_EDGE_PREFIX}{edge}", f"tokens at which the role-edge {edge} first appeared", True,
                        lambda row: _role_appeared(row, edge), "circuit")
-    known = [f"{ROLE_EDGE_PREFIX}{edge}" for edge in held]
+    known = [f"{ROLE_EDGE_PREFIX}{edge}" for edge in held] or [f"{ROLE_EDGE_PREFIX}ROLE-EDGE"]
     raise ConfigError(f"--reading {name!r} is unknown; readings: {', '.join([*READINGS, *known[:6]])}"
                       + (" ..." if len(known) > 6 else ""))
 
