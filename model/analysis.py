@@ -2,7 +2,7 @@
 
 Score definitions follow DESIGN.md ("Head scores"), after Elhage et al. 2021
 and Olsson et al. 2022. Patterns come from the model's explicit-softmax path
-(`run_with_patterns`), so analysis never needs a second model.
+(`run_with_patterns`, or `attention_patterns` without the logits), so analysis never needs a second model.
 
 matplotlib is imported only to draw heatmaps.
 """
@@ -311,12 +311,12 @@ def probe_record(model_cfg, cfg: AnalysisConfig, held_out_sequences: int, ideal:
 def _pattern_scores(model: Transformer, tokens: torch.Tensor, cfg: AnalysisConfig):
     """Every layer's pattern scores ({name: [heads]}) on the held-out probe and on r + r, the repeated probe, and
     the ideal head's scores on it."""
-    _, patterns = model.run_with_patterns(tokens)
+    patterns = model.attention_patterns(tokens)
     per_layer = [pattern_scores(p.float(), tokens >= 0) for p in patterns]
     period = model.cfg.seq_len // 2
     repeated = repeated_tokens(model.cfg, cfg).to(tokens.device)
     ideal = ideal_repeated_scores(repeated.cpu(), period)
-    _, repeat_patterns = model.run_with_patterns(repeated)
+    repeat_patterns = model.attention_patterns(repeated)
     for scores, pattern in zip(per_layer, repeat_patterns):
         # where r had to repeat tokens (a tiny vocabulary), as a fraction of what an ideal head scores here
         raw = repeated_token_scores(pattern.float(), period)

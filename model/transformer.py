@@ -244,6 +244,12 @@ class Transformer(nn.Module):
         """Logits and one attention pattern [batch, heads, query, key] per layer."""
         return self._run(tokens, return_patterns=True)
 
+    @torch.no_grad()
+    def attention_patterns(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """One attention pattern [batch, heads, query, key] per layer, without the unembedding (at the GPT-2
+        vocabulary most of a forward pass, and head scores never read the logits)."""
+        return self._residual(tokens, return_patterns=True)[1]
+
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over positions whose target is not padding."""

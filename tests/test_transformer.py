@@ -24,6 +24,8 @@ def test_patterns_are_causal_and_rows_sum_to_one():
         assert torch.allclose(pattern.sum(-1), torch.ones(3, 4, 12), atol=1e-5)
         above_diagonal = torch.ones(12, 12, dtype=torch.bool).triu(1)
         assert pattern[..., above_diagonal].abs().max() == 0
+    # the head scores read the same patterns without the unembedding
+    assert all(torch.equal(a, b) for a, b in zip(model.attention_patterns(tokens), patterns, strict=True))
 
 
 @pytest.mark.parametrize("kernel", ["written out", "sdpa"])
