@@ -42,7 +42,7 @@ from .config import CheckpointError, ConfigError, DataConfig, ModelConfig, NonFi
 from .data import check_data, prepare_data, repetition_warning
 from .snapshots import FolderSnapshots, SnapshotWriter, snapshot_files, snapshot_name
 from .tokenizers import TextTokenizer
-from .transformer import PAD_ID, Transformer
+from .transformer import PAD_ID, Transformer, logit_chunk_rows
 
 log = logging.getLogger(__name__)
 
@@ -474,12 +474,12 @@ def evaluate_model(
 def _losses_and_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position cross entropy (in fp32) and top-1 prediction of logits [B, T, V].
 
-    On CPU in chunks of positions whose fp32 logits fit in cache (about 2M values, as the training loss): at the
-    GPT-2 vocabulary this is 3x faster than one fp32 copy of the batch, a cross entropy over the vocabulary
+    In chunks of positions whose fp32 logits fit in cache (`logit_chunk_rows`, as the training loss): at the
+    GPT-2 vocabulary on CPU this is 3x faster than one fp32 copy of the batch, a cross entropy over the vocabulary
     as a strided dimension and an argmax over bf16 (benchmarks/RESULTS.md, "Evaluation at the GPT-2 vocabulary").
     """
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    rows = max(128, 2**21 // logits.shape[-1]) if logits.device.type == "cpu" else flat.shape[0]
+    rows = logit_chunk_rows(logits.shape[-1], logits.device)
     losses = torch.empty(flat.shape[0], device=logits.device)
     predicted = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     for start in range(0, flat.shape[0], rows):

@@ -325,6 +325,12 @@ def unembed_cross_entropy(
     a whole batch of the study's is one chunk.
     """
     if chunk_size is None:
-        logits = 2**21 if hidden.device.type == "cpu" else 2**28
-        chunk_size = max(128, logits // weight.shape[0])
+        chunk_size = logit_chunk_rows(weight.shape[0], hidden.device)
     return UnembedCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def logit_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Positions a chunk where logits are formed piecewise (training loss, evaluation, ablations): about 2M fp32
+    values on CPU, which stay in cache (the fastest size measured at vocab 8192 and 50257), 256M on a GPU."""
+    values = 2**21 if device.type == "cpu" else 2**28
+    return max(128, values // vocab_size)
