@@ -476,7 +476,8 @@ def _losses_and_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tupl
 
     In chunks of positions whose fp32 logits fit in cache (`logit_chunk_rows`, as the training loss): at the
     GPT-2 vocabulary on CPU this is 3x faster than one fp32 copy of the batch, a cross entropy over the vocabulary
-    as a strided dimension and an argmax over bf16 (benchmarks/RESULTS.md, "Evaluation at the GPT-2 vocabulary").
+    as a strided dimension and an argmax over bf16 (benchmarks/RESULTS.md, "What the trainer measures, at the GPT-2
+    vocabulary").
     """
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     rows = logit_chunk_rows(logits.shape[-1], logits.device)

@@ -318,19 +318,17 @@ class UnembedCrossEntropy(torch.autograd.Function):
 def unembed_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy).
-
-    The default chunk on CPU holds about 2M fp32 logits (8 MB), the fastest size measured at vocab 8192 and
-    50257 (benchmarks/RESULTS.md); on a GPU, which has the memory and wants few large kernels, 256M (1 GB):
-    a whole batch of the study's is one chunk.
-    """
+    """Mean cross entropy of the logits `hidden @ weight.T` over non-pad targets (see UnembedCrossEntropy), in
+    chunks of `logit_chunk_rows` positions by default."""
     if chunk_size is None:
         chunk_size = logit_chunk_rows(weight.shape[0], hidden.device)
     return UnembedCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
 def logit_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Positions a chunk where logits are formed piecewise (training loss, evaluation, ablations): about 2M fp32
-    values on CPU, which stay in cache (the fastest size measured at vocab 8192 and 50257), 256M on a GPU."""
+    """Positions a chunk where logits are formed piecewise (the training loss, the evaluation): about 2M fp32
+    values (8 MB) on CPU, which stay in cache (the fastest size measured at vocab 8192 and 50257,
+    benchmarks/RESULTS.md); 256M (1 GB) on a GPU, which has the memory and wants few large kernels: a whole batch of
+    the study's is one chunk."""
     values = 2**21 if device.type == "cpu" else 2**28
     return max(128, values // vocab_size)
